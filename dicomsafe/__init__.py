@@ -1,0 +1,1 @@
+"""dicomsafe: shared plumbing (``dicomsafe.common``) and generated contracts (``dicomsafe.v1``)."""

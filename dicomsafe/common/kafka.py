@@ -1,0 +1,286 @@
+"""Kafka plumbing: topic layout, record headers, producers/consumers with safe defaults,
+dead-lettering and the commit-after-effect consume loop every consumer service uses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import CommitFailedError, TopicAlreadyExistsError
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from dicomsafe.v1 import events_pb2
+
+CONTENT_TYPE = b"application/x-protobuf"
+
+# Records larger than this never go to Kafka whole: big instances travel by reference.
+DEFAULT_MAX_RECORD_BYTES = 8 * 1024 * 1024
+# A dead letter keeps the original value only below this size; above it, the hash, the
+# size and the source offset identify the record (still retained in the source topic).
+DLQ_MAX_ORIGINAL_BYTES = 1024 * 1024
+
+
+def dlq_topic(topic: str) -> str:
+    return f"{topic}.dlq"
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names; a prefix lets several deployments (or test runs) share one cluster."""
+
+    prefix: str = ""
+
+    @classmethod
+    def from_env(cls) -> Topics:
+        return cls(os.environ.get("KAFKA_TOPIC_PREFIX", ""))
+
+    @property
+    def ingest(self) -> str:
+        return f"{self.prefix}dicom.ingest"
+
+    @property
+    def stored(self) -> str:
+        return f"{self.prefix}dicom.stored"
+
+    @property
+    def audit(self) -> str:
+        return f"{self.prefix}audit.events"
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    configs: dict[str, str] = field(default_factory=dict)
+
+
+def topic_specs(topics: Topics, partitions: int = 6) -> list[TopicSpec]:
+    """The topics the pipeline needs. Partition count bounds the replicas of a consumer group."""
+    keep = {"min.insync.replicas": "1"}
+    big = {"max.message.bytes": str(DEFAULT_MAX_RECORD_BYTES + 65536)}
+    return [
+        TopicSpec(topics.ingest, partitions, {**keep, **big}),
+        TopicSpec(dlq_topic(topics.ingest), 1, {**keep, "retention.ms": "-1", **big}),
+        TopicSpec(topics.stored, partitions, keep),
+        TopicSpec(topics.audit, partitions, keep),
+        TopicSpec(dlq_topic(topics.audit), 1, {**keep, "retention.ms": "-1"}),
+    ]
+
+
+async def ensure_topics(bootstrap: str, specs: Iterable[TopicSpec], replication: int = 1) -> None:
+    """Create missing topics with explicit partition counts (brokers never auto-create)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(name=s.name, num_partitions=s.partitions, replication_factor=replication, topic_configs=s.configs)
+            for s in specs
+            if s.name not in existing
+        ]
+        if missing:
+            # Another process may create them between list and create.
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(missing)
+    finally:
+        await admin.close()
+
+
+async def require_topics(bootstrap: str, names: Sequence[str]) -> None:
+    """Fail fast with a clear message instead of hanging on an unknown topic."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        missing = sorted(set(names) - set(await admin.list_topics()))
+    finally:
+        await admin.close()
+    if missing:
+        raise RuntimeError(f"Kafka topics missing: {', '.join(missing)} (create them with `make topics`)")
+
+
+def headers_for(message: Message, trace_id: str | None = None) -> list[tuple[str, bytes]]:
+    return [
+        ("content-type", CONTENT_TYPE),
+        ("schema", message.DESCRIPTOR.full_name.encode()),
+        ("trace-id", (trace_id or uuid.uuid4().hex).encode()),
+    ]
+
+
+def header(record: ConsumerRecord[bytes, bytes], name: str) -> str | None:
+    for key, value in record.headers or ():
+        if key == name:
+            return bytes(value).decode("utf-8", "replace")
+    return None
+
+
+def new_producer(
+    bootstrap: str, client_id: str, max_request_bytes: int = DEFAULT_MAX_RECORD_BYTES + 65536
+) -> AIOKafkaProducer:
+    # acks=all + idempotence: a send that returned is on every in-sync replica, and a
+    # retried send is not duplicated by the broker.
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        client_id=client_id,
+        acks="all",
+        enable_idempotence=True,
+        compression_type="lz4",
+        max_request_size=max_request_bytes,
+        request_timeout_ms=30000,
+    )
+
+
+def new_consumer(bootstrap: str, group_id: str, topics: Sequence[str], client_id: str) -> AIOKafkaConsumer:
+    # Offsets are committed by hand, only after the effect of a record is durable.
+    return AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=bootstrap,
+        group_id=group_id,
+        client_id=client_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        max_partition_fetch_bytes=DEFAULT_MAX_RECORD_BYTES + 65536,
+        fetch_max_bytes=4 * (DEFAULT_MAX_RECORD_BYTES + 65536),
+    )
+
+
+class PermanentError(Exception):
+    """This record can never be processed as it is: dead-letter it and move on.
+
+    ``reason`` must be free of PHI and key material; it is published and logged.
+    """
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class TransientError(Exception):
+    """A dependency is unavailable: keep the record, retry later, never dead-letter."""
+
+
+class DeadLetterPublisher:
+    def __init__(self, producer: AIOKafkaProducer, service: str) -> None:
+        self._producer = producer
+        self._service = service
+
+    async def publish(self, record: ConsumerRecord[bytes, bytes], code: str, reason: str) -> None:
+        value = record.value or b""
+        letter = events_pb2.DeadLetter(
+            source_topic=record.topic,
+            source_partition=record.partition,
+            source_offset=record.offset,
+            original_key=record.key or b"",
+            original_sha256=hashlib.sha256(value).hexdigest(),
+            original_size=len(value),
+            reason_code=code,
+            reason=reason,
+            service=self._service,
+        )
+        if len(value) <= DLQ_MAX_ORIGINAL_BYTES:
+            letter.original_value = value
+        ts = Timestamp()
+        ts.GetCurrentTime()
+        letter.failed_at.CopyFrom(ts)
+        hdrs = headers_for(letter, header(record, "trace-id"))
+        hdrs.append(("dlq-reason", code.encode()))
+        await self._producer.send_and_wait(
+            dlq_topic(record.topic), letter.SerializeToString(), key=record.key, headers=hdrs
+        )
+
+
+Handler = Callable[[ConsumerRecord[bytes, bytes]], Awaitable[None]]
+
+
+@dataclass
+class RetryPolicy:
+    first_delay_s: float = 0.5
+    max_delay_s: float = 15.0
+    # Unexpected errors (bugs, not outages) are retried this often, then dead-lettered,
+    # so one poison record cannot block its partition forever.
+    max_unexpected_attempts: int = 5
+
+
+async def consume_forever(
+    consumer: AIOKafkaConsumer,
+    handle: Handler,
+    dead_letters: DeadLetterPublisher,
+    stop: asyncio.Event,
+    log: logging.Logger,
+    retry: RetryPolicy | None = None,
+) -> None:
+    """Process records one by one per partition; commit each offset only after success
+    or after its dead letter is durable. Records of a partition stay in order."""
+    policy = retry or RetryPolicy()
+    delay = policy.first_delay_s
+    unexpected: dict[tuple[TopicPartition, int], int] = {}
+    while not stop.is_set():
+        batches = await consumer.getmany(timeout_ms=500, max_records=50)
+        backoff = False
+        for tp, records in batches.items():
+            for record in records:
+                try:
+                    await handle(record)
+                except PermanentError as exc:
+                    log.warning(
+                        "record dead-lettered",
+                        extra={
+                            "topic": tp.topic,
+                            "partition": tp.partition,
+                            "offset": record.offset,
+                            "reason_code": exc.code,
+                        },
+                    )
+                    await dead_letters.publish(record, exc.code, exc.reason)
+                except TransientError as exc:
+                    log.warning(
+                        "dependency unavailable; will retry",
+                        extra={
+                            "topic": tp.topic,
+                            "partition": tp.partition,
+                            "offset": record.offset,
+                            "error": str(exc),
+                        },
+                    )
+                    consumer.seek(tp, record.offset)
+                    backoff = True
+                    break
+                except Exception as exc:
+                    key = (tp, record.offset)
+                    unexpected[key] = unexpected.get(key, 0) + 1
+                    log.exception(
+                        "unexpected error processing record",
+                        extra={
+                            "topic": tp.topic,
+                            "partition": tp.partition,
+                            "offset": record.offset,
+                            "attempt": unexpected[key],
+                        },
+                    )
+                    if unexpected[key] < policy.max_unexpected_attempts:
+                        consumer.seek(tp, record.offset)
+                        backoff = True
+                        break
+                    unexpected.pop(key, None)
+                    await dead_letters.publish(record, "unexpected_error", type(exc).__name__)
+                try:
+                    await consumer.commit({tp: record.offset + 1})
+                except CommitFailedError:
+                    # Partition moved to another replica; it will redeliver, and handlers are idempotent.
+                    log.warning("commit failed after rebalance", extra={"topic": tp.topic, "partition": tp.partition})
+                    break
+                delay = policy.first_delay_s
+        if backoff:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            delay = min(delay * 2, policy.max_delay_s)

@@ -1,0 +1,3 @@
+from services.crypto.app import main
+
+main()

@@ -1,0 +1,49 @@
+"""Wiring of the crypto service: Vault Transit keys, hot store, audit producer, gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from dicomsafe.common.audit_emitter import AuditEmitter
+from dicomsafe.common.grpc_runtime import install_stop_signals, new_server, run_until_stopped
+from dicomsafe.common.kafka import Topics, new_producer
+from dicomsafe.common.logs import setup_logging
+from dicomsafe.v1 import crypto_pb2_grpc
+from services.crypto.config import CryptoConfig
+from services.crypto.object_store import HotStore
+from services.crypto.service import SERVICE_NAME, CryptoServicer
+from services.crypto.vault_keys import TransitKeys
+
+log = logging.getLogger("dicomsafe.crypto")
+
+
+async def run(cfg: CryptoConfig, stop: asyncio.Event) -> None:
+    store = HotStore(cfg.store_dir)
+    for leftover in store.leftover_temp_files():
+        # Seals interrupted by a crash: never committed, never acknowledged, safe to drop.
+        leftover.unlink(missing_ok=True)
+    keys = TransitKeys(cfg.vault)
+    producer = new_producer(cfg.kafka_bootstrap, "dicomsafe-crypto")
+    await producer.start()
+    try:
+        audit = AuditEmitter(producer, "crypto", Topics(cfg.topic_prefix).audit)
+        servicer = CryptoServicer(store, keys, audit, cfg.chunk_size, cfg.max_object_bytes)
+        server, health = new_server(
+            [lambda s: crypto_pb2_grpc.add_CryptoServiceServicer_to_server(servicer, s)], [SERVICE_NAME], cfg.grpc_bind
+        )
+        await run_until_stopped(server, health, [SERVICE_NAME], stop, log)
+    finally:
+        await producer.stop()
+
+
+def main() -> None:
+    setup_logging("crypto")
+    cfg = CryptoConfig.from_env()
+
+    async def _main() -> None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        await run(cfg, stop)
+
+    asyncio.run(_main())

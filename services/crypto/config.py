@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicomsafe.common.config import env_int, env_opt, env_secret, env_str
+from services.crypto.sealed_format import DEFAULT_CHUNK_SIZE
+from services.crypto.vault_keys import VaultSettings
+
+
+@dataclass(frozen=True)
+class CryptoConfig:
+    grpc_bind: str
+    store_dir: Path
+    chunk_size: int
+    max_object_bytes: int
+    kafka_bootstrap: str
+    topic_prefix: str
+    vault: VaultSettings
+
+    @classmethod
+    def from_env(cls) -> CryptoConfig:
+        return cls(
+            grpc_bind=env_str("CRYPTO_GRPC_BIND", "127.0.0.1:50051"),
+            store_dir=Path(env_str("CRYPTO_STORE_DIR", "var/store")),
+            chunk_size=env_int("CRYPTO_CHUNK_SIZE", DEFAULT_CHUNK_SIZE),
+            max_object_bytes=env_int("CRYPTO_MAX_OBJECT_BYTES", 4 * 1024**3),
+            kafka_bootstrap=env_str("KAFKA_BOOTSTRAP"),
+            topic_prefix=env_opt("KAFKA_TOPIC_PREFIX"),
+            vault=VaultSettings(
+                addr=env_str("VAULT_ADDR"),
+                transit_mount=env_str("VAULT_TRANSIT_MOUNT", "transit"),
+                key_name=env_str("CRYPTO_KEY_NAME", "dicomsafe-dek"),
+                token=env_secret("VAULT_TOKEN"),
+                role_id=env_secret("VAULT_ROLE_ID"),
+                secret_id=env_secret("VAULT_SECRET_ID"),
+                ca_cert=env_secret("VAULT_CACERT_PATH"),
+            ),
+        )

@@ -1,0 +1,267 @@
+"""CryptoService gRPC: seal into the hot store, open (whole or a byte range), describe."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from typing import BinaryIO
+
+import grpc
+
+from dicomsafe.common.audit_emitter import AuditEmitter, stable_event_id
+from dicomsafe.v1 import audit_pb2, crypto_pb2, crypto_pb2_grpc
+from services.crypto import sealed_format as fmt
+from services.crypto.object_store import HotStore, InvalidObjectId, PendingObject
+from services.crypto.vault_keys import KeyServiceUnavailable, TransitKeys, WrappedKeyRejected, zero
+
+log = logging.getLogger("dicomsafe.crypto")
+
+SERVICE_NAME = "dicomsafe.v1.CryptoService"
+# Plaintext is streamed back in pieces of this size (well under the gRPC message limit).
+OPEN_PIECE_BYTES = 1024 * 1024
+
+Action = audit_pb2.AuditAction
+Outcome = audit_pb2.AuditOutcome
+
+
+def _caller(context: grpc.aio.ServicerContext[object, object]) -> str:
+    # Until mTLS identities arrive, the peer address is the best caller identity we have.
+    return f"peer:{context.peer()}"
+
+
+class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
+    def __init__(
+        self, store: HotStore, keys: TransitKeys, audit: AuditEmitter, chunk_size: int, max_object_bytes: int
+    ) -> None:
+        self._store = store
+        self._keys = keys
+        self._audit = audit
+        self._chunk_size = chunk_size
+        self._max_object_bytes = max_object_bytes
+
+    # -- describe ---------------------------------------------------------------------------
+
+    def _describe_file(self, f: BinaryIO) -> tuple[crypto_pb2.ObjectDescription, fmt.SealedHeader, int]:
+        header, header_len = fmt.read_header(f)
+        sealed_size = f.seek(0, 2)
+        desc = crypto_pb2.ObjectDescription(
+            object_id=header.object_id,
+            sop_instance_uid=header.sop_instance_uid,
+            study_instance_uid=header.study_instance_uid,
+            plaintext_size=fmt.plaintext_length(header, header_len, sealed_size),
+            sealed_size=sealed_size,
+            key_name=header.key_name,
+            key_version=header.key_version,
+            chunk_size=header.chunk_size,
+            format_version=fmt.FORMAT_VERSION,
+        )
+        return desc, header, header_len
+
+    async def _open_existing(
+        self, object_id: str, context: grpc.aio.ServicerContext[object, object]
+    ) -> tuple[BinaryIO, crypto_pb2.ObjectDescription, fmt.SealedHeader, int]:
+        try:
+            f = self._store.open_read(object_id)
+        except InvalidObjectId as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except FileNotFoundError:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such object")
+        try:
+            desc, header, header_len = self._describe_file(f)
+        except fmt.SealedFormatError as exc:
+            f.close()
+            await context.abort(grpc.StatusCode.DATA_LOSS, f"sealed object unreadable: {type(exc).__name__}")
+        if header.object_id != object_id:
+            f.close()
+            await context.abort(grpc.StatusCode.DATA_LOSS, "sealed object header names another object")
+        return f, desc, header, header_len
+
+    async def Describe(
+        self, request: crypto_pb2.DescribeRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> crypto_pb2.ObjectDescription:
+        f, desc, _, _ = await self._open_existing(request.object_id, context)
+        f.close()
+        return desc
+
+    # -- seal -------------------------------------------------------------------------------
+
+    async def Seal(
+        self, request_iterator: AsyncIterator[crypto_pb2.SealRequest], context: grpc.aio.ServicerContext[object, object]
+    ) -> crypto_pb2.SealResponse:
+        first = await anext(request_iterator, None)
+        if first is None or not first.HasField("metadata"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first Seal message must carry metadata")
+        meta = first.metadata
+        try:
+            self._store.path_of(meta.object_id)
+        except InvalidObjectId as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if meta.expected_size > self._max_object_bytes:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"object exceeds {self._max_object_bytes} bytes")
+
+        if self._store.exists(meta.object_id):
+            # Redelivery of an object already sealed: the id is derived from the content, so
+            # nothing new to write. Drain the stream without keeping it.
+            async for _ in request_iterator:
+                pass
+            f, desc, _, _ = await self._open_existing(meta.object_id, context)
+            f.close()
+            await self._audit_sealed(meta, desc, context, already=True)
+            return crypto_pb2.SealResponse(object=desc, already_stored=True)
+
+        try:
+            dek = await self._keys.new_data_key()
+        except KeyServiceUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        try:
+            header = fmt.SealedHeader.create(
+                key_name=dek.key_name,
+                key_version=dek.key_version,
+                wrapped_dek=dek.wrapped,
+                object_id=meta.object_id,
+                sop_instance_uid=meta.sop_instance_uid,
+                study_instance_uid=meta.study_instance_uid,
+                chunk_size=self._chunk_size,
+            )
+        except ValueError as exc:
+            zero(dek.plaintext)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad metadata: {exc}")
+        writer = fmt.SealWriter(dek.plaintext, header)
+        zero(dek.plaintext)  # the writer holds its own AES context; drop our copy now
+        pending = self._store.begin_write(meta.object_id)
+        try:
+            desc, plain_sha, sealed_sha = await self._write_sealed(request_iterator, writer, pending, meta, context)
+        except BaseException:
+            pending.abort()
+            raise
+        await self._audit_sealed(meta, desc, context, already=False)
+        return crypto_pb2.SealResponse(object=desc, plaintext_sha256=plain_sha, sealed_sha256=sealed_sha)
+
+    async def _write_sealed(
+        self,
+        request_iterator: AsyncIterator[crypto_pb2.SealRequest],
+        writer: fmt.SealWriter,
+        pending: PendingObject,
+        meta: crypto_pb2.SealMetadata,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> tuple[crypto_pb2.ObjectDescription, str, str]:
+        plain_hash, sealed_hash = hashlib.sha256(), hashlib.sha256()
+        size = 0
+
+        def out(data: bytes) -> None:
+            sealed_hash.update(data)
+            pending.write(data)
+
+        out(writer.header_bytes())
+        async for req in request_iterator:
+            if req.HasField("metadata"):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "metadata may only be sent once")
+            size += len(req.data)
+            if size > self._max_object_bytes:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"object exceeds {self._max_object_bytes} bytes")
+            plain_hash.update(req.data)
+            out(writer.update(req.data))
+        out(writer.finalize())
+        plain_sha = plain_hash.hexdigest()
+        if meta.expected_sha256 and meta.expected_sha256 != plain_sha:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "received bytes do not match expected_sha256")
+        if meta.expected_size and meta.expected_size != size:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "received size does not match expected_size")
+        await asyncio.to_thread(pending.commit)
+        header = writer.header
+        desc = crypto_pb2.ObjectDescription(
+            object_id=header.object_id,
+            sop_instance_uid=header.sop_instance_uid,
+            study_instance_uid=header.study_instance_uid,
+            plaintext_size=size,
+            sealed_size=pending.size,
+            key_name=header.key_name,
+            key_version=header.key_version,
+            chunk_size=header.chunk_size,
+            format_version=fmt.FORMAT_VERSION,
+        )
+        log.info(
+            "object sealed", extra={"object_id": header.object_id, "bytes": size, "key_version": header.key_version}
+        )
+        return desc, plain_sha, sealed_hash.hexdigest()
+
+    async def _audit_sealed(
+        self,
+        meta: crypto_pb2.SealMetadata,
+        desc: crypto_pb2.ObjectDescription,
+        context: grpc.aio.ServicerContext[object, object],
+        already: bool,
+    ) -> None:
+        try:
+            await self._audit.emit(
+                Action.AUDIT_ACTION_OBJECT_SEALED,
+                Outcome.AUDIT_OUTCOME_SUCCESS,
+                _caller(context),
+                study_instance_uid=desc.study_instance_uid,
+                sop_instance_uid=desc.sop_instance_uid,
+                object_id=desc.object_id,
+                details={
+                    "key_name": desc.key_name,
+                    "key_version": str(desc.key_version),
+                    "redelivery": str(already).lower(),
+                },
+                # Same id on redelivery: the audit store records the sealing once.
+                event_id=stable_event_id("sealed", meta.object_id),
+            )
+        except Exception:
+            log.exception("audit event for seal not delivered", extra={"object_id": desc.object_id})
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "audit trail unavailable")
+
+    # -- open -------------------------------------------------------------------------------
+
+    async def Open(
+        self, request: crypto_pb2.OpenRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> AsyncIterator[crypto_pb2.OpenResponse]:
+        actor = request.on_behalf_of or _caller(context)
+        f, desc, header, header_len = await self._open_existing(request.object_id, context)
+        outcome, reason = Outcome.AUDIT_OUTCOME_FAILURE, ""
+        try:
+            try:
+                dek = await self._keys.unwrap(header.key_name, header.wrapped_dek)
+            except KeyServiceUnavailable as exc:
+                reason = "key service unavailable"
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            except WrappedKeyRejected as exc:
+                reason = "wrapped key rejected"
+                await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
+            try:
+                if request.offset or request.length:
+                    length = request.length or max(0, desc.plaintext_size - request.offset)
+                    data = fmt.open_range(dek, header, header_len, f, request.offset, length)
+                    for i in range(0, len(data), OPEN_PIECE_BYTES):
+                        yield crypto_pb2.OpenResponse(data=data[i : i + OPEN_PIECE_BYTES])
+                else:
+                    f.seek(header_len)
+                    for piece in fmt.open_stream(dek, header, f):
+                        yield crypto_pb2.OpenResponse(data=piece)
+            except fmt.SealedRangeError as exc:
+                reason = "range outside object"
+                await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
+            except fmt.SealedFormatError as exc:
+                reason = "authentication failed"
+                log.error("sealed object failed authentication", extra={"object_id": desc.object_id})
+                await context.abort(
+                    grpc.StatusCode.DATA_LOSS, f"sealed object failed authentication: {type(exc).__name__}"
+                )
+            finally:
+                zero(dek)
+            outcome = Outcome.AUDIT_OUTCOME_SUCCESS
+        finally:
+            f.close()
+            await self._audit.emit(
+                Action.AUDIT_ACTION_OBJECT_OPENED,
+                outcome,
+                actor,
+                study_instance_uid=desc.study_instance_uid,
+                sop_instance_uid=desc.sop_instance_uid,
+                object_id=desc.object_id,
+                reason=reason,
+                details={"caller": _caller(context), "offset": str(request.offset), "length": str(request.length)},
+            )

@@ -1,0 +1,52 @@
+"""Wiring of the gateway: authz and crypto clients, audit producer, gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from dicomsafe.common.audit_emitter import AuditEmitter
+from dicomsafe.common.grpc_runtime import insecure_channel, install_stop_signals, new_server, run_until_stopped
+from dicomsafe.common.kafka import Topics, new_producer
+from dicomsafe.common.logs import setup_logging
+from dicomsafe.v1 import authz_pb2_grpc, crypto_pb2_grpc, retrieval_pb2_grpc
+from services.gateway.config import GatewayConfig
+from services.gateway.service import SERVICE_NAME, RetrievalServicer
+
+log = logging.getLogger("dicomsafe.gateway")
+
+
+async def run(cfg: GatewayConfig, stop: asyncio.Event) -> None:
+    producer = new_producer(cfg.kafka_bootstrap, "dicomsafe-gateway")
+    authz_channel = insecure_channel(cfg.authz_target)
+    crypto_channel = insecure_channel(cfg.crypto_target)
+    await producer.start()
+    try:
+        servicer = RetrievalServicer(
+            authz_pb2_grpc.AuthzServiceStub(authz_channel),
+            crypto_pb2_grpc.CryptoServiceStub(crypto_channel),
+            AuditEmitter(producer, "gateway", Topics(cfg.topic_prefix).audit),
+            cfg.call_deadline_s,
+        )
+        server, health = new_server(
+            [lambda s: retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(servicer, s)],
+            [SERVICE_NAME],
+            cfg.grpc_bind,
+        )
+        await run_until_stopped(server, health, [SERVICE_NAME], stop, log)
+    finally:
+        await authz_channel.close()
+        await crypto_channel.close()
+        await producer.stop()
+
+
+def main() -> None:
+    setup_logging("gateway")
+    cfg = GatewayConfig.from_env()
+
+    async def _main() -> None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        await run(cfg, stop)
+
+    asyncio.run(_main())

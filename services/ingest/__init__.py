@@ -1,0 +1,1 @@
+"""ingest: takes DICOM instances from `dicom.ingest`, validates them and has crypto seal them."""

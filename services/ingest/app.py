@@ -1,0 +1,65 @@
+"""Wiring of the ingest service: Kafka consumer group, crypto client, health endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from dicomsafe.common.audit_emitter import AuditEmitter
+from dicomsafe.common.grpc_runtime import insecure_channel, install_stop_signals, new_server, run_until_stopped
+from dicomsafe.common.kafka import (
+    DeadLetterPublisher,
+    Topics,
+    consume_forever,
+    dlq_topic,
+    new_consumer,
+    new_producer,
+    require_topics,
+)
+from dicomsafe.common.logs import setup_logging
+from dicomsafe.v1 import crypto_pb2_grpc
+from services.ingest.config import IngestConfig
+from services.ingest.pipeline import IngestPipeline
+from services.ingest.sealing import Sealer
+
+log = logging.getLogger("dicomsafe.ingest")
+SERVICE_NAME = "dicomsafe.ingest"
+
+
+async def run(cfg: IngestConfig, stop: asyncio.Event) -> None:
+    topics = Topics(cfg.topic_prefix)
+    await require_topics(cfg.kafka_bootstrap, [topics.ingest, dlq_topic(topics.ingest), topics.stored, topics.audit])
+    producer = new_producer(cfg.kafka_bootstrap, "dicomsafe-ingest")
+    consumer = new_consumer(cfg.kafka_bootstrap, cfg.group_id, [topics.ingest], "dicomsafe-ingest")
+    channel = insecure_channel(cfg.crypto_target)
+    await producer.start()
+    try:
+        await consumer.start()
+        try:
+            pipeline = IngestPipeline(
+                Sealer(crypto_pb2_grpc.CryptoServiceStub(channel), cfg.seal_piece_bytes, cfg.seal_deadline_s),
+                producer,
+                AuditEmitter(producer, "ingest", topics.audit),
+                topics,
+                cfg.max_instance_bytes,
+            )
+            server, health = new_server([], [SERVICE_NAME], cfg.health_bind)
+            loop = consume_forever(consumer, pipeline.handle, DeadLetterPublisher(producer, "ingest"), stop, log)
+            await run_until_stopped(server, health, [SERVICE_NAME], stop, log, background=[loop])
+        finally:
+            await consumer.stop()
+    finally:
+        await channel.close()
+        await producer.stop()
+
+
+def main() -> None:
+    setup_logging("ingest")
+    cfg = IngestConfig.from_env()
+
+    async def _main() -> None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        await run(cfg, stop)
+
+    asyncio.run(_main())

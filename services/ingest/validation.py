@@ -1,0 +1,102 @@
+"""Deciding whether bytes are a storable DICOM instance, and extracting its identifiers.
+
+Reasons name the rule that failed, never a value from the file: they are published to the
+dead-letter topic and logged, and DICOM values may be PHI.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+class InvalidInstance(ValueError):
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class InstanceFacts:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    size: int
+
+
+def validate_instance(data: bytes, max_bytes: int) -> InstanceFacts:
+    if not data:
+        raise InvalidInstance("empty", "payload is empty")
+    if len(data) > max_bytes:
+        raise InvalidInstance("oversized", f"instance is {len(data)} bytes, limit is {max_bytes}")
+    # Part 10 only: without the preamble and file meta we cannot know the transfer syntax.
+    if len(data) < 132 or data[128:132] != b"DICM":
+        raise InvalidInstance("not_dicom", "no DICOM Part 10 preamble (DICM) at offset 128")
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=False)
+        # Reading is lazy for some values; touching every element makes truncation and
+        # malformed values surface here rather than in a viewer later.
+        for _ in ds.iterall():
+            pass
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError, NotImplementedError) as exc:
+        raise InvalidInstance("unparseable", f"DICOM parse failed ({type(exc).__name__})") from None
+    meta = ds.file_meta
+    ts = meta.get("TransferSyntaxUID")
+    if not ts:
+        raise InvalidInstance("missing_uid", "file meta has no TransferSyntaxUID")
+    uids: dict[str, str] = {}
+    for keyword in REQUIRED_UIDS:
+        value = ds.get(keyword)
+        if not value:
+            raise InvalidInstance("missing_uid", f"{keyword} is missing")
+        if not UID(str(value)).is_valid:
+            raise InvalidInstance("invalid_uid", f"{keyword} is not a valid UID")
+        uids[keyword] = str(value)
+    if str(meta.get("MediaStorageSOPInstanceUID", uids["SOPInstanceUID"])) != uids["SOPInstanceUID"]:
+        raise InvalidInstance("inconsistent_meta", "MediaStorageSOPInstanceUID differs from SOPInstanceUID")
+    _check_pixel_data(ds, UID(str(ts)))
+    return InstanceFacts(
+        sop_class_uid=uids["SOPClassUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        transfer_syntax_uid=str(ts),
+        size=len(data),
+    )
+
+
+def _check_pixel_data(ds: Dataset, ts: UID) -> None:
+    """A truncated file often still parses; the pixel data length gives it away."""
+    if "PixelData" not in ds:
+        return
+    value = ds.PixelData
+    if ts.is_compressed:
+        try:
+            fragments = sum(1 for _ in generate_fragments(value))
+        except (ValueError, EOFError) as exc:
+            raise InvalidInstance("truncated", f"encapsulated pixel data malformed ({type(exc).__name__})") from None
+        if fragments == 0:
+            raise InvalidInstance("truncated", "encapsulated pixel data has no fragments")
+        return
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1))
+        bits = int(ds.BitsAllocated)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        raise InvalidInstance("missing_attribute", "image pixel module incomplete") from None
+    expected = rows * cols * samples * frames * bits // 8
+    # Odd lengths are padded to even; a shorter value means the file was cut.
+    if len(value) < expected:
+        raise InvalidInstance("truncated", f"pixel data holds {len(value)} of {expected} bytes")

@@ -1,0 +1,234 @@
+"""The dicomsafe story on real servers, in one command (`make run`).
+
+Starts Kafka, Vault (OpenBao) and a MongoDB-wire server unless KAFKA_BOOTSTRAP /
+VAULT_ADDR+VAULT_TOKEN / MONGODB_URI name existing ones; provisions Vault; starts the
+services as processes; publishes sample studies; shows them sealed on disk, retrieved by
+an authorised user and refused to others; verifies the audit chain; stops everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import io
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pydicom
+from aiokafka import AIOKafkaConsumer
+
+from dicomsafe.common.kafka import Topics, dlq_topic, ensure_topics, headers_for, new_producer, topic_specs
+from dicomsafe.v1 import audit_pb2, audit_pb2_grpc, events_pb2, retrieval_pb2, retrieval_pb2_grpc
+from tools import dicom_samples, infra, vault_setup
+from tools.stack import Stack, StackSettings
+
+REPO = Path(__file__).resolve().parent.parent
+ALLOWED_USER = "dr.house"  # radiologist in deploy/policy/policy.toml
+DENIED_USERS = ("res.rao", "mallory")  # researcher (identified data refused), unknown subject
+
+
+@dataclass(frozen=True)
+class Servers:
+    kafka: str
+    vault_addr: str
+    vault_token: str
+    mongo: str
+    started_locally: tuple[str, ...]
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def resolve_servers() -> Servers:
+    kafka, mongo = os.environ.get("KAFKA_BOOTSTRAP", ""), os.environ.get("MONGODB_URI", "")
+    vault_addr, vault_token = os.environ.get("VAULT_ADDR", ""), os.environ.get("VAULT_TOKEN", "")
+    need = [n for n, have in (("kafka", kafka), ("vault", vault_addr and vault_token), ("mongo", mongo)) if not have]
+    if need:
+        say(f"• starting local servers: {', '.join(need)} (first run installs them; later runs reuse the cache)")
+        t0 = time.monotonic()
+        local = infra.up(need)
+        say(f"  ready in {time.monotonic() - t0:.1f}s")
+        kafka = kafka or local.kafka_bootstrap
+        mongo = mongo or local.mongodb_uri
+        if "vault" in need:
+            vault_addr, vault_token = local.vault_addr, local.vault_token
+    return Servers(kafka, vault_addr, vault_token, mongo, tuple(need))
+
+
+async def publish(bootstrap: str, topics: Topics, samples: list[tuple[str, bytes]], junk: bytes) -> dict[str, str]:
+    producer = new_producer(bootstrap, "demo-publisher")
+    await producer.start()
+    ids: dict[str, str] = {}
+    try:
+        for name, data in samples:
+            req = events_pb2.IngestRequest(request_id=str(uuid.uuid4()), source="demo-modality", inline_instance=data)
+            req.sent_at.GetCurrentTime()
+            study = str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).StudyInstanceUID)
+            await producer.send_and_wait(
+                topics.ingest, req.SerializeToString(), key=study.encode(), headers=headers_for(req)
+            )
+            ids[req.request_id] = name
+        bad = events_pb2.IngestRequest(request_id=str(uuid.uuid4()), source="demo-modality", inline_instance=junk)
+        await producer.send_and_wait(topics.ingest, bad.SerializeToString(), key=b"junk", headers=headers_for(bad))
+        ids[bad.request_id] = "not-a-dicom-file"
+    finally:
+        await producer.stop()
+    return ids
+
+
+async def collect(bootstrap: str, topic: str, want: int, timeout_s: float) -> list[bytes]:
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
+    await consumer.start()
+    values: list[bytes] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(values) < want and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            values.extend(r.value for records in batch.values() for r in records)
+    finally:
+        await consumer.stop()
+    return values
+
+
+async def retrieve(target: str, subject: str, object_id: str) -> tuple[bytes | None, str]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        parts: list[bytes] = []
+        try:
+            request = retrieval_pb2.RetrieveRequest(subject_id=subject, object_id=object_id, purpose="treatment")
+            async for piece in stub.Retrieve(request, timeout=60):
+                parts.append(piece.data)
+        except grpc.aio.AioRpcError as exc:
+            return None, f"{exc.code().name}: {exc.details()}"
+        return b"".join(parts), "OK"
+
+
+async def audit_trail(
+    target: str, want: int, timeout_s: float
+) -> tuple[audit_pb2.VerifyResponse, list[audit_pb2.AuditRecord]]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = audit_pb2_grpc.AuditServiceStub(channel)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            verdict = await stub.Verify(audit_pb2.VerifyRequest(), timeout=30)
+            if verdict.records_checked >= want or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        records = [r async for r in stub.Query(audit_pb2.QueryRequest(limit=200), timeout=30)]
+    return verdict, records
+
+
+async def story(stack: Stack, servers: Servers, topics: Topics) -> bool:
+    samples = dicom_samples.sample_study_set(seed=int(time.time()) % 10_000)
+    junk = dicom_samples.malformed_samples()["not_dicom"]
+    say(f"\n① publishing {len(samples)} DICOM instances (+1 malformed) to '{topics.ingest}'")
+    for name, data in samples:
+        say(f"   {name:<28} {len(data) / 1e6:7.2f} MB")
+    await publish(servers.kafka, topics, samples, junk)
+
+    stored_raw = await collect(servers.kafka, topics.stored, len(samples), timeout_s=120)
+    stored = [events_pb2.StoredEvent.FromString(v) for v in stored_raw]
+    dead = [events_pb2.DeadLetter.FromString(v) for v in await collect(servers.kafka, dlq_topic(topics.ingest), 1, 60)]
+    say(f"\n② stored events on '{topics.stored}': {len(stored)}/{len(samples)}; dead letters: {len(dead)}")
+    for letter in dead:
+        say(f"   dead letter from {letter.source_topic}@{letter.source_offset}: {letter.reason_code} — {letter.reason}")
+
+    by_sha = {hashlib.sha256(d).hexdigest(): (n, d) for n, d in samples}
+    ok = len(stored) == len(samples) and len(dead) == 1
+    say("\n③ on disk, sealed (AES-256-GCM, data key wrapped by Vault Transit):")
+    store = stack.settings.work_dir / "store"
+    for event in stored:
+        name, original = by_sha[event.plaintext_sha256]
+        path = next(store.rglob(f"{event.object_id}.dso"))
+        sealed = path.read_bytes()
+        leaks = [
+            label
+            for label, needle in (
+                ("DICM", b"DICM"),
+                ("patient name", dicom_samples.SYNTHETIC_MARKER),
+                ("pixel bytes", original[-4096:]),
+            )
+            if needle in sealed
+        ]
+        ok &= not leaks
+        say(
+            f"   {name:<28} {path.name[:16]}… {len(sealed):>9} B  key v{event.key_version}  "
+            f"plaintext found: {', '.join(leaks) if leaks else 'none'}"
+        )
+
+    target = stack.settings.target("gateway")
+    first = stored[0]
+    say(f"\n④ retrieval of {by_sha[first.plaintext_sha256][0]} through the gateway (authz → crypto → audit):")
+    released, status = await retrieve(target, ALLOWED_USER, first.object_id)
+    same = released is not None and hashlib.sha256(released).hexdigest() == first.plaintext_sha256
+    ok &= same
+    say(f"   {ALLOWED_USER:<10} (radiologist) → {status}, {len(released or b'')} bytes, byte-identical: {same}")
+    for user in DENIED_USERS:
+        refused, status = await retrieve(target, user, first.object_id)
+        ok &= refused is None
+        say(f"   {user:<10} → {status}")
+
+    want = 2 * len(samples) + 1 + 2 + 1 + 1 + 2 * len(DENIED_USERS)
+    verdict, records = await audit_trail(stack.settings.target("audit"), want, timeout_s=60)
+    say(f"\n⑤ audit trail in MongoDB: {verdict.records_checked} records in {verdict.chains_checked} hash chains")
+    for record in sorted(records, key=lambda r: r.event.occurred_at.ToDatetime())[-12:]:
+        e = record.event
+        say(
+            f"   {record.chain:<22} #{record.seq:<3} {audit_pb2.AuditAction.Name(e.action)[13:]:<20} "
+            f"{audit_pb2.AuditOutcome.Name(e.outcome)[14:]:<8} {e.service:<8} {e.actor[:24]:<24} {e.reason[:40]}"
+        )
+    say(f"   verify: {'OK — every chain intact' if verdict.ok else 'BROKEN: ' + str(list(verdict.broken))}")
+    ok &= verdict.ok and verdict.records_checked >= want
+    return ok
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keep-running", action="store_true", help="leave servers and services running afterwards")
+    args = parser.parse_args()
+    work = REPO / "var" / "demo" / time.strftime("%Y%m%d-%H%M%S")
+    servers = resolve_servers()
+    topics = Topics(prefix=f"demo{int(time.time())}.")
+    asyncio.run(ensure_topics(servers.kafka, topic_specs(topics)))
+    creds = vault_setup.provision(servers.vault_addr, servers.vault_token)
+    vault_setup.write_secret(work / "vault" / "role-id", creds.role_id)
+    vault_setup.write_secret(work / "vault" / "secret-id", creds.secret_id)
+    say("• Vault: transit key 'dicomsafe-dek' and AppRole 'dicomsafe-crypto' provisioned")
+    settings = StackSettings(
+        kafka_bootstrap=servers.kafka,
+        vault_addr=servers.vault_addr,
+        mongodb_uri=servers.mongo,
+        vault_role_id_file=work / "vault" / "role-id",
+        vault_secret_id_file=work / "vault" / "secret-id",
+        work_dir=work,
+        topic_prefix=topics.prefix,
+        audit_db=f"dicomsafe_audit_{topics.prefix.strip('.')}",
+    )
+    stack = Stack(settings)
+    ok = False
+    try:
+        say("• starting services: crypto, authz, audit, gateway, ingest")
+        stack.start()
+        ok = asyncio.run(story(stack, servers, topics))
+    finally:
+        if args.keep_running:
+            pids = " ".join(str(p.pid) for p in stack.processes.values())
+            say(f"\nservices keep running (logs in {work}/logs); stop with: kill {pids}")
+        else:
+            stack.stop()
+            if servers.started_locally:
+                infra.down(list(servers.started_locally))
+            say("\n• stopped services" + (" and local servers" if servers.started_locally else ""))
+    say("\nDEMO " + ("PASSED" if ok else "FAILED") + f" — logs in {work}/logs")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

