@@ -41,7 +41,7 @@ def _docker_available() -> bool:
 
         client = docker.from_env(timeout=3)
         return bool(client.ping())
-    except Exception:  # noqa: BLE001 - any failure means "no usable engine"
+    except Exception:
         return False
 
 

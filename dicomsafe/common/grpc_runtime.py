@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable, Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from dicomsafe.common.logs import setup_logging
+
 # Streams carry data in chunks well below this; the limit only stops abuse.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
@@ -87,3 +89,15 @@ async def run_until_stopped(
 
 def insecure_channel(target: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+def service_main(service: str, run: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Process entry point shared by every service: JSON logs, SIGTERM → graceful stop."""
+    setup_logging(service)
+
+    async def _main() -> None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        await run(stop)
+
+    asyncio.run(_main())

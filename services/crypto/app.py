@@ -6,9 +6,8 @@ import asyncio
 import logging
 
 from dicomsafe.common.audit_emitter import AuditEmitter
-from dicomsafe.common.grpc_runtime import install_stop_signals, new_server, run_until_stopped
+from dicomsafe.common.grpc_runtime import new_server, run_until_stopped, service_main
 from dicomsafe.common.kafka import Topics, new_producer
-from dicomsafe.common.logs import setup_logging
 from dicomsafe.v1 import crypto_pb2_grpc
 from services.crypto.config import CryptoConfig
 from services.crypto.object_store import HotStore
@@ -38,12 +37,5 @@ async def run(cfg: CryptoConfig, stop: asyncio.Event) -> None:
 
 
 def main() -> None:
-    setup_logging("crypto")
     cfg = CryptoConfig.from_env()
-
-    async def _main() -> None:
-        stop = asyncio.Event()
-        install_stop_signals(stop)
-        await run(cfg, stop)
-
-    asyncio.run(_main())
+    service_main("crypto", lambda stop: run(cfg, stop))

@@ -451,6 +451,7 @@ class _Chunker:
 
     @property
     def chunks_processed(self) -> int:
+        """Number of chunks sealed/opened so far (the next chunk index)."""
         return self._index
 
     def _process(self, unit: BytesLike, final: bool) -> bytes:
@@ -717,7 +718,7 @@ def open_range(
     for i in range(first, last + 1):
         rel = (i - first) * seg
         parts.append(_open_chunk(aead, prefix, ad, i, i == n - 1, data[rel : rel + seg]))
-    if False and verify_end and last != n - 1:
+    if verify_end and last != n - 1:
         verify_final()
     head = offset - first * cs
     if len(parts) == 1:

@@ -233,7 +233,12 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
                 await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
             try:
                 if request.offset or request.length:
-                    length = request.length or max(0, desc.plaintext_size - request.offset)
+                    # Like an HTTP byte range: a range running past the end is cut at the end.
+                    if request.offset > desc.plaintext_size:
+                        reason = "range outside object"
+                        await context.abort(grpc.StatusCode.OUT_OF_RANGE, "offset beyond the end of the object")
+                    available = desc.plaintext_size - request.offset
+                    length = min(request.length, available) if request.length else available
                     data = fmt.open_range(dek, header, header_len, f, request.offset, length)
                     for i in range(0, len(data), OPEN_PIECE_BYTES):
                         yield crypto_pb2.OpenResponse(data=data[i : i + OPEN_PIECE_BYTES])

@@ -6,9 +6,8 @@ import asyncio
 import logging
 
 from dicomsafe.common.audit_emitter import AuditEmitter
-from dicomsafe.common.grpc_runtime import insecure_channel, install_stop_signals, new_server, run_until_stopped
+from dicomsafe.common.grpc_runtime import insecure_channel, new_server, run_until_stopped, service_main
 from dicomsafe.common.kafka import Topics, new_producer
-from dicomsafe.common.logs import setup_logging
 from dicomsafe.v1 import authz_pb2_grpc, crypto_pb2_grpc, retrieval_pb2_grpc
 from services.gateway.config import GatewayConfig
 from services.gateway.service import SERVICE_NAME, RetrievalServicer
@@ -41,12 +40,5 @@ async def run(cfg: GatewayConfig, stop: asyncio.Event) -> None:
 
 
 def main() -> None:
-    setup_logging("gateway")
     cfg = GatewayConfig.from_env()
-
-    async def _main() -> None:
-        stop = asyncio.Event()
-        install_stop_signals(stop)
-        await run(cfg, stop)
-
-    asyncio.run(_main())
+    service_main("gateway", lambda stop: run(cfg, stop))

@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from dicomsafe.common.audit_emitter import AuditEmitter
-from dicomsafe.common.grpc_runtime import insecure_channel, install_stop_signals, new_server, run_until_stopped
+from dicomsafe.common.grpc_runtime import insecure_channel, new_server, run_until_stopped, service_main
 from dicomsafe.common.kafka import (
     DeadLetterPublisher,
     Topics,
@@ -16,7 +16,6 @@ from dicomsafe.common.kafka import (
     new_producer,
     require_topics,
 )
-from dicomsafe.common.logs import setup_logging
 from dicomsafe.v1 import crypto_pb2_grpc
 from services.ingest.config import IngestConfig
 from services.ingest.pipeline import IngestPipeline
@@ -54,12 +53,5 @@ async def run(cfg: IngestConfig, stop: asyncio.Event) -> None:
 
 
 def main() -> None:
-    setup_logging("ingest")
     cfg = IngestConfig.from_env()
-
-    async def _main() -> None:
-        stop = asyncio.Event()
-        install_stop_signals(stop)
-        await run(cfg, stop)
-
-    asyncio.run(_main())
+    service_main("ingest", lambda stop: run(cfg, stop))

@@ -1,0 +1,206 @@
+"""The crypto service against a real Vault-API server (OpenBao) and Kafka."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import hvac
+import hvac.exceptions
+import pytest
+
+from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
+from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc
+from services.crypto.app import run
+from services.crypto.config import CryptoConfig
+from services.crypto.vault_keys import VaultSettings
+from services.ingest.sealing import Sealer, SealFailure, object_id_for
+from tests.servers import Servers
+from tests.service_runner import free_port, running
+from tools import dicom_samples, vault_setup
+
+CHUNK = 64 * 1024  # small chunks so a few-MB instance spans many of them
+
+
+def _config(
+    servers: Servers, tmp_path: Path, creds: vault_setup.AppRoleCredentials, unique: str, vault_addr: str = ""
+) -> CryptoConfig:
+    return CryptoConfig(
+        grpc_bind=f"127.0.0.1:{free_port()}",
+        store_dir=tmp_path / "store",
+        chunk_size=CHUNK,
+        max_object_bytes=64 * 1024 * 1024,
+        kafka_bootstrap=servers.kafka_bootstrap,
+        topic_prefix=f"t{unique}.",
+        vault=VaultSettings(
+            addr=vault_addr or servers.vault_addr,
+            transit_mount="transit",
+            key_name="dicomsafe-dek",
+            role_id=creds.role_id,
+            secret_id=creds.secret_id,
+            timeout_s=3.0,
+        ),
+    )
+
+
+@pytest.fixture
+def creds(servers: Servers) -> vault_setup.AppRoleCredentials:
+    return vault_setup.provision(servers.vault_addr, servers.vault_token)
+
+
+@pytest.fixture
+async def crypto(
+    servers: Servers, tmp_path: Path, creds: vault_setup.AppRoleCredentials, unique: str
+) -> AsyncIterator[tuple[crypto_pb2_grpc.CryptoServiceAsyncStub, CryptoConfig]]:
+    cfg = _config(servers, tmp_path, creds, unique)
+    await ensure_topics(servers.kafka_bootstrap, topic_specs(Topics(cfg.topic_prefix), partitions=1))
+    async with running(lambda stop: run(cfg, stop), cfg.grpc_bind):
+        async with grpc.aio.insecure_channel(cfg.grpc_bind) as channel:
+            yield crypto_pb2_grpc.CryptoServiceStub(channel), cfg
+
+
+def _meta(data: bytes) -> crypto_pb2.SealMetadata:
+    import io
+
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    sha = hashlib.sha256(data).hexdigest()
+    return crypto_pb2.SealMetadata(
+        object_id=object_id_for(ds.SOPInstanceUID, sha),
+        sop_instance_uid=ds.SOPInstanceUID,
+        study_instance_uid=ds.StudyInstanceUID,
+        expected_sha256=sha,
+        expected_size=len(data),
+    )
+
+
+async def _open(
+    stub: crypto_pb2_grpc.CryptoServiceAsyncStub, object_id: str, offset: int = 0, length: int = 0
+) -> bytes:
+    parts = [p.data async for p in stub.Open(crypto_pb2.OpenRequest(object_id=object_id, offset=offset, length=length))]
+    return b"".join(parts)
+
+
+def _samples() -> list[tuple[str, bytes]]:
+    bundled = dicom_samples.bundled_files()[0]
+    return [
+        (bundled.name, bundled.read_bytes()),
+        ("us-multiframe", dicom_samples.to_bytes(dicom_samples.us_multiframe(study_uid=None, seed=7, frames=6))),
+        ("rle", dicom_samples.to_bytes(dicom_samples.rle_lossless_ct(study_uid=None, seed=8))),
+    ]
+
+
+@pytest.mark.parametrize("name,data", _samples(), ids=lambda v: v if isinstance(v, str) else "")
+async def test_seal_then_open_round_trips_and_leaves_no_plaintext_on_disk(crypto, name: str, data: bytes) -> None:  # type: ignore[no-untyped-def]
+    stub, cfg = crypto
+    meta = _meta(data)
+    sealed = await Sealer(stub, 256 * 1024, 60).seal(data, meta)
+    assert not sealed.already_stored
+    assert sealed.plaintext_sha256 == meta.expected_sha256
+    assert sealed.object.plaintext_size == len(data)
+    assert sealed.object.key_name == "dicomsafe-dek" and sealed.object.key_version >= 1
+
+    files = list((cfg.store_dir).rglob("*.dso"))
+    assert len(files) == 1
+    on_disk = files[0].read_bytes()
+    assert hashlib.sha256(on_disk).hexdigest() == sealed.sealed_sha256
+    assert b"DICM" not in on_disk
+    assert dicom_samples.SYNTHETIC_MARKER not in on_disk
+    assert data[-4096:] not in on_disk  # pixel data tail
+    assert b"vault:v" in on_disk  # only the wrapped form of the data key is stored
+
+    assert await _open(stub, meta.object_id) == data
+    assert await _open(stub, meta.object_id, offset=1000, length=CHUNK * 2) == data[1000 : 1000 + CHUNK * 2]
+    desc = await stub.Describe(crypto_pb2.DescribeRequest(object_id=meta.object_id))
+    assert desc.sop_instance_uid == meta.sop_instance_uid
+    assert desc.plaintext_size == len(data)
+    assert not list(cfg.store_dir.rglob("*.tmp"))
+
+
+async def test_resealing_the_same_object_is_idempotent(crypto) -> None:  # type: ignore[no-untyped-def]
+    stub, cfg = crypto
+    data = _samples()[0][1]
+    meta = _meta(data)
+    sealer = Sealer(stub, 64 * 1024, 60)
+    first = await sealer.seal(data, meta)
+    path = next(cfg.store_dir.rglob("*.dso"))
+    before = path.read_bytes()
+    again = await sealer.seal(data, meta)
+    assert again.already_stored
+    assert again.object.sealed_size == first.object.sealed_size
+    assert path.read_bytes() == before
+
+
+async def test_hash_mismatch_is_refused_and_nothing_is_stored(crypto) -> None:  # type: ignore[no-untyped-def]
+    stub, cfg = crypto
+    data = _samples()[0][1]
+    meta = _meta(data)
+    meta.expected_sha256 = hashlib.sha256(b"something else").hexdigest()
+    with pytest.raises(SealFailure) as info:
+        await Sealer(stub, 64 * 1024, 60).seal(data, meta)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert not list(cfg.store_dir.rglob("*.dso"))
+    assert not list(cfg.store_dir.rglob("*.tmp"))
+
+
+async def test_bad_object_ids_are_refused(crypto) -> None:  # type: ignore[no-untyped-def]
+    stub, _ = crypto
+    data = _samples()[0][1]
+    meta = _meta(data)
+    meta.object_id = "../../etc/passwd"
+    with pytest.raises(SealFailure) as info:
+        await Sealer(stub, 64 * 1024, 60).seal(data, meta)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _open(stub, "nothex")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _open(stub, "0" * 64)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_tampered_ciphertext_fails_with_data_loss(crypto) -> None:  # type: ignore[no-untyped-def]
+    stub, cfg = crypto
+    data = _samples()[1][1]
+    meta = _meta(data)
+    await Sealer(stub, 64 * 1024, 60).seal(data, meta)
+    path = next(cfg.store_dir.rglob("*.dso"))
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _open(stub, meta.object_id)
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS
+
+
+async def test_vault_unreachable_fails_closed(servers: Servers, tmp_path: Path, creds, unique: str) -> None:  # type: ignore[no-untyped-def]
+    cfg = _config(servers, tmp_path, creds, unique, vault_addr="http://127.0.0.1:1")
+    await ensure_topics(servers.kafka_bootstrap, topic_specs(Topics(cfg.topic_prefix), partitions=1))
+    async with running(lambda stop: run(cfg, stop), cfg.grpc_bind):
+        async with grpc.aio.insecure_channel(cfg.grpc_bind) as channel:
+            stub = crypto_pb2_grpc.CryptoServiceStub(channel)
+            data = _samples()[0][1]
+            with pytest.raises(SealFailure) as info:
+                await Sealer(stub, 64 * 1024, 60).seal(data, _meta(data))
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert info.value.retryable
+    assert not list(cfg.store_dir.rglob("*.dso"))
+    assert not list(cfg.store_dir.rglob("*.tmp"))
+
+
+def test_crypto_vault_identity_is_least_privilege(servers: Servers, creds: vault_setup.AppRoleCredentials) -> None:
+    client = hvac.Client(url=servers.vault_addr)
+    client.auth.approle.login(role_id=creds.role_id, secret_id=creds.secret_id)
+    transit = client.secrets.transit
+    assert transit.generate_data_key("dicomsafe-dek", key_type="plaintext")["data"]["ciphertext"].startswith("vault:v")
+    with pytest.raises(hvac.exceptions.Forbidden):
+        transit.rotate_key("dicomsafe-dek")
+    with pytest.raises(hvac.exceptions.Forbidden):
+        transit.export_key("dicomsafe-dek", key_type="encryption-key")
+    with pytest.raises(hvac.exceptions.Forbidden):
+        transit.delete_key("dicomsafe-dek")
+    with pytest.raises(hvac.exceptions.Forbidden):
+        transit.encrypt_data("dicomsafe-dek", plaintext="aGVsbG8=")
