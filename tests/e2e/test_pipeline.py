@@ -1,0 +1,198 @@
+"""The first vertical slice end to end: every service as its own process, real servers.
+
+publish → ingest validates → crypto seals (Vault Transit) → dicom.stored → gateway
+retrieval through authz → audit hash chain in MongoDB; bad input → dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import random
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pydicom
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from dicomsafe.common.kafka import Topics, dlq_topic, ensure_topics, headers_for, new_producer, topic_specs
+from dicomsafe.v1 import audit_pb2, audit_pb2_grpc, events_pb2, retrieval_pb2, retrieval_pb2_grpc
+from tests.servers import Servers
+from tools import dicom_samples, vault_setup
+from tools.stack import SERVICES, Stack, StackSettings
+
+
+def _free_base_port() -> int:
+    for _ in range(50):
+        base = random.randint(20000, 40000)  # noqa: S311 - not security relevant
+        try:
+            for port in range(base, base + len(SERVICES)):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free port range")
+
+
+@pytest.fixture(scope="module")
+def stack(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    work: Path = tmp_path_factory.mktemp("stack")
+    unique = uuid.uuid4().hex[:8]
+    topics = Topics(prefix=f"e2e{unique}.")
+    asyncio.run(ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=3)))
+    creds = vault_setup.provision(servers.vault_addr, servers.vault_token)
+    vault_setup.write_secret(work / "vault" / "role-id", creds.role_id)
+    vault_setup.write_secret(work / "vault" / "secret-id", creds.secret_id)
+    settings = StackSettings(
+        kafka_bootstrap=servers.kafka_bootstrap,
+        vault_addr=servers.vault_addr,
+        mongodb_uri=servers.mongodb_uri,
+        vault_role_id_file=work / "vault" / "role-id",
+        vault_secret_id_file=work / "vault" / "secret-id",
+        work_dir=work,
+        topic_prefix=topics.prefix,
+        base_port=_free_base_port(),
+        audit_db=f"e2e_audit_{unique}",
+    )
+    running = Stack(settings)
+    try:
+        running.start()
+        yield running
+    finally:
+        codes = running.stop()
+        assert all(code == 0 for code in codes.values()), f"unclean service exit: {codes}"
+
+
+def _topics(stack: Stack) -> Topics:
+    return Topics(stack.settings.topic_prefix)
+
+
+async def _publish(stack: Stack, items: list[tuple[bytes, bytes]]) -> None:
+    producer = new_producer(stack.settings.kafka_bootstrap, "e2e-publisher")
+    await producer.start()
+    try:
+        for key, data in items:
+            req = events_pb2.IngestRequest(request_id=str(uuid.uuid4()), source="e2e-modality", inline_instance=data)
+            await producer.send_and_wait(_topics(stack).ingest, req.SerializeToString(), key=key, headers=headers_for(req))
+    finally:
+        await producer.stop()
+
+
+async def _collect(bootstrap: str, topic: str, want: int, timeout_s: float = 120) -> list[tuple[bytes, dict[str, bytes]]]:
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
+    await consumer.start()
+    got: list[tuple[bytes, dict[str, bytes]]] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(got) < want and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                got.extend((r.value, dict(r.headers)) for r in records)
+    finally:
+        await consumer.stop()
+    return got
+
+
+async def _retrieve(stack: Stack, subject: str, object_id: str) -> bytes:
+    async with grpc.aio.insecure_channel(stack.settings.target("gateway")) as channel:
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        request = retrieval_pb2.RetrieveRequest(subject_id=subject, object_id=object_id, purpose="treatment")
+        return b"".join([p.data async for p in stub.Retrieve(request, timeout=60)])
+
+
+def _study(data: bytes) -> bytes:
+    return str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).StudyInstanceUID).encode()
+
+
+GOOD = [
+    ("bundled-ct", lambda: dicom_samples.bundled_files()[0].read_bytes()),
+    ("mr-implicit", lambda: dicom_samples.to_bytes(dicom_samples.mr_image(study_uid=None, seed=11))),
+    ("us-multiframe", lambda: dicom_samples.to_bytes(dicom_samples.us_multiframe(study_uid=None, seed=12, frames=4))),
+    ("j2k", lambda: dicom_samples.to_bytes(dicom_samples.jpeg2000_lossless_ct(study_uid=None, seed=13))),
+]
+BAD = ["not_dicom", "truncated", "missing_sop_instance_uid"]
+
+
+async def test_slice_end_to_end(stack: Stack) -> None:
+    good = [(name, make()) for name, make in GOOD]
+    malformed = dicom_samples.malformed_samples()
+    # All on one key (one partition): each bad record sits before a good one, which must
+    # still be processed after the bad one is dead-lettered.
+    key = b"1.2.826.0.1.3680043.8.498.1"
+    items: list[tuple[bytes, bytes]] = []
+    for i, (_, data) in enumerate(good):
+        if i < len(BAD):
+            items.append((key, malformed[BAD[i]]))
+        items.append((key if i < len(BAD) else _study(data), data))
+    await _publish(stack, items)
+
+    bootstrap = stack.settings.kafka_bootstrap
+    stored = [events_pb2.StoredEvent.FromString(v) for v, _ in await _collect(bootstrap, _topics(stack).stored, len(good))]
+    dead = await _collect(bootstrap, dlq_topic(_topics(stack).ingest), len(BAD))
+    assert len(stored) == len(good)
+    assert len(dead) == len(BAD)
+    letters = [events_pb2.DeadLetter.FromString(v) for v, _ in dead]
+    assert {h["dlq-reason"].decode() for _, h in dead} == {letter.reason_code for letter in letters}
+    assert sorted(letter.reason_code for letter in letters) == ["missing_uid", "not_dicom", "truncated"]
+    assert all(letter.reason and letter.original_value for letter in letters)
+
+    by_sha = {hashlib.sha256(d).hexdigest(): d for _, d in good}
+    assert set(by_sha) == {e.plaintext_sha256 for e in stored}
+    store = stack.settings.work_dir / "store"
+    for event in stored:
+        original = by_sha[event.plaintext_sha256]
+        sealed = next(store.rglob(f"{event.object_id}.dso")).read_bytes()
+        assert b"DICM" not in sealed
+        assert dicom_samples.SYNTHETIC_MARKER not in sealed
+        assert original[-2048:] not in sealed
+        assert len(sealed) == event.sealed_size
+        assert await _retrieve(stack, "dr.house", event.object_id) == original
+
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await _retrieve(stack, "res.rao", stored[0].object_id)
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await _retrieve(stack, "dr.house", "f" * 64)
+    assert unknown.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    # sealed + stored per instance, a rejection per bad record, and per retrieval an authz
+    # decision, a crypto open and a gateway record (the denied one has no open).
+    want = 2 * len(good) + len(BAD) + 3 * len(good) + 2 + 1
+    async with grpc.aio.insecure_channel(stack.settings.target("audit")) as channel:
+        audit = audit_pb2_grpc.AuditServiceStub(channel)
+        deadline = time.monotonic() + 120
+        verdict = await audit.Verify(audit_pb2.VerifyRequest())
+        while verdict.records_checked < want and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            verdict = await audit.Verify(audit_pb2.VerifyRequest())
+        records = [r async for r in audit.Query(audit_pb2.QueryRequest(limit=500))]
+    assert verdict.ok, list(verdict.broken)
+    assert verdict.records_checked == want
+    actions = [(r.event.action, r.event.outcome) for r in records]
+    A, O = audit_pb2.AuditAction, audit_pb2.AuditOutcome
+    assert actions.count((A.AUDIT_ACTION_INSTANCE_REJECTED, O.AUDIT_OUTCOME_FAILURE)) == len(BAD)
+    assert actions.count((A.AUDIT_ACTION_INSTANCE_STORED, O.AUDIT_OUTCOME_SUCCESS)) == len(good)
+    assert (A.AUDIT_ACTION_ACCESS_DECISION, O.AUDIT_OUTCOME_DENIED) in actions
+    assert (A.AUDIT_ACTION_INSTANCE_RETRIEVED, O.AUDIT_OUTCOME_DENIED) in actions
+    assert actions.count((A.AUDIT_ACTION_INSTANCE_RETRIEVED, O.AUDIT_OUTCOME_SUCCESS)) == len(good)
+
+
+async def test_redelivered_instance_is_stored_once(stack: Stack) -> None:
+    data = dicom_samples.to_bytes(dicom_samples.ct_image(study_uid=None, seed=99))
+    await _publish(stack, [(_study(data), data), (_study(data), data)])
+    sha = hashlib.sha256(data).hexdigest()
+    deadline = time.monotonic() + 120
+    mine: list[events_pb2.StoredEvent] = []
+    while len(mine) < 2 and time.monotonic() < deadline:
+        events = await _collect(stack.settings.kafka_bootstrap, _topics(stack).stored, 10_000, timeout_s=3)
+        mine = [e for e in (events_pb2.StoredEvent.FromString(v) for v, _ in events) if e.plaintext_sha256 == sha]
+    assert len(mine) == 2
+    assert mine[0].object_id == mine[1].object_id
+    assert sorted(e.redelivery for e in mine) == [False, True]
+    assert len(list((stack.settings.work_dir / "store").rglob(f"{mine[0].object_id}.dso"))) == 1
