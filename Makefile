@@ -68,5 +68,8 @@ infra-down: $(STAMPS)/venv
 infra-status: $(STAMPS)/venv
 	$(PY) -m tools.infra status
 
+topics: proto ## create the Kafka topics on $$KAFKA_BOOTSTRAP
+	$(PY) -m tools.topics
+
 clean:
 	rm -rf $(STAMPS) dicomsafe/v1/*_pb2*.py dicomsafe/v1/*_pb2*.pyi var bench-results.json

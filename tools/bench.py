@@ -165,7 +165,9 @@ def main() -> int:
             # Bounded memory: the service's peak RSS should not grow with the object size.
             peak = _peak_rss_mib(stack.processes["crypto"].pid)
             largest = max(sizes)
-            results.append(Result("crypto_peak_rss", peak, "MiB", float(largest), round(peak / largest, 4), None, False))
+            results.append(
+                Result("crypto_peak_rss", peak, "MiB", float(largest), round(peak / largest, 4), None, False)
+            )
         finally:
             stack.stop()
             if started:
@@ -173,7 +175,9 @@ def main() -> int:
     print(f"{'metric':<28} {'value':>10} {'raw AES-GCM':>12} {'ratio':>7} {'target':>7}")
     for r in results:
         verdict = "" if r.target is None else ("ok" if r.ratio >= r.target else "BELOW")
-        print(f"{r.metric:<28} {r.value:>7.1f} {r.unit:<5} {r.baseline:>8.1f} {r.ratio:>7.3f} {r.target!s:>7} {verdict}")
+        print(
+            f"{r.metric:<28} {r.value:>7.1f} {r.unit:<5} {r.baseline:>8.1f} {r.ratio:>7.3f} {r.target!s:>7} {verdict}"
+        )
     throughput = [r.ratio for r in results if r.unit == "MiB/s"]
     print(f"median throughput ratio: {statistics.median(throughput):.3f}")
     args.out.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n", encoding="utf-8")

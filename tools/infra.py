@@ -902,6 +902,11 @@ def _is_up(name: str) -> bool:
     return _running_pid(name) is not None and (_run_dir(name) / "ready").exists()
 
 
+def running() -> list[str]:
+    """Servers already up, so a caller can leave alone what it did not start."""
+    return [name for name in ALL if _is_up(name)]
+
+
 def _collect() -> Endpoints:
     token = _read_text(_run_dir(VAULT) / "root-token") if _is_up(VAULT) else None
     pw = _read_text(_run_dir(MONGO) / "admin-password") if _is_up(MONGO) else None

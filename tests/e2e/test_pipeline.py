@@ -13,7 +13,7 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -30,7 +30,7 @@ from tools.stack import SERVICES, Stack, StackSettings
 
 def _free_base_port() -> int:
     for _ in range(50):
-        base = random.randint(20000, 40000)  # noqa: S311 - not security relevant
+        base = random.randint(20000, 40000)
         try:
             for port in range(base, base + len(SERVICES)):
                 with socket.socket() as s:
@@ -80,12 +80,16 @@ async def _publish(stack: Stack, items: list[tuple[bytes, bytes]]) -> None:
     try:
         for key, data in items:
             req = events_pb2.IngestRequest(request_id=str(uuid.uuid4()), source="e2e-modality", inline_instance=data)
-            await producer.send_and_wait(_topics(stack).ingest, req.SerializeToString(), key=key, headers=headers_for(req))
+            await producer.send_and_wait(
+                _topics(stack).ingest, req.SerializeToString(), key=key, headers=headers_for(req)
+            )
     finally:
         await producer.stop()
 
 
-async def _collect(bootstrap: str, topic: str, want: int, timeout_s: float = 120) -> list[tuple[bytes, dict[str, bytes]]]:
+async def _collect(
+    bootstrap: str, topic: str, want: int, timeout_s: float = 120
+) -> list[tuple[bytes, dict[str, bytes]]]:
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
     await consumer.start()
     got: list[tuple[bytes, dict[str, bytes]]] = []
@@ -110,7 +114,7 @@ def _study(data: bytes) -> bytes:
     return str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).StudyInstanceUID).encode()
 
 
-GOOD = [
+GOOD: list[tuple[str, Callable[[], bytes]]] = [
     ("bundled-ct", lambda: dicom_samples.bundled_files()[0].read_bytes()),
     ("mr-implicit", lambda: dicom_samples.to_bytes(dicom_samples.mr_image(study_uid=None, seed=11))),
     ("us-multiframe", lambda: dicom_samples.to_bytes(dicom_samples.us_multiframe(study_uid=None, seed=12, frames=4))),
@@ -133,7 +137,9 @@ async def test_slice_end_to_end(stack: Stack) -> None:
     await _publish(stack, items)
 
     bootstrap = stack.settings.kafka_bootstrap
-    stored = [events_pb2.StoredEvent.FromString(v) for v, _ in await _collect(bootstrap, _topics(stack).stored, len(good))]
+    stored = [
+        events_pb2.StoredEvent.FromString(v) for v, _ in await _collect(bootstrap, _topics(stack).stored, len(good))
+    ]
     dead = await _collect(bootstrap, dlq_topic(_topics(stack).ingest), len(BAD))
     assert len(stored) == len(good)
     assert len(dead) == len(BAD)
@@ -175,12 +181,12 @@ async def test_slice_end_to_end(stack: Stack) -> None:
     assert verdict.ok, list(verdict.broken)
     assert verdict.records_checked == want
     actions = [(r.event.action, r.event.outcome) for r in records]
-    A, O = audit_pb2.AuditAction, audit_pb2.AuditOutcome
-    assert actions.count((A.AUDIT_ACTION_INSTANCE_REJECTED, O.AUDIT_OUTCOME_FAILURE)) == len(BAD)
-    assert actions.count((A.AUDIT_ACTION_INSTANCE_STORED, O.AUDIT_OUTCOME_SUCCESS)) == len(good)
-    assert (A.AUDIT_ACTION_ACCESS_DECISION, O.AUDIT_OUTCOME_DENIED) in actions
-    assert (A.AUDIT_ACTION_INSTANCE_RETRIEVED, O.AUDIT_OUTCOME_DENIED) in actions
-    assert actions.count((A.AUDIT_ACTION_INSTANCE_RETRIEVED, O.AUDIT_OUTCOME_SUCCESS)) == len(good)
+    A, Out = audit_pb2.AuditAction, audit_pb2.AuditOutcome
+    assert actions.count((A.AUDIT_ACTION_INSTANCE_REJECTED, Out.AUDIT_OUTCOME_FAILURE)) == len(BAD)
+    assert actions.count((A.AUDIT_ACTION_INSTANCE_STORED, Out.AUDIT_OUTCOME_SUCCESS)) == len(good)
+    assert (A.AUDIT_ACTION_ACCESS_DECISION, Out.AUDIT_OUTCOME_DENIED) in actions
+    assert (A.AUDIT_ACTION_INSTANCE_RETRIEVED, Out.AUDIT_OUTCOME_DENIED) in actions
+    assert actions.count((A.AUDIT_ACTION_INSTANCE_RETRIEVED, Out.AUDIT_OUTCOME_SUCCESS)) == len(good)
 
 
 async def test_redelivered_instance_is_stored_once(stack: Stack) -> None:

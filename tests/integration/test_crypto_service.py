@@ -56,9 +56,8 @@ async def crypto(
 ) -> AsyncIterator[tuple[crypto_pb2_grpc.CryptoServiceAsyncStub, CryptoConfig]]:
     cfg = _config(servers, tmp_path, creds, unique)
     await ensure_topics(servers.kafka_bootstrap, topic_specs(Topics(cfg.topic_prefix), partitions=1))
-    async with running(lambda stop: run(cfg, stop), cfg.grpc_bind):
-        async with grpc.aio.insecure_channel(cfg.grpc_bind) as channel:
-            yield crypto_pb2_grpc.CryptoServiceStub(channel), cfg
+    async with running(lambda stop: run(cfg, stop), cfg.grpc_bind), grpc.aio.insecure_channel(cfg.grpc_bind) as channel:
+        yield crypto_pb2_grpc.CryptoServiceStub(channel), cfg
 
 
 def _meta(data: bytes) -> crypto_pb2.SealMetadata:
@@ -179,12 +178,11 @@ async def test_tampered_ciphertext_fails_with_data_loss(crypto) -> None:  # type
 async def test_vault_unreachable_fails_closed(servers: Servers, tmp_path: Path, creds, unique: str) -> None:  # type: ignore[no-untyped-def]
     cfg = _config(servers, tmp_path, creds, unique, vault_addr="http://127.0.0.1:1")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(Topics(cfg.topic_prefix), partitions=1))
-    async with running(lambda stop: run(cfg, stop), cfg.grpc_bind):
-        async with grpc.aio.insecure_channel(cfg.grpc_bind) as channel:
-            stub = crypto_pb2_grpc.CryptoServiceStub(channel)
-            data = _samples()[0][1]
-            with pytest.raises(SealFailure) as info:
-                await Sealer(stub, 64 * 1024, 60).seal(data, _meta(data))
+    async with running(lambda stop: run(cfg, stop), cfg.grpc_bind), grpc.aio.insecure_channel(cfg.grpc_bind) as channel:
+        stub = crypto_pb2_grpc.CryptoServiceStub(channel)
+        data = _samples()[0][1]
+        with pytest.raises(SealFailure) as info:
+            await Sealer(stub, 64 * 1024, 60).seal(data, _meta(data))
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
     assert info.value.retryable
     assert not list(cfg.store_dir.rglob("*.dso"))
