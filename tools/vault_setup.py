@@ -19,7 +19,6 @@ import hvac.exceptions
 REPO = Path(__file__).resolve().parent.parent
 POLICY_FILE = REPO / "deploy" / "vault" / "crypto-policy.hcl"
 POLICY_NAME = "dicomsafe-crypto"
-ROLE_NAME = "dicomsafe-crypto"
 
 
 @dataclass(frozen=True)
@@ -44,23 +43,36 @@ def provision(
             key_name, key_type="aes256-gcm96", exportable=False, allow_plaintext_backup=False, mount_point=mount
         )
     policy = POLICY_FILE.read_text(encoding="utf-8")
+    # One policy and role per key, so deployments sharing a Vault never widen each other.
+    names = POLICY_NAME if key_name == "dicomsafe-dek" else f"{POLICY_NAME}-{key_name}"
     if key_name != "dicomsafe-dek" or mount != "transit":
         policy = policy.replace("transit/", f"{mount}/").replace("dicomsafe-dek", key_name)
-    client.sys.create_or_update_policy(POLICY_NAME, policy)
+    client.sys.create_or_update_policy(names, policy)
     auth_methods = client.sys.list_auth_methods()
     if "approle/" not in auth_methods.get("data", auth_methods):
         client.sys.enable_auth_method("approle")
     # Short-lived tokens; the service logs in again when one expires.
     client.auth.approle.create_or_update_approle(
-        ROLE_NAME,
-        token_policies=[POLICY_NAME],
+        names,
+        token_policies=[names],
         token_ttl="1h",
         token_max_ttl="24h",
         secret_id_ttl="720h",
     )
-    role_id = client.auth.approle.read_role_id(ROLE_NAME)["data"]["role_id"]
-    secret_id = client.auth.approle.generate_secret_id(ROLE_NAME)["data"]["secret_id"]
+    role_id = client.auth.approle.read_role_id(names)["data"]["role_id"]
+    secret_id = client.auth.approle.generate_secret_id(names)["data"]["secret_id"]
     return AppRoleCredentials(str(role_id), str(secret_id))
+
+
+def retire_versions_below(
+    addr: str, admin_token: str, version: int, key_name: str = "dicomsafe-dek", mount: str = "transit"
+) -> None:
+    """Raise min_decryption_version: wrapped keys older than ``version`` no longer open.
+
+    Run only after a rewrap has reported every object at ``version`` or newer.
+    """
+    client = hvac.Client(url=addr, token=admin_token)
+    client.secrets.transit.update_key_configuration(key_name, min_decryption_version=version, mount_point=mount)
 
 
 def write_secret(path: Path, value: str) -> None:
@@ -75,15 +87,25 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("var/vault"), help="folder for role-id and secret-id files")
     parser.add_argument("--key-name", default=os.environ.get("CRYPTO_KEY_NAME", "dicomsafe-dek"))
     parser.add_argument("--mount", default=os.environ.get("VAULT_TRANSIT_MOUNT", "transit"))
+    parser.add_argument(
+        "--min-decryption-version",
+        type=int,
+        metavar="N",
+        help="instead of provisioning: retire key versions below N (after a complete rewrap)",
+    )
     args = parser.parse_args()
     token = os.environ.get("VAULT_TOKEN")
     addr = os.environ.get("VAULT_ADDR")
     if not token or not addr:
         raise SystemExit("set VAULT_ADDR and an admin VAULT_TOKEN")
+    if args.min_decryption_version:
+        retire_versions_below(addr, token, args.min_decryption_version, args.key_name, args.mount)
+        print(f"{args.key_name}: versions below {args.min_decryption_version} retired")
+        return
     creds = provision(addr, token, args.key_name, args.mount)
     write_secret(args.out / "role-id", creds.role_id)
     write_secret(args.out / "secret-id", creds.secret_id)
-    print(f"AppRole {ROLE_NAME} ready; credentials in {args.out}/role-id and {args.out}/secret-id")
+    print(f"AppRole for key {args.key_name} ready; credentials in {args.out}/role-id and {args.out}/secret-id")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 # Vault/OpenBao policy for the dicomsafe crypto service: the only Vault identity in the
-# pipeline. It may create and unwrap data keys and rewrap them under a newer key
-# version; it can never read, export, rotate or delete the key itself.
+# pipeline. It may create and unwrap data keys, rewrap them under a newer key version,
+# read the key's version numbers and rotate it; it can never export, reconfigure or delete
+# the key, nor encrypt arbitrary data with it.
 # "dicomsafe-dek" and "transit" are the defaults of CRYPTO_KEY_NAME / VAULT_TRANSIT_MOUNT.
 
 path "transit/datakey/plaintext/dicomsafe-dek" {
@@ -21,4 +22,15 @@ path "auth/token/renew-self" {
 
 path "auth/token/lookup-self" {
   capabilities = ["read"]
+}
+
+# Key status (versions only; Transit never returns key material on this path) and rotation
+# (a new version for new objects). Raising min_decryption_version stays an admin action:
+# the config endpoint could also make the key exportable.
+path "transit/keys/dicomsafe-dek" {
+  capabilities = ["read"]
+}
+
+path "transit/keys/dicomsafe-dek/rotate" {
+  capabilities = ["update"]
 }

@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 OBJECT_ID = re.compile(r"^[0-9a-f]{32,64}$")
 SUFFIX = ".dso"
+COPY_BLOCK = 1024 * 1024
 
 
 class InvalidObjectId(ValueError):
@@ -42,6 +44,26 @@ class HotStore:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f".{object_id}.{secrets.token_hex(6)}.tmp"
         return PendingObject(final, tmp)
+
+    def object_ids(self) -> Iterator[str]:
+        """Every stored object id, in a stable order (so a resumed job walks the same path)."""
+        for path in sorted(self.root.glob(f"??/??/*{SUFFIX}")):
+            yield path.name[: -len(SUFFIX)]
+
+    def rewrite_header(self, object_id: str, new_header: bytes, old_header_len: int) -> int:
+        """Replace an object's header, copying its chunks byte for byte; returns the new size."""
+        pending = self.begin_write(object_id)
+        try:
+            with self.open_read(object_id) as src:
+                pending.write(new_header)
+                src.seek(old_header_len)
+                while block := src.read(COPY_BLOCK):
+                    pending.write(block)
+            pending.commit()
+        except BaseException:
+            pending.abort()
+            raise
+        return pending.size
 
     def leftover_temp_files(self) -> list[Path]:
         return sorted(self.root.rglob("*.tmp"))

@@ -14,7 +14,8 @@ from dicomsafe.common.audit_emitter import AuditEmitter, stable_event_id
 from dicomsafe.v1 import audit_pb2, crypto_pb2, crypto_pb2_grpc
 from services.crypto import sealed_format as fmt
 from services.crypto.object_store import HotStore, InvalidObjectId, PendingObject
-from services.crypto.vault_keys import KeyServiceUnavailable, TransitKeys, WrappedKeyRejected, zero
+from services.crypto.rewrap import Rewrapper
+from services.crypto.vault_keys import KeyServiceUnavailable, KeyVersions, TransitKeys, WrappedKeyRejected, zero
 
 log = logging.getLogger("dicomsafe.crypto")
 
@@ -40,6 +41,7 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         self._audit = audit
         self._chunk_size = chunk_size
         self._max_object_bytes = max_object_bytes
+        self._rewrapper = Rewrapper(store, keys, audit)
 
     # -- describe ---------------------------------------------------------------------------
 
@@ -270,3 +272,54 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
                 reason=reason,
                 details={"caller": _caller(context), "offset": str(request.offset), "length": str(request.length)},
             )
+
+    # -- key management ---------------------------------------------------------------------
+
+    @staticmethod
+    def _key_status(v: KeyVersions) -> crypto_pb2.KeyStatus:
+        return crypto_pb2.KeyStatus(
+            key_name=v.key_name,
+            latest_version=v.latest,
+            min_decryption_version=v.min_decryption,
+            min_encryption_version=v.min_encryption,
+        )
+
+    async def GetKeyStatus(
+        self, request: crypto_pb2.KeyStatusRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> crypto_pb2.KeyStatus:
+        try:
+            return self._key_status(await self._keys.status())
+        except KeyServiceUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
+    async def RotateKey(
+        self, request: crypto_pb2.RotateKeyRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> crypto_pb2.KeyStatus:
+        try:
+            versions = await self._keys.rotate()
+        except KeyServiceUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        await self._audit.emit(
+            Action.AUDIT_ACTION_KEY_ROTATED,
+            Outcome.AUDIT_OUTCOME_SUCCESS,
+            _caller(context),
+            details={"key_name": versions.key_name, "latest_version": str(versions.latest)},
+        )
+        log.info("key rotated", extra={"key_name": versions.key_name, "latest_version": versions.latest})
+        return self._key_status(versions)
+
+    async def Rewrap(
+        self, request: crypto_pb2.RewrapRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> AsyncIterator[crypto_pb2.RewrapProgress]:
+        for object_id in request.object_ids:
+            try:
+                self._store.path_of(object_id)
+            except InvalidObjectId as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        ids = list(request.object_ids) if request.object_ids else list(self._store.object_ids())
+        try:
+            async for progress in self._rewrapper.run(ids, _caller(context)):
+                yield progress
+        except KeyServiceUnavailable as exc:
+            # Safe to resume: finished objects are skipped next time.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))

@@ -39,6 +39,14 @@ class DataKey:
 
 
 @dataclass(frozen=True)
+class KeyVersions:
+    key_name: str
+    latest: int
+    min_decryption: int
+    min_encryption: int
+
+
+@dataclass(frozen=True)
 class VaultSettings:
     addr: str
     transit_mount: str
@@ -126,6 +134,37 @@ class TransitKeys:
             # is below min_decryption_version: the object cannot be opened as it is.
             raise WrappedKeyRejected("Vault rejected the wrapped data key") from None
         return bytearray(base64.b64decode(str(data["plaintext"])))
+
+    def _rewrap(self, wrapped: str) -> str:
+        key_version_of(wrapped)
+        try:
+            data = self._call("rewrap_data", name=self._s.key_name, ciphertext=wrapped)
+        except hvac.exceptions.InvalidRequest:
+            raise WrappedKeyRejected("Vault rejected the wrapped data key") from None
+        return str(data["ciphertext"])
+
+    def _status(self) -> KeyVersions:
+        data = self._call("read_key", name=self._s.key_name)
+        return KeyVersions(
+            key_name=self._s.key_name,
+            latest=int(str(data["latest_version"])),
+            min_decryption=int(str(data["min_decryption_version"])),
+            min_encryption=int(str(data.get("min_encryption_version", 0))),
+        )
+
+    def _rotate(self) -> KeyVersions:
+        self._call("rotate_key", name=self._s.key_name)
+        return self._status()
+
+    async def rewrap(self, wrapped: str) -> str:
+        """Re-encrypt a wrapped DEK under the latest key version; the DEK itself never leaves Vault."""
+        return await asyncio.to_thread(self._rewrap, wrapped)
+
+    async def status(self) -> KeyVersions:
+        return await asyncio.to_thread(self._status)
+
+    async def rotate(self) -> KeyVersions:
+        return await asyncio.to_thread(self._rotate)
 
     async def new_data_key(self) -> DataKey:
         return await asyncio.to_thread(self._new_data_key)

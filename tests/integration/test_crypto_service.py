@@ -195,7 +195,7 @@ def test_crypto_vault_identity_is_least_privilege(servers: Servers, creds: vault
     transit = client.secrets.transit
     assert transit.generate_data_key("dicomsafe-dek", key_type="plaintext")["data"]["ciphertext"].startswith("vault:v")
     with pytest.raises(hvac.exceptions.Forbidden):
-        transit.rotate_key("dicomsafe-dek")
+        transit.update_key_configuration("dicomsafe-dek", exportable=True)
     with pytest.raises(hvac.exceptions.Forbidden):
         transit.export_key("dicomsafe-dek", key_type="encryption-key")
     with pytest.raises(hvac.exceptions.Forbidden):
