@@ -84,6 +84,11 @@ class PendingObject:
             self._file.write(data)
             self.size += len(data)
 
+    def sync_data(self) -> None:
+        """Flush what is written so far; safe from a worker thread while writes continue."""
+        self._file.flush()
+        os.fdatasync(self._file.fileno())
+
     def commit(self) -> None:
         self._file.flush()
         os.fsync(self._file.fileno())

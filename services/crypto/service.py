@@ -22,6 +22,7 @@ log = logging.getLogger("dicomsafe.crypto")
 SERVICE_NAME = "dicomsafe.v1.CryptoService"
 # Plaintext is streamed back in pieces of this size (well under the gRPC message limit).
 OPEN_PIECE_BYTES = 1024 * 1024
+BACKGROUND_SYNC_BYTES = 4 * 1024 * 1024
 
 Action = audit_pb2.AuditAction
 Outcome = audit_pb2.AuditOutcome
@@ -134,12 +135,12 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         zero(dek.plaintext)  # the writer holds its own AES context; drop our copy now
         pending = self._store.begin_write(meta.object_id)
         try:
-            desc, plain_sha, sealed_sha = await self._write_sealed(request_iterator, writer, pending, meta, context)
+            desc, plain_sha = await self._write_sealed(request_iterator, writer, pending, meta, context)
         except BaseException:
             pending.abort()
             raise
         await self._audit_sealed(meta, desc, context, already=False)
-        return crypto_pb2.SealResponse(object=desc, plaintext_sha256=plain_sha, sealed_sha256=sealed_sha)
+        return crypto_pb2.SealResponse(object=desc, plaintext_sha256=plain_sha)
 
     async def _write_sealed(
         self,
@@ -148,24 +149,33 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         pending: PendingObject,
         meta: crypto_pb2.SealMetadata,
         context: grpc.aio.ServicerContext[object, object],
-    ) -> tuple[crypto_pb2.ObjectDescription, str, str]:
-        plain_hash, sealed_hash = hashlib.sha256(), hashlib.sha256()
+    ) -> tuple[crypto_pb2.ObjectDescription, str]:
+        plain_hash = hashlib.sha256()
         size = 0
-
-        def out(data: bytes) -> None:
-            sealed_hash.update(data)
-            pending.write(data)
-
-        out(writer.header_bytes())
+        loop = asyncio.get_running_loop()
+        syncing: asyncio.Future[None] | None = None
+        synced_at = 0
+        pending.write(writer.header_bytes())
         async for req in request_iterator:
             if req.HasField("metadata"):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "metadata may only be sent once")
-            size += len(req.data)
+            data = req.data
+            size += len(data)
             if size > self._max_object_bytes:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"object exceeds {self._max_object_bytes} bytes")
-            plain_hash.update(req.data)
-            out(writer.update(req.data))
-        out(writer.finalize())
+            # SHA-256 and file writes release the GIL, AES-GCM does not: hash and write in
+            # worker threads while this thread encrypts.
+            hashing = loop.run_in_executor(None, plain_hash.update, data)
+            sealed = writer.update(data)
+            await loop.run_in_executor(None, pending.write, sealed)
+            await hashing
+            if pending.size - synced_at >= BACKGROUND_SYNC_BYTES and (syncing is None or syncing.done()):
+                # Flush to disk as we go so the final fsync only has the tail left to write.
+                synced_at = pending.size
+                syncing = loop.run_in_executor(None, pending.sync_data)
+        pending.write(writer.finalize())
+        if syncing is not None:
+            await syncing
         plain_sha = plain_hash.hexdigest()
         if meta.expected_sha256 and meta.expected_sha256 != plain_sha:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "received bytes do not match expected_sha256")
@@ -187,7 +197,7 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         log.info(
             "object sealed", extra={"object_id": header.object_id, "bytes": size, "key_version": header.key_version}
         )
-        return desc, plain_sha, sealed_hash.hexdigest()
+        return desc, plain_sha
 
     async def _audit_sealed(
         self,
