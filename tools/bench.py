@@ -87,7 +87,8 @@ async def through_grpc(target: str, data: bytes, rounds: int) -> tuple[float, fl
         target, options=[("grpc.max_receive_message_length", 8 * MIB), ("grpc.max_send_message_length", 8 * MIB)]
     ) as channel:
         stub = crypto_pb2_grpc.CryptoServiceStub(channel)
-        sealer = Sealer(stub, MIB, 600)
+        # Same piece size as ingest uses: one sealed chunk per message.
+        sealer = Sealer(stub, 256 * 1024, 600)
         ids = [secrets.token_hex(32) for _ in range(rounds)]
 
         async def seal(i: int) -> object:

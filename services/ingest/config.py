@@ -26,6 +26,6 @@ class IngestConfig:
             crypto_target=env_str("INGEST_CRYPTO_TARGET", "127.0.0.1:50051"),
             health_bind=env_str("INGEST_HEALTH_BIND", "127.0.0.1:50055"),
             max_instance_bytes=env_int("INGEST_MAX_INSTANCE_BYTES", DEFAULT_MAX_RECORD_BYTES),
-            seal_piece_bytes=env_int("INGEST_SEAL_PIECE_BYTES", 1024 * 1024),
+            seal_piece_bytes=env_int("INGEST_SEAL_PIECE_BYTES", 256 * 1024),
             seal_deadline_s=env_int("INGEST_SEAL_DEADLINE_S", 120),
         )
