@@ -1,0 +1,1 @@
+"""authz: deny-by-default access decisions from a versioned, data-only policy."""

@@ -1,0 +1,3 @@
+from services.authz.app import main
+
+main()

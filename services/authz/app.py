@@ -1,0 +1,36 @@
+"""Wiring of the authz service: policy file, audit producer, gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from dicomsafe.common.audit_emitter import AuditEmitter
+from dicomsafe.common.grpc_runtime import new_server, run_until_stopped, service_main
+from dicomsafe.common.kafka import Topics, new_producer
+from dicomsafe.v1 import authz_pb2_grpc
+from services.authz.config import AuthzConfig
+from services.authz.policy import load_policy
+from services.authz.service import SERVICE_NAME, AuthzServicer
+
+log = logging.getLogger("dicomsafe.authz")
+
+
+async def run(cfg: AuthzConfig, stop: asyncio.Event) -> None:
+    policy = load_policy(cfg.policy_file)  # a bad policy stops start-up here, loudly
+    log.info("policy loaded", extra={"policy_version": policy.version, "roles": len(policy.roles)})
+    producer = new_producer(cfg.kafka_bootstrap, "dicomsafe-authz")
+    await producer.start()
+    try:
+        servicer = AuthzServicer(policy, AuditEmitter(producer, "authz", Topics(cfg.topic_prefix).audit))
+        server, health = new_server(
+            [lambda s: authz_pb2_grpc.add_AuthzServiceServicer_to_server(servicer, s)], [SERVICE_NAME], cfg.grpc_bind
+        )
+        await run_until_stopped(server, health, [SERVICE_NAME], stop, log)
+    finally:
+        await producer.stop()
+
+
+def main() -> None:
+    cfg = AuthzConfig.from_env()
+    service_main("authz", lambda stop: run(cfg, stop))

@@ -1,0 +1,127 @@
+"""The policy model and the decision function. Pure: no I/O besides loading the file.
+
+A decision allows an action only when one of the subject's roles lists it; everything else
+— unknown subject, unknown action, empty request — is denied with a reason that names the
+rule, never a patient fact.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class PolicyError(ValueError):
+    """The policy file is malformed; the service refuses to start with it."""
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    description: str
+    actions: frozenset[str]
+    obligations: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Policy:
+    version: str
+    actions: Mapping[str, str]
+    roles: Mapping[str, Role]
+    subjects: Mapping[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class Decision:
+    allow: bool
+    reason: str
+    roles: tuple[str, ...] = ()
+    obligations: tuple[str, ...] = ()
+
+
+_TOP_KEYS = {"version", "actions", "roles", "subjects"}
+_ROLE_KEYS = {"description", "actions", "obligations"}
+_SUBJECT_KEYS = {"roles"}
+
+
+def _strings(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise PolicyError(f"{where} must be a list of non-empty strings")
+    return tuple(value)
+
+
+def _table(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise PolicyError(f"{where} must be a table")
+    return value
+
+
+def _unknown(keys: set[str], allowed: set[str], where: str) -> None:
+    extra = sorted(keys - allowed)
+    if extra:
+        raise PolicyError(f"{where}: unknown key(s) {', '.join(extra)}")
+
+
+def parse_policy(doc: Mapping[str, Any]) -> Policy:
+    _unknown(set(doc), _TOP_KEYS, "policy")
+    version = doc.get("version")
+    if not isinstance(version, str) or not version.strip():
+        raise PolicyError("policy: version must be a non-empty string")
+    actions = {str(k): str(v) for k, v in _table(doc.get("actions", {}), "actions").items()}
+    if not actions:
+        raise PolicyError("actions: at least one action must be declared")
+    roles: dict[str, Role] = {}
+    for name, raw in _table(doc.get("roles", {}), "roles").items():
+        body = _table(raw, f"roles.{name}")
+        _unknown(set(body), _ROLE_KEYS, f"roles.{name}")
+        granted = _strings(body.get("actions", []), f"roles.{name}.actions")
+        for action in granted:
+            if action not in actions:
+                raise PolicyError(f"roles.{name}: action {action!r} is not declared in [actions]")
+        obligations: dict[str, tuple[str, ...]] = {}
+        for action, duties in _table(body.get("obligations", {}), f"roles.{name}.obligations").items():
+            if action not in granted:
+                raise PolicyError(f"roles.{name}.obligations: {action!r} is not one of the role's actions")
+            obligations[action] = _strings(duties, f"roles.{name}.obligations.{action}")
+        roles[name] = Role(name, str(body.get("description", "")), frozenset(granted), obligations)
+    subjects: dict[str, tuple[str, ...]] = {}
+    for subject, raw in _table(doc.get("subjects", {}), "subjects").items():
+        body = _table(raw, f"subjects.{subject}")
+        _unknown(set(body), _SUBJECT_KEYS, f"subjects.{subject}")
+        assigned = _strings(body.get("roles", []), f"subjects.{subject}.roles")
+        for role in assigned:
+            if role not in roles:
+                raise PolicyError(f"subjects.{subject}: role {role!r} is not defined")
+        subjects[subject] = assigned
+    return Policy(version.strip(), actions, roles, subjects)
+
+
+def load_policy(path: Path) -> Policy:
+    try:
+        with path.open("rb") as f:
+            doc = tomllib.load(f)
+    except OSError as exc:
+        raise PolicyError(f"cannot read policy file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"policy file {path} is not valid TOML: {exc}") from None
+    return parse_policy(doc)
+
+
+def decide(policy: Policy, subject_id: str, action: str) -> Decision:
+    if not subject_id:
+        return Decision(False, "no subject")
+    if not action:
+        return Decision(False, "no action")
+    if action not in policy.actions:
+        return Decision(False, f"unknown action {action}")
+    roles = policy.subjects.get(subject_id)
+    if roles is None:
+        return Decision(False, "unknown subject")
+    granting = [policy.roles[r] for r in roles if action in policy.roles[r].actions]
+    if not granting:
+        return Decision(False, f"no role of the subject grants {action}", roles)
+    duties = tuple(sorted({d for role in granting for d in role.obligations.get(action, ())}))
+    return Decision(True, f"granted by role {granting[0].name}", roles, duties)

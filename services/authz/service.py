@@ -1,0 +1,67 @@
+"""AuthzService.Check: decide, record the decision in the audit trail, then answer."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import grpc
+
+from dicomsafe.common.audit_emitter import AuditEmitter
+from dicomsafe.v1 import audit_pb2, authz_pb2, authz_pb2_grpc
+from services.authz.policy import Policy, decide
+
+log = logging.getLogger("dicomsafe.authz")
+
+SERVICE_NAME = "dicomsafe.v1.AuthzService"
+
+
+class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
+    def __init__(self, policy: Policy, audit: AuditEmitter) -> None:
+        self._policy = policy
+        self._audit = audit
+
+    async def Check(
+        self, request: authz_pb2.CheckRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> authz_pb2.CheckResponse:
+        if not request.subject.id or not request.action:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "subject.id and action are required")
+        decision = decide(self._policy, request.subject.id, request.action)
+        decision_id = str(uuid.uuid4())
+        outcome = (
+            audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS
+            if decision.allow
+            else audit_pb2.AuditOutcome.AUDIT_OUTCOME_DENIED
+        )
+        try:
+            await self._audit.emit(
+                audit_pb2.AuditAction.AUDIT_ACTION_ACCESS_DECISION,
+                outcome,
+                request.subject.id,
+                actor_roles=decision.roles,
+                study_instance_uid=request.resource.study_instance_uid,
+                object_id=request.resource.object_id,
+                reason=decision.reason,
+                details={
+                    "decision_id": decision_id,
+                    "policy_version": self._policy.version,
+                    "action": request.action,
+                    "resource_type": request.resource.type,
+                    "purpose": request.context.get("purpose", ""),
+                },
+            )
+        except Exception:
+            log.exception("decision not audited; refusing to answer")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "audit trail unavailable")
+        log.info(
+            "decision",
+            extra={"decision_id": decision_id, "allow": decision.allow, "action": request.action},
+        )
+        return authz_pb2.CheckResponse(
+            allow=decision.allow,
+            reason=decision.reason,
+            obligations=list(decision.obligations),
+            roles=list(decision.roles),
+            policy_version=self._policy.version,
+            decision_id=decision_id,
+        )

@@ -1,0 +1,82 @@
+"""authz over real gRPC and Kafka: every decision is audited before the answer; no audit, no answer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
+from dicomsafe.v1 import audit_pb2, authz_pb2, authz_pb2_grpc
+from services.authz.app import run
+from services.authz.config import AuthzConfig
+from tests.servers import Servers
+from tests.service_runner import free_port, running
+
+POLICY = Path(__file__).resolve().parents[2] / "deploy" / "policy" / "policy.toml"
+
+
+def _check(subject: str, action: str = "instance.read") -> authz_pb2.CheckRequest:
+    return authz_pb2.CheckRequest(
+        subject=authz_pb2.Subject(id=subject),
+        action=action,
+        resource=authz_pb2.Resource(type="instance", study_instance_uid="1.2.3", object_id="ab" * 16),
+        context={"purpose": "treatment"},
+    )
+
+
+async def test_decisions_are_answered_and_audited(servers: Servers, unique: str) -> None:
+    topics = Topics(f"t{unique}.")
+    await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
+    cfg = AuthzConfig(f"127.0.0.1:{free_port()}", POLICY, servers.kafka_bootstrap, topics.prefix)
+    async with running(lambda stop: run(cfg, stop), cfg.grpc_bind), grpc.aio.insecure_channel(cfg.grpc_bind) as ch:
+        stub = authz_pb2_grpc.AuthzServiceStub(ch)
+        allowed = await stub.Check(_check("dr.house"))
+        denied = await stub.Check(_check("res.rao"))
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await stub.Check(authz_pb2.CheckRequest(action="instance.read"))
+    assert allowed.allow and allowed.roles == ["radiologist"] and allowed.policy_version == "2026-11-25.1"
+    assert not denied.allow and denied.reason == "no role of the subject grants instance.read"
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    consumer = AIOKafkaConsumer(topics.audit, bootstrap_servers=servers.kafka_bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    events: list[audit_pb2.AuditEvent] = []
+    deadline = time.monotonic() + 30
+    try:
+        while len(events) < 2 and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                events.extend(audit_pb2.AuditEvent.FromString(r.value) for r in records)
+    finally:
+        await consumer.stop()
+    by_decision = {e.details["decision_id"]: e for e in events}
+    assert by_decision[allowed.decision_id].outcome == audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS
+    assert by_decision[denied.decision_id].outcome == audit_pb2.AuditOutcome.AUDIT_OUTCOME_DENIED
+    assert by_decision[denied.decision_id].actor == "res.rao"
+    assert by_decision[allowed.decision_id].details["purpose"] == "treatment"
+
+
+async def test_no_audit_trail_means_no_answer(servers: Servers, unique: str) -> None:
+    topics = Topics(f"t{unique}.")
+    await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
+    cfg = AuthzConfig(f"127.0.0.1:{free_port()}", POLICY, servers.kafka_bootstrap, topics.prefix)
+    async with running(lambda stop: run(cfg, stop), cfg.grpc_bind), grpc.aio.insecure_channel(cfg.grpc_bind) as ch:
+        stub = authz_pb2_grpc.AuthzServiceStub(ch)
+        assert (await stub.Check(_check("dr.house"))).allow
+        # The audit topic disappears under the running service: decisions can no longer be recorded.
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=servers.kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.delete_topics([topics.audit])
+        finally:
+            await admin.close()
+        await asyncio.sleep(1)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Check(_check("dr.house"), timeout=60)
+    assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
