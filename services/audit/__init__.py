@@ -1,0 +1,1 @@
+"""audit: the immutable, hash-chained audit trail in MongoDB, with verification and queries."""

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dicomsafe.common.config import env_opt, env_secret, env_str
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    grpc_bind: str
+    kafka_bootstrap: str
+    topic_prefix: str
+    group_id: str
+    mongodb_uri: str
+    database: str
+
+    @classmethod
+    def from_env(cls) -> AuditConfig:
+        uri = env_secret("MONGODB_URI")
+        if not uri:
+            raise ValueError("MONGODB_URI (or MONGODB_URI_FILE) is required")
+        return cls(
+            grpc_bind=env_str("AUDIT_GRPC_BIND", "127.0.0.1:50053"),
+            kafka_bootstrap=env_str("KAFKA_BOOTSTRAP"),
+            topic_prefix=env_opt("KAFKA_TOPIC_PREFIX"),
+            group_id=env_str("AUDIT_GROUP_ID", "dicomsafe-audit"),
+            mongodb_uri=uri,
+            database=env_str("AUDIT_MONGODB_DB", "dicomsafe_audit"),
+        )

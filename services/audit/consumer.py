@@ -1,0 +1,41 @@
+"""From `audit.events` records to chain appends; one chain per partition.
+
+A partition has a single consumer in the group, so appending in partition order keeps each
+chain's sequence; a zombie consumer after a rebalance loses the race on the unique
+(chain, seq) index instead of forking the chain.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiokafka import ConsumerRecord
+from google.protobuf.message import DecodeError
+
+from dicomsafe.common.kafka import PermanentError
+from dicomsafe.v1 import audit_pb2
+from services.audit.store import AuditStore
+
+log = logging.getLogger("dicomsafe.audit")
+
+
+def chain_of(record: ConsumerRecord[bytes, bytes]) -> str:
+    return f"{record.topic}:{record.partition}"
+
+
+class AuditConsumer:
+    def __init__(self, store: AuditStore) -> None:
+        self._store = store
+
+    async def handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        try:
+            event = audit_pb2.AuditEvent.FromString(record.value or b"")
+        except DecodeError:
+            raise PermanentError("bad_event", "value is not an AuditEvent") from None
+        if not event.event_id:
+            raise PermanentError("bad_event", "audit event without event_id")
+        if event.action == audit_pb2.AuditAction.AUDIT_ACTION_UNSPECIFIED:
+            raise PermanentError("bad_event", "audit event without action")
+        seq = await self._store.append(chain_of(record), event)
+        if seq is None:
+            log.info("duplicate audit event skipped", extra={"offset": record.offset, "partition": record.partition})

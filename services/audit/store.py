@@ -1,0 +1,141 @@
+"""The audit store: append-only, hash-chained records in their own MongoDB database.
+
+The code only ever inserts and finds (the database user is meant to have nothing else), so
+a record, once written, changes only by tampering — which verification detects.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.json_format import ParseDict
+from pymongo import ASCENDING, AsyncMongoClient
+from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.write_concern import WriteConcern
+
+from dicomsafe.common.kafka import TransientError
+from dicomsafe.v1 import audit_pb2
+from services.audit.chain import GENESIS, Break, ChainVerifier, event_document, link_hash
+
+log = logging.getLogger("dicomsafe.audit.store")
+
+COLLECTION = "events"
+
+
+@dataclass
+class Head:
+    seq: int
+    hash: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    chains: int
+    records: int
+    breaks: list[Break]
+
+    @property
+    def ok(self) -> bool:
+        return not self.breaks
+
+
+class AuditStore:
+    def __init__(self, client: AsyncMongoClient[dict[str, Any]], database: str) -> None:
+        # Majority + journal: an acknowledged insert survives a crash, so the offset may be committed.
+        self._events = client[database].get_collection(COLLECTION, write_concern=WriteConcern(w="majority", j=True))
+        self._heads: dict[str, Head] = {}
+
+    async def ensure_indexes(self) -> None:
+        await self._events.create_index([("chain", ASCENDING), ("seq", ASCENDING)], unique=True, name="chain_seq")
+        await self._events.create_index("event_id", unique=True, name="event_id")
+        await self._events.create_index("event.study_instance_uid", name="study")
+        await self._events.create_index("event.actor", name="actor")
+        await self._events.create_index("event.object_id", name="object")
+        await self._events.create_index("recorded_at", name="recorded_at")
+
+    async def _load_head(self, chain: str) -> Head:
+        last = await self._events.find_one({"chain": chain}, sort=[("seq", -1)], projection={"seq": 1, "hash": 1})
+        head = Head(int(last["seq"]), str(last["hash"])) if last else Head(0, GENESIS)
+        self._heads[chain] = head
+        return head
+
+    async def append(self, chain: str, event: audit_pb2.AuditEvent) -> int | None:
+        """Append ``event`` to ``chain``; return its seq, or None if this event id is already recorded."""
+        doc_event = event_document(event)
+        try:
+            for _ in range(20):
+                head = self._heads.get(chain) or await self._load_head(chain)
+                seq = head.seq + 1
+                digest = link_hash(head.hash, chain, seq, doc_event)
+                record = {
+                    "chain": chain,
+                    "seq": seq,
+                    "event_id": event.event_id,
+                    "prev_hash": head.hash,
+                    "hash": digest,
+                    "event": doc_event,
+                    "recorded_at": dt.datetime.now(dt.UTC),
+                }
+                try:
+                    await self._events.insert_one(record)
+                except DuplicateKeyError as exc:
+                    if "event_id" in str(exc.details or exc):
+                        return None  # redelivered: recorded once already
+                    # Another writer took this seq (e.g. a consumer about to lose its partition).
+                    await self._load_head(chain)
+                    continue
+                self._heads[chain] = Head(seq, digest)
+                return seq
+        except PyMongoError as exc:
+            self._heads.pop(chain, None)  # the head is unknown after a failed write
+            raise TransientError(f"MongoDB unavailable ({type(exc).__name__})") from None
+        raise TransientError("could not claim a sequence number")
+
+    async def verify(self, chain: str = "") -> Verdict:
+        chains = [chain] if chain else sorted(await self._events.distinct("chain"))
+        total, breaks = 0, []
+        for name in chains:
+            verifier = ChainVerifier(name)
+            async for doc in self._events.find({"chain": name}, sort=[("seq", ASCENDING)], batch_size=1000):
+                broken = verifier.feed(doc)
+                if broken:
+                    breaks.append(broken)
+                    break
+            total += verifier.checked
+        return Verdict(len(chains), total, breaks)
+
+    async def query(
+        self,
+        *,
+        study_instance_uid: str = "",
+        actor: str = "",
+        object_id: str = "",
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        limit: int = 100,
+    ) -> AsyncIterator[audit_pb2.AuditRecord]:
+        flt: dict[str, Any] = {}
+        if study_instance_uid:
+            flt["event.study_instance_uid"] = study_instance_uid
+        if actor:
+            flt["event.actor"] = actor
+        if object_id:
+            flt["event.object_id"] = object_id
+        if since or until:
+            flt["recorded_at"] = {k: v for k, v in (("$gte", since), ("$lt", until)) if v}
+        cursor = self._events.find(flt, sort=[("recorded_at", ASCENDING)], limit=max(1, min(limit, 10_000)))
+        async for doc in cursor:
+            yield to_record(doc)
+
+
+def to_record(doc: dict[str, Any]) -> audit_pb2.AuditRecord:
+    record = audit_pb2.AuditRecord(chain=doc["chain"], seq=doc["seq"], prev_hash=doc["prev_hash"], hash=doc["hash"])
+    ParseDict(doc["event"], record.event, ignore_unknown_fields=True)
+    recorded: dt.datetime = doc["recorded_at"]
+    # BSON dates come back naive (UTC) unless the client is tz-aware.
+    record.recorded_at.FromDatetime(recorded if recorded.tzinfo else recorded.replace(tzinfo=dt.UTC))
+    return record

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from dicomsafe.v1 import audit_pb2
+from services.audit.chain import GENESIS, canonical, event_document, link_hash, verify_chain
+
+
+def _event(i: int) -> dict[str, Any]:
+    event = audit_pb2.AuditEvent(
+        event_id=f"e{i}",
+        service="gateway",
+        action=audit_pb2.AuditAction.AUDIT_ACTION_INSTANCE_RETRIEVED,
+        outcome=audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS,
+        actor="dr.house",
+        actor_roles=["radiologist"],
+        details={"bytes": str(i), "purpose": "treatment"},
+    )
+    event.occurred_at.FromSeconds(1_700_000_000 + i)
+    return event_document(event)
+
+
+def _chain(n: int, name: str = "audit.events:0") -> list[dict[str, Any]]:
+    records, prev = [], GENESIS
+    for seq in range(1, n + 1):
+        event = _event(seq)
+        digest = link_hash(prev, name, seq, event)
+        records.append({"chain": name, "seq": seq, "prev_hash": prev, "hash": digest, "event": event})
+        prev = digest
+    return records
+
+
+def test_canonical_form_ignores_key_order_and_is_stable() -> None:
+    event = _event(1)
+    reordered = dict(reversed(list(event.items())))
+    assert canonical("c", 1, event) == canonical("c", 1, reordered)
+    assert b" " not in canonical("c", 1, {"a": "x"})
+    assert link_hash(GENESIS, "c", 1, event) == link_hash(GENESIS, "c", 1, reordered)
+    assert link_hash(GENESIS, "c", 1, event) != link_hash(GENESIS, "c", 2, event)  # position is bound
+    assert link_hash(GENESIS, "c", 1, event) != link_hash(GENESIS, "d", 1, event)  # chain is bound
+
+
+def test_intact_chain_verifies() -> None:
+    assert verify_chain("audit.events:0", _chain(20)) == (20, None)
+    assert verify_chain("audit.events:0", []) == (0, None)
+
+
+@pytest.mark.parametrize(
+    "tamper,seq,reason",
+    [
+        (lambda r: r[6]["event"].update(actor="mallory"), 7, "content does not match its hash"),
+        (lambda r: r.pop(4), 5, "record missing"),
+        (
+            lambda r: r.__setitem__(3, {**r[3], "prev_hash": "1" * 64}),
+            4,
+            "prev_hash does not match the previous record",
+        ),
+        (lambda r: r.insert(2, copy.deepcopy(r[1])), 3, "sequence out of order"),
+        (lambda r: r[0].update(chain="other"), 1, "record belongs to another chain"),
+        (lambda r: r[9].pop("event"), 10, "record malformed"),
+    ],
+    ids=["edited", "deleted", "relinked", "duplicated", "moved", "malformed"],
+)
+def test_each_kind_of_tampering_names_the_first_broken_record(tamper: Any, seq: int, reason: str) -> None:
+    records = _chain(12)
+    tamper(records)
+    _, broken = verify_chain("audit.events:0", records)
+    assert broken is not None
+    assert (broken.seq, broken.reason) == (seq, reason)
+
+
+def test_rehashing_an_edited_record_still_breaks_the_next_link() -> None:
+    records = _chain(5)
+    records[1]["event"]["actor"] = "mallory"
+    records[1]["hash"] = link_hash(records[1]["prev_hash"], "audit.events:0", 2, records[1]["event"])
+    _, broken = verify_chain("audit.events:0", records)
+    assert broken is not None and broken.seq == 3
