@@ -19,6 +19,10 @@ import hvac.exceptions
 REPO = Path(__file__).resolve().parent.parent
 POLICY_FILE = REPO / "deploy" / "vault" / "crypto-policy.hcl"
 POLICY_NAME = "dicomsafe-crypto"
+PSEUDONYM_KEY = "dicomsafe-pseudonym"
+ERASURE_MOUNT = "dicomsafe-erasure"
+ERASURE_POLICY = "dicomsafe-erasure-officer"
+ERASURE_POLICY_FILE = REPO / "deploy" / "vault" / "erasure-officer-policy.hcl"
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,12 @@ def provision(
         client.secrets.transit.create_key(
             key_name, key_type="aes256-gcm96", exportable=False, allow_plaintext_backup=False, mount_point=mount
         )
+    if PSEUDONYM_KEY not in existing:
+        # Pseudonyms must stay stable for years: this key is never rotated (HMACs pin v1).
+        client.secrets.transit.create_key(PSEUDONYM_KEY, key_type="aes256-gcm96", exportable=False, mount_point=mount)
+    if f"{ERASURE_MOUNT}/" not in engines.get("data", engines):
+        client.sys.enable_secrets_engine("kv", path=ERASURE_MOUNT, options={"version": "2"})
+    client.sys.create_or_update_policy(ERASURE_POLICY, ERASURE_POLICY_FILE.read_text(encoding="utf-8"))
     policy = POLICY_FILE.read_text(encoding="utf-8")
     # One policy and role per key, so deployments sharing a Vault never widen each other.
     names = POLICY_NAME if key_name == "dicomsafe-dek" else f"{POLICY_NAME}-{key_name}"
@@ -62,6 +72,13 @@ def provision(
     role_id = client.auth.approle.read_role_id(names)["data"]["role_id"]
     secret_id = client.auth.approle.generate_secret_id(names)["data"]["secret_id"]
     return AppRoleCredentials(str(role_id), str(secret_id))
+
+
+def erasure_officer_token(addr: str, admin_token: str, ttl: str = "15m") -> str:
+    """A short-lived token with only the erasure officer's policy (issue one per erasure)."""
+    client = hvac.Client(url=addr, token=admin_token)
+    created = client.auth.token.create(policies=[ERASURE_POLICY], ttl=ttl, renewable=False, no_parent=True)
+    return str(created["auth"]["client_token"])
 
 
 def retire_versions_below(

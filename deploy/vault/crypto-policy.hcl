@@ -34,3 +34,13 @@ path "transit/keys/dicomsafe-dek" {
 path "transit/keys/dicomsafe-dek/rotate" {
   capabilities = ["update"]
 }
+
+# Per-patient erasure keys (crypto-shredding): a keyed pseudonym names the key, and the service
+# may create a patient's key once and read it — never overwrite or destroy it.
+path "transit/hmac/dicomsafe-pseudonym" {
+  capabilities = ["update"]
+}
+
+path "dicomsafe-erasure/data/*" {
+  capabilities = ["create", "read"]
+}

@@ -47,7 +47,9 @@ from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -107,6 +109,7 @@ _NONCE_TAIL = struct.Struct(">IB")
 _AD_DOMAIN = b"dicomsafe/sealed-object/v1/chunk-associated-data\x00"
 
 _UID_RE = re.compile(r"[0-9.]{1,64}")
+_ERASURE_REF_RE = re.compile(r"[0-9a-f]{0,64}")
 _PRINTABLE_ASCII_RE = re.compile(r"[\x21-\x7e]+")
 _VAULT_VERSION_RE = re.compile(r"vault:v([0-9]+):")
 
@@ -185,6 +188,9 @@ class SealedHeader:
     object_id: str
     sop_instance_uid: str
     study_instance_uid: str
+    # Names the per-patient erasure key mixed into the content key ("" = none); bound, so it
+    # cannot be swapped to dodge an erasure.
+    erasure_key_ref: str = ""
 
     def __post_init__(self) -> None:
         _check_ascii("key_name", self.key_name, MAX_KEY_NAME_BYTES)
@@ -208,6 +214,8 @@ class SealedHeader:
             raise ValueError(f"object_id must be 1..{MAX_OBJECT_ID_BYTES} UTF-8 bytes")
         _check_uid("sop_instance_uid", self.sop_instance_uid)
         _check_uid("study_instance_uid", self.study_instance_uid)
+        if not isinstance(self.erasure_key_ref, str) or not _ERASURE_REF_RE.fullmatch(self.erasure_key_ref):
+            raise ValueError("erasure_key_ref must be 0..64 lowercase hex characters")
 
     @classmethod
     def create(
@@ -220,6 +228,7 @@ class SealedHeader:
         sop_instance_uid: str,
         study_instance_uid: str,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        erasure_key_ref: str = "",
     ) -> SealedHeader:
         """A header for a new object, with a fresh random nonce prefix."""
         return cls(
@@ -231,17 +240,19 @@ class SealedHeader:
             object_id=object_id,
             sop_instance_uid=sop_instance_uid,
             study_instance_uid=study_instance_uid,
+            erasure_key_ref=erasure_key_ref,
         )
 
     # -- encoding ---------------------------------------------------------
 
     def _immutable_fields(self) -> bytes:
-        # nonce_prefix || u32 chunk_size || (u16 len || bytes) x 3
+        # nonce_prefix || u32 chunk_size || (u16 len || bytes) x 4
         parts = [self.nonce_prefix, _U32.pack(self.chunk_size)]
         for value in (
             self.object_id.encode("utf-8"),
             self.sop_instance_uid.encode("ascii"),
             self.study_instance_uid.encode("ascii"),
+            self.erasure_key_ref.encode("ascii"),
         ):
             parts += (_U16.pack(len(value)), value)
         return b"".join(parts)
@@ -340,6 +351,7 @@ def _parse_body(body: memoryview) -> SealedHeader:
     object_id = cur.text("utf-8")
     sop = cur.text("ascii")
     study = cur.text("ascii")
+    erasure_ref = cur.text("ascii")
     key_name = cur.text("ascii")
     key_version = cur.u32()
     wrapped = cur.text("ascii")
@@ -355,6 +367,7 @@ def _parse_body(body: memoryview) -> SealedHeader:
             object_id=object_id,
             sop_instance_uid=sop,
             study_instance_uid=study,
+            erasure_key_ref=erasure_ref,
         )
     except ValueError:
         # The field validators' messages name fields only, never values.
@@ -421,6 +434,32 @@ def _open_chunk(aead: AESGCM, prefix: bytes, ad: bytes, index: int, final: bool,
         raise SealedObjectCorrupt(
             f"{kind} {index} failed authentication (tampered, truncated, extended, reordered or wrong key)"
         ) from None
+
+
+_CONTENT_KEY_INFO = b"dicomsafe/sealed-object/v1/content-key\x00"
+
+
+def content_key(dek: BytesLike, erasure_key: BytesLike | None, header: SealedHeader) -> bytes:
+    """The AES-256 key of the chunks.
+
+    Without an erasure key reference it is the DEK itself. With one, it is
+    HKDF-SHA256(ikm=DEK, salt=erasure key, info=domain || object id): the Vault-wrapped DEK
+    alone no longer opens the object, so destroying the patient's erasure key shreds every
+    object of that patient at once, wherever copies of them are kept.
+    """
+    if not header.erasure_key_ref:
+        if erasure_key is not None:
+            raise ValueError("object has no erasure key reference")
+        return bytes(dek)
+    if erasure_key is None or len(memoryview(erasure_key).cast("B")) != DEK_SIZE:
+        raise ValueError("object needs its 32-byte erasure key")
+    hkdf = HKDF(
+        algorithm=hashes.SHA256(),
+        length=DEK_SIZE,
+        salt=bytes(erasure_key),
+        info=_CONTENT_KEY_INFO + header.object_id.encode(),
+    )
+    return hkdf.derive(bytes(dek))
 
 
 def _aead(dek: BytesLike) -> AESGCM:

@@ -15,7 +15,14 @@ from dicomsafe.v1 import audit_pb2, crypto_pb2, crypto_pb2_grpc
 from services.crypto import sealed_format as fmt
 from services.crypto.object_store import HotStore, InvalidObjectId, PendingObject
 from services.crypto.rewrap import Rewrapper
-from services.crypto.vault_keys import KeyServiceUnavailable, KeyVersions, TransitKeys, WrappedKeyRejected, zero
+from services.crypto.vault_keys import (
+    KeyServiceUnavailable,
+    KeyVersions,
+    ObjectErased,
+    TransitKeys,
+    WrappedKeyRejected,
+    zero,
+)
 
 log = logging.getLogger("dicomsafe.crypto")
 
@@ -59,6 +66,7 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
             key_version=header.key_version,
             chunk_size=header.chunk_size,
             format_version=fmt.FORMAT_VERSION,
+            erasure_key_ref=header.erasure_key_ref,
         )
         return desc, header, header_len
 
@@ -116,6 +124,10 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
 
         try:
             dek = await self._keys.new_data_key()
+            erasure_ref, erasure_key = "", None
+            if meta.patient_id:
+                erasure_ref = await self._keys.erasure_ref(meta.issuer_of_patient_id, meta.patient_id)
+                erasure_key = await self._keys.erasure_key_for_seal(erasure_ref)
         except KeyServiceUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         try:
@@ -127,12 +139,16 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
                 sop_instance_uid=meta.sop_instance_uid,
                 study_instance_uid=meta.study_instance_uid,
                 chunk_size=self._chunk_size,
+                erasure_key_ref=erasure_ref,
             )
+            writer = fmt.SealWriter(fmt.content_key(dek.plaintext, erasure_key, header), header)
         except ValueError as exc:
-            zero(dek.plaintext)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad metadata: {exc}")
-        writer = fmt.SealWriter(dek.plaintext, header)
-        zero(dek.plaintext)  # the writer holds its own AES context; drop our copy now
+        finally:
+            # The writer holds its own AES context; drop our copies of the keys now.
+            zero(dek.plaintext)
+            if erasure_key is not None:
+                zero(erasure_key)
         pending = self._store.begin_write(meta.object_id)
         try:
             desc, plain_sha = await self._write_sealed(request_iterator, writer, pending, meta, context)
@@ -193,6 +209,7 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
             key_version=header.key_version,
             chunk_size=header.chunk_size,
             format_version=fmt.FORMAT_VERSION,
+            erasure_key_ref=header.erasure_key_ref,
         )
         log.info(
             "object sealed", extra={"object_id": header.object_id, "bytes": size, "key_version": header.key_version}
@@ -228,6 +245,19 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
 
     # -- open -------------------------------------------------------------------------------
 
+    async def _object_key(self, header: fmt.SealedHeader) -> bytes:
+        """The chunks' key: the unwrapped DEK, mixed with the patient's erasure key if it has one."""
+        dek = await self._keys.unwrap(header.key_name, header.wrapped_dek)
+        try:
+            erasure = await self._keys.erasure_key_for_open(header.erasure_key_ref) if header.erasure_key_ref else None
+            try:
+                return fmt.content_key(dek, erasure, header)
+            finally:
+                if erasure is not None:
+                    zero(erasure)
+        finally:
+            zero(dek)
+
     async def Open(
         self, request: crypto_pb2.OpenRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[crypto_pb2.OpenResponse]:
@@ -236,13 +266,18 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         outcome, reason = Outcome.AUDIT_OUTCOME_FAILURE, ""
         try:
             try:
-                dek = await self._keys.unwrap(header.key_name, header.wrapped_dek)
+                key = await self._object_key(header)
             except KeyServiceUnavailable as exc:
                 reason = "key service unavailable"
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             except WrappedKeyRejected as exc:
                 reason = "wrapped key rejected"
                 await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
+            except ObjectErased:
+                reason = "object erased"
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION, "object erased (its patient's key was destroyed)"
+                )
             try:
                 if request.offset or request.length:
                     # Like an HTTP byte range: a range running past the end is cut at the end.
@@ -251,12 +286,12 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
                         await context.abort(grpc.StatusCode.OUT_OF_RANGE, "offset beyond the end of the object")
                     available = desc.plaintext_size - request.offset
                     length = min(request.length, available) if request.length else available
-                    data = fmt.open_range(dek, header, header_len, f, request.offset, length)
+                    data = fmt.open_range(key, header, header_len, f, request.offset, length)
                     for i in range(0, len(data), OPEN_PIECE_BYTES):
                         yield crypto_pb2.OpenResponse(data=data[i : i + OPEN_PIECE_BYTES])
                 else:
                     f.seek(header_len)
-                    for piece in fmt.open_stream(dek, header, f):
+                    for piece in fmt.open_stream(key, header, f):
                         yield crypto_pb2.OpenResponse(data=piece)
             except fmt.SealedRangeError as exc:
                 reason = "range outside object"
@@ -267,8 +302,6 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
                 await context.abort(
                     grpc.StatusCode.DATA_LOSS, f"sealed object failed authentication: {type(exc).__name__}"
                 )
-            finally:
-                zero(dek)
             outcome = Outcome.AUDIT_OUTCOME_SUCCESS
         finally:
             f.close()

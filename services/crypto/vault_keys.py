@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
+import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import hvac
 import hvac.exceptions
@@ -24,6 +28,10 @@ _WRAPPED = re.compile(r"^vault:v(\d+):[A-Za-z0-9+/=]+$")
 
 class KeyServiceUnavailable(Exception):
     """Vault cannot be reached or refuses our identity: fail closed, retry later."""
+
+
+class ObjectErased(Exception):
+    """The object's per-patient erasure key is gone: it was crypto-shredded on purpose."""
 
 
 class WrappedKeyRejected(Exception):
@@ -56,6 +64,8 @@ class VaultSettings:
     secret_id: str | None = None
     ca_cert: str | None = None
     timeout_s: float = 10.0
+    pseudonym_key: str = "dicomsafe-pseudonym"
+    erasure_mount: str = "dicomsafe-erasure"
 
 
 def key_version_of(wrapped: str) -> int:
@@ -95,18 +105,23 @@ class TransitKeys:
 
     def _call(self, fn_name: str, **kwargs: object) -> dict[str, object]:
         transit = self._client.secrets.transit
+        return self._vault(fn_name, lambda: getattr(transit, fn_name)(mount_point=self._s.transit_mount, **kwargs))
+
+    def _vault(self, what: str, request: Callable[[], Any]) -> dict[str, object]:
+        """One Vault request with re-login and error mapping; returns the response's data."""
         for attempt in (1, 2):
             try:
                 if not self._logged_in:
                     self._login()
-                result = getattr(transit, fn_name)(mount_point=self._s.transit_mount, **kwargs)
-                return dict(result["data"])
+                result = request()
+                # Writes and deletes answer 204 with no body: hvac hands back the bare response.
+                return dict(result["data"]) if isinstance(result, dict) else {}
             except (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized) as exc:
                 # An expired AppRole token: log in again once; a static token cannot recover.
                 if attempt == 1 and self._s.role_id:
                     self._logged_in = False
                     continue
-                raise KeyServiceUnavailable(f"Vault refused {fn_name} ({type(exc).__name__})") from None
+                raise KeyServiceUnavailable(f"Vault refused {what} ({type(exc).__name__})") from None
             except (
                 requests.exceptions.RequestException,
                 hvac.exceptions.VaultDown,
@@ -114,8 +129,76 @@ class TransitKeys:
                 hvac.exceptions.BadGateway,
                 hvac.exceptions.RateLimitExceeded,
             ) as exc:
-                raise KeyServiceUnavailable(f"Vault unavailable during {fn_name} ({type(exc).__name__})") from None
-        raise KeyServiceUnavailable(f"Vault refused {fn_name}")
+                raise KeyServiceUnavailable(f"Vault unavailable during {what} ({type(exc).__name__})") from None
+        raise KeyServiceUnavailable(f"Vault refused {what}")
+
+    # -- per-patient erasure keys -------------------------------------------------------------
+
+    def _erasure_ref(self, issuer: str, patient_id: str) -> str:
+        # Keyed pseudonym: without Vault nobody can map a reference back to a patient, and
+        # the same patient always gets the same reference (key version pinned to 1).
+        message = base64.b64encode(f"{issuer}\x00{patient_id}".encode()).decode()
+        data = self._call(
+            "generate_hmac", name=self._s.pseudonym_key, hash_input=message, key_version=1, algorithm="sha2-256"
+        )
+        digest = base64.b64decode(str(data["hmac"]).split(":", 2)[2])
+        return digest[:16].hex()
+
+    def _read_erasure_key(self, ref: str) -> bytearray | None:
+        kv = self._client.secrets.kv.v2
+        try:
+            data = self._vault(
+                "erasure key read",
+                lambda: kv.read_secret_version(ref, mount_point=self._s.erasure_mount, raise_on_deleted_version=True),
+            )
+        except hvac.exceptions.InvalidPath:
+            return None  # never created, or destroyed by an erasure
+        return bytearray(base64.b64decode(str(dict(data["data"])["key"])))  # type: ignore[call-overload]
+
+    def _erasure_key(self, ref: str) -> bytearray:
+        existing = self._read_erasure_key(ref)
+        if existing is not None:
+            return existing
+        fresh = base64.b64encode(os.urandom(32)).decode()
+        kv = self._client.secrets.kv.v2
+        # cas=0: create only; the service's policy cannot overwrite an existing key. If another
+        # replica created it first this fails, and we read theirs below.
+        with contextlib.suppress(hvac.exceptions.InvalidRequest, KeyServiceUnavailable):
+            self._vault(
+                "erasure key create",
+                lambda: kv.create_or_update_secret(
+                    ref, secret={"key": fresh}, cas=0, mount_point=self._s.erasure_mount
+                ),
+            )
+        created = self._read_erasure_key(ref)
+        if created is None:
+            raise KeyServiceUnavailable("erasure key could not be created")
+        return created
+
+    def _destroy_erasure_key(self, ref: str) -> None:
+        kv = self._client.secrets.kv.v2
+        self._vault(
+            "erasure key destroy",
+            lambda: kv.delete_metadata_and_all_versions(ref, mount_point=self._s.erasure_mount),
+        )
+
+    async def destroy_erasure_key(self, ref: str) -> None:
+        """Crypto-shred: every object sealed with this patient's key becomes unreadable.
+        Needs the erasure officer's identity; the crypto service's own policy refuses it."""
+        await asyncio.to_thread(self._destroy_erasure_key, ref)
+
+    async def erasure_ref(self, issuer: str, patient_id: str) -> str:
+        return await asyncio.to_thread(self._erasure_ref, issuer, patient_id)
+
+    async def erasure_key_for_seal(self, ref: str) -> bytearray:
+        """The patient's erasure key, created on first use."""
+        return await asyncio.to_thread(self._erasure_key, ref)
+
+    async def erasure_key_for_open(self, ref: str) -> bytearray:
+        key = await asyncio.to_thread(self._read_erasure_key, ref)
+        if key is None:
+            raise ObjectErased("the patient's erasure key was destroyed")
+        return key
 
     def _new_data_key(self) -> DataKey:
         data = self._call("generate_data_key", name=self._s.key_name, key_type="plaintext")

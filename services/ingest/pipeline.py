@@ -60,6 +60,8 @@ class IngestPipeline:
             study_instance_uid=facts.study_instance_uid,
             expected_sha256=content_sha,
             expected_size=len(data),
+            patient_id=facts.patient_id,
+            issuer_of_patient_id=facts.issuer_of_patient_id,
         )
         try:
             sealed = await self._sealer.seal(data, metadata)

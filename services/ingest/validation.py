@@ -7,7 +7,7 @@ dead-letter topic and logged, and DICOM values may be PHI.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -33,6 +33,9 @@ class InstanceFacts:
     series_instance_uid: str
     transfer_syntax_uid: str
     size: int
+    # PHI: only handed to crypto to select the patient's erasure key; never logged or published.
+    patient_id: str = field(default="", repr=False)
+    issuer_of_patient_id: str = field(default="", repr=False)
 
 
 def validate_instance(data: bytes, max_bytes: int) -> InstanceFacts:
@@ -73,6 +76,8 @@ def validate_instance(data: bytes, max_bytes: int) -> InstanceFacts:
         series_instance_uid=uids["SeriesInstanceUID"],
         transfer_syntax_uid=str(ts),
         size=len(data),
+        patient_id=str(ds.get("PatientID", "") or "").strip(),
+        issuer_of_patient_id=str(ds.get("IssuerOfPatientID", "") or "").strip(),
     )
 
 

@@ -114,7 +114,8 @@ def test_header_byte_layout_matches_documentation() -> None:
         key_version=7,
         wrapped_dek="vault:v7:AAAA",
     )
-    immutable = prefix + bytes.fromhex("00040000") + b"\x00\x02o1" + b"\x00\x031.2" + b"\x00\x031.3"
+    # The last immutable field is the (empty) erasure key reference.
+    immutable = prefix + bytes.fromhex("00040000") + b"\x00\x02o1" + b"\x00\x031.2" + b"\x00\x031.3" + b"\x00\x00"
     keyfields = b"\x00\x01k" + bytes.fromhex("00000007") + b"\x00\x0dvault:v7:AAAA"
     total = 13 + len(immutable) + len(keyfields)
     expected = b"\x89DSF\r\n\x1a\n" + b"\x01" + struct.pack(">I", total) + immutable + keyfields
@@ -680,3 +681,16 @@ def test_chunk_index_overflow_is_refused() -> None:
     r2._index = MAX_CHUNK_INDEX
     with pytest.raises(SealedObjectCorrupt, match="more chunks"):
         r2.update(last + b"y")  # a non-final chunk at the last index is impossible
+
+
+def test_erasure_key_ref_is_bound_to_the_chunks() -> None:
+    dek = os.urandom(32)
+    h = make_header(erasure_key_ref="ab" * 16)
+    sealed = seal_bytes(dek, h, b"x" * 10_000)
+    decoded, _ = SealedHeader.decode(sealed)
+    assert decoded.erasure_key_ref == "ab" * 16
+    swapped = replace(h, erasure_key_ref="cd" * 16).encode() + sealed[len(h.encode()) :]
+    with pytest.raises(SealedObjectCorrupt):
+        open_bytes(dek, swapped)
+    with pytest.raises(ValueError):
+        make_header(erasure_key_ref="NOT-HEX")
