@@ -35,5 +35,6 @@ class CryptoConfig:
                 role_id=env_secret("VAULT_ROLE_ID"),
                 secret_id=env_secret("VAULT_SECRET_ID"),
                 ca_cert=env_secret("VAULT_CACERT_PATH"),
+                dek_cache_ttl_s=env_int("CRYPTO_DEK_CACHE_TTL_S", 30),
             ),
         )

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -65,7 +66,42 @@ class VaultSettings:
     ca_cert: str | None = None
     timeout_s: float = 10.0
     pseudonym_key: str = "dicomsafe-pseudonym"
+    # 0 disables the cache. Kept short: a retired key version or revoked token takes effect
+    # on cached DEKs only after this long.
+    dek_cache_ttl_s: float = 30.0
     erasure_mount: str = "dicomsafe-erasure"
+
+
+class DekCache:
+    """Unwrapped DEKs in memory only, briefly, bounded; evicted entries are zeroed."""
+
+    def __init__(self, ttl_s: float, max_entries: int = 256) -> None:
+        self._ttl = ttl_s
+        self._max = max_entries
+        self._entries: dict[tuple[str, str], tuple[float, bytearray]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key_name: str, wrapped: str) -> bytearray | None:
+        now = time.monotonic()
+        with self._lock:
+            self._expire(now)
+            hit = self._entries.get((key_name, wrapped))
+            return bytearray(hit[1]) if hit else None
+
+    def put(self, key_name: str, wrapped: str, dek: bytearray) -> None:
+        if self._ttl <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            self._expire(now)
+            while len(self._entries) >= self._max:
+                oldest = min(self._entries, key=lambda k: self._entries[k][0])
+                zero(self._entries.pop(oldest)[1])
+            self._entries[(key_name, wrapped)] = (now + self._ttl, bytearray(dek))
+
+    def _expire(self, now: float) -> None:
+        for k in [k for k, (expiry, _) in self._entries.items() if expiry <= now]:
+            zero(self._entries.pop(k)[1])
 
 
 def key_version_of(wrapped: str) -> int:
@@ -90,6 +126,7 @@ class TransitKeys:
             timeout=settings.timeout_s,
         )
         self._logged_in = bool(settings.token)
+        self._dek_cache = DekCache(settings.dek_cache_ttl_s)
 
     @property
     def key_name(self) -> str:
@@ -253,7 +290,14 @@ class TransitKeys:
         return await asyncio.to_thread(self._new_data_key)
 
     async def unwrap(self, key_name: str, wrapped: str) -> bytearray:
-        return await asyncio.to_thread(self._unwrap, key_name, wrapped)
+        """The plaintext DEK (a copy the caller zeroes). Recently unwrapped DEKs are kept in
+        memory for a few seconds so a viewer's burst of range reads costs one Vault call."""
+        cached = self._dek_cache.get(key_name, wrapped)
+        if cached is not None:
+            return cached
+        dek = await asyncio.to_thread(self._unwrap, key_name, wrapped)
+        self._dek_cache.put(key_name, wrapped, dek)
+        return dek
 
 
 def zero(buf: bytearray) -> None:
