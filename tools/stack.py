@@ -19,6 +19,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.audit.provision import provision, writer_uri
+
 REPO = Path(__file__).resolve().parent.parent
 POLICY_FILE = REPO / "deploy" / "policy" / "policy.toml"
 
@@ -64,7 +66,8 @@ def service_env(s: StackSettings, service: str) -> dict[str, str]:
         "authz": {"AUTHZ_GRPC_BIND": bind, "AUTHZ_POLICY_FILE": str(POLICY_FILE)},
         "audit": {
             "AUDIT_GRPC_BIND": bind,
-            "MONGODB_URI": s.mongodb_uri,
+            # The insert/find-only writer provisioned by Stack.start, never the admin URI.
+            "MONGODB_URI_FILE": str(s.work_dir / "secrets" / "audit-mongodb-uri"),
             "AUDIT_MONGODB_DB": s.audit_db,
             "AUDIT_GROUP_ID": f"{s.topic_prefix}dicomsafe-audit",
         },
@@ -94,6 +97,8 @@ class Stack:
 
     def start(self, services: tuple[str, ...] = SERVICES, timeout_s: float = 60.0) -> None:
         (self.settings.work_dir / "logs").mkdir(parents=True, exist_ok=True)
+        if "audit" in services:
+            self._provision_audit()
         for name in services:
             with self.log_file(name).open("ab") as log:
                 self.processes[name] = subprocess.Popen(
@@ -106,6 +111,15 @@ class Stack:
                 )
         for name in services:
             self.wait_healthy(name, timeout_s)
+
+    def _provision_audit(self) -> None:
+        s = self.settings
+        user, password = asyncio.run(provision(s.mongodb_uri, s.audit_db))
+        secret = s.work_dir / "secrets" / "audit-mongodb-uri"
+        secret.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(writer_uri(s.mongodb_uri, s.audit_db, user, password))
 
     def wait_healthy(self, service: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

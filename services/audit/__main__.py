@@ -1,16 +1,24 @@
-"""`python -m services.audit` runs the service; `python -m services.audit verify [--chain C]` checks the trail."""
+"""`python -m services.audit` runs the service.
+
+python -m services.audit verify [--chain C]       recompute the chains; exit 1 if broken
+python -m services.audit provision --password-file F
+                                                  admin step: indexes + insert/find-only writer
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from pymongo import AsyncMongoClient
 
 from services.audit.app import main as serve
 from services.audit.config import AuditConfig
+from services.audit.provision import provision
 from services.audit.store import AuditStore
 
 
@@ -28,11 +36,32 @@ async def _verify(chain: str) -> int:
     return 0 if verdict.ok else 1
 
 
+def _provision(password_file: Path) -> int:
+    admin_uri = os.environ.get("MONGODB_ADMIN_URI", "")
+    if not admin_uri:
+        print("set MONGODB_ADMIN_URI (an administrator's connection string)", file=sys.stderr)
+        return 2
+    database = os.environ.get("AUDIT_MONGODB_DB", "dicomsafe_audit")
+    existing = password_file.read_text(encoding="utf-8").strip() if password_file.exists() else None
+    user, password = asyncio.run(provision(admin_uri, database, existing))
+    if existing is None:
+        password_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(password)
+    print(f"{database}: indexes ready; user {user} may only insert and find (password in {password_file})")
+    return 0
+
+
 if len(sys.argv) > 1:
     parser = argparse.ArgumentParser(prog="python -m services.audit")
     sub = parser.add_subparsers(dest="command", required=True)
     verify = sub.add_parser("verify", help="recompute every hash chain and name the first broken record")
     verify.add_argument("--chain", default="")
+    prov = sub.add_parser("provision", help="admin: create indexes and the insert/find-only writer")
+    prov.add_argument("--password-file", type=Path, required=True, help="read if present, else generated and written")
     args = parser.parse_args()
-    sys.exit(asyncio.run(_verify(args.chain)))
+    if args.command == "verify":
+        sys.exit(asyncio.run(_verify(args.chain)))
+    sys.exit(_provision(args.password_file))
 serve()

@@ -32,7 +32,7 @@ async def run(cfg: AuditConfig, stop: asyncio.Event) -> None:
     await require_topics(cfg.kafka_bootstrap, [topics.audit, dlq_topic(topics.audit)])
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
     store = AuditStore(client, cfg.database)
-    await store.ensure_indexes()
+    await store.check_indexes()
     producer = new_producer(cfg.kafka_bootstrap, "dicomsafe-audit")
     consumer = new_consumer(cfg.kafka_bootstrap, cfg.group_id, [topics.audit], "dicomsafe-audit")
     await producer.start()

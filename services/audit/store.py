@@ -57,6 +57,16 @@ class AuditStore:
         await self._events.create_index("event.object_id", name="object")
         await self._events.create_index("recorded_at", name="recorded_at")
 
+    async def check_indexes(self) -> None:
+        """The service's own user may not create indexes: refuse to run without them, since
+        the unique ones are what keep chains from forking and events from doubling."""
+        names = {ix["name"] async for ix in await self._events.list_indexes()}
+        missing = {"chain_seq", "event_id"} - names
+        if missing:
+            raise RuntimeError(
+                f"audit indexes missing ({', '.join(sorted(missing))}): run `python -m services.audit provision`"
+            )
+
     async def _load_head(self, chain: str) -> Head:
         last = await self._events.find_one({"chain": chain}, sort=[("seq", -1)], projection={"seq": 1, "hash": 1})
         head = Head(int(last["seq"]), str(last["hash"])) if last else Head(0, GENESIS)

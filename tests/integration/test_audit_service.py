@@ -13,6 +13,7 @@ from dicomsafe.common.kafka import Topics, dlq_topic, ensure_topics, headers_for
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc, events_pb2
 from services.audit.app import run
 from services.audit.config import AuditConfig
+from services.audit.provision import provision, writer_uri
 from tests.servers import Servers
 from tests.service_runner import free_port, running
 
@@ -20,12 +21,14 @@ from tests.service_runner import free_port, running
 async def test_events_are_chained_and_garbage_dead_lettered(servers: Servers, unique: str) -> None:
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=2))
+    user, password = await provision(servers.mongodb_uri, f"audit_{unique}")
     cfg = AuditConfig(
         grpc_bind=f"127.0.0.1:{free_port()}",
         kafka_bootstrap=servers.kafka_bootstrap,
         topic_prefix=topics.prefix,
         group_id=f"audit-{unique}",
-        mongodb_uri=servers.mongodb_uri,
+        # The service runs as the insert/find-only writer, as in production.
+        mongodb_uri=writer_uri(servers.mongodb_uri, f"audit_{unique}", user, password),
         database=f"audit_{unique}",
     )
     producer = new_producer(servers.kafka_bootstrap, "test")
