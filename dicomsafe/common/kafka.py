@@ -200,6 +200,9 @@ class DeadLetterPublisher:
 
 
 Handler = Callable[[ConsumerRecord[bytes, bytes]], Awaitable[None]]
+# Processes a partition's records as one unit (e.g. one bulk insert). Any error other than a
+# TransientError makes the loop redo those records one by one, isolating a bad record.
+BatchHandler = Callable[[list[ConsumerRecord[bytes, bytes]]], Awaitable[None]]
 
 
 @dataclass
@@ -218,16 +221,46 @@ async def consume_forever(
     stop: asyncio.Event,
     log: logging.Logger,
     retry: RetryPolicy | None = None,
+    handle_batch: BatchHandler | None = None,
+    max_records: int = 50,
 ) -> None:
-    """Process records one by one per partition; commit each offset only after success
-    or after its dead letter is durable. Records of a partition stay in order."""
+    """Process records per partition, in order; commit an offset only after the record's
+    effect (or its dead letter) is durable. With ``handle_batch``, a partition's records are
+    first tried as one batch and committed together."""
     policy = retry or RetryPolicy()
     delay = policy.first_delay_s
     unexpected: dict[tuple[TopicPartition, int], int] = {}
     while not stop.is_set():
-        batches = await consumer.getmany(timeout_ms=500, max_records=50)
+        batches = await consumer.getmany(timeout_ms=500, max_records=max_records)
         backoff = False
         for tp, records in batches.items():
+            if handle_batch is not None and len(records) > 1:
+                try:
+                    await handle_batch(records)
+                except TransientError as exc:
+                    log.warning(
+                        "dependency unavailable; will retry",
+                        extra={
+                            "topic": tp.topic,
+                            "partition": tp.partition,
+                            "offset": records[0].offset,
+                            "error": str(exc),
+                        },
+                    )
+                    consumer.seek(tp, records[0].offset)
+                    backoff = True
+                    continue
+                except Exception:  # noqa: BLE001 - redone record by record below, which isolates the cause
+                    log.info("batch failed; processing its records one by one", extra={"partition": tp.partition})
+                else:
+                    try:
+                        await consumer.commit({tp: records[-1].offset + 1})
+                    except CommitFailedError:
+                        log.warning(
+                            "commit failed after rebalance", extra={"topic": tp.topic, "partition": tp.partition}
+                        )
+                    delay = policy.first_delay_s
+                    continue
             for record in records:
                 try:
                     await handle(record)

@@ -45,8 +45,15 @@ async def run(cfg: AuditConfig, stop: asyncio.Event) -> None:
                 [SERVICE_NAME],
                 cfg.grpc_bind,
             )
+            handler = AuditConsumer(store)
             loop = consume_forever(
-                consumer, AuditConsumer(store).handle, DeadLetterPublisher(producer, "audit"), stop, log
+                consumer,
+                handler.handle,
+                DeadLetterPublisher(producer, "audit"),
+                stop,
+                log,
+                handle_batch=handler.handle_batch,
+                max_records=500,
             )
             await run_until_stopped(server, health, [SERVICE_NAME], stop, log, background=[loop])
         finally:

@@ -28,14 +28,23 @@ class AuditConsumer:
         self._store = store
 
     async def handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        try:
-            event = audit_pb2.AuditEvent.FromString(record.value or b"")
-        except DecodeError:
-            raise PermanentError("bad_event", "value is not an AuditEvent") from None
-        if not event.event_id:
-            raise PermanentError("bad_event", "audit event without event_id")
-        if event.action == audit_pb2.AuditAction.AUDIT_ACTION_UNSPECIFIED:
-            raise PermanentError("bad_event", "audit event without action")
-        seq = await self._store.append(chain_of(record), event)
+        seq = await self._store.append(chain_of(record), decode_event(record))
         if seq is None:
             log.info("duplicate audit event skipped", extra={"offset": record.offset, "partition": record.partition})
+
+    async def handle_batch(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        """One partition's records → one chained bulk insert (the fast path)."""
+        events = [decode_event(r) for r in records]
+        await self._store.append_many(chain_of(records[0]), events)
+
+
+def decode_event(record: ConsumerRecord[bytes, bytes]) -> audit_pb2.AuditEvent:
+    try:
+        event = audit_pb2.AuditEvent.FromString(record.value or b"")
+    except DecodeError:
+        raise PermanentError("bad_event", "value is not an AuditEvent") from None
+    if not event.event_id:
+        raise PermanentError("bad_event", "audit event without event_id")
+    if event.action == audit_pb2.AuditAction.AUDIT_ACTION_UNSPECIFIED:
+        raise PermanentError("bad_event", "audit event without action")
+    return event

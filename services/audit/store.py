@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.json_format import ParseDict
 from pymongo import ASCENDING, AsyncMongoClient
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import BulkWriteError, PyMongoError
 from pymongo.write_concern import WriteConcern
 
 from dicomsafe.common.kafka import TransientError
@@ -74,36 +74,79 @@ class AuditStore:
         return head
 
     async def append(self, chain: str, event: audit_pb2.AuditEvent) -> int | None:
-        """Append ``event`` to ``chain``; return its seq, or None if this event id is already recorded."""
-        doc_event = event_document(event)
+        """Append one event; return its seq, or None if this event id is already recorded."""
+        seqs = await self.append_many(chain, [event])
+        return seqs[0]
+
+    async def append_many(self, chain: str, events: Sequence[audit_pb2.AuditEvent]) -> list[int | None]:
+        """Append events in order with one ordered insert_many; idempotent per event id.
+
+        Returns each event's seq, or None for an event already recorded (a redelivery). On a
+        duplicate event id the insert stops there: that event is skipped and the rest are
+        chained again from the new head. On a taken seq (another writer, e.g. a consumer about
+        to lose its partition) the head is reloaded and the rest retried.
+        """
+        docs_events = [(event.event_id, event_document(event)) for event in events]
+        results: list[int | None] = [None] * len(events)
+        pending = list(range(len(events)))
+        seen: set[str] = set()
         try:
-            for _ in range(20):
+            for _ in range(len(events) + 20):
+                # An event met again (twice in one batch, or just found recorded) is skipped.
+                pending = [i for i in pending if docs_events[i][0] not in seen]
+                if not pending:
+                    return results
                 head = self._heads.get(chain) or await self._load_head(chain)
-                seq = head.seq + 1
-                digest = link_hash(head.hash, chain, seq, doc_event)
-                record = {
-                    "chain": chain,
-                    "seq": seq,
-                    "event_id": event.event_id,
-                    "prev_hash": head.hash,
-                    "hash": digest,
-                    "event": doc_event,
-                    "recorded_at": dt.datetime.now(dt.UTC),
-                }
+                records, prev, seq = [], head.hash, head.seq
+                for i in pending:
+                    seq += 1
+                    event_id, doc_event = docs_events[i]
+                    digest = link_hash(prev, chain, seq, doc_event)
+                    records.append(
+                        {
+                            "chain": chain,
+                            "seq": seq,
+                            "event_id": event_id,
+                            "prev_hash": prev,
+                            "hash": digest,
+                            "event": doc_event,
+                            "recorded_at": dt.datetime.now(dt.UTC),
+                        }
+                    )
+                    prev = digest
                 try:
-                    await self._events.insert_one(record)
-                except DuplicateKeyError as exc:
-                    if "event_id" in str(exc.details or exc):
-                        return None  # redelivered: recorded once already
-                    # Another writer took this seq (e.g. a consumer about to lose its partition).
-                    await self._load_head(chain)
+                    await self._events.insert_many(records, ordered=True)
+                except BulkWriteError as exc:
+                    errors = exc.details.get("writeErrors", [])
+                    failed_at = int(errors[0]["index"]) if errors else 0
+                    self._mark_inserted(chain, records[:failed_at], pending, results, seen)
+                    pending = pending[failed_at:]
+                    if errors and errors[0].get("code") == 11000 and "event_id" in errors[0].get("keyPattern", {}):
+                        seen.add(docs_events[pending[0]][0])  # recorded by an earlier delivery
+                        pending = pending[1:]
+                    else:
+                        await self._load_head(chain)
                     continue
-                self._heads[chain] = Head(seq, digest)
-                return seq
+                self._mark_inserted(chain, records, pending, results, seen)
+                return results
         except PyMongoError as exc:
             self._heads.pop(chain, None)  # the head is unknown after a failed write
             raise TransientError(f"MongoDB unavailable ({type(exc).__name__})") from None
-        raise TransientError("could not claim a sequence number")
+        raise TransientError("could not claim sequence numbers")
+
+    def _mark_inserted(
+        self,
+        chain: str,
+        inserted: list[dict[str, Any]],
+        pending: list[int],
+        results: list[int | None],
+        seen: set[str],
+    ) -> None:
+        for record, i in zip(inserted, pending, strict=False):
+            results[i] = int(record["seq"])
+            seen.add(str(record["event_id"]))
+        if inserted:
+            self._heads[chain] = Head(int(inserted[-1]["seq"]), str(inserted[-1]["hash"]))
 
     async def verify(self, chain: str = "") -> Verdict:
         chains = [chain] if chain else sorted(await self._events.distinct("chain"))

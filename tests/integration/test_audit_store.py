@@ -102,3 +102,31 @@ async def test_concurrent_writers_never_fork_a_chain(client: AsyncMongoClient[di
     assert sorted(seqs) == list(range(1, 31))
     verdict = await a.verify()
     assert verdict.ok and verdict.records == 30
+
+
+async def test_bulk_append_is_chained_and_idempotent(store: AuditStore) -> None:
+    first = [_event() for _ in range(5)]
+    assert await store.append_many("c:0", first) == [1, 2, 3, 4, 5]
+    again = _event()
+    # A redelivered batch mixes recorded events, a new one, and one event twice.
+    seqs = await store.append_many("c:0", [first[3], again, first[4], again, _event()])
+    assert seqs == [None, 6, None, None, 7]
+    verdict = await store.verify()
+    assert verdict.ok and verdict.records == 7
+
+
+async def test_concurrent_bulk_writers_never_fork_a_chain(
+    client: AsyncMongoClient[dict[str, Any]], unique: str
+) -> None:
+    a, b = AuditStore(client, f"audit_{unique}"), AuditStore(client, f"audit_{unique}")
+    await a.ensure_indexes()
+
+    async def write(store: AuditStore) -> list[int | None]:
+        out: list[int | None] = []
+        for _ in range(5):
+            out += await store.append_many("c:0", [_event() for _ in range(20)])
+        return out
+
+    seqs_a, seqs_b = await asyncio.gather(write(a), write(b))
+    assert sorted(s for s in seqs_a + seqs_b if s is not None) == list(range(1, 201))
+    assert (await a.verify()).ok

@@ -139,3 +139,51 @@ async def test_stop_before_success_leaves_the_offset_uncommitted(servers: Server
     await _run_until(servers, topic, group, handle, done)
     assert calls >= 1
     assert await _committed(servers, topic, group) is None  # nothing acknowledged, nothing lost
+
+
+async def test_failed_batch_is_redone_record_by_record(servers: Servers, unique: str) -> None:
+    topic, group = f"batch{unique}", f"g{unique}"
+    await _setup(servers, topic)
+    batches: list[list[str]] = []
+    singles: list[str] = []
+    done = asyncio.Event()
+
+    async def handle_batch(records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        values = [r.value.decode() for r in records]
+        batches.append(values)
+        if "r3" in values:
+            raise PermanentError("bad_input", "r3 is malformed")
+
+    async def handle(record: ConsumerRecord[bytes, bytes]) -> None:
+        value = record.value.decode()
+        if value == "r3":
+            raise PermanentError("bad_input", "r3 is malformed")
+        singles.append(value)
+        if value == "r4":
+            done.set()
+
+    consumer = new_consumer(servers.kafka_bootstrap, group, [topic], "test")
+    producer = new_producer(servers.kafka_bootstrap, "test-dlq")
+    await consumer.start()
+    await producer.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        consume_forever(
+            consumer, handle, DeadLetterPublisher(producer, "test"), stop, log, FAST, handle_batch=handle_batch
+        )
+    )
+    try:
+        await asyncio.wait_for(done.wait(), timeout=60)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=30)
+        await consumer.stop()
+        await producer.stop()
+    # However Kafka split the records into batches, every good record was processed once —
+    # in a batch that succeeded or one by one after its batch failed — and only r3 was rejected.
+    good_batches = [v for b in batches if "r3" not in b for v in b]
+    assert sorted(good_batches + singles) == ["r0", "r1", "r2", "r4"]
+    for failed in (b for b in batches if "r3" in b):
+        assert [s for s in singles if s in failed] == [v for v in failed if v != "r3"]
+    assert await _committed(servers, topic, group) == 5
+    assert [d.source_offset for d in await _dead_letters(servers, topic)] == [3]
