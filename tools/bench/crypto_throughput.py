@@ -1,22 +1,15 @@
-"""`make bench`: crypto seal/open throughput through gRPC, as a ratio of raw AES-256-GCM on
-the same bytes measured in the same run (the machines are noisy; ratios travel, MB/s don't).
-
-Writes bench-results.json: a list of {metric, value, unit, baseline, ratio, target, higher_is_better}.
-"""
+"""Crypto seal/open throughput through gRPC, as a ratio of raw AES-256-GCM on the same bytes
+measured in the same run (the machines are noisy; ratios travel, MB/s don't), plus peak RSS."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
-import json
 import os
 import secrets
-import statistics
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import grpc
@@ -25,24 +18,14 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
 from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc
 from services.ingest.sealing import Sealer
-from tools import infra, vault_setup
+from tools import vault_setup
+from tools.bench.results import Result, ratio
 from tools.stack import Stack, StackSettings
 
 MIB = 1024 * 1024
 # Target from the crypto issue: sealing/opening through the service keeps at least a quarter
 # of raw AES-256-GCM throughput.
 TARGET_RATIO = 0.25
-
-
-@dataclass(frozen=True)
-class Result:
-    metric: str
-    value: float
-    unit: str
-    baseline: float
-    ratio: float
-    target: float | None
-    higher_is_better: bool
 
 
 def _best_rate(size: int, seconds: list[float]) -> float:
@@ -109,20 +92,7 @@ async def through_grpc(target: str, data: bytes, rounds: int) -> tuple[float, fl
     return _best_rate(len(data), seal_times), _best_rate(len(data), open_times)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes-mib", default="1,16,256", help="object sizes in MiB, comma separated")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
-    args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes_mib.split(",")]
-
-    env = {k: os.environ.get(k, "") for k in ("KAFKA_BOOTSTRAP", "VAULT_ADDR", "VAULT_TOKEN")}
-    started = [] if env["KAFKA_BOOTSTRAP"] and env["VAULT_ADDR"] else ["kafka", "vault"]
-    local = infra.up(started) if started else None
-    kafka = env["KAFKA_BOOTSTRAP"] or (local.kafka_bootstrap if local else "")
-    vault_addr = env["VAULT_ADDR"] or (local.vault_addr if local else "")
-    vault_token = env["VAULT_TOKEN"] or (local.vault_token if local else "")
+def run(kafka: str, vault_addr: str, vault_token: str, sizes: list[int], rounds: int) -> list[Result]:
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="dicomsafe-bench-") as tmp:
         work = Path(tmp)
@@ -147,9 +117,9 @@ def main() -> int:
         try:
             for size in sizes:
                 data = os.urandom(size * MIB)
-                rounds = args.rounds if size <= 16 else max(2, args.rounds // 2)
-                raw_enc, raw_dec = raw_aes_gcm(data, rounds)
-                seal, open_ = asyncio.run(through_grpc(stack.settings.target("crypto"), data, rounds))
+                n = rounds if size <= 16 else max(2, rounds // 2)
+                raw_enc, raw_dec = raw_aes_gcm(data, n)
+                seal, open_ = asyncio.run(through_grpc(stack.settings.target("crypto"), data, n))
                 for name, value, base in (("seal", seal, raw_enc), ("open", open_, raw_dec)):
                     results.append(
                         Result(
@@ -157,7 +127,7 @@ def main() -> int:
                             value=round(value, 1),
                             unit="MiB/s",
                             baseline=round(base, 1),
-                            ratio=round(value / base, 4),
+                            ratio=ratio(value, base),
                             target=TARGET_RATIO,
                             higher_is_better=True,
                         )
@@ -166,25 +136,7 @@ def main() -> int:
             # Bounded memory: the service's peak RSS should not grow with the object size.
             peak = _peak_rss_mib(stack.processes["crypto"].pid)
             largest = max(sizes)
-            results.append(
-                Result("crypto_peak_rss", peak, "MiB", float(largest), round(peak / largest, 4), None, False)
-            )
+            results.append(Result("crypto_peak_rss", peak, "MiB", float(largest), ratio(peak, largest), None, False))
         finally:
             stack.stop()
-            if started:
-                infra.down(started)
-    print(f"{'metric':<28} {'value':>10} {'raw AES-GCM':>12} {'ratio':>7} {'target':>7}")
-    for r in results:
-        verdict = "" if r.target is None else ("ok" if r.ratio >= r.target else "BELOW")
-        print(
-            f"{r.metric:<28} {r.value:>7.1f} {r.unit:<5} {r.baseline:>8.1f} {r.ratio:>7.3f} {r.target!s:>7} {verdict}"
-        )
-    throughput = [r.ratio for r in results if r.unit == "MiB/s"]
-    print(f"median throughput ratio: {statistics.median(throughput):.3f}")
-    args.out.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return results

@@ -1,0 +1,42 @@
+"""The bench-results.json record and its table."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Result:
+    metric: str
+    value: float
+    unit: str
+    baseline: float
+    ratio: float
+    # For throughput metrics the target is a minimum ratio; for durations (unit "s") it is a
+    # maximum value: "1,000,000 events verified in under 10 s".
+    target: float | None
+    higher_is_better: bool
+
+    def verdict(self) -> str:
+        if self.target is None:
+            return ""
+        if self.unit == "s":
+            return "ok" if self.value <= self.target else "ABOVE"
+        return "ok" if self.ratio >= self.target else "BELOW"
+
+
+def ratio(value: float, baseline: float) -> float:
+    return round(value / baseline, 4) if baseline else 0.0
+
+
+def report(results: list[Result], out: Path) -> None:
+    print(f"{'metric':<34} {'value':>12} {'unit':<9} {'baseline':>12} {'ratio':>7} {'target':>8}")
+    for r in results:
+        print(
+            f"{r.metric:<34} {r.value:>12.1f} {r.unit:<9} {r.baseline:>12.1f} {r.ratio:>7.3f} "
+            f"{r.target!s:>8} {r.verdict()}"
+        )
+    out.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
