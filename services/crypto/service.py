@@ -11,12 +11,12 @@ from typing import BinaryIO
 import grpc
 
 from dicomsafe.common.audit_emitter import AuditEmitter, stable_event_id
+from dicomsafe.common.vault import VaultUnavailable
 from dicomsafe.v1 import audit_pb2, crypto_pb2, crypto_pb2_grpc
 from services.crypto import sealed_format as fmt
 from services.crypto.object_store import HotStore, InvalidObjectId, PendingObject
 from services.crypto.rewrap import Rewrapper
 from services.crypto.vault_keys import (
-    KeyServiceUnavailable,
     KeyVersions,
     ObjectErased,
     TransitKeys,
@@ -128,7 +128,7 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
             if meta.patient_id:
                 erasure_ref = await self._keys.erasure_ref(meta.issuer_of_patient_id, meta.patient_id)
                 erasure_key = await self._keys.erasure_key_for_seal(erasure_ref)
-        except KeyServiceUnavailable as exc:
+        except VaultUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         try:
             header = fmt.SealedHeader.create(
@@ -267,7 +267,7 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         try:
             try:
                 key = await self._object_key(header)
-            except KeyServiceUnavailable as exc:
+            except VaultUnavailable as exc:
                 reason = "key service unavailable"
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             except WrappedKeyRejected as exc:
@@ -332,7 +332,7 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
     ) -> crypto_pb2.KeyStatus:
         try:
             return self._key_status(await self._keys.status())
-        except KeyServiceUnavailable as exc:
+        except VaultUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
     async def RotateKey(
@@ -340,7 +340,7 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
     ) -> crypto_pb2.KeyStatus:
         try:
             versions = await self._keys.rotate()
-        except KeyServiceUnavailable as exc:
+        except VaultUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         await self._audit.emit(
             Action.AUDIT_ACTION_KEY_ROTATED,
@@ -363,6 +363,6 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         try:
             async for progress in self._rewrapper.run(ids, _caller(context)):
                 yield progress
-        except KeyServiceUnavailable as exc:
+        except VaultUnavailable as exc:
             # Safe to resume: finished objects are skipped next time.
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))

@@ -14,21 +14,16 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import hvac
 import hvac.exceptions
-import requests
+
+from dicomsafe.common.vault import VaultAuth, VaultSession, VaultUnavailable
 
 log = logging.getLogger("dicomsafe.crypto.vault")
 
 _WRAPPED = re.compile(r"^vault:v(\d+):[A-Za-z0-9+/=]+$")
-
-
-class KeyServiceUnavailable(Exception):
-    """Vault cannot be reached or refuses our identity: fail closed, retry later."""
 
 
 class ObjectErased(Exception):
@@ -115,59 +110,26 @@ class TransitKeys:
     """Blocking hvac calls run in worker threads so the event loop keeps serving."""
 
     def __init__(self, settings: VaultSettings) -> None:
-        if not settings.token and not (settings.role_id and settings.secret_id):
-            raise ValueError("Vault needs VAULT_TOKEN or VAULT_ROLE_ID + VAULT_SECRET_ID")
         self._s = settings
-        self._lock = threading.Lock()
-        self._client = hvac.Client(
-            url=settings.addr,
-            token=settings.token,
-            verify=settings.ca_cert or True,
-            timeout=settings.timeout_s,
+        self._session = VaultSession(
+            VaultAuth(
+                addr=settings.addr,
+                token=settings.token,
+                role_id=settings.role_id,
+                secret_id=settings.secret_id,
+                ca_cert=settings.ca_cert,
+                timeout_s=settings.timeout_s,
+            )
         )
-        self._logged_in = bool(settings.token)
         self._dek_cache = DekCache(settings.dek_cache_ttl_s)
 
     @property
     def key_name(self) -> str:
         return self._s.key_name
 
-    def _login(self) -> None:
-        if not (self._s.role_id and self._s.secret_id):
-            return
-        with self._lock:
-            self._client.auth.approle.login(role_id=self._s.role_id, secret_id=self._s.secret_id)
-            self._logged_in = True
-            log.info("logged in to Vault with AppRole")
-
     def _call(self, fn_name: str, **kwargs: object) -> dict[str, object]:
-        transit = self._client.secrets.transit
-        return self._vault(fn_name, lambda: getattr(transit, fn_name)(mount_point=self._s.transit_mount, **kwargs))
-
-    def _vault(self, what: str, request: Callable[[], Any]) -> dict[str, object]:
-        """One Vault request with re-login and error mapping; returns the response's data."""
-        for attempt in (1, 2):
-            try:
-                if not self._logged_in:
-                    self._login()
-                result = request()
-                # Writes and deletes answer 204 with no body: hvac hands back the bare response.
-                return dict(result["data"]) if isinstance(result, dict) else {}
-            except (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized) as exc:
-                # An expired AppRole token: log in again once; a static token cannot recover.
-                if attempt == 1 and self._s.role_id:
-                    self._logged_in = False
-                    continue
-                raise KeyServiceUnavailable(f"Vault refused {what} ({type(exc).__name__})") from None
-            except (
-                requests.exceptions.RequestException,
-                hvac.exceptions.VaultDown,
-                hvac.exceptions.InternalServerError,
-                hvac.exceptions.BadGateway,
-                hvac.exceptions.RateLimitExceeded,
-            ) as exc:
-                raise KeyServiceUnavailable(f"Vault unavailable during {what} ({type(exc).__name__})") from None
-        raise KeyServiceUnavailable(f"Vault refused {what}")
+        mount = self._s.transit_mount
+        return self._session.call(fn_name, lambda c: getattr(c.secrets.transit, fn_name)(mount_point=mount, **kwargs))
 
     # -- per-patient erasure keys -------------------------------------------------------------
 
@@ -182,11 +144,11 @@ class TransitKeys:
         return digest[:16].hex()
 
     def _read_erasure_key(self, ref: str) -> bytearray | None:
-        kv = self._client.secrets.kv.v2
+        mount = self._s.erasure_mount
         try:
-            data = self._vault(
+            data = self._session.call(
                 "erasure key read",
-                lambda: kv.read_secret_version(ref, mount_point=self._s.erasure_mount, raise_on_deleted_version=True),
+                lambda c: c.secrets.kv.v2.read_secret_version(ref, mount_point=mount, raise_on_deleted_version=True),
             )
         except hvac.exceptions.InvalidPath:
             return None  # never created, or destroyed by an erasure
@@ -197,26 +159,24 @@ class TransitKeys:
         if existing is not None:
             return existing
         fresh = base64.b64encode(os.urandom(32)).decode()
-        kv = self._client.secrets.kv.v2
+        mount = self._s.erasure_mount
         # cas=0: create only; the service's policy cannot overwrite an existing key. If another
         # replica created it first this fails, and we read theirs below.
-        with contextlib.suppress(hvac.exceptions.InvalidRequest, KeyServiceUnavailable):
-            self._vault(
+        with contextlib.suppress(hvac.exceptions.InvalidRequest, VaultUnavailable):
+            self._session.call(
                 "erasure key create",
-                lambda: kv.create_or_update_secret(
-                    ref, secret={"key": fresh}, cas=0, mount_point=self._s.erasure_mount
-                ),
+                lambda c: c.secrets.kv.v2.create_or_update_secret(ref, secret={"key": fresh}, cas=0, mount_point=mount),
             )
         created = self._read_erasure_key(ref)
         if created is None:
-            raise KeyServiceUnavailable("erasure key could not be created")
+            raise VaultUnavailable("erasure key could not be created")
         return created
 
     def _destroy_erasure_key(self, ref: str) -> None:
-        kv = self._client.secrets.kv.v2
-        self._vault(
+        mount = self._s.erasure_mount
+        self._session.call(
             "erasure key destroy",
-            lambda: kv.delete_metadata_and_all_versions(ref, mount_point=self._s.erasure_mount),
+            lambda c: c.secrets.kv.v2.delete_metadata_and_all_versions(ref, mount_point=mount),
         )
 
     async def destroy_erasure_key(self, ref: str) -> None:
@@ -242,7 +202,7 @@ class TransitKeys:
         wrapped = str(data["ciphertext"])
         plaintext = bytearray(base64.b64decode(str(data["plaintext"])))
         if len(plaintext) != 32:
-            raise KeyServiceUnavailable("Vault returned a data key of unexpected length")
+            raise VaultUnavailable("Vault returned a data key of unexpected length")
         return DataKey(plaintext, wrapped, self._s.key_name, key_version_of(wrapped))
 
     def _unwrap(self, key_name: str, wrapped: str) -> bytearray:
