@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaConsumer
 
 from dicomsafe.common.kafka import Topics, dlq_topic, ensure_topics, headers_for, new_producer, topic_specs
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc, events_pb2, retrieval_pb2, retrieval_pb2_grpc
-from tools import dicom_samples, infra, vault_setup
+from tools import dicom_samples, infra
 from tools.stack import Stack, StackSettings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -179,7 +179,10 @@ async def story(stack: Stack, servers: Servers, topics: Topics) -> bool:
     # retrieval; each refused read: decision + retrieval.
     want = 2 * len(samples) + 1 + 3 + 2 * len(DENIED_USERS)
     verdict, records = await audit_trail(stack.settings.target("audit"), want, timeout_s=60)
-    say(f"\n⑤ audit trail in MongoDB: {verdict.records_checked} records in {verdict.chains_checked} hash chains")
+    say(
+        f"\n⑤ audit trail in MongoDB: {verdict.records_checked} records in {verdict.chains_checked} hash chains, "
+        f"{verdict.checkpoints_checked} signed checkpoints"
+    )
     for record in sorted(records, key=lambda r: r.event.occurred_at.ToDatetime())[-12:]:
         e = record.event
         say(
@@ -199,16 +202,11 @@ def main() -> int:
     servers = resolve_servers()
     topics = Topics(prefix=f"demo{int(time.time())}.")
     asyncio.run(ensure_topics(servers.kafka, topic_specs(topics)))
-    creds = vault_setup.provision(servers.vault_addr, servers.vault_token)
-    vault_setup.write_secret(work / "vault" / "role-id", creds.role_id)
-    vault_setup.write_secret(work / "vault" / "secret-id", creds.secret_id)
-    say("• Vault: transit key 'dicomsafe-dek' and AppRole 'dicomsafe-crypto' provisioned")
     settings = StackSettings(
         kafka_bootstrap=servers.kafka,
         vault_addr=servers.vault_addr,
         mongodb_uri=servers.mongo,
-        vault_role_id_file=work / "vault" / "role-id",
-        vault_secret_id_file=work / "vault" / "secret-id",
+        vault_admin_token=servers.vault_token,
         work_dir=work,
         topic_prefix=topics.prefix,
         audit_db=f"dicomsafe_audit_{topics.prefix.strip('.')}",
@@ -216,6 +214,8 @@ def main() -> int:
     stack = Stack(settings)
     ok = False
     try:
+        say("• provisioning each service's own least-privilege identity: crypto (Vault AppRole: data keys),")
+        say("  audit (Vault AppRole: checkpoint signing; MongoDB user: insert + find only)")
         say("• starting services: crypto, authz, audit, gateway, ingest")
         stack.start()
         ok = asyncio.run(story(stack, servers, topics))

@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.audit.provision import provision, writer_uri
+from tools import vault_setup
 
 REPO = Path(__file__).resolve().parent.parent
 POLICY_FILE = REPO / "deploy" / "policy" / "policy.toml"
@@ -29,9 +30,10 @@ POLICY_FILE = REPO / "deploy" / "policy" / "policy.toml"
 class StackSettings:
     kafka_bootstrap: str
     vault_addr: str
+    # An admin token, used only here to provision each service's own narrow identity;
+    # no service ever receives it.
+    vault_admin_token: str
     mongodb_uri: str
-    vault_role_id_file: Path
-    vault_secret_id_file: Path
     work_dir: Path
     topic_prefix: str = ""
     base_port: int = 50051
@@ -55,19 +57,24 @@ def service_env(s: StackSettings, service: str) -> dict[str, str]:
         "LOG_LEVEL": "INFO",
     }
     bind = s.target(service)
+    secrets_dir = s.work_dir / "secrets"
     specific: dict[str, dict[str, str]] = {
         "crypto": {
             "CRYPTO_GRPC_BIND": bind,
             "CRYPTO_STORE_DIR": str(s.work_dir / "store"),
             "VAULT_ADDR": s.vault_addr,
-            "VAULT_ROLE_ID_FILE": str(s.vault_role_id_file),
-            "VAULT_SECRET_ID_FILE": str(s.vault_secret_id_file),
+            "VAULT_ROLE_ID_FILE": str(secrets_dir / "crypto-role-id"),
+            "VAULT_SECRET_ID_FILE": str(secrets_dir / "crypto-secret-id"),
         },
         "authz": {"AUTHZ_GRPC_BIND": bind, "AUTHZ_POLICY_FILE": str(POLICY_FILE)},
         "audit": {
             "AUDIT_GRPC_BIND": bind,
             # The insert/find-only writer provisioned by Stack.start, never the admin URI.
-            "MONGODB_URI_FILE": str(s.work_dir / "secrets" / "audit-mongodb-uri"),
+            "MONGODB_URI_FILE": str(secrets_dir / "audit-mongodb-uri"),
+            "VAULT_ADDR": s.vault_addr,
+            "VAULT_ROLE_ID_FILE": str(secrets_dir / "audit-role-id"),
+            "VAULT_SECRET_ID_FILE": str(secrets_dir / "audit-secret-id"),
+            "AUDIT_CHECKPOINT_INTERVAL_S": "2",
             "AUDIT_MONGODB_DB": s.audit_db,
             "AUDIT_GROUP_ID": f"{s.topic_prefix}dicomsafe-audit",
         },
@@ -97,6 +104,8 @@ class Stack:
 
     def start(self, services: tuple[str, ...] = SERVICES, timeout_s: float = 60.0) -> None:
         (self.settings.work_dir / "logs").mkdir(parents=True, exist_ok=True)
+        if "crypto" in services:
+            self._provision_crypto()
         if "audit" in services:
             self._provision_audit()
         for name in services:
@@ -112,14 +121,21 @@ class Stack:
         for name in services:
             self.wait_healthy(name, timeout_s)
 
+    def _secret(self, name: str, value: str) -> None:
+        vault_setup.write_secret(self.settings.work_dir / "secrets" / name, value)
+
+    def _provision_crypto(self) -> None:
+        creds = vault_setup.provision(self.settings.vault_addr, self.settings.vault_admin_token)
+        self._secret("crypto-role-id", creds.role_id)
+        self._secret("crypto-secret-id", creds.secret_id)
+
     def _provision_audit(self) -> None:
         s = self.settings
         user, password = asyncio.run(provision(s.mongodb_uri, s.audit_db))
-        secret = s.work_dir / "secrets" / "audit-mongodb-uri"
-        secret.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(writer_uri(s.mongodb_uri, s.audit_db, user, password))
+        self._secret("audit-mongodb-uri", writer_uri(s.mongodb_uri, s.audit_db, user, password))
+        creds = vault_setup.provision_audit(s.vault_addr, s.vault_admin_token)
+        self._secret("audit-role-id", creds.role_id)
+        self._secret("audit-secret-id", creds.secret_id)
 
     def wait_healthy(self, service: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -23,6 +23,9 @@ PSEUDONYM_KEY = "dicomsafe-pseudonym"
 ERASURE_MOUNT = "dicomsafe-erasure"
 ERASURE_POLICY = "dicomsafe-erasure-officer"
 ERASURE_POLICY_FILE = REPO / "deploy" / "vault" / "erasure-officer-policy.hcl"
+CHECKPOINT_KEY = "dicomsafe-audit-checkpoint"
+AUDIT_POLICY = "dicomsafe-audit"
+AUDIT_POLICY_FILE = REPO / "deploy" / "vault" / "audit-policy.hcl"
 
 
 @dataclass(frozen=True)
@@ -35,13 +38,7 @@ def provision(
     addr: str, admin_token: str, key_name: str = "dicomsafe-dek", mount: str = "transit"
 ) -> AppRoleCredentials:
     client = hvac.Client(url=addr, token=admin_token)
-    engines = client.sys.list_mounted_secrets_engines()
-    if f"{mount}/" not in engines.get("data", engines):
-        client.sys.enable_secrets_engine("transit", path=mount)
-    try:
-        existing = set(client.secrets.transit.list_keys(mount_point=mount)["data"]["keys"])
-    except hvac.exceptions.InvalidPath:
-        existing = set()  # Vault answers 404 while the mount has no key
+    existing = _transit_keys(client, mount)
     if key_name not in existing:
         client.secrets.transit.create_key(
             key_name, key_type="aes256-gcm96", exportable=False, allow_plaintext_backup=False, mount_point=mount
@@ -49,6 +46,7 @@ def provision(
     if PSEUDONYM_KEY not in existing:
         # Pseudonyms must stay stable for years: this key is never rotated (HMACs pin v1).
         client.secrets.transit.create_key(PSEUDONYM_KEY, key_type="aes256-gcm96", exportable=False, mount_point=mount)
+    engines = client.sys.list_mounted_secrets_engines()
     if f"{ERASURE_MOUNT}/" not in engines.get("data", engines):
         client.sys.enable_secrets_engine("kv", path=ERASURE_MOUNT, options={"version": "2"})
     client.sys.create_or_update_policy(ERASURE_POLICY, ERASURE_POLICY_FILE.read_text(encoding="utf-8"))
@@ -57,20 +55,41 @@ def provision(
     names = POLICY_NAME if key_name == "dicomsafe-dek" else f"{POLICY_NAME}-{key_name}"
     if key_name != "dicomsafe-dek" or mount != "transit":
         policy = policy.replace("transit/", f"{mount}/").replace("dicomsafe-dek", key_name)
-    client.sys.create_or_update_policy(names, policy)
+    return _approle(client, names, policy)
+
+
+def provision_audit(addr: str, admin_token: str, mount: str = "transit") -> AppRoleCredentials:
+    """The audit service's identity: sign chain checkpoints with an ed25519 Transit key."""
+    client = hvac.Client(url=addr, token=admin_token)
+    if CHECKPOINT_KEY not in _transit_keys(client, mount):
+        client.secrets.transit.create_key(CHECKPOINT_KEY, key_type="ed25519", exportable=False, mount_point=mount)
+    return _approle(
+        client, AUDIT_POLICY, AUDIT_POLICY_FILE.read_text(encoding="utf-8").replace("transit/", f"{mount}/")
+    )
+
+
+def _transit_keys(client: hvac.Client, mount: str) -> set[str]:
+    """Key names on the Transit mount, enabling the mount if needed."""
+    engines = client.sys.list_mounted_secrets_engines()
+    if f"{mount}/" not in engines.get("data", engines):
+        client.sys.enable_secrets_engine("transit", path=mount)
+    try:
+        return set(client.secrets.transit.list_keys(mount_point=mount)["data"]["keys"])
+    except hvac.exceptions.InvalidPath:
+        return set()  # Vault answers 404 while the mount has no key
+
+
+def _approle(client: hvac.Client, name: str, policy: str) -> AppRoleCredentials:
+    """A policy and an AppRole of the same name; short-lived tokens, re-login on expiry."""
+    client.sys.create_or_update_policy(name, policy)
     auth_methods = client.sys.list_auth_methods()
     if "approle/" not in auth_methods.get("data", auth_methods):
         client.sys.enable_auth_method("approle")
-    # Short-lived tokens; the service logs in again when one expires.
     client.auth.approle.create_or_update_approle(
-        names,
-        token_policies=[names],
-        token_ttl="1h",
-        token_max_ttl="24h",
-        secret_id_ttl="720h",
+        name, token_policies=[name], token_ttl="1h", token_max_ttl="24h", secret_id_ttl="720h"
     )
-    role_id = client.auth.approle.read_role_id(names)["data"]["role_id"]
-    secret_id = client.auth.approle.generate_secret_id(names)["data"]["secret_id"]
+    role_id = client.auth.approle.read_role_id(name)["data"]["role_id"]
+    secret_id = client.auth.approle.generate_secret_id(name)["data"]["secret_id"]
     return AppRoleCredentials(str(role_id), str(secret_id))
 
 
@@ -93,7 +112,7 @@ def retire_versions_below(
 
 
 def write_secret(path: Path, value: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(value)

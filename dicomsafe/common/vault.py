@@ -17,6 +17,8 @@ import hvac
 import hvac.exceptions
 import requests
 
+from dicomsafe.common.config import env_secret, env_str
+
 log = logging.getLogger("dicomsafe.vault")
 
 
@@ -32,6 +34,17 @@ class VaultAuth:
     secret_id: str | None = None
     ca_cert: str | None = None
     timeout_s: float = 10.0
+
+
+def vault_auth_from_env() -> VaultAuth:
+    """VAULT_ADDR plus VAULT_ROLE_ID/VAULT_SECRET_ID (preferred) or VAULT_TOKEN, each also as *_FILE."""
+    return VaultAuth(
+        addr=env_str("VAULT_ADDR"),
+        token=env_secret("VAULT_TOKEN"),
+        role_id=env_secret("VAULT_ROLE_ID"),
+        secret_id=env_secret("VAULT_SECRET_ID"),
+        ca_cert=env_secret("VAULT_CACERT_PATH"),
+    )
 
 
 class VaultSession:

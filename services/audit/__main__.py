@@ -16,7 +16,9 @@ from typing import Any
 
 from pymongo import AsyncMongoClient
 
+from dicomsafe.common.vault import VaultSession
 from services.audit.app import main as serve
+from services.audit.checkpoints import CheckpointSigner
 from services.audit.config import AuditConfig
 from services.audit.provision import provision
 from services.audit.store import AuditStore
@@ -26,10 +28,12 @@ async def _verify(chain: str) -> int:
     cfg = AuditConfig.from_env()
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
     try:
-        verdict = await AuditStore(client, cfg.database).verify(chain)
+        signer = CheckpointSigner(VaultSession(cfg.vault)) if cfg.vault else None
+        keys = await asyncio.to_thread(signer.public_keys) if signer else None
+        verdict = await AuditStore(client, cfg.database).verify(chain, keys)
     finally:
         await client.close()
-    print(f"{verdict.records} records in {verdict.chains} chains")
+    print(f"{verdict.records} records in {verdict.chains} chains, {verdict.checkpoints} signed checkpoints")
     for b in verdict.breaks:
         print(f"BROKEN {b.chain} at seq {b.seq}: {b.reason}")
     print("OK" if verdict.ok else "TAMPERING OR LOSS DETECTED")

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dicomsafe.common.config import env_opt, env_secret, env_str
+from dicomsafe.common.config import env_int, env_opt, env_secret, env_str
+from dicomsafe.common.vault import VaultAuth, vault_auth_from_env
 
 
 @dataclass(frozen=True)
@@ -13,6 +14,10 @@ class AuditConfig:
     group_id: str
     mongodb_uri: str
     database: str
+    # None only when explicitly disabled (AUDIT_CHECKPOINTS=disabled): then truncation of a
+    # chain's tail is not detectable.
+    vault: VaultAuth | None = None
+    checkpoint_interval_s: int = 30
 
     @classmethod
     def from_env(cls) -> AuditConfig:
@@ -26,4 +31,6 @@ class AuditConfig:
             group_id=env_str("AUDIT_GROUP_ID", "dicomsafe-audit"),
             mongodb_uri=uri,
             database=env_str("AUDIT_MONGODB_DB", "dicomsafe_audit"),
+            vault=None if env_opt("AUDIT_CHECKPOINTS") == "disabled" else vault_auth_from_env(),
+            checkpoint_interval_s=env_int("AUDIT_CHECKPOINT_INTERVAL_S", 30),
         )

@@ -6,24 +6,28 @@ a record, once written, changes only by tampering — which verification detects
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.json_format import ParseDict
 from pymongo import ASCENDING, AsyncMongoClient
-from pymongo.errors import BulkWriteError, PyMongoError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 from pymongo.write_concern import WriteConcern
 
 from dicomsafe.common.kafka import TransientError
 from dicomsafe.v1 import audit_pb2
 from services.audit.chain import GENESIS, Break, ChainVerifier, event_document, link_hash
+from services.audit.checkpoints import Checkpoint, signature_valid
 
 log = logging.getLogger("dicomsafe.audit.store")
 
 COLLECTION = "events"
+CHECKPOINTS = "checkpoints"
 
 
 @dataclass
@@ -37,6 +41,7 @@ class Verdict:
     chains: int
     records: int
     breaks: list[Break]
+    checkpoints: int = 0
 
     @property
     def ok(self) -> bool:
@@ -48,6 +53,9 @@ class AuditStore:
         # Majority + journal: an acknowledged insert survives a crash, so the offset may be committed.
         self._events = client[database].get_collection(COLLECTION, write_concern=WriteConcern(w="majority", j=True))
         self._heads: dict[str, Head] = {}
+        self._checkpoints = client[database].get_collection(
+            CHECKPOINTS, write_concern=WriteConcern(w="majority", j=True)
+        )
 
     async def ensure_indexes(self) -> None:
         await self._events.create_index([("chain", ASCENDING), ("seq", ASCENDING)], unique=True, name="chain_seq")
@@ -56,6 +64,7 @@ class AuditStore:
         await self._events.create_index("event.actor", name="actor")
         await self._events.create_index("event.object_id", name="object")
         await self._events.create_index("recorded_at", name="recorded_at")
+        await self._checkpoints.create_index([("chain", ASCENDING), ("seq", ASCENDING)], unique=True, name="chain_seq")
 
     async def check_indexes(self) -> None:
         """The service's own user may not create indexes: refuse to run without them, since
@@ -148,18 +157,48 @@ class AuditStore:
         if inserted:
             self._heads[chain] = Head(int(inserted[-1]["seq"]), str(inserted[-1]["hash"]))
 
-    async def verify(self, chain: str = "") -> Verdict:
+    def heads(self) -> dict[str, Head]:
+        """Heads of the chains this instance has written (for checkpointing)."""
+        return dict(self._heads)
+
+    async def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        with contextlib.suppress(DuplicateKeyError):  # this head is already checkpointed
+            await self._checkpoints.insert_one({**asdict(checkpoint), "signed_at": dt.datetime.now(dt.UTC)})
+
+    async def verify(self, chain: str = "", public_keys: dict[int, Ed25519PublicKey] | None = None) -> Verdict:
+        """Recompute every chain; with ``public_keys``, also check every signed checkpoint:
+        its signature, that the record at its seq has its hash, and that the chain still
+        reaches it (a shorter chain was truncated)."""
         chains = [chain] if chain else sorted(await self._events.distinct("chain"))
-        total, breaks = 0, []
+        total, breaks, checked_cps = 0, [], 0
         for name in chains:
+            cps: dict[int, Checkpoint] = {}
+            if public_keys is not None:
+                async for doc in self._checkpoints.find({"chain": name}, sort=[("seq", ASCENDING)]):
+                    cp = Checkpoint(doc["chain"], int(doc["seq"]), doc["hash"], doc["signature"])
+                    checked_cps += 1
+                    if not signature_valid(public_keys, cp):
+                        breaks.append(Break(name, cp.seq, "checkpoint signature invalid"))
+                        continue
+                    cps[cp.seq] = cp
             verifier = ChainVerifier(name)
+            broken: Break | None = None
+            last_seq = 0
             async for doc in self._events.find({"chain": name}, sort=[("seq", ASCENDING)], batch_size=1000):
                 broken = verifier.feed(doc)
                 if broken:
-                    breaks.append(broken)
                     break
+                last_seq = int(doc["seq"])
+                signed = cps.get(last_seq)
+                if signed is not None and signed.hash != doc["hash"]:
+                    broken = Break(name, last_seq, "record differs from its signed checkpoint")
+                    break
+            if broken is None and cps and max(cps) > last_seq:
+                broken = Break(name, last_seq + 1, f"chain truncated: a signed checkpoint reaches seq {max(cps)}")
+            if broken:
+                breaks.append(broken)
             total += verifier.checked
-        return Verdict(len(chains), total, breaks)
+        return Verdict(len(chains), total, breaks, checked_cps)
 
     async def query(
         self,

@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer
 from dicomsafe.common.kafka import Topics, dlq_topic, ensure_topics, headers_for, new_producer, topic_specs
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc, events_pb2, retrieval_pb2, retrieval_pb2_grpc
 from tests.servers import Servers
-from tools import dicom_samples, vault_setup
+from tools import dicom_samples
 from tools.stack import SERVICES, Stack, StackSettings
 
 
@@ -47,15 +47,11 @@ def stack(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     unique = uuid.uuid4().hex[:8]
     topics = Topics(prefix=f"e2e{unique}.")
     asyncio.run(ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=3)))
-    creds = vault_setup.provision(servers.vault_addr, servers.vault_token)
-    vault_setup.write_secret(work / "vault" / "role-id", creds.role_id)
-    vault_setup.write_secret(work / "vault" / "secret-id", creds.secret_id)
     settings = StackSettings(
         kafka_bootstrap=servers.kafka_bootstrap,
         vault_addr=servers.vault_addr,
         mongodb_uri=servers.mongodb_uri,
-        vault_role_id_file=work / "vault" / "role-id",
-        vault_secret_id_file=work / "vault" / "secret-id",
+        vault_admin_token=servers.vault_token,
         work_dir=work,
         topic_prefix=topics.prefix,
         base_port=_free_base_port(),

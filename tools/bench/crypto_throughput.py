@@ -18,7 +18,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
 from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc
 from services.ingest.sealing import Sealer
-from tools import vault_setup
 from tools.bench.results import Result, ratio
 from tools.stack import Stack, StackSettings
 
@@ -98,16 +97,12 @@ def run(kafka: str, vault_addr: str, vault_token: str, sizes: list[int], rounds:
         work = Path(tmp)
         topics = Topics(prefix=f"bench{int(time.time())}.")
         asyncio.run(ensure_topics(kafka, topic_specs(topics, partitions=1)))
-        creds = vault_setup.provision(vault_addr, vault_token)
-        vault_setup.write_secret(work / "role-id", creds.role_id)
-        vault_setup.write_secret(work / "secret-id", creds.secret_id)
         stack = Stack(
             StackSettings(
                 kafka_bootstrap=kafka,
                 vault_addr=vault_addr,
                 mongodb_uri="",
-                vault_role_id_file=work / "role-id",
-                vault_secret_id_file=work / "secret-id",
+                vault_admin_token=vault_token,
                 work_dir=work,
                 topic_prefix=topics.prefix,
                 base_port=51051,
