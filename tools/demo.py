@@ -118,7 +118,9 @@ async def audit_trail(
         deadline = time.monotonic() + timeout_s
         while True:
             verdict = await stub.Verify(audit_pb2.VerifyRequest(), timeout=30)
-            if verdict.records_checked >= want or time.monotonic() > deadline:
+            # Wait for the records, and for every chain's head to be signed (every few seconds).
+            complete = verdict.records_checked >= want and verdict.checkpoints_checked >= verdict.chains_checked
+            if complete or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.5)
         records = [r async for r in stub.Query(audit_pb2.QueryRequest(limit=200), timeout=30)]
