@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import os
 import sys
 from pathlib import Path
@@ -40,6 +41,31 @@ async def _verify(chain: str) -> int:
     return 0 if verdict.ok else 1
 
 
+async def _exposure(actor: str, since: str, until: str) -> int:
+    cfg = AuditConfig.from_env()
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
+    try:
+        report = await AuditStore(client, cfg.database).exposure(
+            actor, _when(since) if since else None, _when(until) if until else None
+        )
+    finally:
+        await client.close()
+    print(
+        f"{report.actor}: {report.events} disclosures, "
+        f"{len(report.patient_refs)} patients, {len(report.studies)} studies"
+    )
+    for ref in sorted(report.patient_refs):
+        print(f"patient {ref}")
+    for study in sorted(report.studies):
+        print(f"study   {study}")
+    return 0
+
+
+def _when(text: str) -> dt.datetime:
+    value = dt.datetime.fromisoformat(text)
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
 def _provision(password_file: Path) -> int:
     admin_uri = os.environ.get("MONGODB_ADMIN_URI", "")
     if not admin_uri:
@@ -64,8 +90,16 @@ if len(sys.argv) > 1:
     verify.add_argument("--chain", default="")
     prov = sub.add_parser("provision", help="admin: create indexes and the insert/find-only writer")
     prov.add_argument("--password-file", type=Path, required=True, help="read if present, else generated and written")
+    exposure = sub.add_parser(
+        "exposure", help="which patients and studies a subject received in a time window (breach notices)"
+    )
+    exposure.add_argument("--actor", required=True)
+    exposure.add_argument("--since", default="", help="ISO 8601, UTC if no offset")
+    exposure.add_argument("--until", default="")
     args = parser.parse_args()
     if args.command == "verify":
         sys.exit(asyncio.run(_verify(args.chain)))
+    if args.command == "exposure":
+        sys.exit(asyncio.run(_exposure(args.actor, args.since, args.until)))
     sys.exit(_provision(args.password_file))
 serve()

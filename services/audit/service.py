@@ -46,6 +46,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         until = request.until.ToDatetime(tzinfo=None) if request.HasField("until") else None
         try:
             async for record in self._store.query(
+                patient_ref=request.patient_ref,
                 study_instance_uid=request.study_instance_uid,
                 actor=request.actor,
                 object_id=request.object_id,

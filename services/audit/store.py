@@ -63,6 +63,7 @@ class AuditStore:
         await self._events.create_index("event.study_instance_uid", name="study")
         await self._events.create_index("event.actor", name="actor")
         await self._events.create_index("event.object_id", name="object")
+        await self._events.create_index("event.patient_ref", name="patient")
         await self._events.create_index("recorded_at", name="recorded_at")
         await self._checkpoints.create_index([("chain", ASCENDING), ("seq", ASCENDING)], unique=True, name="chain_seq")
 
@@ -200,9 +201,30 @@ class AuditStore:
             total += verifier.checked
         return Verdict(len(chains), total, breaks, checked_cps)
 
+    async def exposure(self, actor: str, since: dt.datetime | None, until: dt.datetime | None) -> ExposureReport:
+        flt: dict[str, Any] = {
+            "event.actor": actor,
+            "event.action": {"$in": _DISCLOSURES},
+            "event.outcome": audit_pb2.AuditOutcome.Name(audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS),
+        }
+        if since or until:
+            flt["recorded_at"] = {k: v for k, v in (("$gte", since), ("$lt", until)) if v}
+        patients: set[str] = set()
+        studies: set[str] = set()
+        objects: set[str] = set()
+        events = 0
+        async for doc in self._events.find(flt, projection={"event": 1}, batch_size=1000):
+            event = doc["event"]
+            events += 1
+            for target, field in ((patients, "patient_ref"), (studies, "study_instance_uid"), (objects, "object_id")):
+                if event.get(field):
+                    target.add(str(event[field]))
+        return ExposureReport(actor, events, frozenset(patients), frozenset(studies), frozenset(objects))
+
     async def query(
         self,
         *,
+        patient_ref: str = "",
         study_instance_uid: str = "",
         actor: str = "",
         object_id: str = "",
@@ -211,6 +233,8 @@ class AuditStore:
         limit: int = 100,
     ) -> AsyncIterator[audit_pb2.AuditRecord]:
         flt: dict[str, Any] = {}
+        if patient_ref:
+            flt["event.patient_ref"] = patient_ref
         if study_instance_uid:
             flt["event.study_instance_uid"] = study_instance_uid
         if actor:
@@ -222,6 +246,24 @@ class AuditStore:
         cursor = self._events.find(flt, sort=[("recorded_at", ASCENDING)], limit=max(1, min(limit, 10_000)))
         async for doc in cursor:
             yield to_record(doc)
+
+
+@dataclass(frozen=True)
+class ExposureReport:
+    """What one subject actually received in a time window (GDPR art. 33/34 breach notices)."""
+
+    actor: str
+    events: int
+    patient_refs: frozenset[str]
+    studies: frozenset[str]
+    objects: frozenset[str]
+
+
+# Events that mean plaintext left the system for the actor.
+_DISCLOSURES = [
+    audit_pb2.AuditAction.Name(audit_pb2.AuditAction.AUDIT_ACTION_INSTANCE_RETRIEVED),
+    audit_pb2.AuditAction.Name(audit_pb2.AuditAction.AUDIT_ACTION_OBJECT_OPENED),
+]
 
 
 def to_record(doc: dict[str, Any]) -> audit_pb2.AuditRecord:

@@ -77,6 +77,7 @@ class Rewrapper:
             study_instance_uid=header.study_instance_uid,
             sop_instance_uid=header.sop_instance_uid,
             object_id=object_id,
+            patient_ref=header.erasure_key_ref,
             details={"from_version": str(header.key_version), "to_version": str(key_version_of(wrapped))},
         )
         return header.key_version

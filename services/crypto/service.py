@@ -231,6 +231,7 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
                 study_instance_uid=desc.study_instance_uid,
                 sop_instance_uid=desc.sop_instance_uid,
                 object_id=desc.object_id,
+                patient_ref=desc.erasure_key_ref,
                 details={
                     "key_name": desc.key_name,
                     "key_version": str(desc.key_version),
@@ -312,6 +313,7 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
                 study_instance_uid=desc.study_instance_uid,
                 sop_instance_uid=desc.sop_instance_uid,
                 object_id=desc.object_id,
+                patient_ref=desc.erasure_key_ref,
                 reason=reason,
                 details={"caller": _caller(context), "offset": str(request.offset), "length": str(request.length)},
             )

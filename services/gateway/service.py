@@ -118,6 +118,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             study_instance_uid=desc.study_instance_uid if desc else "",
             sop_instance_uid=desc.sop_instance_uid if desc else "",
             object_id=request.object_id,
+            patient_ref=desc.erasure_key_ref if desc else "",
             reason=reason,
             details=details,
         )

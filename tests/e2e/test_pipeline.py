@@ -184,6 +184,11 @@ async def test_slice_end_to_end(stack: Stack) -> None:
     assert (A.AUDIT_ACTION_ACCESS_DECISION, Out.AUDIT_OUTCOME_DENIED) in actions
     assert (A.AUDIT_ACTION_INSTANCE_RETRIEVED, Out.AUDIT_OUTCOME_DENIED) in actions
     assert actions.count((A.AUDIT_ACTION_INSTANCE_RETRIEVED, Out.AUDIT_OUTCOME_SUCCESS)) == len(good)
+    # Disclosures name the patient by pseudonym only, so "who saw this patient" is answerable.
+    retrieved = [r.event for r in records if r.event.action == A.AUDIT_ACTION_INSTANCE_RETRIEVED]
+    assert all(e.patient_ref for e in retrieved if e.outcome == Out.AUDIT_OUTCOME_SUCCESS)
+    patient_ids = {m.PatientID for m in (pydicom.dcmread(io.BytesIO(d)) for _, d in good) if m.get("PatientID")}
+    assert not any(pid in r.event.patient_ref or pid in r.event.reason for r in records for pid in patient_ids)
 
 
 async def test_redelivered_instance_is_stored_once(stack: Stack) -> None:

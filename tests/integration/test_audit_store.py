@@ -130,3 +130,33 @@ async def test_concurrent_bulk_writers_never_fork_a_chain(
     seqs_a, seqs_b = await asyncio.gather(write(a), write(b))
     assert sorted(s for s in seqs_a + seqs_b if s is not None) == list(range(1, 201))
     assert (await a.verify()).ok
+
+
+async def test_exposure_report_lists_what_a_subject_received(store: AuditStore) -> None:
+    def disclosed(actor: str, patient: str, study: str, outcome: int) -> audit_pb2.AuditEvent:
+        event = _event(actor=actor, study=study)
+        event.patient_ref = patient
+        event.outcome = outcome  # type: ignore[assignment]
+        return event
+
+    ok, denied = audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS, audit_pb2.AuditOutcome.AUDIT_OUTCOME_DENIED
+    decision = _event(actor="dr.evil", study="7.7")
+    decision.action = audit_pb2.AuditAction.AUDIT_ACTION_ACCESS_DECISION
+    await store.append_many(
+        "c:0",
+        [
+            disclosed("dr.evil", "aa" * 16, "1.1", ok),
+            disclosed("dr.evil", "aa" * 16, "1.2", ok),
+            disclosed("dr.evil", "bb" * 16, "2.1", ok),
+            disclosed("dr.evil", "cc" * 16, "3.1", denied),  # refused: nothing disclosed
+            disclosed("dr.house", "dd" * 16, "4.1", ok),
+            decision,  # a decision alone discloses nothing
+        ],
+    )
+    report = await store.exposure("dr.evil", None, None)
+    assert report.events == 3
+    assert report.patient_refs == {"aa" * 16, "bb" * 16}
+    assert report.studies == {"1.1", "1.2", "2.1"}
+    future = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
+    assert (await store.exposure("dr.evil", future, None)).events == 0
+    assert len([r async for r in store.query(patient_ref="aa" * 16)]) == 2
