@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import json
 import os
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from dicomsafe.common.vault import VaultSession
 from services.audit.app import main as serve
 from services.audit.checkpoints import CheckpointSigner
 from services.audit.config import AuditConfig
+from services.audit.exports import NotExportable, to_dicom_xml, to_fhir
 from services.audit.provision import provision
 from services.audit.store import AuditStore
 
@@ -61,6 +63,30 @@ async def _exposure(actor: str, since: str, until: str) -> int:
     return 0
 
 
+async def _export(fmt: str, actor: str, patient_ref: str, since: str, until: str, limit: int) -> int:
+    cfg = AuditConfig.from_env()
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
+    skipped = 0
+    try:
+        records = AuditStore(client, cfg.database).query(
+            actor=actor,
+            patient_ref=patient_ref,
+            since=_when(since) if since else None,
+            until=_when(until) if until else None,
+            limit=limit,
+        )
+        async for record in records:
+            try:
+                print(to_dicom_xml(record) if fmt == "dicom" else json.dumps(to_fhir(record), separators=(",", ":")))
+            except NotExportable:
+                skipped += 1
+    finally:
+        await client.close()
+    if skipped:
+        print(f"{skipped} records skipped: no standard mapping for their action", file=sys.stderr)
+    return 0
+
+
 def _when(text: str) -> dt.datetime:
     value = dt.datetime.fromisoformat(text)
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
@@ -96,7 +122,18 @@ if len(sys.argv) > 1:
     exposure.add_argument("--actor", required=True)
     exposure.add_argument("--since", default="", help="ISO 8601, UTC if no offset")
     exposure.add_argument("--until", default="")
+    export = sub.add_parser(
+        "export", help="records as DICOM PS3.15 audit messages (XML) or FHIR R4 AuditEvent (NDJSON)"
+    )
+    export.add_argument("--format", choices=["fhir", "dicom"], required=True)
+    export.add_argument("--actor", default="")
+    export.add_argument("--patient-ref", default="")
+    export.add_argument("--since", default="")
+    export.add_argument("--until", default="")
+    export.add_argument("--limit", type=int, default=10_000)
     args = parser.parse_args()
+    if args.command == "export":
+        sys.exit(asyncio.run(_export(args.format, args.actor, args.patient_ref, args.since, args.until, args.limit)))
     if args.command == "verify":
         sys.exit(asyncio.run(_verify(args.chain)))
     if args.command == "exposure":
