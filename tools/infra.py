@@ -910,6 +910,14 @@ def bao_binary() -> str:
     return _bao_binary()
 
 
+def secantusd_binary() -> str:
+    """Path of the SecantusDB server (installing the servers' venv if needed), for tests that
+    run a MongoDB-wire server of their own, e.g. one they can stop and restart."""
+    with _global_lock():
+        _ensure_servers_venv()
+    return str(_venv_dir() / "bin" / "secantusd-py")
+
+
 def running() -> list[str]:
     """Servers already up, so a caller can leave alone what it did not start."""
     return [name for name in ALL if _is_up(name)]

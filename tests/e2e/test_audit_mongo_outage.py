@@ -1,0 +1,143 @@
+"""MongoDB stopped for a while under load: the audit consumer stops committing, events wait in
+Kafka, and after recovery every event is recorded once — no gap, no duplicate.
+
+Uses a MongoDB-wire server of its own (SecantusDB, persistent storage) so it can be stopped
+with SIGTERM and started again on the same data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from pymongo import MongoClient
+
+from dicomsafe.common.kafka import Topics, ensure_topics, new_producer, topic_specs
+from dicomsafe.v1 import audit_pb2, audit_pb2_grpc
+from tests.e2e.test_pipeline import _free_base_port
+from tests.servers import Servers
+from tests.service_runner import free_port
+from tools import infra
+from tools.stack import Stack, StackSettings
+
+EVENTS = 1500
+
+
+class OwnMongo:
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.uri = f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        # An explicit empty config: no auto-discovery of config files elsewhere on the machine.
+        (workdir / "secantusd.toml").write_text("", encoding="utf-8")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        cmd = [
+            infra.secantusd_binary(),
+            "--config", str(self.workdir / "secantusd.toml"),
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--storage-path", str(self.workdir / "data"),
+        ]  # fmt: skip
+        log = (self.workdir / "mongo.log").open("ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client: MongoClient[dict[str, object]] = MongoClient(self.uri, serverSelectionTimeoutMS=500)
+                with client:
+                    client.admin.command("ping")
+                return
+            except Exception:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=60)
+
+
+@pytest.fixture
+def mongo(tmp_path: Path) -> Iterator[OwnMongo]:
+    server = OwnMongo(tmp_path / "mongo")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def _records(target: str) -> audit_pb2.VerifyResponse | None:
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            return await audit_pb2_grpc.AuditServiceStub(channel).Verify(audit_pb2.VerifyRequest(), timeout=20)
+    except grpc.aio.AioRpcError:
+        return None  # MongoDB down: Verify answers UNAVAILABLE
+
+
+async def test_mongodb_outage_under_load_loses_nothing(servers: Servers, mongo: OwnMongo, tmp_path: Path) -> None:
+    unique = uuid.uuid4().hex[:8]
+    topics = Topics(f"mout{unique}.")
+    await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=2))
+    stack = Stack(
+        StackSettings(
+            kafka_bootstrap=servers.kafka_bootstrap,
+            vault_addr=servers.vault_addr,
+            vault_admin_token=servers.vault_token,
+            mongodb_uri=mongo.uri,
+            work_dir=tmp_path / "stack",
+            topic_prefix=topics.prefix,
+            base_port=_free_base_port(),
+            audit_db=f"mout_{unique}",
+        )
+    )
+    # Only the audit service runs here; its port is derived from base_port.
+    stack.settings.work_dir.mkdir()
+    target = stack.settings.target("audit")
+    producer = new_producer(servers.kafka_bootstrap, "outage-load")
+    await producer.start()
+
+    async def publish(n: int) -> None:
+        for i in range(n):
+            event = audit_pb2.AuditEvent(
+                event_id=str(uuid.uuid4()),
+                service="test",
+                action=audit_pb2.AuditAction.AUDIT_ACTION_OBJECT_OPENED,
+                outcome=audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS,
+                actor=f"user{i % 11}",
+            )
+            await producer.send(topics.audit, event.SerializeToString(), key=event.actor.encode())
+        await producer.flush()
+
+    try:
+        await asyncio.to_thread(stack.start, ("audit",))
+        await publish(EVENTS // 3)
+        mongo.stop()  # down while events keep coming
+        await publish(EVENTS - EVENTS // 3)
+        await asyncio.sleep(5)
+        assert await _records(target) is None
+        assert stack.processes["audit"].poll() is None, "the service must wait, not crash"
+        mongo.start()
+        deadline = time.monotonic() + 180
+        verdict = await _records(target)
+        while (verdict is None or verdict.records_checked < EVENTS) and time.monotonic() < deadline:
+            await asyncio.sleep(1)
+            verdict = await _records(target)
+        await asyncio.sleep(2)
+        verdict = await _records(target)
+    finally:
+        await producer.stop()
+        stack.stop()
+    assert verdict is not None and verdict.ok, verdict
+    assert verdict.records_checked == EVENTS
