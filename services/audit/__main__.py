@@ -23,6 +23,7 @@ from services.audit.app import main as serve
 from services.audit.checkpoints import CheckpointSigner
 from services.audit.config import AuditConfig
 from services.audit.exports import NotExportable, to_dicom_xml, to_fhir
+from services.audit.patterns import Rules, find_patterns
 from services.audit.provision import provision
 from services.audit.store import AuditStore
 
@@ -87,6 +88,23 @@ async def _export(fmt: str, actor: str, patient_ref: str, since: str, until: str
     return 0
 
 
+async def _report(since: str, until: str, rules: Rules) -> int:
+    cfg = AuditConfig.from_env()
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
+    try:
+        store = AuditStore(client, cfg.database)
+        events = [
+            e async for e in store.events_between(_when(since) if since else None, _when(until) if until else None)
+        ]
+    finally:
+        await client.close()
+    findings = find_patterns(events, rules)
+    print(f"{len(events)} events examined, {len(findings)} findings")
+    for f in findings:
+        print(f"{f.rule:<14} {f.actor:<20} {f.explanation}")
+    return 0
+
+
 def _when(text: str) -> dt.datetime:
     value = dt.datetime.fromisoformat(text)
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
@@ -131,7 +149,16 @@ if len(sys.argv) > 1:
     export.add_argument("--since", default="")
     export.add_argument("--until", default="")
     export.add_argument("--limit", type=int, default=10_000)
+    report = sub.add_parser("report", help="unusual-pattern report over a time window (explicit rules)")
+    report.add_argument("--since", default="")
+    report.add_argument("--until", default="")
+    report.add_argument("--timezone", default="UTC", help="the hospital's time zone, for working hours")
+    report.add_argument("--many-patients", type=int, default=20)
+    report.add_argument("--denial-burst", type=int, default=5)
     args = parser.parse_args()
+    if args.command == "report":
+        rules = Rules(timezone=args.timezone, many_patients=args.many_patients, denial_burst=args.denial_burst)
+        sys.exit(asyncio.run(_report(args.since, args.until, rules)))
     if args.command == "export":
         sys.exit(asyncio.run(_export(args.format, args.actor, args.patient_ref, args.since, args.until, args.limit)))
     if args.command == "verify":

@@ -221,6 +221,18 @@ class AuditStore:
                     target.add(str(event[field]))
         return ExposureReport(actor, events, frozenset(patients), frozenset(studies), frozenset(objects))
 
+    async def events_between(
+        self, since: dt.datetime | None, until: dt.datetime | None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Stored events (JSON form) recorded in the window, in recorded order."""
+        flt: dict[str, Any] = {}
+        if since or until:
+            flt["recorded_at"] = {k: v for k, v in (("$gte", since), ("$lt", until)) if v}
+        async for doc in self._events.find(
+            flt, projection={"event": 1}, sort=[("recorded_at", ASCENDING)], batch_size=1000
+        ):
+            yield doc["event"]
+
     async def query(
         self,
         *,

@@ -72,6 +72,10 @@ async def test_verify_export_and_exposure_commands(servers: Servers, unique: str
         exposure = await asyncio.to_thread(_cli, servers, database, "exposure", "--actor", "dr.house")
         assert "4 disclosures, 4 patients, 4 studies" in exposure.stdout
 
+        report = await asyncio.to_thread(_cli, servers, database, "report", "--many-patients", "3")
+        assert "4 events examined" in report.stdout
+        assert "many_patients  dr.house" in report.stdout
+
         await client[database][COLLECTION].update_one({"seq": 2}, {"$set": {"event.actor": "someone.else"}})
         broken = await asyncio.to_thread(_cli, servers, database, "verify")
         assert broken.returncode == 1

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from dicomsafe.v1 import audit_pb2
+from services.audit.patterns import Rules, find_patterns
+
+A, Out = audit_pb2.AuditAction, audit_pb2.AuditOutcome
+T0 = dt.datetime(2026, 11, 25, 10, 0, tzinfo=dt.UTC)
+
+
+def _ev(
+    action: int, actor: str, at: dt.datetime, outcome: int = Out.AUDIT_OUTCOME_SUCCESS, **extra: str
+) -> dict[str, Any]:
+    return {
+        "action": A.Name(action),  # type: ignore[arg-type]
+        "outcome": Out.Name(outcome),  # type: ignore[arg-type]
+        "actor": actor,
+        "occurred_at": at.isoformat().replace("+00:00", "Z"),
+        **extra,
+    }
+
+
+def test_quiet_day_has_no_findings() -> None:
+    events = [_ev(A.AUDIT_ACTION_INSTANCE_RETRIEVED, "dr.house", T0, patient_ref=f"{i:032x}") for i in range(5)]
+    assert find_patterns(events, Rules()) == []
+
+
+def test_off_hours_in_the_hospitals_timezone() -> None:
+    night_utc = dt.datetime(2026, 11, 25, 2, 30, tzinfo=dt.UTC)
+    events = [
+        _ev(A.AUDIT_ACTION_INSTANCE_RETRIEVED, "dr.owl", night_utc),
+        _ev(A.AUDIT_ACTION_INSTANCE_RETRIEVED, "dr.owl", T0),
+    ]
+    [finding] = find_patterns(events, Rules())
+    assert (finding.rule, finding.actor, finding.count) == ("off_hours", "dr.owl", 1)
+    assert "07:00-20:00 UTC" in finding.explanation
+    # 02:30 UTC is 11:30 in Tokyo, inside working hours; 10:00 UTC is 19:00 there, too.
+    assert find_patterns(events, Rules(timezone="Asia/Tokyo")) == []
+
+
+def test_one_user_touching_many_patients() -> None:
+    events = [_ev(A.AUDIT_ACTION_INSTANCE_RETRIEVED, "dr.curious", T0, patient_ref=f"{i:032x}") for i in range(25)]
+    events += [_ev(A.AUDIT_ACTION_INSTANCE_RETRIEVED, "dr.house", T0, patient_ref="ab" * 16) for _ in range(30)]
+    findings = find_patterns(events, Rules(many_patients=20))
+    assert [(f.rule, f.actor, f.count) for f in findings] == [("many_patients", "dr.curious", 25)]
+
+
+def test_burst_of_denials_within_the_window_only() -> None:
+    burst = [
+        _ev(A.AUDIT_ACTION_ACCESS_DECISION, "mallory", T0 + dt.timedelta(minutes=i), Out.AUDIT_OUTCOME_DENIED)
+        for i in range(6)
+    ]
+    spread = [
+        _ev(A.AUDIT_ACTION_ACCESS_DECISION, "dr.slow", T0 + dt.timedelta(hours=i), Out.AUDIT_OUTCOME_DENIED)
+        for i in range(6)
+    ]
+    findings = find_patterns(burst + spread, Rules(denial_burst=5))
+    assert [(f.rule, f.actor, f.count) for f in findings] == [("denial_burst", "mallory", 6)]
+
+
+def test_break_glass_and_erasures_are_always_reported() -> None:
+    events = [
+        _ev(A.AUDIT_ACTION_EMERGENCY_OVERRIDE, "dr.er", T0, reason="trauma bay 2"),
+        _ev(A.AUDIT_ACTION_PATIENT_ERASED, "dpo.lee", T0, reason="GDPR request #42"),
+    ]
+    findings = find_patterns(events, Rules())
+    assert [(f.rule, f.actor) for f in findings] == [("break_glass", "dr.er"), ("erasure", "dpo.lee")]
+    assert "trauma bay 2" in findings[0].explanation
