@@ -12,6 +12,7 @@ from dicomsafe.v1 import authz_pb2_grpc
 from services.authz.config import AuthzConfig
 from services.authz.policy import load_policy
 from services.authz.service import SERVICE_NAME, AuthzServicer
+from services.authz.tokens import TokenVerifier
 
 log = logging.getLogger("dicomsafe.authz")
 
@@ -22,7 +23,13 @@ async def run(cfg: AuthzConfig, stop: asyncio.Event) -> None:
     producer = new_producer(cfg.kafka_bootstrap, "dicomsafe-authz")
     await producer.start()
     try:
-        servicer = AuthzServicer(policy, AuditEmitter(producer, "authz", Topics(cfg.topic_prefix).audit))
+        verifier = None
+        if cfg.oidc_issuer:
+            jwks_url = cfg.oidc_jwks_url or f"{cfg.oidc_issuer.rstrip('/')}/.well-known/jwks.json"
+            verifier = TokenVerifier(cfg.oidc_issuer, cfg.oidc_audience, jwks_url, cfg.oidc_leeway_s, cfg.oidc_mfa_acr)
+        else:
+            log.warning("no identity provider configured: subjects are trusted as sent (development only)")
+        servicer = AuthzServicer(policy, AuditEmitter(producer, "authz", Topics(cfg.topic_prefix).audit), verifier)
         server, health = new_server(
             [lambda s: authz_pb2_grpc.add_AuthzServiceServicer_to_server(servicer, s)], [SERVICE_NAME], cfg.grpc_bind
         )

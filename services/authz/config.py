@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicomsafe.common.config import env_opt, env_str
+from dicomsafe.common.config import env_int, env_opt, env_str
 
 
 @dataclass(frozen=True)
@@ -12,6 +12,12 @@ class AuthzConfig:
     policy_file: Path
     kafka_bootstrap: str
     topic_prefix: str
+    # Without an issuer (development only) subjects are taken on trust from the request.
+    oidc_issuer: str = ""
+    oidc_audience: str = "dicomsafe"
+    oidc_jwks_url: str = ""
+    oidc_leeway_s: int = 30
+    oidc_mfa_acr: frozenset[str] = frozenset()
 
     @classmethod
     def from_env(cls) -> AuthzConfig:
@@ -20,4 +26,9 @@ class AuthzConfig:
             policy_file=Path(env_str("AUTHZ_POLICY_FILE", "deploy/policy/policy.toml")),
             kafka_bootstrap=env_str("KAFKA_BOOTSTRAP"),
             topic_prefix=env_opt("KAFKA_TOPIC_PREFIX"),
+            oidc_issuer=env_opt("AUTHZ_OIDC_ISSUER"),
+            oidc_audience=env_str("AUTHZ_OIDC_AUDIENCE", "dicomsafe"),
+            oidc_jwks_url=env_opt("AUTHZ_OIDC_JWKS_URL"),
+            oidc_leeway_s=env_int("AUTHZ_OIDC_LEEWAY_S", 30),
+            oidc_mfa_acr=frozenset(v for v in env_opt("AUTHZ_OIDC_MFA_ACR").split(",") if v),
         )

@@ -8,7 +8,7 @@ rule, never a patient fact.
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ class Policy:
     actions: Mapping[str, str]
     roles: Mapping[str, Role]
     subjects: Mapping[str, tuple[str, ...]]
+    mfa_labels: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,8 @@ class Decision:
     obligations: tuple[str, ...] = ()
 
 
-_TOP_KEYS = {"version", "actions", "roles", "subjects"}
+_TOP_KEYS = {"version", "actions", "roles", "subjects", "sensitivity"}
+_SENSITIVITY_KEYS = {"mfa_required"}
 _ROLE_KEYS = {"description", "actions", "obligations"}
 _SUBJECT_KEYS = {"roles"}
 
@@ -96,7 +98,10 @@ def parse_policy(doc: Mapping[str, Any]) -> Policy:
             if role not in roles:
                 raise PolicyError(f"subjects.{subject}: role {role!r} is not defined")
         subjects[subject] = assigned
-    return Policy(version.strip(), actions, roles, subjects)
+    sensitivity = _table(doc.get("sensitivity", {}), "sensitivity")
+    _unknown(set(sensitivity), _SENSITIVITY_KEYS, "sensitivity")
+    mfa_labels = frozenset(_strings(sensitivity.get("mfa_required", []), "sensitivity.mfa_required"))
+    return Policy(version.strip(), actions, roles, subjects, mfa_labels)
 
 
 def load_policy(path: Path) -> Policy:
@@ -110,7 +115,7 @@ def load_policy(path: Path) -> Policy:
     return parse_policy(doc)
 
 
-def decide(policy: Policy, subject_id: str, action: str) -> Decision:
+def decide(policy: Policy, subject_id: str, action: str, labels: Iterable[str] = (), mfa: bool = False) -> Decision:
     if not subject_id:
         return Decision(False, "no subject")
     if not action:
@@ -123,5 +128,9 @@ def decide(policy: Policy, subject_id: str, action: str) -> Decision:
     granting = [policy.roles[r] for r in roles if action in policy.roles[r].actions]
     if not granting:
         return Decision(False, f"no role of the subject grants {action}", roles)
+    sensitive = sorted(policy.mfa_labels.intersection(labels))
+    if sensitive and not mfa:
+        # Machine-readable for the client: ask the user to step up, then retry.
+        return Decision(False, f"mfa required for {', '.join(sensitive)} resources", roles, ("mfa-required",))
     duties = tuple(sorted({d for role in granting for d in role.obligations.get(action, ())}))
     return Decision(True, f"granted by role {granting[0].name}", roles, duties)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 
@@ -9,7 +10,8 @@ import grpc
 
 from dicomsafe.common.audit_emitter import AuditEmitter
 from dicomsafe.v1 import audit_pb2, authz_pb2, authz_pb2_grpc
-from services.authz.policy import Policy, decide
+from services.authz.policy import Decision, Policy, decide
+from services.authz.tokens import TokenRejected, TokenVerifier
 
 log = logging.getLogger("dicomsafe.authz")
 
@@ -17,16 +19,33 @@ SERVICE_NAME = "dicomsafe.v1.AuthzService"
 
 
 class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
-    def __init__(self, policy: Policy, audit: AuditEmitter) -> None:
+    def __init__(self, policy: Policy, audit: AuditEmitter, verifier: TokenVerifier | None) -> None:
         self._policy = policy
         self._audit = audit
+        self._verifier = verifier
+
+    async def _decide(self, request: authz_pb2.CheckRequest) -> tuple[str, bool, Decision]:
+        """(subject, mfa, decision): the subject is the token's when tokens are required."""
+        labels = list(request.resource.labels)
+        if self._verifier is None:
+            return request.subject.id, False, decide(self._policy, request.subject.id, request.action, labels)
+        try:
+            identity = await asyncio.to_thread(self._verifier.verify, request.subject.access_token)
+        except TokenRejected as exc:
+            return request.subject.id, False, Decision(False, f"unauthenticated: {exc.reason}")
+        if request.subject.id and request.subject.id != identity.subject:
+            return request.subject.id, False, Decision(False, "subject does not match the token")
+        decision = decide(self._policy, identity.subject, request.action, labels, mfa=identity.mfa)
+        return identity.subject, identity.mfa, decision
 
     async def Check(
         self, request: authz_pb2.CheckRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> authz_pb2.CheckResponse:
-        if not request.subject.id or not request.action:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "subject.id and action are required")
-        decision = decide(self._policy, request.subject.id, request.action)
+        if not (request.subject.id or request.subject.access_token) or not request.action:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "a subject (id or access token) and an action are required"
+            )
+        subject, mfa, decision = await self._decide(request)
         decision_id = str(uuid.uuid4())
         outcome = (
             audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS
@@ -37,7 +56,7 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
             await self._audit.emit(
                 audit_pb2.AuditAction.AUDIT_ACTION_ACCESS_DECISION,
                 outcome,
-                request.subject.id,
+                subject or "anonymous",
                 actor_roles=decision.roles,
                 study_instance_uid=request.resource.study_instance_uid,
                 object_id=request.resource.object_id,
@@ -48,6 +67,9 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
                     "action": request.action,
                     "resource_type": request.resource.type,
                     "purpose": request.context.get("purpose", ""),
+                    "authenticated": "token" if self._verifier else "none",
+                    "mfa": str(mfa).lower(),
+                    "labels": ",".join(request.resource.labels),
                 },
             )
         except Exception:

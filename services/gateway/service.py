@@ -58,7 +58,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"crypto unavailable ({exc.code().name})")
 
         check = authz_pb2.CheckRequest(
-            subject=authz_pb2.Subject(id=request.subject_id),
+            subject=authz_pb2.Subject(id=request.subject_id, access_token=request.access_token),
             action=READ_ACTION,
             resource=authz_pb2.Resource(
                 type="instance", study_instance_uid=desc.study_instance_uid, object_id=desc.object_id
@@ -72,6 +72,9 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"authorisation unavailable ({exc.code().name})")
         if not decision.allow:
             await self._record(request, desc, Outcome.AUDIT_OUTCOME_DENIED, decision.reason, decision)
+            if "mfa-required" in decision.obligations:
+                # The user holds a role for this; tell the client to step up and retry.
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, "mfa-required")
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, NOT_PERMITTED)
         if decision.obligations:
             # Obligations this gateway cannot honour yet (e.g. de-identification) mean no release.

@@ -89,3 +89,15 @@ def test_unreadable_policy_file(tmp_path: Path) -> None:
     bad.write_text("version = ", encoding="utf-8")
     with pytest.raises(PolicyError, match="not valid TOML"):
         load_policy(bad)
+
+
+def test_sensitive_resources_require_mfa() -> None:
+    assert POLICY.mfa_labels == {"vip", "mental_health", "restricted"}
+    denied = decide(POLICY, "dr.house", "instance.read", labels=["vip"], mfa=False)
+    assert not denied.allow
+    assert denied.reason == "mfa required for vip resources"
+    assert denied.obligations == ("mfa-required",)
+    assert decide(POLICY, "dr.house", "instance.read", labels=["vip"], mfa=True).allow
+    assert decide(POLICY, "dr.house", "instance.read", labels=["oncology"], mfa=False).allow
+    # MFA never widens a role: a researcher stays refused identified reads.
+    assert not decide(POLICY, "res.rao", "instance.read", labels=["vip"], mfa=True).allow
