@@ -26,11 +26,10 @@ from aiokafka import AIOKafkaConsumer
 from dicomsafe.common.kafka import Topics, dlq_topic, ensure_topics, headers_for, new_producer, topic_specs
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc, events_pb2, retrieval_pb2, retrieval_pb2_grpc
 from tools import dicom_samples, infra
+from tools.oidc_issuer import LocalIssuer
 from tools.stack import Stack, StackSettings
 
 REPO = Path(__file__).resolve().parent.parent
-ALLOWED_USER = "dr.house"  # radiologist in deploy/policy/policy.toml
-DENIED_USERS = ("res.rao", "mallory")  # researcher (identified data refused), unknown subject
 
 
 @dataclass(frozen=True)
@@ -97,12 +96,12 @@ async def collect(bootstrap: str, topic: str, want: int, timeout_s: float) -> li
     return values
 
 
-async def retrieve(target: str, subject: str, object_id: str) -> tuple[bytes | None, str]:
+async def retrieve(target: str, token: str, object_id: str) -> tuple[bytes | None, str]:
     async with grpc.aio.insecure_channel(target) as channel:
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
         parts: list[bytes] = []
         try:
-            request = retrieval_pb2.RetrieveRequest(subject_id=subject, object_id=object_id, purpose="treatment")
+            request = retrieval_pb2.RetrieveRequest(access_token=token, object_id=object_id, purpose="treatment")
             async for piece in stub.Retrieve(request, timeout=60):
                 parts.append(piece.data)
         except grpc.aio.AioRpcError as exc:
@@ -127,7 +126,7 @@ async def audit_trail(
     return verdict, records
 
 
-async def story(stack: Stack, servers: Servers, topics: Topics) -> bool:
+async def story(stack: Stack, servers: Servers, topics: Topics, idp: LocalIssuer) -> bool:
     samples = dicom_samples.sample_study_set(seed=int(time.time()) % 10_000)
     junk = dicom_samples.malformed_samples()["not_dicom"]
     say(f"\n① publishing {len(samples)} DICOM instances (+1 malformed) to '{topics.ingest}'")
@@ -168,18 +167,24 @@ async def story(stack: Stack, servers: Servers, topics: Topics) -> bool:
     target = stack.settings.target("gateway")
     first = stored[0]
     say(f"\n④ retrieval of {by_sha[first.plaintext_sha256][0]} through the gateway (authz → crypto → audit):")
-    released, status = await retrieve(target, ALLOWED_USER, first.object_id)
+    say(f"   (users sign in at a local OpenID Connect issuer, {idp.url}; authz checks each token)")
+    released, status = await retrieve(target, idp.token("dr.house"), first.object_id)
     same = released is not None and hashlib.sha256(released).hexdigest() == first.plaintext_sha256
     ok &= same
-    say(f"   {ALLOWED_USER:<10} (radiologist) → {status}, {len(released or b'')} bytes, byte-identical: {same}")
-    for user in DENIED_USERS:
-        refused, status = await retrieve(target, user, first.object_id)
+    say(f"   {'dr.house (radiologist)':<32} → {status}, {len(released or b'')} bytes, byte-identical: {same}")
+    refused_cases = [
+        ("res.rao (researcher)", idp.token("res.rao")),
+        ("mallory (no role at all)", idp.token("mallory")),
+        ("dr.house with an expired token", idp.token("dr.house", lifetime_s=-120)),
+    ]
+    for label, token in refused_cases:
+        refused, status = await retrieve(target, token, first.object_id)
         ok &= refused is None
-        say(f"   {user:<10} → {status}")
+        say(f"   {label:<32} → {status}")
 
     # Per instance: sealed + stored; the rejection; the allowed read: decision + open +
     # retrieval; each refused read: decision + retrieval.
-    want = 2 * len(samples) + 1 + 3 + 2 * len(DENIED_USERS)
+    want = 2 * len(samples) + 1 + 3 + 2 * len(refused_cases)
     verdict, records = await audit_trail(stack.settings.target("audit"), want, timeout_s=60)
     say(
         f"\n⑤ audit trail in MongoDB: {verdict.records_checked} records in {verdict.chains_checked} hash chains, "
@@ -204,6 +209,7 @@ def main() -> int:
     servers = resolve_servers()
     topics = Topics(prefix=f"demo{int(time.time())}.")
     asyncio.run(ensure_topics(servers.kafka, topic_specs(topics)))
+    idp = LocalIssuer().start()
     settings = StackSettings(
         kafka_bootstrap=servers.kafka,
         vault_addr=servers.vault_addr,
@@ -212,6 +218,8 @@ def main() -> int:
         work_dir=work,
         topic_prefix=topics.prefix,
         audit_db=f"dicomsafe_audit_{topics.prefix.strip('.')}",
+        oidc_issuer=idp.url,
+        oidc_jwks_url=idp.jwks_url,
     )
     stack = Stack(settings)
     ok = False
@@ -220,13 +228,15 @@ def main() -> int:
         say("  audit (Vault AppRole: checkpoint signing; MongoDB user: insert + find only)")
         say("• starting services: crypto, authz, audit, gateway, ingest")
         stack.start()
-        ok = asyncio.run(story(stack, servers, topics))
+        ok = asyncio.run(story(stack, servers, topics, idp))
     finally:
         if args.keep_running:
             pids = " ".join(str(p.pid) for p in stack.processes.values())
             say(f"\nservices keep running (logs in {work}/logs); stop with: kill {pids}")
+            say("(the demo's identity provider ends with this process: new tokens cannot be issued)")
         else:
             stack.stop()
+            idp.stop()
             if servers.started_locally:
                 infra.down(list(servers.started_locally))
             say("\n• stopped services" + (" and local servers" if servers.started_locally else ""))

@@ -38,6 +38,9 @@ class StackSettings:
     topic_prefix: str = ""
     base_port: int = 50051
     audit_db: str = "dicomsafe_audit"
+    # The identity provider authz verifies tokens against ("" = trust subject ids: development).
+    oidc_issuer: str = ""
+    oidc_jwks_url: str = ""
 
     def port(self, service: str) -> int:
         return self.base_port + SERVICES.index(service)
@@ -66,7 +69,12 @@ def service_env(s: StackSettings, service: str) -> dict[str, str]:
             "VAULT_ROLE_ID_FILE": str(secrets_dir / "crypto-role-id"),
             "VAULT_SECRET_ID_FILE": str(secrets_dir / "crypto-secret-id"),
         },
-        "authz": {"AUTHZ_GRPC_BIND": bind, "AUTHZ_POLICY_FILE": str(POLICY_FILE)},
+        "authz": {
+            "AUTHZ_GRPC_BIND": bind,
+            "AUTHZ_POLICY_FILE": str(POLICY_FILE),
+            "AUTHZ_OIDC_ISSUER": s.oidc_issuer,
+            "AUTHZ_OIDC_JWKS_URL": s.oidc_jwks_url,
+        },
         "audit": {
             "AUDIT_GRPC_BIND": bind,
             # The insert/find-only writer provisioned by Stack.start, never the admin URI.

@@ -86,4 +86,5 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
             roles=list(decision.roles),
             policy_version=self._policy.version,
             decision_id=decision_id,
+            subject=subject,
         )

@@ -45,8 +45,10 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
     async def Retrieve(
         self, request: retrieval_pb2.RetrieveRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[retrieval_pb2.RetrieveResponse]:
-        if not request.subject_id or not request.object_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "subject_id and object_id are required")
+        if not (request.subject_id or request.access_token) or not request.object_id:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "an access token (or subject_id) and object_id are required"
+            )
         try:
             desc = await self._crypto.Describe(
                 crypto_pb2.DescribeRequest(object_id=request.object_id), timeout=self._deadline
@@ -84,7 +86,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         sent = 0
         try:
             stream = self._crypto.Open(
-                crypto_pb2.OpenRequest(object_id=desc.object_id, on_behalf_of=request.subject_id),
+                crypto_pb2.OpenRequest(object_id=desc.object_id, on_behalf_of=decision.subject or request.subject_id),
                 timeout=self._deadline,
             )
             async for piece in stream:
@@ -113,10 +115,12 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         if decision is not None:
             details["decision_id"] = decision.decision_id
             details["policy_version"] = decision.policy_version
+        # The verified subject when authz saw a token; otherwise what the caller claimed.
+        actor = (decision.subject if decision is not None else "") or request.subject_id or "unauthenticated"
         await self._audit.emit(
             Action.AUDIT_ACTION_INSTANCE_RETRIEVED,
             outcome,
-            request.subject_id,
+            actor,
             actor_roles=list(decision.roles) if decision is not None else [],
             study_instance_uid=desc.study_instance_uid if desc else "",
             sop_instance_uid=desc.sop_instance_uid if desc else "",

@@ -25,6 +25,7 @@ from dicomsafe.common.kafka import Topics, dlq_topic, ensure_topics, headers_for
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc, events_pb2, retrieval_pb2, retrieval_pb2_grpc
 from tests.servers import Servers
 from tools import dicom_samples
+from tools.oidc_issuer import LocalIssuer, running_issuer
 from tools.stack import SERVICES, Stack, StackSettings
 
 
@@ -42,7 +43,13 @@ def _free_base_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def stack(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def idp() -> Iterator[LocalIssuer]:
+    with running_issuer() as issuer:
+        yield issuer
+
+
+@pytest.fixture(scope="module")
+def stack(servers: Servers, idp: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     work: Path = tmp_path_factory.mktemp("stack")
     unique = uuid.uuid4().hex[:8]
     topics = Topics(prefix=f"e2e{unique}.")
@@ -56,6 +63,8 @@ def stack(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         topic_prefix=topics.prefix,
         base_port=_free_base_port(),
         audit_db=f"e2e_audit_{unique}",
+        oidc_issuer=idp.url,
+        oidc_jwks_url=idp.jwks_url,
     )
     running = Stack(settings)
     try:
@@ -99,10 +108,10 @@ async def _collect(
     return got
 
 
-async def _retrieve(stack: Stack, subject: str, object_id: str) -> bytes:
+async def _retrieve(stack: Stack, token: str, object_id: str) -> bytes:
     async with grpc.aio.insecure_channel(stack.settings.target("gateway")) as channel:
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
-        request = retrieval_pb2.RetrieveRequest(subject_id=subject, object_id=object_id, purpose="treatment")
+        request = retrieval_pb2.RetrieveRequest(access_token=token, object_id=object_id, purpose="treatment")
         return b"".join([p.data async for p in stub.Retrieve(request, timeout=60)])
 
 
@@ -119,7 +128,7 @@ GOOD: list[tuple[str, Callable[[], bytes]]] = [
 BAD = ["not_dicom", "truncated", "missing_sop_instance_uid"]
 
 
-async def test_slice_end_to_end(stack: Stack) -> None:
+async def test_slice_end_to_end(stack: Stack, idp: LocalIssuer) -> None:
     good = [(name, make()) for name, make in GOOD]
     malformed = dicom_samples.malformed_samples()
     # All on one key (one partition): each bad record sits before a good one, which must
@@ -154,13 +163,13 @@ async def test_slice_end_to_end(stack: Stack) -> None:
         assert dicom_samples.SYNTHETIC_MARKER not in sealed
         assert original[-2048:] not in sealed
         assert len(sealed) == event.sealed_size
-        assert await _retrieve(stack, "dr.house", event.object_id) == original
+        assert await _retrieve(stack, idp.token("dr.house"), event.object_id) == original
 
     with pytest.raises(grpc.aio.AioRpcError) as denied:
-        await _retrieve(stack, "res.rao", stored[0].object_id)
+        await _retrieve(stack, idp.token("res.rao"), stored[0].object_id)
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
     with pytest.raises(grpc.aio.AioRpcError) as unknown:
-        await _retrieve(stack, "dr.house", "f" * 64)
+        await _retrieve(stack, idp.token("dr.house"), "f" * 64)
     assert unknown.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
     # sealed + stored per instance, a rejection per bad record, and per retrieval an authz
