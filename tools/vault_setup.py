@@ -3,7 +3,8 @@
 Enables the Transit engine, creates the non-exportable data-key-wrapping key, loads the
 crypto service's narrow policy from deploy/vault/ and issues an AppRole for it. Idempotent.
 
-    python -m tools.vault_setup --out var/vault   # writes role-id and secret-id (mode 0600)
+    python -m tools.vault_setup --out var/vault/crypto --audit-out var/vault/audit
+                                                  # writes role-id and secret-id files (mode 0600)
 """
 
 from __future__ import annotations
@@ -120,28 +121,22 @@ def write_secret(path: Path, value: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("var/vault"), help="folder for role-id and secret-id files")
+    parser.add_argument("--out", type=Path, default=Path("var/vault"), help="folder for crypto's role-id and secret-id")
+    parser.add_argument("--audit-out", type=Path, help="also provision the audit service; folder for its credentials")
     parser.add_argument("--key-name", default=os.environ.get("CRYPTO_KEY_NAME", "dicomsafe-dek"))
     parser.add_argument("--mount", default=os.environ.get("VAULT_TRANSIT_MOUNT", "transit"))
-    parser.add_argument(
-        "--min-decryption-version",
-        type=int,
-        metavar="N",
-        help="instead of provisioning: retire key versions below N (after a complete rewrap)",
-    )
     args = parser.parse_args()
     token = os.environ.get("VAULT_TOKEN")
     addr = os.environ.get("VAULT_ADDR")
     if not token or not addr:
         raise SystemExit("set VAULT_ADDR and an admin VAULT_TOKEN")
-    if args.min_decryption_version:
-        retire_versions_below(addr, token, args.min_decryption_version, args.key_name, args.mount)
-        print(f"{args.key_name}: versions below {args.min_decryption_version} retired")
-        return
-    creds = provision(addr, token, args.key_name, args.mount)
-    write_secret(args.out / "role-id", creds.role_id)
-    write_secret(args.out / "secret-id", creds.secret_id)
-    print(f"AppRole for key {args.key_name} ready; credentials in {args.out}/role-id and {args.out}/secret-id")
+    identities = [("crypto", args.out, provision(addr, token, args.key_name, args.mount))]
+    if args.audit_out:
+        identities.append(("audit", args.audit_out, provision_audit(addr, token, args.mount)))
+    for service, folder, creds in identities:
+        write_secret(folder / "role-id", creds.role_id)
+        write_secret(folder / "secret-id", creds.secret_id)
+        print(f"{service}: AppRole ready; credentials in {folder}/role-id and {folder}/secret-id")
 
 
 if __name__ == "__main__":
