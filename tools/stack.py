@@ -48,6 +48,12 @@ class StackSettings:
     def target(self, service: str) -> str:
         return f"127.0.0.1:{self.port(service)}"
 
+    def metrics_url(self, service: str) -> str:
+        return f"http://127.0.0.1:{self.port(service) + METRICS_PORT_OFFSET}/metrics"
+
+
+# Each service's /metrics listens this far above its gRPC port.
+METRICS_PORT_OFFSET = 100
 
 # Start order: dependencies first (audit consumes what others emit; ingest needs crypto).
 SERVICES = ("crypto", "authz", "audit", "gateway", "ingest")
@@ -58,6 +64,7 @@ def service_env(s: StackSettings, service: str) -> dict[str, str]:
         "KAFKA_BOOTSTRAP": s.kafka_bootstrap,
         "KAFKA_TOPIC_PREFIX": s.topic_prefix,
         "LOG_LEVEL": "INFO",
+        "METRICS_BIND": f"127.0.0.1:{s.port(service) + METRICS_PORT_OFFSET}",
     }
     bind = s.target(service)
     secrets_dir = s.work_dir / "secrets"

@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dicomsafe.common.logs import setup_logging
+from dicomsafe.common.metrics import serve_metrics
 
 # Streams carry data in chunks well below this; the limit only stops abuse.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -93,7 +94,10 @@ def insecure_channel(target: str) -> grpc.aio.Channel:
 
 def service_main(service: str, run: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     """Process entry point shared by every service: JSON logs, SIGTERM → graceful stop."""
-    setup_logging(service)
+    log = setup_logging(service)
+    served = serve_metrics()
+    if served:
+        log.info("metrics served", extra={"bind": served})
 
     async def _main() -> None:
         stop = asyncio.Event()

@@ -18,6 +18,7 @@ from aiokafka.errors import CommitFailedError, TopicAlreadyExistsError
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from dicomsafe.common.metrics import RECORDS, RETRIES
 from dicomsafe.v1 import events_pb2
 
 CONTENT_TYPE = b"application/x-protobuf"
@@ -172,7 +173,7 @@ class TransientError(Exception):
 class DeadLetterPublisher:
     def __init__(self, producer: AIOKafkaProducer, service: str) -> None:
         self._producer = producer
-        self._service = service
+        self.service = service
 
     async def publish(self, record: ConsumerRecord[bytes, bytes], code: str, reason: str) -> None:
         value = record.value or b""
@@ -185,7 +186,7 @@ class DeadLetterPublisher:
             original_size=len(value),
             reason_code=code,
             reason=reason,
-            service=self._service,
+            service=self.service,
         )
         if len(value) <= DLQ_MAX_ORIGINAL_BYTES:
             letter.original_value = value
@@ -248,11 +249,13 @@ async def consume_forever(
                         },
                     )
                     consumer.seek(tp, records[0].offset)
+                    RETRIES.labels(dead_letters.service, tp.topic).inc()
                     backoff = True
                     continue
                 except Exception:  # noqa: BLE001 - redone record by record below, which isolates the cause
                     log.info("batch failed; processing its records one by one", extra={"partition": tp.partition})
                 else:
+                    RECORDS.labels(dead_letters.service, tp.topic, "processed").inc(len(records))
                     try:
                         await consumer.commit({tp: records[-1].offset + 1})
                     except CommitFailedError:
@@ -262,9 +265,11 @@ async def consume_forever(
                     delay = policy.first_delay_s
                     continue
             for record in records:
+                outcome = "processed"
                 try:
                     await handle(record)
                 except PermanentError as exc:
+                    outcome = "dead_lettered"
                     log.warning(
                         "record dead-lettered",
                         extra={
@@ -286,6 +291,7 @@ async def consume_forever(
                         },
                     )
                     consumer.seek(tp, record.offset)
+                    RETRIES.labels(dead_letters.service, tp.topic).inc()
                     backoff = True
                     break
                 except Exception as exc:
@@ -302,10 +308,13 @@ async def consume_forever(
                     )
                     if unexpected[key] < policy.max_unexpected_attempts:
                         consumer.seek(tp, record.offset)
+                        RETRIES.labels(dead_letters.service, tp.topic).inc()
                         backoff = True
                         break
                     unexpected.pop(key, None)
+                    outcome = "dead_lettered"
                     await dead_letters.publish(record, "unexpected_error", type(exc).__name__)
+                RECORDS.labels(dead_letters.service, tp.topic, outcome).inc()
                 try:
                     await consumer.commit({tp: record.offset + 1})
                 except CommitFailedError:

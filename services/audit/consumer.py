@@ -13,6 +13,7 @@ from aiokafka import ConsumerRecord
 from google.protobuf.message import DecodeError
 
 from dicomsafe.common.kafka import PermanentError
+from dicomsafe.common.metrics import DURATION
 from dicomsafe.v1 import audit_pb2
 from services.audit.store import AuditStore
 
@@ -35,7 +36,8 @@ class AuditConsumer:
     async def handle_batch(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
         """One partition's records → one chained bulk insert (the fast path)."""
         events = [decode_event(r) for r in records]
-        await self._store.append_many(chain_of(records[0]), events)
+        with DURATION.labels("audit", "append").time():
+            await self._store.append_many(chain_of(records[0]), events)
 
 
 def decode_event(record: ConsumerRecord[bytes, bytes]) -> audit_pb2.AuditEvent:

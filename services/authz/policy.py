@@ -38,6 +38,8 @@ class Policy:
 @dataclass(frozen=True)
 class Decision:
     allow: bool
+    # Machine-readable, from a fixed set (safe as a metric label); ``reason`` is for people.
+    code: str
     reason: str
     roles: tuple[str, ...] = ()
     obligations: tuple[str, ...] = ()
@@ -117,20 +119,21 @@ def load_policy(path: Path) -> Policy:
 
 def decide(policy: Policy, subject_id: str, action: str, labels: Iterable[str] = (), mfa: bool = False) -> Decision:
     if not subject_id:
-        return Decision(False, "no subject")
+        return Decision(False, "no_subject", "no subject")
     if not action:
-        return Decision(False, "no action")
+        return Decision(False, "no_action", "no action")
     if action not in policy.actions:
-        return Decision(False, f"unknown action {action}")
+        return Decision(False, "unknown_action", f"unknown action {action}")
     roles = policy.subjects.get(subject_id)
     if roles is None:
-        return Decision(False, "unknown subject")
+        return Decision(False, "unknown_subject", "unknown subject")
     granting = [policy.roles[r] for r in roles if action in policy.roles[r].actions]
     if not granting:
-        return Decision(False, f"no role of the subject grants {action}", roles)
+        return Decision(False, "no_role", f"no role of the subject grants {action}", roles)
     sensitive = sorted(policy.mfa_labels.intersection(labels))
     if sensitive and not mfa:
         # Machine-readable for the client: ask the user to step up, then retry.
-        return Decision(False, f"mfa required for {', '.join(sensitive)} resources", roles, ("mfa-required",))
+        reason = f"mfa required for {', '.join(sensitive)} resources"
+        return Decision(False, "mfa_required", reason, roles, ("mfa-required",))
     duties = tuple(sorted({d for role in granting for d in role.obligations.get(action, ())}))
-    return Decision(True, f"granted by role {granting[0].name}", roles, duties)
+    return Decision(True, "granted", f"granted by role {granting[0].name}", roles, duties)

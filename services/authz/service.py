@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 
 import grpc
 
 from dicomsafe.common.audit_emitter import AuditEmitter
+from dicomsafe.common.metrics import DECISIONS, DURATION
 from dicomsafe.v1 import audit_pb2, authz_pb2, authz_pb2_grpc
 from services.authz.policy import Decision, Policy, decide
 from services.authz.tokens import TokenRejected, TokenVerifier
@@ -32,9 +34,9 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
         try:
             identity = await asyncio.to_thread(self._verifier.verify, request.subject.access_token)
         except TokenRejected as exc:
-            return request.subject.id, False, Decision(False, f"unauthenticated: {exc.reason}")
+            return request.subject.id, False, Decision(False, "unauthenticated", f"unauthenticated: {exc.reason}")
         if request.subject.id and request.subject.id != identity.subject:
-            return request.subject.id, False, Decision(False, "subject does not match the token")
+            return request.subject.id, False, Decision(False, "subject_mismatch", "subject does not match the token")
         decision = decide(self._policy, identity.subject, request.action, labels, mfa=identity.mfa)
         return identity.subject, identity.mfa, decision
 
@@ -45,7 +47,9 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "a subject (id or access token) and an action are required"
             )
+        started = time.perf_counter()
         subject, mfa, decision = await self._decide(request)
+        DECISIONS.labels(str(decision.allow).lower(), decision.code).inc()
         decision_id = str(uuid.uuid4())
         outcome = (
             audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS
@@ -77,11 +81,13 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "audit trail unavailable")
         log.info(
             "decision",
-            extra={"decision_id": decision_id, "allow": decision.allow, "action": request.action},
+            extra={"decision_id": decision_id, "allow": decision.allow, "code": decision.code},
         )
+        DURATION.labels("authz", "check").observe(time.perf_counter() - started)
         return authz_pb2.CheckResponse(
             allow=decision.allow,
             reason=decision.reason,
+            reason_code=decision.code,
             obligations=list(decision.obligations),
             roles=list(decision.roles),
             policy_version=self._policy.version,

@@ -11,6 +11,7 @@ from typing import BinaryIO
 import grpc
 
 from dicomsafe.common.audit_emitter import AuditEmitter, stable_event_id
+from dicomsafe.common.metrics import BYTES, DURATION
 from dicomsafe.common.vault import VaultUnavailable
 from dicomsafe.v1 import audit_pb2, crypto_pb2, crypto_pb2_grpc
 from services.crypto import sealed_format as fmt
@@ -151,7 +152,8 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
                 zero(erasure_key)
         pending = self._store.begin_write(meta.object_id)
         try:
-            desc, plain_sha = await self._write_sealed(request_iterator, writer, pending, meta, context)
+            with DURATION.labels("crypto", "seal").time():
+                desc, plain_sha = await self._write_sealed(request_iterator, writer, pending, meta, context)
         except BaseException:
             pending.abort()
             raise
@@ -211,6 +213,7 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
             format_version=fmt.FORMAT_VERSION,
             erasure_key_ref=header.erasure_key_ref,
         )
+        BYTES.labels("crypto", "seal").inc(size)
         log.info(
             "object sealed", extra={"object_id": header.object_id, "bytes": size, "key_version": header.key_version}
         )
@@ -288,11 +291,13 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
                     available = desc.plaintext_size - request.offset
                     length = min(request.length, available) if request.length else available
                     data = fmt.open_range(key, header, header_len, f, request.offset, length)
+                    BYTES.labels("crypto", "open").inc(len(data))
                     for i in range(0, len(data), OPEN_PIECE_BYTES):
                         yield crypto_pb2.OpenResponse(data=data[i : i + OPEN_PIECE_BYTES])
                 else:
                     f.seek(header_len)
                     for piece in fmt.open_stream(key, header, f):
+                        BYTES.labels("crypto", "open").inc(len(piece))
                         yield crypto_pb2.OpenResponse(data=piece)
             except fmt.SealedRangeError as exc:
                 reason = "range outside object"

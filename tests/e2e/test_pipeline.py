@@ -12,6 +12,7 @@ import io
 import random
 import socket
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -115,6 +116,11 @@ async def _retrieve(stack: Stack, token: str, object_id: str) -> bytes:
         return b"".join([p.data async for p in stub.Retrieve(request, timeout=60)])
 
 
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())
+
+
 def _study(data: bytes) -> bytes:
     return str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).StudyInstanceUID).encode()
 
@@ -193,6 +199,15 @@ async def test_slice_end_to_end(stack: Stack, idp: LocalIssuer) -> None:
     assert (A.AUDIT_ACTION_ACCESS_DECISION, Out.AUDIT_OUTCOME_DENIED) in actions
     assert (A.AUDIT_ACTION_INSTANCE_RETRIEVED, Out.AUDIT_OUTCOME_DENIED) in actions
     assert actions.count((A.AUDIT_ACTION_INSTANCE_RETRIEVED, Out.AUDIT_OUTCOME_SUCCESS)) == len(good)
+    # SRE view: the ingest consumer's counters agree with what happened.
+    metrics = await asyncio.to_thread(_scrape, stack.settings.metrics_url("ingest"))
+    topic = _topics(stack).ingest
+    assert f'dicomsafe_kafka_records_total{{outcome="dead_lettered",service="ingest",topic="{topic}"}} 3.0' in metrics
+    assert (
+        f'dicomsafe_kafka_records_total{{outcome="processed",service="ingest",topic="{topic}"}} {len(good)}.0'
+        in metrics
+    )
+
     # Disclosures name the patient by pseudonym only, so "who saw this patient" is answerable.
     retrieved = [r.event for r in records if r.event.action == A.AUDIT_ACTION_INSTANCE_RETRIEVED]
     assert all(e.patient_ref for e in retrieved if e.outcome == Out.AUDIT_OUTCOME_SUCCESS)
