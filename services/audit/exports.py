@@ -37,6 +37,7 @@ EVENTS: dict[int, DicomEvent] = {
     A.AUDIT_ACTION_ACCESS_DECISION: DicomEvent("110113", "Security Alert", "E"),
     A.AUDIT_ACTION_GRANT_CHANGED: DicomEvent("110113", "Security Alert", "U"),
     A.AUDIT_ACTION_EMERGENCY_OVERRIDE: DicomEvent("110113", "Security Alert", "E"),
+    A.AUDIT_ACTION_POLICY_CHANGED: DicomEvent("110113", "Security Alert", "U"),
     A.AUDIT_ACTION_INSTANCE_RETRIEVED: DicomEvent("110104", "DICOM Instances Transferred", "R"),
     A.AUDIT_ACTION_AUDIT_QUERIED: DicomEvent("110101", "Audit Log Used", "R"),
 }

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
+from pathlib import Path
 
 from dicomsafe.common.audit_emitter import AuditEmitter
 from dicomsafe.common.grpc_runtime import new_server, run_until_stopped, service_main
@@ -33,9 +36,42 @@ async def run(cfg: AuthzConfig, stop: asyncio.Event) -> None:
         server, health = new_server(
             [lambda s: authz_pb2_grpc.add_AuthzServiceServicer_to_server(servicer, s)], [SERVICE_NAME], cfg.grpc_bind
         )
-        await run_until_stopped(server, health, [SERVICE_NAME], stop, log)
+        watcher = watch_policy(servicer, cfg.policy_file, cfg.policy_reload_s, stop)
+        await run_until_stopped(server, health, [SERVICE_NAME], stop, log, background=[watcher])
     finally:
         await producer.stop()
+
+
+async def watch_policy(servicer: AuthzServicer, path: Path, interval_s: int, stop: asyncio.Event) -> None:
+    """Reload the policy when the file changes (or on SIGHUP)."""
+    reload_now = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_now.set)
+    seen = _stamp(path)
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(_first(stop, reload_now), timeout=interval_s)
+        current = _stamp(path)
+        if reload_now.is_set() or current != seen:
+            reload_now.clear()
+            seen = current
+            await servicer.reload(path)
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+    except OSError:
+        return (0, 0)
+    return (st.st_mtime_ns, st.st_size)
+
+
+async def _first(*events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
 
 
 def main() -> None:

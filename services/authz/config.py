@@ -18,6 +18,8 @@ class AuthzConfig:
     oidc_jwks_url: str = ""
     oidc_leeway_s: int = 30
     oidc_mfa_acr: frozenset[str] = frozenset()
+    # How often the policy file is checked for changes (a ConfigMap update sends no signal).
+    policy_reload_s: int = 10
 
     @classmethod
     def from_env(cls) -> AuthzConfig:
@@ -31,4 +33,5 @@ class AuthzConfig:
             oidc_jwks_url=env_opt("AUTHZ_OIDC_JWKS_URL"),
             oidc_leeway_s=env_int("AUTHZ_OIDC_LEEWAY_S", 30),
             oidc_mfa_acr=frozenset(v for v in env_opt("AUTHZ_OIDC_MFA_ACR").split(",") if v),
+            policy_reload_s=env_int("AUTHZ_POLICY_RELOAD_S", 10),
         )

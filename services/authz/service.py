@@ -6,13 +6,14 @@ import asyncio
 import logging
 import time
 import uuid
+from pathlib import Path
 
 import grpc
 
 from dicomsafe.common.audit_emitter import AuditEmitter
 from dicomsafe.common.metrics import DECISIONS, DURATION
 from dicomsafe.v1 import audit_pb2, authz_pb2, authz_pb2_grpc
-from services.authz.policy import Decision, Policy, decide
+from services.authz.policy import Decision, Policy, PolicyError, decide, load_policy
 from services.authz.tokens import TokenRejected, TokenVerifier
 
 log = logging.getLogger("dicomsafe.authz")
@@ -25,6 +26,41 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
         self._policy = policy
         self._audit = audit
         self._verifier = verifier
+
+    @property
+    def policy_version(self) -> str:
+        return self._policy.version
+
+    async def reload(self, path: Path) -> bool:
+        """Swap in the policy file's current content if it is valid; audited either way.
+
+        A bad file never replaces a good policy: the service keeps deciding with the old one.
+        """
+        old = self._policy.version
+        try:
+            new = await asyncio.to_thread(load_policy, path)
+        except PolicyError as exc:
+            log.error("policy reload refused", extra={"error": str(exc)})
+            await self._audit.emit(
+                audit_pb2.AuditAction.AUDIT_ACTION_POLICY_CHANGED,
+                audit_pb2.AuditOutcome.AUDIT_OUTCOME_FAILURE,
+                "authz",
+                reason=f"new policy rejected: {exc}",
+                details={"policy_version": old},
+            )
+            return False
+        if new == self._policy:
+            return False
+        self._policy = new
+        log.info("policy reloaded", extra={"from_version": old, "to_version": new.version})
+        await self._audit.emit(
+            audit_pb2.AuditAction.AUDIT_ACTION_POLICY_CHANGED,
+            audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS,
+            "authz",
+            reason="policy reloaded",
+            details={"from_version": old, "to_version": new.version},
+        )
+        return True
 
     async def _decide(self, request: authz_pb2.CheckRequest) -> tuple[str, bool, Decision]:
         """(subject, mfa, decision): the subject is the token's when tokens are required."""

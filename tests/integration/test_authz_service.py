@@ -80,3 +80,54 @@ async def test_no_audit_trail_means_no_answer(servers: Servers, unique: str) -> 
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Check(_check("dr.house"), timeout=60)
     assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+async def test_policy_reloads_without_restart_and_a_bad_file_changes_nothing(
+    servers: Servers, unique: str, tmp_path: Path
+) -> None:
+    topics = Topics(f"t{unique}.")
+    await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
+    policy = tmp_path / "policy.toml"
+    original = POLICY.read_text(encoding="utf-8")
+    policy.write_text(original, encoding="utf-8")
+    cfg = AuthzConfig(f"127.0.0.1:{free_port()}", policy, servers.kafka_bootstrap, topics.prefix, policy_reload_s=1)
+    async with running(lambda stop: run(cfg, stop), cfg.grpc_bind), grpc.aio.insecure_channel(cfg.grpc_bind) as ch:
+        stub = authz_pb2_grpc.AuthzServiceStub(ch)
+        assert (await stub.Check(_check("dr.wilson"))).allow
+        # The hospital withdraws image access from referring physicians.
+        changed = original.replace('version = "2026-11-25.1"', 'version = "2026-11-25.2"').replace(
+            '[roles.referring_physician]\ndescription = "Views images and reports of patients under their care"\n'
+            'actions = ["instance.read", "study.query"]',
+            '[roles.referring_physician]\ndescription = "Views reports of patients under their care"\n'
+            'actions = ["study.query"]',
+        )
+        assert changed != original
+        policy.write_text(changed, encoding="utf-8")
+        deadline = time.monotonic() + 30
+        decision = await stub.Check(_check("dr.wilson"))
+        while decision.allow and time.monotonic() < deadline:
+            await asyncio.sleep(0.3)
+            decision = await stub.Check(_check("dr.wilson"))
+        assert not decision.allow and decision.policy_version == "2026-11-25.2"
+
+        policy.write_text("version = ", encoding="utf-8")  # a broken edit
+        await asyncio.sleep(2.5)
+        still = await stub.Check(_check("dr.house"))
+        assert still.allow and still.policy_version == "2026-11-25.2"
+
+    consumer = AIOKafkaConsumer(topics.audit, bootstrap_servers=servers.kafka_bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    changes: list[audit_pb2.AuditEvent] = []
+    try:
+        deadline = time.monotonic() + 20
+        while len(changes) < 2 and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                events = [audit_pb2.AuditEvent.FromString(r.value) for r in records]
+                changes += [e for e in events if e.action == audit_pb2.AuditAction.AUDIT_ACTION_POLICY_CHANGED]
+    finally:
+        await consumer.stop()
+    assert [e.outcome for e in changes] == [
+        audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS,
+        audit_pb2.AuditOutcome.AUDIT_OUTCOME_FAILURE,
+    ]
+    assert changes[0].details["to_version"] == "2026-11-25.2"
