@@ -6,9 +6,14 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.crypto.config import CryptoConfig
+from services.crypto.vault_keys import VaultSettings
+from tools.vault_setup import AppRoleCredentials
 
 
 def free_port() -> int:
@@ -51,3 +56,33 @@ async def running(run: Callable[[asyncio.Event], Awaitable[None]], target: str) 
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=60)
+
+
+def crypto_config(
+    kafka_bootstrap: str,
+    vault_addr: str,
+    creds: AppRoleCredentials,
+    store_dir: Path,
+    topic_prefix: str,
+    *,
+    key_name: str = "dicomsafe-dek",
+    chunk_size: int = 64 * 1024,
+    vault_timeout_s: float = 10.0,
+) -> CryptoConfig:
+    """A crypto service on a free port; small chunks so test instances span many of them."""
+    return CryptoConfig(
+        grpc_bind=f"127.0.0.1:{free_port()}",
+        store_dir=store_dir,
+        chunk_size=chunk_size,
+        max_object_bytes=64 * 1024 * 1024,
+        kafka_bootstrap=kafka_bootstrap,
+        topic_prefix=topic_prefix,
+        vault=VaultSettings(
+            addr=vault_addr,
+            transit_mount="transit",
+            key_name=key_name,
+            role_id=creds.role_id,
+            secret_id=creds.secret_id,
+            timeout_s=vault_timeout_s,
+        ),
+    )

@@ -229,8 +229,27 @@ async def consume_forever(
     effect (or its dead letter) is durable. With ``handle_batch``, a partition's records are
     first tried as one batch and committed together."""
     policy = retry or RetryPolicy()
+    service = dead_letters.service
     delay = policy.first_delay_s
     unexpected: dict[tuple[TopicPartition, int], int] = {}
+
+    def put_back(tp: TopicPartition, offset: int, why: str) -> None:
+        consumer.seek(tp, offset)
+        RETRIES.labels(service, tp.topic).inc()
+        log.warning(
+            "record kept for a retry",
+            extra={"topic": tp.topic, "partition": tp.partition, "offset": offset, "error": why},
+        )
+
+    async def commit(tp: TopicPartition, next_offset: int) -> bool:
+        try:
+            await consumer.commit({tp: next_offset})
+        except CommitFailedError:
+            # Partition moved to another replica; it will redeliver, and handlers are idempotent.
+            log.warning("commit failed after rebalance", extra={"topic": tp.topic, "partition": tp.partition})
+            return False
+        return True
+
     while not stop.is_set():
         batches = await consumer.getmany(timeout_ms=500, max_records=max_records)
         backoff = False
@@ -239,29 +258,14 @@ async def consume_forever(
                 try:
                     await handle_batch(records)
                 except TransientError as exc:
-                    log.warning(
-                        "dependency unavailable; will retry",
-                        extra={
-                            "topic": tp.topic,
-                            "partition": tp.partition,
-                            "offset": records[0].offset,
-                            "error": str(exc),
-                        },
-                    )
-                    consumer.seek(tp, records[0].offset)
-                    RETRIES.labels(dead_letters.service, tp.topic).inc()
+                    put_back(tp, records[0].offset, str(exc))
                     backoff = True
                     continue
                 except Exception:  # noqa: BLE001 - redone record by record below, which isolates the cause
                     log.info("batch failed; processing its records one by one", extra={"partition": tp.partition})
                 else:
-                    RECORDS.labels(dead_letters.service, tp.topic, "processed").inc(len(records))
-                    try:
-                        await consumer.commit({tp: records[-1].offset + 1})
-                    except CommitFailedError:
-                        log.warning(
-                            "commit failed after rebalance", extra={"topic": tp.topic, "partition": tp.partition}
-                        )
+                    RECORDS.labels(service, tp.topic, "processed").inc(len(records))
+                    await commit(tp, records[-1].offset + 1)
                     delay = policy.first_delay_s
                     continue
             for record in records:
@@ -281,17 +285,7 @@ async def consume_forever(
                     )
                     await dead_letters.publish(record, exc.code, exc.reason)
                 except TransientError as exc:
-                    log.warning(
-                        "dependency unavailable; will retry",
-                        extra={
-                            "topic": tp.topic,
-                            "partition": tp.partition,
-                            "offset": record.offset,
-                            "error": str(exc),
-                        },
-                    )
-                    consumer.seek(tp, record.offset)
-                    RETRIES.labels(dead_letters.service, tp.topic).inc()
+                    put_back(tp, record.offset, str(exc))
                     backoff = True
                     break
                 except Exception as exc:
@@ -307,19 +301,14 @@ async def consume_forever(
                         },
                     )
                     if unexpected[key] < policy.max_unexpected_attempts:
-                        consumer.seek(tp, record.offset)
-                        RETRIES.labels(dead_letters.service, tp.topic).inc()
+                        put_back(tp, record.offset, type(exc).__name__)
                         backoff = True
                         break
                     unexpected.pop(key, None)
                     outcome = "dead_lettered"
                     await dead_letters.publish(record, "unexpected_error", type(exc).__name__)
-                RECORDS.labels(dead_letters.service, tp.topic, outcome).inc()
-                try:
-                    await consumer.commit({tp: record.offset + 1})
-                except CommitFailedError:
-                    # Partition moved to another replica; it will redeliver, and handlers are idempotent.
-                    log.warning("commit failed after rebalance", extra={"topic": tp.topic, "partition": tp.partition})
+                RECORDS.labels(service, tp.topic, outcome).inc()
+                if not await commit(tp, record.offset + 1):
                     break
                 delay = policy.first_delay_s
         if backoff:

@@ -8,7 +8,9 @@ import logging
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from dicomsafe.common.kafka import (
+    BatchHandler,
     DeadLetterPublisher,
+    Handler,
     PermanentError,
     RetryPolicy,
     TopicSpec,
@@ -37,15 +39,21 @@ async def _setup(servers: Servers, topic: str) -> None:
         await producer.stop()
 
 
-async def _run_until(servers: Servers, topic: str, group: str, handle, done: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
+async def _run_until(
+    servers: Servers,
+    topic: str,
+    group: str,
+    handle: Handler,
+    done: asyncio.Event,
+    handle_batch: BatchHandler | None = None,
+) -> None:
     consumer = new_consumer(servers.kafka_bootstrap, group, [topic], "test")
     producer = new_producer(servers.kafka_bootstrap, "test-dlq")
     await consumer.start()
     await producer.start()
     stop = asyncio.Event()
-    task = asyncio.create_task(
-        consume_forever(consumer, handle, DeadLetterPublisher(producer, "test"), stop, log, FAST)
-    )
+    dlq = DeadLetterPublisher(producer, "test")
+    task = asyncio.create_task(consume_forever(consumer, handle, dlq, stop, log, FAST, handle_batch=handle_batch))
     try:
         await asyncio.wait_for(done.wait(), timeout=60)
     finally:
@@ -162,23 +170,7 @@ async def test_failed_batch_is_redone_record_by_record(servers: Servers, unique:
         if value == "r4":
             done.set()
 
-    consumer = new_consumer(servers.kafka_bootstrap, group, [topic], "test")
-    producer = new_producer(servers.kafka_bootstrap, "test-dlq")
-    await consumer.start()
-    await producer.start()
-    stop = asyncio.Event()
-    task = asyncio.create_task(
-        consume_forever(
-            consumer, handle, DeadLetterPublisher(producer, "test"), stop, log, FAST, handle_batch=handle_batch
-        )
-    )
-    try:
-        await asyncio.wait_for(done.wait(), timeout=60)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, timeout=30)
-        await consumer.stop()
-        await producer.stop()
+    await _run_until(servers, topic, group, handle, done, handle_batch)
     # However Kafka split the records into batches, every good record was processed once —
     # in a batch that succeeded or one by one after its batch failed — and only r3 was rejected.
     good_batches = [v for b in batches if "r3" not in b for v in b]

@@ -15,10 +15,9 @@ from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
 from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc
 from services.crypto.app import run
 from services.crypto.config import CryptoConfig
-from services.crypto.vault_keys import VaultSettings
 from services.ingest.sealing import Sealer, SealFailure, object_id_for
 from tests.servers import Servers
-from tests.service_runner import free_port, running
+from tests.service_runner import crypto_config, running
 from tools import dicom_samples, vault_setup
 
 CHUNK = 64 * 1024  # small chunks so a few-MB instance spans many of them
@@ -27,21 +26,14 @@ CHUNK = 64 * 1024  # small chunks so a few-MB instance spans many of them
 def _config(
     servers: Servers, tmp_path: Path, creds: vault_setup.AppRoleCredentials, unique: str, vault_addr: str = ""
 ) -> CryptoConfig:
-    return CryptoConfig(
-        grpc_bind=f"127.0.0.1:{free_port()}",
-        store_dir=tmp_path / "store",
+    return crypto_config(
+        servers.kafka_bootstrap,
+        vault_addr or servers.vault_addr,
+        creds,
+        tmp_path / "store",
+        f"t{unique}.",
         chunk_size=CHUNK,
-        max_object_bytes=64 * 1024 * 1024,
-        kafka_bootstrap=servers.kafka_bootstrap,
-        topic_prefix=f"t{unique}.",
-        vault=VaultSettings(
-            addr=vault_addr or servers.vault_addr,
-            transit_mount="transit",
-            key_name="dicomsafe-dek",
-            role_id=creds.role_id,
-            secret_id=creds.secret_id,
-            timeout_s=3.0,
-        ),
+        vault_timeout_s=3.0,
     )
 
 

@@ -19,10 +19,9 @@ from services.authz.app import run as run_authz
 from services.authz.config import AuthzConfig
 from services.crypto.app import run as run_crypto
 from services.crypto.config import CryptoConfig
-from services.crypto.vault_keys import VaultSettings
 from services.ingest.sealing import Sealer, object_id_for
 from tests.servers import Servers
-from tests.service_runner import free_port, running
+from tests.service_runner import crypto_config, free_port, running
 from tools import dicom_samples, vault_setup
 from tools.erase_patient import ErasureRefused, ErasureRequest, erase_patient
 
@@ -37,20 +36,8 @@ async def stack(servers: Servers, tmp_path: Path, unique: str) -> AsyncIterator[
     creds = vault_setup.provision(servers.vault_addr, servers.vault_token)
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
-    crypto_cfg = CryptoConfig(
-        grpc_bind=f"127.0.0.1:{free_port()}",
-        store_dir=tmp_path / "store",
-        chunk_size=16 * 1024,
-        max_object_bytes=64 * 1024 * 1024,
-        kafka_bootstrap=servers.kafka_bootstrap,
-        topic_prefix=topics.prefix,
-        vault=VaultSettings(
-            addr=servers.vault_addr,
-            transit_mount="transit",
-            key_name="dicomsafe-dek",
-            role_id=creds.role_id,
-            secret_id=creds.secret_id,
-        ),
+    crypto_cfg = crypto_config(
+        servers.kafka_bootstrap, servers.vault_addr, creds, tmp_path / "store", topics.prefix, chunk_size=16 * 1024
     )
     authz_cfg = AuthzConfig(f"127.0.0.1:{free_port()}", POLICY, servers.kafka_bootstrap, topics.prefix)
     async with (

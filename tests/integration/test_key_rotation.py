@@ -16,10 +16,9 @@ from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc
 from services.crypto import sealed_format as fmt
 from services.crypto.app import run
 from services.crypto.config import CryptoConfig
-from services.crypto.vault_keys import VaultSettings
 from services.ingest.sealing import Sealer, object_id_for
 from tests.servers import Servers
-from tests.service_runner import free_port, running
+from tests.service_runner import crypto_config, running
 from tools import dicom_samples, vault_setup
 
 if TYPE_CHECKING:
@@ -30,20 +29,14 @@ if TYPE_CHECKING:
 async def crypto(servers: Servers, tmp_path: Path, unique: str) -> AsyncIterator[tuple[Stub, CryptoConfig]]:
     key = f"rot-{unique}"  # its own key: rotating must not disturb other tests sharing the Vault
     creds = vault_setup.provision(servers.vault_addr, servers.vault_token, key_name=key)
-    cfg = CryptoConfig(
-        grpc_bind=f"127.0.0.1:{free_port()}",
-        store_dir=tmp_path / "store",
+    cfg = crypto_config(
+        servers.kafka_bootstrap,
+        servers.vault_addr,
+        creds,
+        tmp_path / "store",
+        f"t{unique}.",
+        key_name=key,
         chunk_size=16 * 1024,
-        max_object_bytes=64 * 1024 * 1024,
-        kafka_bootstrap=servers.kafka_bootstrap,
-        topic_prefix=f"t{unique}.",
-        vault=VaultSettings(
-            addr=servers.vault_addr,
-            transit_mount="transit",
-            key_name=key,
-            role_id=creds.role_id,
-            secret_id=creds.secret_id,
-        ),
     )
     await ensure_topics(servers.kafka_bootstrap, topic_specs(Topics(cfg.topic_prefix), partitions=1))
     async with running(lambda stop: run(cfg, stop), cfg.grpc_bind), grpc.aio.insecure_channel(cfg.grpc_bind) as ch:

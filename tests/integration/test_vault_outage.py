@@ -22,12 +22,10 @@ from aiokafka import AIOKafkaConsumer
 from dicomsafe.common.kafka import Topics, dlq_topic, ensure_topics, headers_for, new_producer, topic_specs
 from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc, events_pb2
 from services.crypto.app import run as run_crypto
-from services.crypto.config import CryptoConfig
-from services.crypto.vault_keys import VaultSettings
 from services.ingest.app import run as run_ingest
 from services.ingest.config import IngestConfig
 from tests.servers import Servers
-from tests.service_runner import free_port, running
+from tests.service_runner import crypto_config, free_port, running
 from tools import dicom_samples, infra, vault_setup
 
 
@@ -116,21 +114,8 @@ async def test_vault_outage_mid_ingest_loses_nothing(
     creds = vault_setup.provision(bao.addr, bao.root_token)
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=2))
-    crypto_cfg = CryptoConfig(
-        grpc_bind=f"127.0.0.1:{free_port()}",
-        store_dir=tmp_path / "store",
-        chunk_size=64 * 1024,
-        max_object_bytes=64 * 1024 * 1024,
-        kafka_bootstrap=servers.kafka_bootstrap,
-        topic_prefix=topics.prefix,
-        vault=VaultSettings(
-            addr=bao.addr,
-            transit_mount="transit",
-            key_name="dicomsafe-dek",
-            role_id=creds.role_id,
-            secret_id=creds.secret_id,
-            timeout_s=2.0,
-        ),
+    crypto_cfg = crypto_config(
+        servers.kafka_bootstrap, bao.addr, creds, tmp_path / "store", topics.prefix, vault_timeout_s=2.0
     )
     ingest_cfg = IngestConfig(
         kafka_bootstrap=servers.kafka_bootstrap,
