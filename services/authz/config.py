@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicomsafe.common.config import env_int, env_opt, env_str
+from dicomsafe.common.config import env_int, env_opt, env_secret, env_str
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,10 @@ class AuthzConfig:
     oidc_mfa_acr: frozenset[str] = frozenset()
     # How often the policy file is checked for changes (a ConfigMap update sends no signal).
     policy_reload_s: int = 10
+    # Grants (time-limited access, break-glass) live in MongoDB; without it only the policy
+    # file counts and the grant RPCs answer FAILED_PRECONDITION.
+    mongodb_uri: str = ""
+    mongodb_db: str = "dicomsafe_authz"
 
     @classmethod
     def from_env(cls) -> AuthzConfig:
@@ -34,4 +38,6 @@ class AuthzConfig:
             oidc_leeway_s=env_int("AUTHZ_OIDC_LEEWAY_S", 30),
             oidc_mfa_acr=frozenset(v for v in env_opt("AUTHZ_OIDC_MFA_ACR").split(",") if v),
             policy_reload_s=env_int("AUTHZ_POLICY_RELOAD_S", 10),
+            mongodb_uri=env_secret("AUTHZ_MONGODB_URI") or "",
+            mongodb_db=env_str("AUTHZ_MONGODB_DB", "dicomsafe_authz"),
         )

@@ -33,6 +33,8 @@ class Policy:
     roles: Mapping[str, Role]
     subjects: Mapping[str, tuple[str, ...]]
     mfa_labels: frozenset[str] = frozenset()
+    break_glass_role: str = ""
+    break_glass_minutes: int = 30
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,8 @@ class Decision:
     obligations: tuple[str, ...] = ()
 
 
-_TOP_KEYS = {"version", "actions", "roles", "subjects", "sensitivity"}
+_TOP_KEYS = {"version", "actions", "roles", "subjects", "sensitivity", "break_glass"}
+_BREAK_GLASS_KEYS = {"role", "minutes"}
 _SENSITIVITY_KEYS = {"mfa_required"}
 _ROLE_KEYS = {"description", "actions", "obligations"}
 _SUBJECT_KEYS = {"roles"}
@@ -103,7 +106,15 @@ def parse_policy(doc: Mapping[str, Any]) -> Policy:
     sensitivity = _table(doc.get("sensitivity", {}), "sensitivity")
     _unknown(set(sensitivity), _SENSITIVITY_KEYS, "sensitivity")
     mfa_labels = frozenset(_strings(sensitivity.get("mfa_required", []), "sensitivity.mfa_required"))
-    return Policy(version.strip(), actions, roles, subjects, mfa_labels)
+    glass = _table(doc.get("break_glass", {}), "break_glass")
+    _unknown(set(glass), _BREAK_GLASS_KEYS, "break_glass")
+    glass_role = str(glass.get("role", ""))
+    if glass_role and glass_role not in roles:
+        raise PolicyError(f"break_glass: role {glass_role!r} is not defined")
+    minutes = glass.get("minutes", 30)
+    if not isinstance(minutes, int) or not 1 <= minutes <= 240:
+        raise PolicyError("break_glass.minutes must be an integer in 1..240")
+    return Policy(version.strip(), actions, roles, subjects, mfa_labels, glass_role, minutes)
 
 
 def load_policy(path: Path) -> Policy:
@@ -117,16 +128,26 @@ def load_policy(path: Path) -> Policy:
     return parse_policy(doc)
 
 
-def decide(policy: Policy, subject_id: str, action: str, labels: Iterable[str] = (), mfa: bool = False) -> Decision:
+def decide(
+    policy: Policy,
+    subject_id: str,
+    action: str,
+    labels: Iterable[str] = (),
+    mfa: bool = False,
+    granted_roles: Iterable[str] = (),
+) -> Decision:
+    """``granted_roles``: roles from grants active now for this subject and resource."""
     if not subject_id:
         return Decision(False, "no_subject", "no subject")
     if not action:
         return Decision(False, "no_action", "no action")
     if action not in policy.actions:
         return Decision(False, "unknown_action", f"unknown action {action}")
-    roles = policy.subjects.get(subject_id)
-    if roles is None:
+    extra = tuple(r for r in granted_roles if r in policy.roles)
+    listed = policy.subjects.get(subject_id)
+    if listed is None and not extra:
         return Decision(False, "unknown_subject", "unknown subject")
+    roles = tuple(dict.fromkeys((*(listed or ()), *extra)))
     granting = [policy.roles[r] for r in roles if action in policy.roles[r].actions]
     if not granting:
         return Decision(False, "no_role", f"no role of the subject grants {action}", roles)

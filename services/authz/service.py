@@ -3,29 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
+from pymongo.errors import PyMongoError
 
 from dicomsafe.common.audit_emitter import AuditEmitter
 from dicomsafe.common.metrics import DECISIONS, DURATION
 from dicomsafe.v1 import audit_pb2, authz_pb2, authz_pb2_grpc
+from services.authz.grants import GrantStore, StoredGrant
 from services.authz.policy import Decision, Policy, PolicyError, decide, load_policy
 from services.authz.tokens import TokenRejected, TokenVerifier
 
 log = logging.getLogger("dicomsafe.authz")
 
 SERVICE_NAME = "dicomsafe.v1.AuthzService"
+# Temporary staff and consultants: longer access needs a role in the policy file.
+MAX_GRANT = dt.timedelta(days=90)
 
 
 class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
-    def __init__(self, policy: Policy, audit: AuditEmitter, verifier: TokenVerifier | None) -> None:
+    def __init__(
+        self, policy: Policy, audit: AuditEmitter, verifier: TokenVerifier | None, grants: GrantStore | None = None
+    ) -> None:
         self._policy = policy
         self._audit = audit
         self._verifier = verifier
+        self._grants = grants
 
     @property
     def policy_version(self) -> str:
@@ -62,19 +71,44 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
         )
         return True
 
-    async def _decide(self, request: authz_pb2.CheckRequest) -> tuple[str, bool, Decision]:
-        """(subject, mfa, decision): the subject is the token's when tokens are required."""
-        labels = list(request.resource.labels)
+    async def _identify(self, subject: authz_pb2.Subject) -> tuple[str, bool, Decision | None]:
+        """(subject id, mfa, refusal): with tokens required, the id is the verified token's."""
         if self._verifier is None:
-            return request.subject.id, False, decide(self._policy, request.subject.id, request.action, labels)
+            return subject.id, False, None
         try:
-            identity = await asyncio.to_thread(self._verifier.verify, request.subject.access_token)
+            identity = await asyncio.to_thread(self._verifier.verify, subject.access_token)
         except TokenRejected as exc:
-            return request.subject.id, False, Decision(False, "unauthenticated", f"unauthenticated: {exc.reason}")
-        if request.subject.id and request.subject.id != identity.subject:
-            return request.subject.id, False, Decision(False, "subject_mismatch", "subject does not match the token")
-        decision = decide(self._policy, identity.subject, request.action, labels, mfa=identity.mfa)
-        return identity.subject, identity.mfa, decision
+            return subject.id, False, Decision(False, "unauthenticated", f"unauthenticated: {exc.reason}")
+        if subject.id and subject.id != identity.subject:
+            return subject.id, False, Decision(False, "subject_mismatch", "subject does not match the token")
+        return identity.subject, identity.mfa, None
+
+    async def _decide(self, request: authz_pb2.CheckRequest) -> tuple[str, bool, Decision]:
+        """(subject, mfa, decision), counting the grants in force right now."""
+        subject, mfa, refusal = await self._identify(request.subject)
+        if refusal is not None:
+            return subject, mfa, refusal
+        labels = list(request.resource.labels)
+        grants = await self._active_grants(subject, request.resource.study_instance_uid)
+        decision = decide(self._policy, subject, request.action, labels, mfa, [g.role for g in grants])
+        if decision.allow and any(g.break_glass for g in grants):
+            ordinary = decide(
+                self._policy, subject, request.action, labels, mfa, [g.role for g in grants if not g.break_glass]
+            )
+            if not ordinary.allow:
+                # Allowed only by an emergency override: every such access is flagged for review.
+                decision = replace(decision, obligations=(*decision.obligations, "break-glass"))
+        return subject, mfa, decision
+
+    async def _active_grants(self, subject: str, study: str) -> list[StoredGrant]:
+        if self._grants is None or not subject:
+            return []
+        try:
+            return await self._grants.active(subject, study, dt.datetime.now(dt.UTC))
+        except PyMongoError:
+            # Without the grant store, decide on the policy file alone: grants only ever add access.
+            log.warning("grant store unavailable; deciding without grants")
+            return []
 
     async def Check(
         self, request: authz_pb2.CheckRequest, context: grpc.aio.ServicerContext[object, object]
@@ -130,3 +164,139 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
             decision_id=decision_id,
             subject=subject,
         )
+
+    # -- grants -------------------------------------------------------------------------------
+
+    async def _authorize_management(
+        self, caller: authz_pb2.Subject, action: str, context: grpc.aio.ServicerContext[object, object]
+    ) -> tuple[str, bool, Decision]:
+        if self._grants is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "grants need AUTHZ_MONGODB_URI")
+        subject, mfa, refusal = await self._identify(caller)
+        decision = refusal or decide(self._policy, subject, action, mfa=mfa)
+        return subject, mfa, decision
+
+    async def _record_grant(
+        self,
+        action: audit_pb2.AuditAction.ValueType,
+        allowed: bool,
+        actor: str,
+        reason: str,
+        grant: StoredGrant | None = None,
+    ) -> None:
+        details = {"policy_version": self._policy.version}
+        if grant is not None:
+            details |= {
+                "grant_id": grant.grant_id,
+                "grantee": grant.subject,
+                "role": grant.role,
+                "not_before": grant.not_before.isoformat(),
+                "not_after": grant.not_after.isoformat(),
+                "break_glass": str(grant.break_glass).lower(),
+            }
+        outcome = (
+            audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS if allowed else audit_pb2.AuditOutcome.AUDIT_OUTCOME_DENIED
+        )
+        await self._audit.emit(
+            action,
+            outcome,
+            actor or "anonymous",
+            study_instance_uid=grant.study_instance_uid if grant else "",
+            reason=reason,
+            details=details,
+        )
+
+    @staticmethod
+    def _to_proto(grant: StoredGrant) -> authz_pb2.Grant:
+        out = authz_pb2.Grant(
+            grant_id=grant.grant_id,
+            subject=grant.subject,
+            role=grant.role,
+            study_instance_uid=grant.study_instance_uid,
+            break_glass=grant.break_glass,
+            reason=grant.reason,
+            created_by=grant.created_by,
+        )
+        out.not_before.FromDatetime(grant.not_before)
+        out.not_after.FromDatetime(grant.not_after)
+        if grant.revoked_at:
+            out.revoked_at.FromDatetime(grant.revoked_at)
+        return out
+
+    async def CreateGrant(
+        self, request: authz_pb2.CreateGrantRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> authz_pb2.Grant:
+        caller, _, decision = await self._authorize_management(request.caller, "grants.manage", context)
+        changed = audit_pb2.AuditAction.AUDIT_ACTION_GRANT_CHANGED
+        if not decision.allow:
+            await self._record_grant(changed, False, caller, decision.reason)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, decision.reason)
+        g = request.grant
+        now = dt.datetime.now(dt.UTC)
+        not_before = g.not_before.ToDatetime(tzinfo=dt.UTC) if g.HasField("not_before") else now
+        not_after = g.not_after.ToDatetime(tzinfo=dt.UTC)
+        problem = ""
+        if not g.subject or not g.role or not g.reason:
+            problem = "grant needs a subject, a role and a reason"
+        elif g.role not in self._policy.roles or g.role == self._policy.break_glass_role:
+            problem = f"role {g.role} cannot be granted"
+        elif not (not_before < not_after and now < not_after and not_after - not_before <= MAX_GRANT):
+            problem = f"grant window must end in the future and last at most {MAX_GRANT.days} days"
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        grant = await self._grants.create(  # type: ignore[union-attr]
+            g.subject, g.role, g.study_instance_uid, not_before, not_after, g.reason, caller
+        )
+        await self._record_grant(changed, True, caller, f"grant created: {g.reason}", grant)
+        return self._to_proto(grant)
+
+    async def RevokeGrant(
+        self, request: authz_pb2.RevokeGrantRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> authz_pb2.Grant:
+        caller, _, decision = await self._authorize_management(request.caller, "grants.manage", context)
+        changed = audit_pb2.AuditAction.AUDIT_ACTION_GRANT_CHANGED
+        if not decision.allow:
+            await self._record_grant(changed, False, caller, decision.reason)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, decision.reason)
+        grant = await self._grants.revoke(request.grant_id, dt.datetime.now(dt.UTC))  # type: ignore[union-attr]
+        if grant is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such active grant")
+        await self._record_grant(changed, True, caller, f"grant revoked: {request.reason}", grant)
+        return self._to_proto(grant)
+
+    async def BreakGlass(
+        self, request: authz_pb2.BreakGlassRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> authz_pb2.Grant:
+        caller, mfa, decision = await self._authorize_management(request.caller, "emergency.access", context)
+        override = audit_pb2.AuditAction.AUDIT_ACTION_EMERGENCY_OVERRIDE
+        refusal = ""
+        if not decision.allow:
+            refusal = decision.reason
+        elif not mfa:
+            refusal = "break-glass requires multi-factor authentication"
+        elif not request.reason.strip() or not request.study_instance_uid:
+            refusal = "break-glass requires a study and a stated reason"
+        elif not self._policy.break_glass_role:
+            refusal = "break-glass is not configured in the policy"
+        now = dt.datetime.now(dt.UTC)
+        if not refusal:
+            active = await self._grants.active(caller, request.study_instance_uid, now)  # type: ignore[union-attr]
+            if any(g.break_glass and g.study_instance_uid == request.study_instance_uid for g in active):
+                refusal = "break-glass grants are not renewable: one is already active for this study"
+        if refusal:
+            await self._record_grant(override, False, caller, refusal)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+        grant = await self._grants.create(  # type: ignore[union-attr]
+            caller,
+            self._policy.break_glass_role,
+            request.study_instance_uid,
+            now,
+            now + dt.timedelta(minutes=self._policy.break_glass_minutes),
+            request.reason,
+            caller,
+            break_glass=True,
+        )
+        # DICOM 110113 Security Alert / 110127 "Emergency Override Started".
+        await self._record_grant(override, True, caller, f"emergency override started: {request.reason}", grant)
+        log.warning("break-glass grant issued", extra={"grant_id": grant.grant_id})
+        return self._to_proto(grant)

@@ -1,0 +1,164 @@
+"""Time-limited grants and break-glass against the running service, real MongoDB, real tokens."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
+from dicomsafe.v1 import audit_pb2, authz_pb2, authz_pb2_grpc
+from services.authz.app import run
+from services.authz.config import AuthzConfig
+from tests.servers import Servers
+from tests.service_runner import free_port, running
+from tools.oidc_issuer import LocalIssuer, running_issuer
+
+if TYPE_CHECKING:
+    Stub = authz_pb2_grpc.AuthzServiceAsyncStub
+
+POLICY = Path(__file__).resolve().parents[2] / "deploy" / "policy" / "policy.toml"
+S1, S2, S3 = "1.2.840.10008.1", "1.2.840.10008.2", "1.2.840.10008.3"
+
+
+@pytest.fixture(scope="module")
+def idp() -> Iterator[LocalIssuer]:
+    with running_issuer() as issuer:
+        yield issuer
+
+
+@pytest.fixture
+async def authz(servers: Servers, idp: LocalIssuer, unique: str) -> AsyncIterator[tuple[Stub, Topics]]:
+    topics = Topics(f"t{unique}.")
+    await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
+    cfg = AuthzConfig(
+        grpc_bind=f"127.0.0.1:{free_port()}",
+        policy_file=POLICY,
+        kafka_bootstrap=servers.kafka_bootstrap,
+        topic_prefix=topics.prefix,
+        oidc_issuer=idp.url,
+        oidc_jwks_url=idp.jwks_url,
+        mongodb_uri=servers.mongodb_uri,
+        mongodb_db=f"authz_{unique}",
+    )
+    async with running(lambda stop: run(cfg, stop), cfg.grpc_bind), grpc.aio.insecure_channel(cfg.grpc_bind) as ch:
+        yield authz_pb2_grpc.AuthzServiceStub(ch), topics
+
+
+def _who(idp: LocalIssuer, subject: str, mfa: bool = False) -> authz_pb2.Subject:
+    return authz_pb2.Subject(access_token=idp.token(subject, amr=["pwd", "otp"] if mfa else ["pwd"]))
+
+
+async def _can_read(stub: Stub, idp: LocalIssuer, subject: str, study: str) -> authz_pb2.CheckResponse:
+    request = authz_pb2.CheckRequest(
+        subject=_who(idp, subject),
+        action="instance.read",
+        resource=authz_pb2.Resource(type="instance", study_instance_uid=study),
+    )
+    response: authz_pb2.CheckResponse = await stub.Check(request)
+    return response
+
+
+def _grant(subject: str, study: str, start: dt.datetime, end: dt.datetime) -> authz_pb2.Grant:
+    grant = authz_pb2.Grant(subject=subject, role="radiologist", study_instance_uid=study, reason="locum cover")
+    grant.not_before.FromDatetime(start)
+    grant.not_after.FromDatetime(end)
+    return grant
+
+
+async def test_time_limited_grants(authz, idp: LocalIssuer) -> None:  # type: ignore[no-untyped-def]
+    stub, _ = authz
+    now = dt.datetime.now(dt.UTC)
+    assert (await _can_read(stub, idp, "dr.locum", S1)).reason == "unknown subject"
+
+    admin = _who(idp, "reg.omar")
+    created = await stub.CreateGrant(
+        authz_pb2.CreateGrantRequest(
+            caller=admin, grant=_grant("dr.locum", S1, now - dt.timedelta(minutes=1), now + dt.timedelta(hours=8))
+        )
+    )
+    later = await stub.CreateGrant(
+        authz_pb2.CreateGrantRequest(
+            caller=admin, grant=_grant("dr.locum", S2, now + dt.timedelta(hours=1), now + dt.timedelta(hours=9))
+        )
+    )
+    assert created.created_by == "reg.omar"
+    inside = await _can_read(stub, idp, "dr.locum", S1)
+    assert inside.allow and inside.roles == ["radiologist"]
+    assert not (await _can_read(stub, idp, "dr.locum", S2)).allow  # not yet valid
+    assert not (await _can_read(stub, idp, "dr.locum", S3)).allow  # out of scope
+    assert later.grant_id
+
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.CreateGrant(
+            authz_pb2.CreateGrantRequest(
+                caller=_who(idp, "dr.house"), grant=_grant("dr.pal", "", now, now + dt.timedelta(hours=1))
+            )
+        )
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as too_long:
+        await stub.CreateGrant(
+            authz_pb2.CreateGrantRequest(caller=admin, grant=_grant("dr.pal", "", now, now + dt.timedelta(days=365)))
+        )
+    assert too_long.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    revoked = await stub.RevokeGrant(
+        authz_pb2.RevokeGrantRequest(caller=admin, grant_id=created.grant_id, reason="left")
+    )
+    assert revoked.HasField("revoked_at")
+    assert not (await _can_read(stub, idp, "dr.locum", S1)).allow  # takes effect at once
+
+
+async def test_break_glass(authz, idp: LocalIssuer, servers: Servers) -> None:  # type: ignore[no-untyped-def]
+    stub, topics = authz
+    assert not (await _can_read(stub, idp, "dr.er", S3)).allow
+
+    async def glass(subject: str, mfa: bool, reason: str) -> authz_pb2.Grant:
+        grant: authz_pb2.Grant = await stub.BreakGlass(
+            authz_pb2.BreakGlassRequest(caller=_who(idp, subject, mfa), study_instance_uid=S3, reason=reason)
+        )
+        return grant
+
+    for subject, mfa, reason, expected in [
+        ("dr.er", False, "trauma bay 2", "multi-factor"),
+        ("dr.er", True, "  ", "stated reason"),
+        ("tech.jane", True, "curious", "no role of the subject grants emergency.access"),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await glass(subject, mfa, reason)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert expected in (err.value.details() or "")
+
+    grant = await glass("dr.er", True, "trauma bay 2: unconscious patient")
+    assert grant.break_glass and grant.role == "emergency_reader"
+    minutes = (grant.not_after.ToDatetime() - grant.not_before.ToDatetime()).total_seconds() / 60
+    assert minutes == 30
+    flagged = await _can_read(stub, idp, "dr.er", S3)
+    assert flagged.allow and "break-glass" in flagged.obligations
+    assert not (await _can_read(stub, idp, "dr.er", S1)).allow  # one study only
+    with pytest.raises(grpc.aio.AioRpcError) as again:
+        await glass("dr.er", True, "still in theatre")
+    assert "not renewable" in (again.value.details() or "")
+
+    consumer = AIOKafkaConsumer(topics.audit, bootstrap_servers=servers.kafka_bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    overrides: list[audit_pb2.AuditEvent] = []
+    deadline = time.monotonic() + 20
+    try:
+        while len(overrides) < 5 and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                events = [audit_pb2.AuditEvent.FromString(r.value) for r in records]
+                overrides += [e for e in events if e.action == audit_pb2.AuditAction.AUDIT_ACTION_EMERGENCY_OVERRIDE]
+    finally:
+        await consumer.stop()
+    outcomes = [e.outcome for e in overrides]
+    assert outcomes.count(audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS) == 1
+    assert outcomes.count(audit_pb2.AuditOutcome.AUDIT_OUTCOME_DENIED) == 4
+    started = next(e for e in overrides if e.outcome == audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS)
+    assert started.actor == "dr.er" and started.study_instance_uid == S3 and "unconscious" in started.reason
