@@ -17,9 +17,11 @@ from typing import Any
 
 from tools import infra
 
-# Images of the same servers the local script installs (docker-compose uses them too).
-KAFKA_IMAGE = "apache/kafka:4.1.1"
-VAULT_IMAGE = "openbao/openbao:2.4.1"
+# Images the testcontainers modules are built around: their KafkaContainer configures
+# Confluent's image (KRaft from 7.0), VaultContainer the Vault dev server, MongoDbContainer
+# the official image with a root user (so role enforcement is testable there too).
+KAFKA_IMAGE = "confluentinc/cp-kafka:7.6.0"
+VAULT_IMAGE = "hashicorp/vault:1.18"
 MONGO_IMAGE = "mongo:8.0"
 
 
