@@ -63,12 +63,19 @@ class ChainVerifier:
             return Break(self.chain, expected, reason)
         if record.get("prev_hash") != self._prev:
             return Break(self.chain, expected, "prev_hash does not match the previous record")
+        event = record.get("event")
         try:
-            recomputed = link_hash(self._prev, self.chain, expected, record["event"])
-        except (KeyError, TypeError, ValueError):
+            if not isinstance(event, Mapping):
+                raise TypeError("event is not a document")
+            recomputed = link_hash(self._prev, self.chain, expected, event)
+        except (TypeError, ValueError):
             return Break(self.chain, expected, "record malformed")
         if recomputed != record.get("hash"):
             return Break(self.chain, expected, "content does not match its hash")
+        # The top-level event_id (unique index: what makes redelivery harmless) is outside the
+        # hash; it must name the hashed event, or a redelivered event could be recorded twice.
+        if record.get("event_id") != event.get("event_id"):
+            return Break(self.chain, expected, "event_id does not match the event")
         self._prev = recomputed
         self._expected += 1
         return None

@@ -9,17 +9,18 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from bson.errors import InvalidDocument
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.json_format import ParseDict
 from pymongo import ASCENDING, AsyncMongoClient
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 from pymongo.write_concern import WriteConcern
 
-from dicomsafe.common.kafka import TransientError
+from dicomsafe.common.kafka import PermanentError, TransientError
 from dicomsafe.v1 import audit_pb2
 from services.audit.chain import GENESIS, Break, ChainVerifier, event_document, link_hash
 from services.audit.checkpoints import Checkpoint, signature_valid
@@ -28,6 +29,10 @@ log = logging.getLogger("dicomsafe.audit.store")
 
 COLLECTION = "events"
 CHECKPOINTS = "checkpoints"
+# Duplicate key (11000; 11001 and 12582 from older servers).
+_DUPLICATE_KEY = frozenset({11000, 11001, 12582})
+# Per-document write errors that a retry can clear (write conflict, time limit, failover).
+_TRANSIENT_WRITE_CODES = frozenset({50, 91, 112, 189, 262, 10107, 11600, 11602, 13435, 13436})
 
 
 @dataclass
@@ -131,18 +136,43 @@ class AuditStore:
                     failed_at = int(errors[0]["index"]) if errors else 0
                     self._mark_inserted(chain, records[:failed_at], pending, results, seen)
                     pending = pending[failed_at:]
-                    if errors and errors[0].get("code") == 11000 and "event_id" in errors[0].get("keyPattern", {}):
+                    if not errors:  # e.g. a write concern error: what was written is unknown
+                        await self._load_head(chain)
+                    elif errors[0].get("code") not in _DUPLICATE_KEY:
+                        # Neither a redelivery nor a lost race: retrying the same document would
+                        # block the partition forever, so it goes to the dead-letter topic.
+                        self._heads.pop(chain, None)
+                        code = errors[0].get("code")
+                        if code in _TRANSIENT_WRITE_CODES:
+                            raise TransientError(f"MongoDB write error {code}") from None
+                        raise PermanentError("store_rejected", f"MongoDB refused the record (code {code})") from None
+                    elif await self._event_recorded(errors[0], docs_events[pending[0]][0]):
                         seen.add(docs_events[pending[0]][0])  # recorded by an earlier delivery
                         pending = pending[1:]
                     else:
-                        await self._load_head(chain)
+                        await self._load_head(chain)  # another writer took the seq
                     continue
+                except InvalidDocument as exc:
+                    # Refused by the driver before it reached the server (e.g. a NUL byte in a
+                    # details key, or too large). The message may quote content: only its type.
+                    self._heads.pop(chain, None)
+                    raise PermanentError(
+                        "bad_event", f"audit event cannot be stored as a document ({type(exc).__name__})"
+                    ) from None
                 self._mark_inserted(chain, records, pending, results, seen)
                 return results
         except PyMongoError as exc:
             self._heads.pop(chain, None)  # the head is unknown after a failed write
             raise TransientError(f"MongoDB unavailable ({type(exc).__name__})") from None
         raise TransientError("could not claim sequence numbers")
+
+    async def _event_recorded(self, error: Mapping[str, Any], event_id: str) -> bool:
+        """Was this duplicate key the event id (a redelivery) rather than (chain, seq)?
+        Servers that do not say which index (no keyPattern) are asked directly."""
+        key_pattern = error.get("keyPattern")
+        if isinstance(key_pattern, Mapping):
+            return "event_id" in key_pattern
+        return await self._events.find_one({"event_id": event_id}, projection={"_id": 1}) is not None
 
     def _mark_inserted(
         self,
@@ -169,19 +199,48 @@ class AuditStore:
     async def verify(self, chain: str = "", public_keys: dict[int, Ed25519PublicKey] | None = None) -> Verdict:
         """Recompute every chain; with ``public_keys``, also check every signed checkpoint:
         its signature, that the record at its seq has its hash, and that the chain still
-        reaches it (a shorter chain was truncated)."""
-        chains = [chain] if chain else sorted(await self._events.distinct("chain"))
+        reaches it (a shorter chain was truncated — even to nothing). Records and checkpoints
+        are both streamed in seq order, so memory stays bounded whatever the length."""
+        if chain:
+            chains = [chain]
+        else:
+            names = set(await self._events.distinct("chain"))
+            if public_keys is not None:  # a chain whose every record is gone still has checkpoints
+                names |= set(await self._checkpoints.distinct("chain"))
+            chains = sorted(names)
         total, breaks, checked_cps = 0, [], 0
         for name in chains:
-            cps: dict[int, Checkpoint] = {}
-            if public_keys is not None:
-                async for doc in self._checkpoints.find({"chain": name}, sort=[("seq", ASCENDING)]):
-                    cp = Checkpoint(doc["chain"], int(doc["seq"]), doc["hash"], doc["signature"])
-                    checked_cps += 1
-                    if not signature_valid(public_keys, cp):
-                        breaks.append(Break(name, cp.seq, "checkpoint signature invalid"))
-                        continue
-                    cps[cp.seq] = cp
+            records, cps, chain_breaks = await self._verify_one(name, public_keys)
+            total += records
+            checked_cps += cps
+            breaks += chain_breaks
+        return Verdict(len(chains), total, breaks, checked_cps)
+
+    async def _verify_one(
+        self, name: str, public_keys: dict[int, Ed25519PublicKey] | None
+    ) -> tuple[int, int, list[Break]]:
+        breaks: list[Break] = []
+        checked_cps = 0
+
+        async def signed_checkpoints() -> AsyncGenerator[Checkpoint, None]:
+            nonlocal checked_cps
+            if public_keys is None:
+                return
+            async for doc in self._checkpoints.find({"chain": name}, sort=[("seq", ASCENDING)], batch_size=1000):
+                checked_cps += 1
+                try:
+                    cp = Checkpoint(str(doc["chain"]), int(doc["seq"]), str(doc["hash"]), str(doc["signature"]))
+                except (KeyError, TypeError, ValueError):
+                    breaks.append(Break(name, 0, "checkpoint malformed"))
+                    continue
+                if not signature_valid(public_keys, cp):
+                    breaks.append(Break(name, cp.seq, "checkpoint signature invalid"))
+                    continue
+                yield cp
+
+        checkpoints = signed_checkpoints()
+        try:
+            pending = await anext(checkpoints, None)
             verifier = ChainVerifier(name)
             broken: Break | None = None
             last_seq = 0
@@ -190,16 +249,26 @@ class AuditStore:
                 if broken:
                     break
                 last_seq = int(doc["seq"])
-                signed = cps.get(last_seq)
-                if signed is not None and signed.hash != doc["hash"]:
-                    broken = Break(name, last_seq, "record differs from its signed checkpoint")
+                while pending is not None and pending.seq <= last_seq:
+                    if pending.seq == last_seq and pending.hash != doc["hash"]:
+                        broken = Break(name, last_seq, "record differs from its signed checkpoint")
+                        break
+                    pending = await anext(checkpoints, None)
+                if broken:
                     break
-            if broken is None and cps and max(cps) > last_seq:
-                broken = Break(name, last_seq + 1, f"chain truncated: a signed checkpoint reaches seq {max(cps)}")
-            if broken:
-                breaks.append(broken)
-            total += verifier.checked
-        return Verdict(len(chains), total, breaks, checked_cps)
+            if broken is None and pending is not None:
+                reach = pending.seq
+                async for cp in checkpoints:
+                    reach = max(reach, cp.seq)
+                broken = Break(name, last_seq + 1, f"chain truncated: a signed checkpoint reaches seq {reach}")
+            else:
+                async for _ in checkpoints:  # count (and check the signatures of) the rest
+                    pass
+        finally:
+            await checkpoints.aclose()
+        if broken:
+            breaks.append(broken)
+        return verifier.checked, checked_cps, breaks
 
     async def exposure(self, actor: str, since: dt.datetime | None, until: dt.datetime | None) -> ExposureReport:
         flt: dict[str, Any] = {

@@ -24,6 +24,9 @@ class AuthzConfig:
     # file counts and the grant RPCs answer FAILED_PRECONDITION.
     mongodb_uri: str = ""
     mongodb_db: str = "dicomsafe_authz"
+    # Longest wait for Kafka to acknowledge a decision's audit event before answering
+    # UNAVAILABLE (the caller's own gRPC deadline shortens it further).
+    audit_timeout_s: float = 5.0
 
     @classmethod
     def from_env(cls) -> AuthzConfig:
@@ -40,4 +43,5 @@ class AuthzConfig:
             policy_reload_s=env_int("AUTHZ_POLICY_RELOAD_S", 10),
             mongodb_uri=env_secret("AUTHZ_MONGODB_URI") or "",
             mongodb_db=env_str("AUTHZ_MONGODB_DB", "dicomsafe_authz"),
+            audit_timeout_s=float(env_int("AUTHZ_AUDIT_TIMEOUT_S", 5)),
         )

@@ -3,12 +3,18 @@
 A decision allows an action only when one of the subject's roles lists it; everything else
 — unknown subject, unknown action, empty request — is denied with a reason that names the
 rule, never a patient fact.
+
+Inputs are split so later sources of authority slot in without changing the rules: roles →
+actions is the policy, subject → roles comes from the policy's subjects table *plus* the
+roles of grants in force (``RequestContext.granted_roles``), and facts established by the
+caller's authentication (``RequestContext.mfa``) or the resource (``ResourceRef.labels``)
+only ever narrow what the roles allow.
 """
 
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,13 +44,40 @@ class Policy:
 
 
 @dataclass(frozen=True)
+class ResourceRef:
+    """What is accessed: identifiers and sensitivity labels only, never patient facts."""
+
+    type: str = ""
+    study_instance_uid: str = ""
+    object_id: str = ""
+    labels: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """Facts about the request established by the caller of ``decide`` (never PHI).
+
+    ``mfa``: the session was authenticated with a second factor (from a verified token).
+    ``granted_roles``: roles of grants in force now for this subject and resource.
+    ``purpose``: stated purpose of use (recorded, not decisive yet).
+    """
+
+    purpose: str = ""
+    mfa: bool = False
+    granted_roles: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Decision:
     allow: bool
-    # Machine-readable, from a fixed set (safe as a metric label); ``reason`` is for people.
-    code: str
+    # For people; stable and PHI-free (see the service README for the list).
     reason: str
     roles: tuple[str, ...] = ()
     obligations: tuple[str, ...] = ()
+    policy_version: str = ""
+    # Machine-readable, from a fixed set (safe as a metric label): granted, no_subject,
+    # no_action, unknown_action, unknown_subject, no_role, mfa_required, ...
+    code: str = ""
 
 
 _TOP_KEYS = {"version", "actions", "roles", "subjects", "sensitivity", "break_glass"}
@@ -132,29 +165,33 @@ def decide(
     policy: Policy,
     subject_id: str,
     action: str,
-    labels: Iterable[str] = (),
-    mfa: bool = False,
-    granted_roles: Iterable[str] = (),
+    resource: ResourceRef | None = None,
+    context: RequestContext | None = None,
 ) -> Decision:
-    """``granted_roles``: roles from grants active now for this subject and resource."""
+    """Deny by default: allow only when a role of the subject lists ``action``."""
+    resource = resource or ResourceRef()
+    context = context or RequestContext()
+
+    def deny(code: str, reason: str, roles: tuple[str, ...] = (), obligations: tuple[str, ...] = ()) -> Decision:
+        return Decision(False, reason, roles, obligations, policy.version, code)
+
     if not subject_id:
-        return Decision(False, "no_subject", "no subject")
+        return deny("no_subject", "no subject")
     if not action:
-        return Decision(False, "no_action", "no action")
+        return deny("no_action", "no action")
     if action not in policy.actions:
-        return Decision(False, "unknown_action", f"unknown action {action}")
-    extra = tuple(r for r in granted_roles if r in policy.roles)
+        return deny("unknown_action", f"unknown action {action}")
+    extra = tuple(r for r in context.granted_roles if r in policy.roles)
     listed = policy.subjects.get(subject_id)
     if listed is None and not extra:
-        return Decision(False, "unknown_subject", "unknown subject")
+        return deny("unknown_subject", "unknown subject")
     roles = tuple(dict.fromkeys((*(listed or ()), *extra)))
     granting = [policy.roles[r] for r in roles if action in policy.roles[r].actions]
     if not granting:
-        return Decision(False, "no_role", f"no role of the subject grants {action}", roles)
-    sensitive = sorted(policy.mfa_labels.intersection(labels))
-    if sensitive and not mfa:
+        return deny("no_role", f"no role of the subject grants {action}", roles)
+    sensitive = sorted(policy.mfa_labels.intersection(resource.labels))
+    if sensitive and not context.mfa:
         # Machine-readable for the client: ask the user to step up, then retry.
-        reason = f"mfa required for {', '.join(sensitive)} resources"
-        return Decision(False, "mfa_required", reason, roles, ("mfa-required",))
+        return deny("mfa_required", f"mfa required for {', '.join(sensitive)} resources", roles, ("mfa-required",))
     duties = tuple(sorted({d for role in granting for d in role.obligations.get(action, ())}))
-    return Decision(True, "granted", f"granted by role {granting[0].name}", roles, duties)
+    return Decision(True, f"granted by role {granting[0].name}", roles, duties, policy.version, "granted")

@@ -7,7 +7,7 @@ import time
 import uuid
 
 import grpc
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
 from dicomsafe.common.kafka import Topics, dlq_topic, ensure_topics, headers_for, new_producer, topic_specs
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc, events_pb2
@@ -50,31 +50,68 @@ async def test_events_are_chained_and_garbage_dead_lettered(servers: Servers, un
         await producer.send_and_wait(topics.audit, events[0].SerializeToString(), key=events[0].actor.encode())
         garbage = events_pb2.IngestRequest(request_id="not an audit event")
         await producer.send_and_wait(topics.audit, b"\xff\x00garbage", key=b"x", headers=headers_for(garbage))
+        # A well-formed AuditEvent that no BSON document can hold (NUL in a key): dead-lettered,
+        # not retried forever — the sentinel behind it on the same partition must get through.
+        unstorable = audit_pb2.AuditEvent()
+        unstorable.CopyFrom(events[0])
+        unstorable.event_id = str(uuid.uuid4())
+        unstorable.details["bad\x00key"] = "x"
+        await producer.send_and_wait(topics.audit, unstorable.SerializeToString(), key=unstorable.actor.encode())
+        # Same key, so same partition, as the duplicate: once this is recorded, the duplicate was handled.
+        sentinel = audit_pb2.AuditEvent(
+            event_id=str(uuid.uuid4()),
+            service="test",
+            action=audit_pb2.AuditAction.AUDIT_ACTION_AUDIT_QUERIED,
+            outcome=audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS,
+            actor=events[0].actor,
+            study_instance_uid="9.9.9",
+        )
+        await producer.send_and_wait(topics.audit, sentinel.SerializeToString(), key=sentinel.actor.encode())
     finally:
         await producer.stop()
 
     async with running(lambda stop: run(cfg, stop), cfg.grpc_bind), grpc.aio.insecure_channel(cfg.grpc_bind) as ch:
         stub = audit_pb2_grpc.AuditServiceStub(ch)
+        query = audit_pb2.QueryRequest(study_instance_uid=sentinel.study_instance_uid)
         deadline = time.monotonic() + 60
-        verdict = await stub.Verify(audit_pb2.VerifyRequest())
-        while verdict.records_checked < len(events) and time.monotonic() < deadline:
-            await asyncio.sleep(0.3)
+        while True:  # bounded: until every partition is through, or the deadline
             verdict = await stub.Verify(audit_pb2.VerifyRequest())
-        await asyncio.sleep(1)  # let a wrongly recorded duplicate show up, if there were one
+            seen = [r.event async for r in stub.Query(query)]
+            if (seen and verdict.records_checked > len(events)) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.3)
+        assert seen == [sentinel]
         verdict = await stub.Verify(audit_pb2.VerifyRequest())
         by_actor = [r async for r in stub.Query(audit_pb2.QueryRequest(actor="user1"))]
+        by_study = [r async for r in stub.Query(audit_pb2.QueryRequest(study_instance_uid="1.2.840.1", limit=100))]
+        (first,) = [r async for r in stub.Query(audit_pb2.QueryRequest(actor="user0", limit=1))]
+        per_chain = await stub.Verify(audit_pb2.VerifyRequest(chain=first.chain))
     assert verdict.ok
-    assert verdict.records_checked == len(events)
+    assert verdict.records_checked == len(events) + 1  # the duplicate delivery added nothing
+    # One chain per partition of the topic that carried the events.
+    assert verdict.chains_checked <= 2 and first.chain.startswith(f"{topics.audit}:")
+    assert per_chain.ok and per_chain.chains_checked == 1 and 0 < per_chain.records_checked <= len(events) + 1
     assert {r.event.event_id for r in by_actor} == {e.event_id for e in events if e.actor == "user1"}
+    # Stored and queried events are the produced ones, field for field.
+    assert sorted((r.event for r in by_study), key=lambda e: e.event_id) == sorted(events, key=lambda e: e.event_id)
 
     consumer = AIOKafkaConsumer(
         dlq_topic(topics.audit), bootstrap_servers=servers.kafka_bootstrap, auto_offset_reset="earliest"
     )
     await consumer.start()
+    dead: list[ConsumerRecord[bytes, bytes]] = []
     try:
-        batch = await consumer.getmany(timeout_ms=5000)
+        deadline = time.monotonic() + 30
+        while len(dead) < 2 and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=1000)
+            dead += [r for records in batch.values() for r in records]
+        # Anything further would be a wrongly dead-lettered good event.
+        batch = await consumer.getmany(timeout_ms=1000)
+        dead += [r for records in batch.values() for r in records]
     finally:
         await consumer.stop()
-    dead = [r for records in batch.values() for r in records]
-    assert len(dead) == 1
-    assert dict(dead[0].headers)["dlq-reason"] == b"bad_event"
+    assert len(dead) == 2
+    assert all(dict(r.headers)["dlq-reason"] == b"bad_event" for r in dead)
+    letters = [events_pb2.DeadLetter.FromString(r.value or b"") for r in dead]
+    assert {(x.source_topic, x.reason_code, x.service) for x in letters} == {(topics.audit, "bad_event", "audit")}
+    assert {x.original_value for x in letters} == {b"\xff\x00garbage", unstorable.SerializeToString()}

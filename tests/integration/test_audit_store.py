@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pymongo import AsyncMongoClient
 
+from dicomsafe.common.kafka import PermanentError
 from dicomsafe.v1 import audit_pb2
+from services.audit.chain import GENESIS, canonical, event_document, link_hash
+from services.audit.checkpoints import Checkpoint
+from services.audit.checkpoints import message as checkpoint_message
 from services.audit.store import COLLECTION, AuditStore
 from tests.servers import Servers
 
@@ -160,3 +166,99 @@ async def test_exposure_report_lists_what_a_subject_received(store: AuditStore) 
     future = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
     assert (await store.exposure("dr.evil", future, None)).events == 0
     assert len([r async for r in store.query(patient_ref="aa" * 16)]) == 2
+
+
+def _rich_event() -> audit_pb2.AuditEvent:
+    """Every kind of field the event has: enums, a nanosecond timestamp, a map (with keys that
+    are awkward in MongoDB), a repeated field, non-ASCII text."""
+    event = audit_pb2.AuditEvent(
+        event_id=str(uuid.uuid4()),
+        service="authz",
+        action=audit_pb2.AuditAction.AUDIT_ACTION_EMERGENCY_OVERRIDE,
+        outcome=audit_pb2.AuditOutcome.AUDIT_OUTCOME_FAILURE,
+        actor="dr.müller@klinik.example",
+        actor_roles=["radiologist", "break-glass"],
+        study_instance_uid="1.2.840.113619.2.55.3",
+        sop_instance_uid="1.2.840.113619.2.55.3.1",
+        object_id="obj-1",
+        reason="Notfall — 急诊 ✓",
+        trace_id="ab" * 16,
+        details={"key.version": "7", "$where": "x", "": "empty", "size": "18446744073709551615", "z": ""},
+        patient_ref="cd" * 16,
+    )
+    event.occurred_at.FromNanoseconds(1_700_000_000_123_456_789)
+    return event
+
+
+async def test_stored_event_round_trips_exactly(
+    store: AuditStore, client: AsyncMongoClient[dict[str, Any]], unique: str
+) -> None:
+    event = _rich_event()
+    assert await store.append("c:0", event) == 1
+    raw = await client[f"audit_{unique}"][COLLECTION].find_one({"chain": "c:0", "seq": 1})
+    assert raw is not None
+    # What comes back from MongoDB is what was hashed, so the hash recomputes.
+    assert raw["event"] == event_document(event)
+    assert canonical("c:0", 1, raw["event"]) == canonical("c:0", 1, event_document(event))
+    assert raw["hash"] == link_hash(GENESIS, "c:0", 1, raw["event"])
+    assert raw["event_id"] == event.event_id
+    (record,) = [r async for r in store.query(object_id="obj-1")]
+    assert record.event == event
+    assert (record.chain, record.seq, record.prev_hash, record.hash) == ("c:0", 1, GENESIS, raw["hash"])
+    assert (await store.verify()).ok
+
+
+async def test_an_unstorable_event_is_refused_for_good_and_the_chain_goes_on(store: AuditStore) -> None:
+    bad = _event()
+    bad.details["nul\x00key"] = "x"  # valid protobuf, but no BSON key may hold a NUL byte
+    good = [_event() for _ in range(2)]
+    # As a batch: refused as a whole (the consume loop then redoes it record by record) ...
+    with pytest.raises(PermanentError):
+        await store.append_many("c:0", [good[0], bad, good[1]])
+    # ... one by one: the bad event is dead-lettered, never retried forever, the rest is chained.
+    assert await store.append("c:0", good[0]) == 1
+    with pytest.raises(PermanentError) as refused:
+        await store.append("c:0", bad)
+    assert "nul" not in refused.value.reason  # content is never quoted
+    assert await store.append("c:0", good[1]) == 2
+    verdict = await store.verify()
+    assert verdict.ok and verdict.records == 2
+
+
+async def test_swapped_event_id_is_named(
+    store: AuditStore, client: AsyncMongoClient[dict[str, Any]], unique: str
+) -> None:
+    for _ in range(4):
+        await store.append("c:0", _event())
+    # Renaming the idempotency key would let a redelivery of event 2 be recorded a second time.
+    await client[f"audit_{unique}"][COLLECTION].update_one({"chain": "c:0", "seq": 2}, {"$set": {"event_id": "x"}})
+    verdict = await store.verify()
+    assert [(b.chain, b.seq, b.reason) for b in verdict.breaks] == [("c:0", 2, "event_id does not match the event")]
+
+
+async def test_a_chain_deleted_entirely_is_caught_by_its_checkpoint(
+    store: AuditStore, client: AsyncMongoClient[dict[str, Any]], unique: str
+) -> None:
+    # A real ed25519 key in the format Vault Transit signs with (vault:v<N>:<base64>).
+    key = Ed25519PrivateKey.generate()
+
+    def sign(chain: str, seq: int, head: str) -> Checkpoint:
+        signature = base64.b64encode(key.sign(checkpoint_message(chain, seq, head))).decode()
+        return Checkpoint(chain, seq, head, f"vault:v1:{signature}")
+
+    for chain in ("c:0", "c:1"):
+        for _ in range(5):
+            await store.append(chain, _event())
+        head = store.heads()[chain]
+        await store.add_checkpoint(sign(chain, head.seq, head.hash))
+    keys = {1: key.public_key()}
+    verdict = await store.verify(public_keys=keys)
+    assert verdict.ok and (verdict.chains, verdict.records, verdict.checkpoints) == (2, 10, 2)
+
+    await client[f"audit_{unique}"][COLLECTION].delete_many({"chain": "c:1"})
+    verdict = await store.verify(public_keys=keys)
+    assert [(b.chain, b.seq, b.reason) for b in verdict.breaks] == [
+        ("c:1", 1, "chain truncated: a signed checkpoint reaches seq 5")
+    ]
+    # Without the public keys only the hash chain is checked: the loss is invisible there.
+    assert (await store.verify()).ok

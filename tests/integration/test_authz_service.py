@@ -10,11 +10,13 @@ from pathlib import Path
 import grpc
 import pytest
 from aiokafka import AIOKafkaConsumer
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
 from dicomsafe.v1 import audit_pb2, authz_pb2, authz_pb2_grpc
 from services.authz.app import run
 from services.authz.config import AuthzConfig
+from services.authz.service import SERVICE_NAME
 from tests.servers import Servers
 from tests.service_runner import free_port, running
 
@@ -38,27 +40,49 @@ async def test_decisions_are_answered_and_audited(servers: Servers, unique: str)
         stub = authz_pb2_grpc.AuthzServiceStub(ch)
         allowed = await stub.Check(_check("dr.house"))
         denied = await stub.Check(_check("res.rao"))
-        with pytest.raises(grpc.aio.AioRpcError) as bad:
+        deidentified = await stub.Check(_check("res.rao", "instance.read_deidentified"))
+        with pytest.raises(grpc.aio.AioRpcError) as no_subject:
             await stub.Check(authz_pb2.CheckRequest(action="instance.read"))
+        with pytest.raises(grpc.aio.AioRpcError) as no_action:
+            await stub.Check(authz_pb2.CheckRequest(subject=authz_pb2.Subject(id="dr.house")))
     assert allowed.allow and allowed.roles == ["radiologist"] and allowed.policy_version == "2026-11-25.1"
+    assert allowed.reason_code == "granted" and allowed.obligations == [] and allowed.subject == "dr.house"
     assert not denied.allow and denied.reason == "no role of the subject grants instance.read"
-    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert denied.reason_code == "no_role" and denied.roles == ["researcher"]
+    assert deidentified.allow and deidentified.obligations == ["deidentify"]
+    assert len({allowed.decision_id, denied.decision_id, deidentified.decision_id}) == 3
+    assert no_subject.value.code() == no_action.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     consumer = AIOKafkaConsumer(topics.audit, bootstrap_servers=servers.kafka_bootstrap, auto_offset_reset="earliest")
     await consumer.start()
     events: list[audit_pb2.AuditEvent] = []
     deadline = time.monotonic() + 30
     try:
-        while len(events) < 2 and time.monotonic() < deadline:
+        while len(events) < 3 and time.monotonic() < deadline:
             for records in (await consumer.getmany(timeout_ms=500)).values():
                 events.extend(audit_pb2.AuditEvent.FromString(r.value) for r in records)
     finally:
         await consumer.stop()
+    # Exactly the three decisions: the invalid requests were refused before any decision.
+    assert len(events) == 3
     by_decision = {e.details["decision_id"]: e for e in events}
-    assert by_decision[allowed.decision_id].outcome == audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS
-    assert by_decision[denied.decision_id].outcome == audit_pb2.AuditOutcome.AUDIT_OUTCOME_DENIED
-    assert by_decision[denied.decision_id].actor == "res.rao"
-    assert by_decision[allowed.decision_id].details["purpose"] == "treatment"
+    assert set(by_decision) == {allowed.decision_id, denied.decision_id, deidentified.decision_id}
+    for event in events:
+        assert event.service == "authz"
+        assert event.action == audit_pb2.AuditAction.AUDIT_ACTION_ACCESS_DECISION
+        assert event.details["policy_version"] == "2026-11-25.1"
+        assert event.details["purpose"] == "treatment"
+        assert event.study_instance_uid == "1.2.3"
+    ok, no = by_decision[allowed.decision_id], by_decision[denied.decision_id]
+    assert ok.outcome == audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS
+    assert (ok.actor, list(ok.actor_roles), ok.details["action"]) == ("dr.house", ["radiologist"], "instance.read")
+    assert no.outcome == audit_pb2.AuditOutcome.AUDIT_OUTCOME_DENIED
+    assert (no.actor, no.reason, no.details["action"]) == (
+        "res.rao",
+        "no role of the subject grants instance.read",
+        "instance.read",
+    )
+    assert by_decision[deidentified.decision_id].outcome == audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS
 
 
 async def test_no_audit_trail_means_no_answer(servers: Servers, unique: str) -> None:
@@ -80,7 +104,49 @@ async def test_no_audit_trail_means_no_answer(servers: Servers, unique: str) -> 
         await asyncio.sleep(1)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Check(_check("dr.house"), timeout=60)
-    assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        # The topic returns, so the abandoned send is delivered (over-reported, never missed)
+        # instead of holding up shutdown until the producer gives up on it.
+        await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
+    # The service bounds its wait for the acknowledgement (AUTHZ_AUDIT_TIMEOUT_S) and says so.
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def _wait_listening(target: str, task: asyncio.Task[None]) -> None:
+    """The gRPC port answers (health may say NOT_SERVING); re-raises if the service died."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        ready = asyncio.ensure_future(channel.channel_ready())
+        try:
+            done, _ = await asyncio.wait([ready, task], timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+    if task in done:
+        task.result()
+        raise RuntimeError("authz stopped before listening")
+    assert ready in done, f"authz at {target} not listening"
+
+
+async def test_without_kafka_no_check_is_answered(unique: str) -> None:
+    """Nothing listens at the bootstrap address: authz serves, but fails closed on every call."""
+    cfg = AuthzConfig(f"127.0.0.1:{free_port()}", POLICY, "127.0.0.1:1", f"t{unique}.", audit_timeout_s=2.0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(cfg, stop))
+    try:
+        await _wait_listening(cfg.grpc_bind, task)
+        async with grpc.aio.insecure_channel(cfg.grpc_bind) as ch:
+            stub = authz_pb2_grpc.AuthzServiceStub(ch)
+            for subject in ("dr.house", "res.rao"):  # an allow and a deny alike
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.Check(_check(subject), timeout=30)
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert err.value.details() == "audit trail unavailable"
+            # Readiness tells load balancers to route elsewhere while the audit trail is out of reach.
+            health = health_pb2_grpc.HealthStub(ch)
+            status = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
+            assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert not task.done()  # still running, still trying to reach Kafka
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=60)
 
 
 async def test_policy_reloads_without_restart_and_a_bad_file_changes_nothing(

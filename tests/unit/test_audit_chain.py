@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 from typing import Any
 
 import pytest
@@ -28,7 +29,16 @@ def _chain(n: int, name: str = "audit.events:0") -> list[dict[str, Any]]:
     for seq in range(1, n + 1):
         event = _event(seq)
         digest = link_hash(prev, name, seq, event)
-        records.append({"chain": name, "seq": seq, "prev_hash": prev, "hash": digest, "event": event})
+        records.append(
+            {
+                "chain": name,
+                "seq": seq,
+                "event_id": event["event_id"],
+                "prev_hash": prev,
+                "hash": digest,
+                "event": event,
+            }
+        )
         prev = digest
     return records
 
@@ -61,8 +71,10 @@ def test_intact_chain_verifies() -> None:
         (lambda r: r.insert(2, copy.deepcopy(r[1])), 3, "sequence out of order"),
         (lambda r: r[0].update(chain="other"), 1, "record belongs to another chain"),
         (lambda r: r[9].pop("event"), 10, "record malformed"),
+        (lambda r: r[9].update(event="not a document"), 10, "record malformed"),
+        (lambda r: r[2].update(event_id="e99"), 3, "event_id does not match the event"),
     ],
-    ids=["edited", "deleted", "relinked", "duplicated", "moved", "malformed"],
+    ids=["edited", "deleted", "relinked", "duplicated", "moved", "malformed", "not-a-document", "event-id-swapped"],
 )
 def test_each_kind_of_tampering_names_the_first_broken_record(tamper: Any, seq: int, reason: str) -> None:
     records = _chain(12)
@@ -78,3 +90,32 @@ def test_rehashing_an_edited_record_still_breaks_the_next_link() -> None:
     records[1]["hash"] = link_hash(records[1]["prev_hash"], "audit.events:0", 2, records[1]["event"])
     _, broken = verify_chain("audit.events:0", records)
     assert broken is not None and broken.seq == 3
+
+
+def test_canonical_form_is_pinned() -> None:
+    """The stored hashes depend on these exact bytes: a change here breaks every existing chain."""
+    event = audit_pb2.AuditEvent(
+        event_id="e1",
+        action=audit_pb2.AuditAction.AUDIT_ACTION_ACCESS_DECISION,
+        outcome=audit_pb2.AuditOutcome.AUDIT_OUTCOME_DENIED,
+        actor="dr.müller",
+        details={"z": "1", "a.b": "2"},
+    )
+    event.occurred_at.FromNanoseconds(1_700_000_000_123_456_789)
+    doc = event_document(event)
+    expected = (
+        '{"chain":"audit.events:3","event":{"action":"AUDIT_ACTION_ACCESS_DECISION","actor":"dr.müller",'
+        '"details":{"a.b":"2","z":"1"},"event_id":"e1","occurred_at":"2023-11-14T22:13:20.123456789Z",'
+        '"outcome":"AUDIT_OUTCOME_DENIED"},"seq":7}'
+    ).encode()
+    assert canonical("audit.events:3", 7, doc) == expected
+    assert link_hash(GENESIS, "audit.events:3", 7, doc) == hashlib.sha256(bytes(32) + expected).hexdigest()
+    prev = "ab" * 32
+    assert link_hash(prev, "audit.events:3", 7, doc) == hashlib.sha256(bytes.fromhex(prev) + expected).hexdigest()
+
+
+def test_default_values_are_left_out_so_the_form_is_stable() -> None:
+    """proto3 defaults (empty strings, UNSPECIFIED, empty lists) never appear, whether set or not."""
+    bare = audit_pb2.AuditEvent(event_id="e1")
+    explicit = audit_pb2.AuditEvent(event_id="e1", actor="", reason="", actor_roles=[], details={})
+    assert event_document(bare) == event_document(explicit) == {"event_id": "e1"}

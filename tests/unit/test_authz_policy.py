@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from services.authz.policy import PolicyError, decide, load_policy, parse_policy
+from services.authz.app import run
+from services.authz.config import AuthzConfig
+from services.authz.policy import PolicyError, RequestContext, ResourceRef, decide, load_policy, parse_policy
 
 POLICY = load_policy(Path(__file__).resolve().parents[2] / "deploy" / "policy" / "policy.toml")
 
@@ -13,39 +16,115 @@ POLICY = load_policy(Path(__file__).resolve().parents[2] / "deploy" / "policy" /
 @pytest.mark.parametrize(
     "subject,action,allow",
     [
+        # radiologist: reads and reports images
         ("dr.house", "instance.read", True),
+        ("dr.house", "study.query", True),
+        ("dr.house", "instance.store", False),
+        ("dr.house", "audit.read", False),
+        ("dr.house", "key.rotate", False),
+        ("dr.house", "grants.manage", False),
+        # referring physician: views images of their patients
         ("dr.wilson", "instance.read", True),
+        ("dr.wilson", "instance.store", False),
+        ("dr.wilson", "audit.verify", False),
+        # technologist: acquires and stores, does not read
         ("tech.jane", "instance.store", True),
+        ("tech.jane", "study.query", True),
         ("tech.jane", "instance.read", False),
-        ("reg.omar", "instance.read", False),
+        ("tech.jane", "audit.read", False),
+        # registrar (admin): patient administration and grants, no image viewing
         ("reg.omar", "study.query", True),
+        ("reg.omar", "grants.manage", True),
+        ("reg.omar", "instance.read", False),
+        ("reg.omar", "instance.read_deidentified", False),
+        ("reg.omar", "audit.read", False),
+        # auditor: the audit trail only
+        ("aud.ito", "audit.read", True),
         ("aud.ito", "audit.verify", True),
         ("aud.ito", "instance.read", False),
+        ("aud.ito", "instance.read_deidentified", False),
+        ("aud.ito", "key.rotate", False),
+        # researcher: de-identified data only
         ("res.rao", "instance.read", False),
         ("res.rao", "instance.read_deidentified", True),
+        ("res.rao", "study.query", True),
+        ("res.rao", "instance.store", False),
+        ("res.rao", "audit.read", False),
+        ("res.rao", "emergency.access", False),
+        # key custodian
         ("sec.kim", "key.rotate", True),
-        ("dr.house", "key.rotate", False),
+        ("sec.kim", "instance.read", False),
+        # service accounts: exactly their pipeline step
+        ("svc-ingest", "instance.store", True),
+        ("svc-ingest", "instance.read", False),
+        ("svc-ingest", "audit.read", False),
+        ("svc-gateway", "study.query", True),
         ("svc-gateway", "instance.read", False),
+        ("svc-gateway", "instance.store", False),
     ],
 )
 def test_decision_table(subject: str, action: str, allow: bool) -> None:
-    assert decide(POLICY, subject, action).allow is allow
+    decision = decide(POLICY, subject, action)
+    assert decision.allow is allow
+    assert decision.policy_version == POLICY.version == "2026-11-25.1"
+    assert decision.code == ("granted" if allow else "no_role")
+    assert decision.roles == POLICY.subjects[subject]
 
 
-def test_deny_by_default_with_specific_reasons() -> None:
-    assert decide(POLICY, "mallory", "instance.read").reason == "unknown subject"
-    assert decide(POLICY, "dr.house", "instance.delete").reason == "unknown action instance.delete"
-    assert decide(POLICY, "", "instance.read").reason == "no subject"
-    assert decide(POLICY, "dr.house", "").reason == "no action"
+def test_no_role_but_the_researcher_s_reads_identified_data() -> None:
+    """Structural guard on the shipped file: identified reads never reach the researcher role."""
+    assert "instance.read" not in POLICY.roles["researcher"].actions
+    assert POLICY.roles["researcher"].obligations == {"instance.read_deidentified": ("deidentify",)}
+    # Whatever the resource or context, the researcher stays refused identified reads.
+    for labels in (frozenset(), frozenset({"vip"})):
+        for ctx in (RequestContext(), RequestContext(purpose="research", mfa=True)):
+            assert not decide(POLICY, "res.rao", "instance.read", ResourceRef("instance", labels=labels), ctx).allow
+
+
+@pytest.mark.parametrize(
+    "subject,action,code,reason",
+    [
+        ("mallory", "instance.read", "unknown_subject", "unknown subject"),
+        ("dr.house", "instance.delete", "unknown_action", "unknown action instance.delete"),
+        ("mallory", "instance.delete", "unknown_action", "unknown action instance.delete"),
+        ("", "instance.read", "no_subject", "no subject"),
+        ("dr.house", "", "no_action", "no action"),
+        ("", "", "no_subject", "no subject"),
+        ("res.rao", "instance.read", "no_role", "no role of the subject grants instance.read"),
+        ("tech.jane", "instance.read", "no_role", "no role of the subject grants instance.read"),
+    ],
+)
+def test_deny_by_default_with_stable_reasons(subject: str, action: str, code: str, reason: str) -> None:
+    decision = decide(POLICY, subject, action, ResourceRef("instance", "1.2.3", "ab" * 16), RequestContext("treatment"))
+    assert not decision.allow
+    assert (decision.code, decision.reason) == (code, reason)
+    assert decision.obligations == ()
+    assert decision.policy_version == POLICY.version
+    # Reasons name the rule, never the resource: no study or object id leaks into them.
+    assert "1.2.3" not in decision.reason and "abab" not in decision.reason
+
+
+def test_deny_names_the_subject_s_roles() -> None:
     denied = decide(POLICY, "res.rao", "instance.read")
-    assert denied.reason == "no role of the subject grants instance.read"
     assert denied.roles == ("researcher",)
+    assert decide(POLICY, "mallory", "instance.read").roles == ()
+
+
+def test_granted_roles_add_access_only_for_defined_roles() -> None:
+    """Grants (a later source of roles) slot in through the context, never bypassing the role table."""
+    locum = decide(POLICY, "dr.locum", "instance.read", context=RequestContext(granted_roles=("radiologist",)))
+    assert locum.allow and locum.roles == ("radiologist",)
+    ghost = decide(POLICY, "dr.locum", "instance.read", context=RequestContext(granted_roles=("superuser",)))
+    assert not ghost.allow and ghost.code == "unknown_subject"
+    both = decide(POLICY, "tech.jane", "instance.read", context=RequestContext(granted_roles=("radiologist",)))
+    assert both.allow and both.roles == ("technologist", "radiologist")
 
 
 def test_researcher_gets_deidentification_obligation() -> None:
     decision = decide(POLICY, "res.rao", "instance.read_deidentified")
     assert decision.allow
     assert decision.obligations == ("deidentify",)
+    assert decision.reason == "granted by role researcher"
     assert decide(POLICY, "dr.house", "instance.read").obligations == ()
 
 
@@ -74,6 +153,14 @@ def _doc(**overrides: Any) -> dict[str, Any]:
             _doc(roles={"r": {"actions": ["instance.read"], "obligations": {"instance.store": ["x"]}}}),
             "is not one of the role's actions",
         ),
+        (_doc(version="   "), "version must be a non-empty string"),
+        (_doc(version=3), "version must be a non-empty string"),
+        ({k: v for k, v in _doc().items() if k != "version"}, "version must be a non-empty string"),
+        (_doc(subjects={"a": {"roles": ["radiologist"], "password": "x"}}), "subjects.a: unknown key(s) password"),
+        (_doc(roles={"r": "instance.read"}), "roles.r must be a table"),
+        (_doc(break_glass={"role": "ghost"}), "break_glass: role 'ghost' is not defined"),
+        (_doc(break_glass={"role": "radiologist", "minutes": 0}), "break_glass.minutes must be an integer"),
+        (_doc(sensitivity={"mfa_required": ["vip"], "colour": 1}), "sensitivity: unknown key(s) colour"),
     ],
 )
 def test_malformed_policies_are_refused(doc: dict[str, Any], message: str) -> None:
@@ -93,11 +180,24 @@ def test_unreadable_policy_file(tmp_path: Path) -> None:
 
 def test_sensitive_resources_require_mfa() -> None:
     assert POLICY.mfa_labels == {"vip", "mental_health", "restricted"}
-    denied = decide(POLICY, "dr.house", "instance.read", labels=["vip"], mfa=False)
+    vip = ResourceRef("instance", labels=frozenset({"vip"}))
+    denied = decide(POLICY, "dr.house", "instance.read", vip, RequestContext(mfa=False))
     assert not denied.allow
-    assert denied.reason == "mfa required for vip resources"
+    assert (denied.code, denied.reason) == ("mfa_required", "mfa required for vip resources")
     assert denied.obligations == ("mfa-required",)
-    assert decide(POLICY, "dr.house", "instance.read", labels=["vip"], mfa=True).allow
-    assert decide(POLICY, "dr.house", "instance.read", labels=["oncology"], mfa=False).allow
+    assert decide(POLICY, "dr.house", "instance.read", vip, RequestContext(mfa=True)).allow
+    oncology = ResourceRef("instance", labels=frozenset({"oncology"}))
+    assert decide(POLICY, "dr.house", "instance.read", oncology, RequestContext(mfa=False)).allow
     # MFA never widens a role: a researcher stays refused identified reads.
-    assert not decide(POLICY, "res.rao", "instance.read", labels=["vip"], mfa=True).allow
+    assert not decide(POLICY, "res.rao", "instance.read", vip, RequestContext(mfa=True)).allow
+
+
+async def test_service_refuses_to_start_on_a_bad_policy(tmp_path: Path) -> None:
+    """The policy is checked before anything else starts: no port bound, no Kafka contacted."""
+    bad = tmp_path / "policy.toml"
+    bad.write_text(
+        'version = "1"\n[actions]\n"instance.read" = "read"\n[subjects.a]\nroles = ["radiologist"]\n', encoding="utf-8"
+    )
+    cfg = AuthzConfig("127.0.0.1:0", bad, "127.0.0.1:1", "")
+    with pytest.raises(PolicyError, match=r"subjects\.a: role 'radiologist' is not defined"):
+        await run(cfg, asyncio.Event())
