@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.servers import Servers, resolve
+from tools.oidc_issuer import LocalIssuer, running_issuer
 
 _TESTS = Path(__file__).parent
 
@@ -30,3 +31,10 @@ def servers() -> Iterator[Servers]:
 def unique() -> str:
     """A short random suffix, so tests sharing one cluster never see each other's data."""
     return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(scope="session")
+def idp() -> Iterator[LocalIssuer]:
+    """A real OpenID Connect issuer on loopback (keys made at start) for user tokens."""
+    with running_issuer() as issuer:
+        yield issuer

@@ -26,7 +26,7 @@ from dicomsafe.common.kafka import Topics, dlq_topic, ensure_topics, headers_for
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc, events_pb2, retrieval_pb2, retrieval_pb2_grpc
 from tests.servers import Servers
 from tools import dicom_samples
-from tools.oidc_issuer import LocalIssuer, running_issuer
+from tools.oidc_issuer import LocalIssuer
 from tools.stack import SERVICES, Stack, StackSettings
 
 
@@ -41,12 +41,6 @@ def _free_base_port() -> int:
             continue
         return base
     raise RuntimeError("no free port range")
-
-
-@pytest.fixture(scope="module")
-def idp() -> Iterator[LocalIssuer]:
-    with running_issuer() as issuer:
-        yield issuer
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import grpc
@@ -18,19 +17,13 @@ from services.authz.app import run
 from services.authz.config import AuthzConfig
 from tests.servers import Servers
 from tests.service_runner import free_port, running
-from tools.oidc_issuer import LocalIssuer, running_issuer
+from tools.oidc_issuer import LocalIssuer
+from tools.stack import POLICY_FILE
 
 if TYPE_CHECKING:
     Stub = authz_pb2_grpc.AuthzServiceAsyncStub
 
-POLICY = Path(__file__).resolve().parents[2] / "deploy" / "policy" / "policy.toml"
 S1, S2, S3 = "1.2.840.10008.1", "1.2.840.10008.2", "1.2.840.10008.3"
-
-
-@pytest.fixture(scope="module")
-def idp() -> Iterator[LocalIssuer]:
-    with running_issuer() as issuer:
-        yield issuer
 
 
 @pytest.fixture
@@ -39,7 +32,7 @@ async def authz(servers: Servers, idp: LocalIssuer, unique: str) -> AsyncIterato
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
     cfg = AuthzConfig(
         grpc_bind=f"127.0.0.1:{free_port()}",
-        policy_file=POLICY,
+        policy_file=POLICY_FILE,
         kafka_bootstrap=servers.kafka_bootstrap,
         topic_prefix=topics.prefix,
         oidc_issuer=idp.url,

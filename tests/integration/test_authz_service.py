@@ -19,8 +19,7 @@ from services.authz.config import AuthzConfig
 from services.authz.service import SERVICE_NAME
 from tests.servers import Servers
 from tests.service_runner import free_port, running
-
-POLICY = Path(__file__).resolve().parents[2] / "deploy" / "policy" / "policy.toml"
+from tools.stack import POLICY_FILE
 
 
 def _check(subject: str, action: str = "instance.read") -> authz_pb2.CheckRequest:
@@ -35,7 +34,7 @@ def _check(subject: str, action: str = "instance.read") -> authz_pb2.CheckReques
 async def test_decisions_are_answered_and_audited(servers: Servers, unique: str) -> None:
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
-    cfg = AuthzConfig(f"127.0.0.1:{free_port()}", POLICY, servers.kafka_bootstrap, topics.prefix)
+    cfg = AuthzConfig(f"127.0.0.1:{free_port()}", POLICY_FILE, servers.kafka_bootstrap, topics.prefix)
     async with running(lambda stop: run(cfg, stop), cfg.grpc_bind), grpc.aio.insecure_channel(cfg.grpc_bind) as ch:
         stub = authz_pb2_grpc.AuthzServiceStub(ch)
         allowed = await stub.Check(_check("dr.house"))
@@ -88,7 +87,7 @@ async def test_decisions_are_answered_and_audited(servers: Servers, unique: str)
 async def test_no_audit_trail_means_no_answer(servers: Servers, unique: str) -> None:
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
-    cfg = AuthzConfig(f"127.0.0.1:{free_port()}", POLICY, servers.kafka_bootstrap, topics.prefix)
+    cfg = AuthzConfig(f"127.0.0.1:{free_port()}", POLICY_FILE, servers.kafka_bootstrap, topics.prefix)
     async with running(lambda stop: run(cfg, stop), cfg.grpc_bind), grpc.aio.insecure_channel(cfg.grpc_bind) as ch:
         stub = authz_pb2_grpc.AuthzServiceStub(ch)
         assert (await stub.Check(_check("dr.house"))).allow
@@ -127,7 +126,7 @@ async def _wait_listening(target: str, task: asyncio.Task[None]) -> None:
 
 async def test_without_kafka_no_check_is_answered(unique: str) -> None:
     """Nothing listens at the bootstrap address: authz serves, but fails closed on every call."""
-    cfg = AuthzConfig(f"127.0.0.1:{free_port()}", POLICY, "127.0.0.1:1", f"t{unique}.", audit_timeout_s=2.0)
+    cfg = AuthzConfig(f"127.0.0.1:{free_port()}", POLICY_FILE, "127.0.0.1:1", f"t{unique}.", audit_timeout_s=2.0)
     stop = asyncio.Event()
     task = asyncio.create_task(run(cfg, stop))
     try:
@@ -155,7 +154,7 @@ async def test_policy_reloads_without_restart_and_a_bad_file_changes_nothing(
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
     policy = tmp_path / "policy.toml"
-    original = POLICY.read_text(encoding="utf-8")
+    original = POLICY_FILE.read_text(encoding="utf-8")
     policy.write_text(original, encoding="utf-8")
     cfg = AuthzConfig(f"127.0.0.1:{free_port()}", policy, servers.kafka_bootstrap, topics.prefix, policy_reload_s=1)
     async with running(lambda stop: run(cfg, stop), cfg.grpc_bind), grpc.aio.insecure_channel(cfg.grpc_bind) as ch:

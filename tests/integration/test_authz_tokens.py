@@ -8,8 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import grpc
@@ -23,31 +22,24 @@ from services.authz.config import AuthzConfig
 from tests.servers import Servers
 from tests.service_runner import free_port, running
 from tools.oidc_issuer import LocalIssuer, running_issuer
+from tools.stack import POLICY_FILE
 
 if TYPE_CHECKING:
     Stub = authz_pb2_grpc.AuthzServiceAsyncStub
 
-POLICY = Path(__file__).resolve().parents[2] / "deploy" / "policy" / "policy.toml"
-
-
-@pytest.fixture(scope="module")
-def issuer() -> Iterator[LocalIssuer]:
-    with running_issuer() as server:
-        yield server
-
 
 @pytest.fixture
-async def authz(servers: Servers, issuer: LocalIssuer, unique: str) -> AsyncIterator[tuple[Stub, Topics]]:
+async def authz(servers: Servers, idp: LocalIssuer, unique: str) -> AsyncIterator[tuple[Stub, Topics]]:
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
     cfg = AuthzConfig(
         grpc_bind=f"127.0.0.1:{free_port()}",
-        policy_file=POLICY,
+        policy_file=POLICY_FILE,
         kafka_bootstrap=servers.kafka_bootstrap,
         topic_prefix=topics.prefix,
-        oidc_issuer=issuer.url,
+        oidc_issuer=idp.url,
         oidc_audience="dicomsafe",
-        oidc_jwks_url=issuer.jwks_url,
+        oidc_jwks_url=idp.jwks_url,
         oidc_leeway_s=5,
     )
     async with running(lambda stop: run(cfg, stop), cfg.grpc_bind), grpc.aio.insecure_channel(cfg.grpc_bind) as ch:
@@ -69,36 +61,36 @@ def _unsigned(claims: dict[str, object], kid: str) -> str:
     return f"{part({'alg': 'none', 'typ': 'JWT', 'kid': kid})}.{part(claims)}."
 
 
-async def test_valid_tokens_and_mfa_step_up(authz, issuer: LocalIssuer) -> None:  # type: ignore[no-untyped-def]
+async def test_valid_tokens_and_mfa_step_up(authz, idp: LocalIssuer) -> None:  # type: ignore[no-untyped-def]
     stub, _ = authz
-    allowed = await stub.Check(_check(issuer.token("dr.house")))
+    allowed = await stub.Check(_check(idp.token("dr.house")))
     assert allowed.allow and allowed.roles == ["radiologist"]
-    rsa = await stub.Check(_check(issuer.token("dr.house", algorithm="RS256")))
+    rsa = await stub.Check(_check(idp.token("dr.house", algorithm="RS256")))
     assert rsa.allow
-    vip = await stub.Check(_check(issuer.token("dr.house", amr=["pwd"]), labels=("vip",)))
+    vip = await stub.Check(_check(idp.token("dr.house", amr=["pwd"]), labels=("vip",)))
     assert not vip.allow and vip.obligations == ["mfa-required"]
-    stepped_up = await stub.Check(_check(issuer.token("dr.house", amr=["pwd", "otp"]), labels=("vip",)))
+    stepped_up = await stub.Check(_check(idp.token("dr.house", amr=["pwd", "otp"]), labels=("vip",)))
     assert stepped_up.allow
-    mismatch = await stub.Check(_check(issuer.token("dr.house"), subject="dr.wilson"))
+    mismatch = await stub.Check(_check(idp.token("dr.house"), subject="dr.wilson"))
     assert not mismatch.allow and mismatch.reason == "subject does not match the token"
 
 
-async def test_every_bad_token_is_denied_with_a_reason(authz, issuer: LocalIssuer, servers: Servers) -> None:  # type: ignore[no-untyped-def]
+async def test_every_bad_token_is_denied_with_a_reason(authz, idp: LocalIssuer, servers: Servers) -> None:  # type: ignore[no-untyped-def]
     stub, topics = authz
     now = int(time.time())
     with running_issuer() as impostor:
-        forged = impostor.token("dr.house", issuer=issuer.url, kid=issuer.ec_kid)  # right kid, wrong key
+        forged = impostor.token("dr.house", issuer=idp.url, kid=idp.ec_kid)  # right kid, wrong key
         cases = {
             "": "unauthenticated: no access token",
             "not-a-jwt": "unauthenticated: malformed token",
-            issuer.token("dr.house", lifetime_s=-120): "unauthenticated: token expired",
-            issuer.token("dr.house", not_before_s=600): "unauthenticated: token not yet valid",
-            issuer.token("dr.house", issuer="https://evil.example"): "unauthenticated: token issuer mismatch",
-            issuer.token("dr.house", audience="other-app"): "unauthenticated: token audience mismatch",
+            idp.token("dr.house", lifetime_s=-120): "unauthenticated: token expired",
+            idp.token("dr.house", not_before_s=600): "unauthenticated: token not yet valid",
+            idp.token("dr.house", issuer="https://evil.example"): "unauthenticated: token issuer mismatch",
+            idp.token("dr.house", audience="other-app"): "unauthenticated: token audience mismatch",
             forged: "unauthenticated: token signature invalid",
-            issuer.token("dr.house", kid="no-such-kid"): "unauthenticated: unknown signing key",
+            idp.token("dr.house", kid="no-such-kid"): "unauthenticated: unknown signing key",
             _unsigned(
-                {"iss": issuer.url, "sub": "dr.house", "aud": "dicomsafe", "iat": now, "exp": now + 300}, issuer.ec_kid
+                {"iss": idp.url, "sub": "dr.house", "aud": "dicomsafe", "iat": now, "exp": now + 300}, idp.ec_kid
             ): "unauthenticated: token algorithm not allowed",
         }
         for token, reason in cases.items():

@@ -24,11 +24,10 @@ from tests.servers import Servers
 from tests.service_runner import crypto_config, free_port, running
 from tools import dicom_samples, vault_setup
 from tools.erase_patient import ErasureRefused, ErasureRequest, erase_patient
+from tools.stack import POLICY_FILE
 
 if TYPE_CHECKING:
     Stub = crypto_pb2_grpc.CryptoServiceAsyncStub
-
-POLICY = Path(__file__).resolve().parents[2] / "deploy" / "policy" / "policy.toml"
 
 
 @pytest.fixture
@@ -39,7 +38,7 @@ async def stack(servers: Servers, tmp_path: Path, unique: str) -> AsyncIterator[
     crypto_cfg = crypto_config(
         servers.kafka_bootstrap, servers.vault_addr, creds, tmp_path / "store", topics.prefix, chunk_size=16 * 1024
     )
-    authz_cfg = AuthzConfig(f"127.0.0.1:{free_port()}", POLICY, servers.kafka_bootstrap, topics.prefix)
+    authz_cfg = AuthzConfig(f"127.0.0.1:{free_port()}", POLICY_FILE, servers.kafka_bootstrap, topics.prefix)
     async with (
         running(lambda stop: run_crypto(crypto_cfg, stop), crypto_cfg.grpc_bind),
         running(lambda stop: run_authz(authz_cfg, stop), authz_cfg.grpc_bind),

@@ -9,8 +9,9 @@ import pytest
 from services.authz.app import run
 from services.authz.config import AuthzConfig
 from services.authz.policy import PolicyError, RequestContext, ResourceRef, decide, load_policy, parse_policy
+from tools.stack import POLICY_FILE
 
-POLICY = load_policy(Path(__file__).resolve().parents[2] / "deploy" / "policy" / "policy.toml")
+POLICY = load_policy(POLICY_FILE)
 
 
 @pytest.mark.parametrize(
