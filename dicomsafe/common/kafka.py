@@ -56,6 +56,10 @@ class Topics:
     def audit(self) -> str:
         return f"{self.prefix}audit.events"
 
+    @property
+    def alerts(self) -> str:
+        return f"{self.prefix}security.alerts"
+
 
 @dataclass(frozen=True)
 class TopicSpec:
@@ -74,6 +78,7 @@ def topic_specs(topics: Topics, partitions: int = 6) -> list[TopicSpec]:
         TopicSpec(topics.stored, partitions, keep),
         TopicSpec(topics.audit, partitions, keep),
         TopicSpec(dlq_topic(topics.audit), 1, {**keep, "retention.ms": "-1"}),
+        TopicSpec(topics.alerts, 1, {**keep, "retention.ms": "-1"}),
     ]
 
 
