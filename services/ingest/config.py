@@ -12,7 +12,7 @@ class IngestConfig:
     topic_prefix: str
     group_id: str
     crypto_target: str
-    health_bind: str
+    grpc_bind: str
     max_instance_bytes: int
     seal_piece_bytes: int
     seal_deadline_s: int
@@ -24,7 +24,7 @@ class IngestConfig:
             topic_prefix=env_opt("KAFKA_TOPIC_PREFIX"),
             group_id=env_str("INGEST_GROUP_ID", "dicomsafe-ingest"),
             crypto_target=env_str("INGEST_CRYPTO_TARGET", "127.0.0.1:50051"),
-            health_bind=env_str("INGEST_HEALTH_BIND", "127.0.0.1:50055"),
+            grpc_bind=env_str("INGEST_GRPC_BIND", "127.0.0.1:50055"),
             max_instance_bytes=env_int("INGEST_MAX_INSTANCE_BYTES", DEFAULT_MAX_RECORD_BYTES),
             seal_piece_bytes=env_int("INGEST_SEAL_PIECE_BYTES", 256 * 1024),
             seal_deadline_s=env_int("INGEST_SEAL_DEADLINE_S", 120),

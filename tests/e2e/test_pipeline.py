@@ -9,65 +9,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
-import random
-import socket
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import grpc
 import pydicom
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from dicomsafe.common.kafka import Topics, dlq_topic, ensure_topics, headers_for, new_producer, topic_specs
+from dicomsafe.common.kafka import Topics, dlq_topic, headers_for, new_producer
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc, events_pb2, retrieval_pb2, retrieval_pb2_grpc
-from tests.servers import Servers
 from tools import dicom_samples
 from tools.oidc_issuer import LocalIssuer
-from tools.stack import SERVICES, Stack, StackSettings
-
-
-def _free_base_port() -> int:
-    for _ in range(50):
-        base = random.randint(20000, 40000)
-        try:
-            for port in range(base, base + len(SERVICES)):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free port range")
-
-
-@pytest.fixture(scope="module")
-def stack(servers: Servers, idp: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    work: Path = tmp_path_factory.mktemp("stack")
-    unique = uuid.uuid4().hex[:8]
-    topics = Topics(prefix=f"e2e{unique}.")
-    asyncio.run(ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=3)))
-    settings = StackSettings(
-        kafka_bootstrap=servers.kafka_bootstrap,
-        vault_addr=servers.vault_addr,
-        mongodb_uri=servers.mongodb_uri,
-        vault_admin_token=servers.vault_token,
-        work_dir=work,
-        topic_prefix=topics.prefix,
-        base_port=_free_base_port(),
-        audit_db=f"e2e_audit_{unique}",
-        oidc_issuer=idp.url,
-        oidc_jwks_url=idp.jwks_url,
-    )
-    running = Stack(settings)
-    try:
-        running.start()
-        yield running
-    finally:
-        codes = running.stop()
-        assert all(code == 0 for code in codes.values()), f"unclean service exit: {codes}"
+from tools.stack import Stack
 
 
 def _topics(stack: Stack) -> Topics:

