@@ -128,9 +128,10 @@ async def test_slice_end_to_end(stack: Stack, idp: LocalIssuer) -> None:
         await _retrieve(stack, idp.token("dr.house"), "f" * 64)
     assert unknown.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
-    # sealed + stored per instance, a rejection per bad record, and per retrieval an authz
-    # decision, a crypto open and a gateway record (the denied one has no open).
-    want = 2 * len(good) + len(BAD) + 3 * len(good) + 2 + 1
+    # sealed + stored per instance, a rejection per bad record, per retrieval an authz decision,
+    # a crypto open and a gateway record (the denied one has no open), and per instance the open
+    # by which the gateway's indexer reads it for the study index.
+    want = 2 * len(good) + len(BAD) + 3 * len(good) + 2 + 1 + len(good)
     async with grpc.aio.insecure_channel(stack.settings.target("audit")) as channel:
         audit = audit_pb2_grpc.AuditServiceStub(channel)
         deadline = time.monotonic() + 120
