@@ -3,7 +3,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dicomsafe.common.config import ConfigError, env_int, env_opt, env_secret, env_str
-from dicomsafe.common.kafka import DEFAULT_MAX_RECORD_BYTES
 
 
 @dataclass(frozen=True)
@@ -50,6 +49,6 @@ class GatewayConfig:
             mongodb_uri=mongodb_uri,
             index_database=env_str("GATEWAY_INDEX_DATABASE", "dicomsafe_index"),
             index_group_id=env_str("GATEWAY_INDEX_GROUP_ID", "dicomsafe-gateway-index"),
-            max_instance_bytes=env_int("GATEWAY_MAX_INSTANCE_BYTES", DEFAULT_MAX_RECORD_BYTES),
+            max_instance_bytes=env_int("GATEWAY_MAX_INSTANCE_BYTES", 256 * 1024 * 1024),
             deid_uid_key=deid.encode(),
         )
