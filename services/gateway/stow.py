@@ -8,6 +8,7 @@ The response lists every instance as stored (ReferencedSOPSequence) or failed wi
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -47,6 +48,10 @@ STUDY_MISMATCH = 0xA900
 PROCESSING_FAILURE = 0x0110
 OUT_OF_RESOURCES = 0xA700
 
+# Parts stored at once per request, and the bytes they may hold together.
+IN_FLIGHT_PARTS = 8
+IN_FLIGHT_BYTES = 64 * 1024 * 1024
+
 
 async def store(request: Request, backends: Backends, study_uid: str = "") -> Response:
     token = bearer_token(request)
@@ -72,23 +77,57 @@ async def store(request: Request, backends: Backends, study_uid: str = "") -> Re
         raise HttpError(413, f"an instance exceeds {backends.max_instance_bytes} bytes") from None
     except MultipartError as exc:
         raise HttpError(400, str(exc)) from None
+    finally:
+        # Parts already handed on finish either way: a store in progress is never abandoned.
+        await upload.drain()
     return upload.response()
 
 
 class StowUpload:
+    """Stores parts concurrently while the body is still arriving: a study's instances overlap their
+    Vault, fsync and Kafka round trips. In-flight parts are bounded in number and in bytes."""
+
     def __init__(self, backends: Backends, token: str, study_uid: str, request_id: str, base: str) -> None:
         self._b = backends
         self._token = token
         self._study_uid = study_uid
         self._request_id = request_id
         self._base = base
-        self._verdicts: dict[str, Verdict] = {}
+        self._verdicts: dict[str, asyncio.Future[Verdict]] = {}
         self._stored: list[dict[str, Any]] = []
         self._failed: list[dict[str, Any]] = []
         self._parts = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._room = asyncio.Condition()
+        self._in_flight_bytes = 0
 
     async def add(self, part: Part) -> None:
+        """Start storing a part once there is room (a part larger than the budget goes alone)."""
         self._parts += 1
+        size = len(part.body)
+        async with self._room:
+            await self._room.wait_for(
+                lambda: (
+                    not self._tasks
+                    or (len(self._tasks) < IN_FLIGHT_PARTS and self._in_flight_bytes + size <= IN_FLIGHT_BYTES)
+                )
+            )
+            self._in_flight_bytes += size
+        task = asyncio.create_task(self._store(part, self._parts))
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: asyncio.ensure_future(self._release(t, size)))
+
+    async def drain(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*self._tasks)
+
+    async def _release(self, task: asyncio.Task[None], size: int) -> None:
+        async with self._room:
+            self._tasks.discard(task)
+            self._in_flight_bytes -= size
+            self._room.notify_all()
+
+    async def _store(self, part: Part, number: int) -> None:
         if MediaType.parse(part.content_type or "application/dicom").type != "application/dicom":
             self._fail("", "", CANNOT_UNDERSTAND)
             return
@@ -107,7 +146,9 @@ class StowUpload:
             self._fail(sop_class, sop_uid, NOT_AUTHORISED)
             return
         try:
-            stored = await self._b.ingest.Store(self._requests(part.body, verdict.subject), timeout=self._b.deadline_s)
+            stored = await self._b.ingest.Store(
+                self._requests(part.body, verdict.subject, number), timeout=self._b.deadline_s
+            )
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -155,29 +196,33 @@ class StowUpload:
         return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
 
     async def _verdict(self, study_uid: str, labels: tuple[str, ...]) -> Verdict:
+        """One decision per study per request, shared by that study's parts in flight."""
         if study_uid not in self._verdicts:
-            verdict = await authorise(self._b, self._token, STORE_ACTION, "study", study_uid, labels)
-            if not verdict.allow:
-                await record(
-                    self._b,
-                    Action.AUDIT_ACTION_INSTANCE_REJECTED,
-                    Outcome.AUDIT_OUTCOME_DENIED,
-                    verdict.subject,
-                    verdict=verdict,
-                    study_uid=study_uid,
-                    reason=verdict.reason_code or "denied",
-                    details={"route": "stow-rs", "request_id": self._request_id},
-                )
-                if verdict.reason_code == "unauthenticated" and not self._stored:
-                    # A bad token fails the whole request while nothing has been stored yet.
-                    raise refusal(verdict)
-            self._verdicts[study_uid] = verdict
-        return self._verdicts[study_uid]
+            self._verdicts[study_uid] = asyncio.ensure_future(self._decide(study_uid, labels))
+        return await asyncio.shield(self._verdicts[study_uid])
 
-    async def _requests(self, data: bytes, subject: str) -> AsyncIterator[ingest_pb2.StoreRequest]:
+    async def _decide(self, study_uid: str, labels: tuple[str, ...]) -> Verdict:
+        verdict = await authorise(self._b, self._token, STORE_ACTION, "study", study_uid, labels)
+        if not verdict.allow:
+            await record(
+                self._b,
+                Action.AUDIT_ACTION_INSTANCE_REJECTED,
+                Outcome.AUDIT_OUTCOME_DENIED,
+                verdict.subject,
+                verdict=verdict,
+                study_uid=study_uid,
+                reason=verdict.reason_code or "denied",
+                details={"route": "stow-rs", "request_id": self._request_id},
+            )
+            if verdict.reason_code == "unauthenticated" and not self._stored:
+                # A bad token fails the whole request while nothing has been stored yet.
+                raise refusal(verdict)
+        return verdict
+
+    async def _requests(self, data: bytes, subject: str, number: int) -> AsyncIterator[ingest_pb2.StoreRequest]:
         yield ingest_pb2.StoreRequest(
             metadata=ingest_pb2.StoreMetadata(
-                request_id=f"{self._request_id}/{self._parts}",
+                request_id=f"{self._request_id}/{number}",
                 source="gateway/stow-rs",
                 on_behalf_of=subject,
                 size=len(data),

@@ -15,7 +15,8 @@ class Result:
     baseline: float
     ratio: float
     # For throughput metrics the target is a minimum ratio; for durations (unit "s") it is a
-    # maximum value: "1,000,000 events verified in under 10 s".
+    # maximum value: "1,000,000 events verified in under 10 s"; for latencies (higher_is_better
+    # false) a maximum ratio to the baseline.
     target: float | None
     higher_is_better: bool
 
@@ -24,6 +25,9 @@ class Result:
             return ""
         if self.unit == "s":
             return "ok" if self.value <= self.target else "ABOVE"
+        if not self.higher_is_better:
+            # Latencies: the target is a maximum ratio to the baseline ("p99 ≤ Orthanc's").
+            return "ok" if self.ratio <= self.target else "ABOVE"
         return "ok" if self.ratio >= self.target else "BELOW"
 
 
