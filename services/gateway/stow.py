@@ -35,7 +35,7 @@ from services.gateway.dicomweb_common import (
     refusal,
 )
 from services.gateway.index_entry import entry_for, sensitivity_labels
-from services.gateway.instance_layout import InstanceLayout, LayoutError, layout_of, read_header
+from services.gateway.instance_layout import InstanceLayout, LayoutError, layout_from, read_header
 from services.gateway.multipart import MediaType, MultipartError, Part, PartTooLarge, parse_parts
 
 STORE_ACTION = "instance.store"
@@ -132,7 +132,7 @@ class StowUpload:
             self._fail("", "", CANNOT_UNDERSTAND)
             return
         try:
-            ds, _ = read_header(part.body)
+            ds, header_end = read_header(part.body)
             sop_class, sop_uid = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
             study_uid = str(ds.StudyInstanceUID)
         except (InvalidDicomError, AttributeError, EOFError, ValueError, KeyError, TypeError):
@@ -160,7 +160,7 @@ class StowUpload:
                 self._fail(sop_class, sop_uid, PROCESSING_FAILURE)
             return
         try:
-            _, layout = layout_of(part.body)
+            layout = layout_from(part.body, ds, header_end)
         except LayoutError:
             # Stored and sealed; without a layout it is served only as a whole instance.
             layout = InstanceLayout(0, None, (), False)

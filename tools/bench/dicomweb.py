@@ -155,6 +155,15 @@ def wado_latencies(session: requests.Session, root: str, files: list[bytes], rou
     return samples
 
 
+def _cpu_seconds(stack: Stack) -> dict[str, float]:
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for name, proc in stack.processes.items():
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        out[name] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
 def _p(samples: list[float], q: float) -> float:
     return statistics.quantiles(samples, n=100, method="inclusive")[int(q) - 1]
 
@@ -197,7 +206,11 @@ def run(kafka: str, vault_addr: str, vault_token: str, mongodb_uri: str, count: 
                 return add
 
             ours.auth = token("tech.jane")
+            before = _cpu_seconds(stack)
             our_stow = stow_rate(ours, stack.settings.dicomweb_url, files)
+            spent = {name: _cpu_seconds(stack)[name] - before[name] for name in before}
+            # Where a stored instance's CPU goes, to steer optimisation (printed, not a result).
+            print("STOW-RS CPU ms per instance:", {k: round(v * 1000 / len(files), 1) for k, v in spent.items()})
             ours.auth = token("dr.house")
             our_wado = wado_latencies(ours, stack.settings.dicomweb_url, files, rounds)
         finally:
