@@ -27,6 +27,10 @@ class AuthzConfig:
     # Longest wait for Kafka to acknowledge a decision's audit event before answering
     # UNAVAILABLE (the caller's own gRPC deadline shortens it further).
     audit_timeout_s: float = 5.0
+    # How often ended break-glass grants are looked for, to announce "Emergency Override
+    # Stopped" (also those that ended while the service was down). Access itself ends on time
+    # regardless: every check compares the grant window with the clock.
+    break_glass_sweep_s: float = 5.0
 
     @classmethod
     def from_env(cls) -> AuthzConfig:
@@ -44,4 +48,5 @@ class AuthzConfig:
             mongodb_uri=env_secret("AUTHZ_MONGODB_URI") or "",
             mongodb_db=env_str("AUTHZ_MONGODB_DB", "dicomsafe_authz"),
             audit_timeout_s=float(env_int("AUTHZ_AUDIT_TIMEOUT_S", 5)),
+            break_glass_sweep_s=float(env_int("AUTHZ_BREAK_GLASS_SWEEP_S", 5)),
         )
