@@ -210,13 +210,22 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
     # -- grants -------------------------------------------------------------------------------
 
     async def _authorize_management(
-        self, caller: authz_pb2.Subject, action: str, context: grpc.aio.ServicerContext[object, object]
+        self,
+        caller: authz_pb2.Subject,
+        action: str,
+        context: grpc.aio.ServicerContext[object, object],
+        resource: ResourceRef | None = None,
     ) -> tuple[str, bool, Decision]:
+        """Decided like a check (standing roles and the caller's own grants), for ``resource``."""
         if self._grants is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "grants need AUTHZ_MONGODB_URI")
         subject, mfa, refusal = await self._identify(caller)
-        decision = refusal or decide(self._policy, subject, action, context=RequestContext(mfa=mfa))
-        return subject, mfa, decision
+        if refusal is not None:
+            return subject, mfa, refusal
+        now = dt.datetime.now(dt.UTC)
+        grants = tuple(g.as_role_grant() for g in await self._grants_of(subject, now))
+        ctx = RequestContext(mfa=mfa, grants=grants, at=now)
+        return subject, mfa, decide(self._policy, subject, action, resource, ctx)
 
     async def _require_manager(
         self, caller: authz_pb2.Subject, context: grpc.aio.ServicerContext[object, object]
@@ -336,7 +345,9 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
     async def BreakGlass(
         self, request: authz_pb2.BreakGlassRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> authz_pb2.Grant:
-        caller, mfa, decision = await self._authorize_management(request.caller, "emergency.access", context)
+        caller, mfa, decision = await self._authorize_management(
+            request.caller, "emergency.access", context, ResourceRef(study_instance_uid=request.study_instance_uid)
+        )
         override = audit_pb2.AuditAction.AUDIT_ACTION_EMERGENCY_OVERRIDE
         refusal = ""
         if not decision.allow:
