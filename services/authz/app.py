@@ -106,7 +106,9 @@ async def run(cfg: AuthzConfig, stop: asyncio.Event) -> None:
     verifier = None
     if cfg.oidc_issuer:
         jwks_url = cfg.oidc_jwks_url or f"{cfg.oidc_issuer.rstrip('/')}/.well-known/jwks.json"
-        verifier = TokenVerifier(cfg.oidc_issuer, cfg.oidc_audience, jwks_url, cfg.oidc_leeway_s, cfg.oidc_mfa_acr)
+        verifier = TokenVerifier(
+            cfg.oidc_issuer, cfg.oidc_audience, jwks_url, cfg.oidc_leeway_s, cfg.oidc_mfa_acr, cfg.oidc_remember_s
+        )
     else:
         log.warning("no identity provider configured: subjects are trusted as sent (development only)")
     trail = Trail(cfg.audit_timeout_s)

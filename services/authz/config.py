@@ -18,6 +18,8 @@ class AuthzConfig:
     oidc_jwks_url: str = ""
     oidc_leeway_s: int = 30
     oidc_mfa_acr: frozenset[str] = frozenset()
+    # How long a verified token is remembered (never past its expiry); 0 = verify every time.
+    oidc_remember_s: int = 60
     # How often the policy file is checked for changes (a ConfigMap update sends no signal).
     policy_reload_s: int = 10
     # Grants (time-limited access, break-glass) live in MongoDB; without it only the policy
@@ -44,6 +46,7 @@ class AuthzConfig:
             oidc_jwks_url=env_opt("AUTHZ_OIDC_JWKS_URL"),
             oidc_leeway_s=env_int("AUTHZ_OIDC_LEEWAY_S", 30),
             oidc_mfa_acr=frozenset(v for v in env_opt("AUTHZ_OIDC_MFA_ACR").split(",") if v),
+            oidc_remember_s=env_int("AUTHZ_OIDC_REMEMBER_S", 60),
             policy_reload_s=env_int("AUTHZ_POLICY_RELOAD_S", 10),
             mongodb_uri=env_secret("AUTHZ_MONGODB_URI") or "",
             mongodb_db=env_str("AUTHZ_MONGODB_DB", "dicomsafe_authz"),

@@ -66,7 +66,9 @@ class Trail:
             event_id=event_id,
         )
         try:
-            await asyncio.wait_for(emit, timeout=self._timeout(budget_s))
+            # asyncio.timeout, unlike wait_for, needs no extra task per event.
+            async with asyncio.timeout(self._timeout(budget_s)):
+                await emit
         except Exception as exc:  # KafkaError, TimeoutError, ...: all mean "not recorded"
             raise AuditUnavailable(type(exc).__name__) from exc
 
@@ -93,6 +95,7 @@ class Trail:
             evidence_event_ids=evidence_event_ids,
         )
         try:
-            await asyncio.wait_for(raise_alert, timeout=self._timeout_s)
+            async with asyncio.timeout(self._timeout_s):
+                await raise_alert
         except Exception as exc:
             raise AuditUnavailable(type(exc).__name__) from exc
