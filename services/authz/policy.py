@@ -262,7 +262,8 @@ def decide(
     resource: ResourceRef | None = None,
     context: RequestContext | None = None,
 ) -> Decision:
-    """Deny by default: allow only when a role of the subject lists ``action``."""
+    """Deny by default: allow only when a role bound to the subject — standing, or by a grant in
+    force at ``context.at`` — lists ``action`` and its scope covers ``resource``."""
     resource = resource or ResourceRef()
     context = context or RequestContext()
 

@@ -42,8 +42,6 @@ _REPLY_MARGIN_S = 0.2
 # anything else is refused, so no identifier in clear lands in the grant store.
 _PATIENT_REF = re.compile(r"[0-9a-f]{32}")
 
-__all__ = ["SERVICE_NAME", "AuditUnavailable", "AuthzServicer"]
-
 
 class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
     def __init__(
