@@ -152,6 +152,9 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "a subject (id or access token) and an action are required"
             )
+        if request.resource.patient_ref and not _PATIENT_REF.fullmatch(request.resource.patient_ref):
+            # Refused before any decision, so a Patient ID sent by mistake never reaches the trail.
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "resource.patient_ref must be a patient pseudonym")
         started = time.perf_counter()
         subject, mfa, decision = await self._decide(request)
         decision_id = str(uuid.uuid4())

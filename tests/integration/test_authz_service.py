@@ -44,6 +44,10 @@ async def test_decisions_are_answered_and_audited(servers: Servers, unique: str)
             await stub.Check(authz_pb2.CheckRequest(action="instance.read"))
         with pytest.raises(grpc.aio.AioRpcError) as no_action:
             await stub.Check(authz_pb2.CheckRequest(subject=authz_pb2.Subject(id="dr.house")))
+        clear_patient_id = _check("dr.house")
+        clear_patient_id.resource.patient_ref = "MRN-0042"
+        with pytest.raises(grpc.aio.AioRpcError) as not_a_pseudonym:
+            await stub.Check(clear_patient_id)
     assert allowed.allow and allowed.roles == ["radiologist"] and allowed.policy_version == "2026-11-25.2"
     assert allowed.reason_code == "granted" and allowed.obligations == [] and allowed.subject == "dr.house"
     assert not denied.allow and denied.reason == "no role of the subject grants instance.read"
@@ -51,6 +55,7 @@ async def test_decisions_are_answered_and_audited(servers: Servers, unique: str)
     assert deidentified.allow and deidentified.obligations == ["deidentify"]
     assert len({allowed.decision_id, denied.decision_id, deidentified.decision_id}) == 3
     assert no_subject.value.code() == no_action.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert not_a_pseudonym.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     consumer = AIOKafkaConsumer(topics.audit, bootstrap_servers=servers.kafka_bootstrap, auto_offset_reset="earliest")
     await consumer.start()
