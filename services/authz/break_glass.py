@@ -139,5 +139,9 @@ class OverrideAnnouncer:
                 except (AuditUnavailable, PyMongoError) as exc:
                     # The marker is unset, so the next sweep (here or on another replica) retries.
                     log.error("override stop not announced yet; retrying", extra={"error": type(exc).__name__})
+                except Exception as exc:  # noqa: BLE001 - must not end the background task
+                    # A malformed grant document must not stop the service; the type only, as a
+                    # message could quote the document.
+                    log.error("override sweep failed; retrying", extra={"error": type(exc).__name__})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)
