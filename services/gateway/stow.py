@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from dicomsafe.v1 import ingest_pb2
-from services.gateway.access import Verdict
+from services.gateway.access import Verdict, Where
 from services.gateway.dicomweb_common import (
     DICOM_JSON,
     NO_TOKEN,
@@ -141,7 +141,8 @@ class StowUpload:
         if self._study_uid and study_uid != self._study_uid:
             self._fail(sop_class, sop_uid, STUDY_MISMATCH)
             return
-        verdict = await self._verdict(study_uid, sensitivity_labels(ds))
+        where = Where(str(ds.get("InstitutionName", "") or ""), str(ds.get("InstitutionalDepartmentName", "") or ""))
+        verdict = await self._verdict(study_uid, sensitivity_labels(ds), where)
         if not verdict.allow:
             self._fail(sop_class, sop_uid, NOT_AUTHORISED)
             return
@@ -195,14 +196,14 @@ class StowUpload:
         status = 200 if not self._failed else (202 if self._stored else 409)
         return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
 
-    async def _verdict(self, study_uid: str, labels: tuple[str, ...]) -> Verdict:
+    async def _verdict(self, study_uid: str, labels: tuple[str, ...], where: Where) -> Verdict:
         """One decision per study per request, shared by that study's parts in flight."""
         if study_uid not in self._verdicts:
-            self._verdicts[study_uid] = asyncio.ensure_future(self._decide(study_uid, labels))
+            self._verdicts[study_uid] = asyncio.ensure_future(self._decide(study_uid, labels, where))
         return await asyncio.shield(self._verdicts[study_uid])
 
-    async def _decide(self, study_uid: str, labels: tuple[str, ...]) -> Verdict:
-        verdict = await authorise(self._b, self._token, STORE_ACTION, "study", study_uid, labels)
+    async def _decide(self, study_uid: str, labels: tuple[str, ...], where: Where) -> Verdict:
+        verdict = await authorise(self._b, self._token, STORE_ACTION, "study", study_uid, labels, where)
         if not verdict.allow:
             await record(
                 self._b,

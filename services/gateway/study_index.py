@@ -60,6 +60,7 @@ class Found:
     study_uid: str
     labels: tuple[str, ...]
     department: str
+    site: str
     patient_ref: str
 
 
@@ -76,6 +77,7 @@ class Located:
     layout: InstanceLayout
     labels: tuple[str, ...]
     department: str
+    site: str
     patient_ref: str
 
 
@@ -177,6 +179,7 @@ class StudyIndex:
                     "attrs": entry.study["json"],
                     "match": entry.study["match"],
                     "department": entry.department,
+                    "site": entry.site,
                     "patient_ref": entry.patient_ref,
                     "updated_at": now,
                 },
@@ -241,6 +244,7 @@ class StudyIndex:
                     study_uid=owner,
                     labels=tuple(study.get("labels", [])),
                     department=str(study.get("department", "")),
+                    site=str(study.get("site", "")),
                     patient_ref=str(study.get("patient_ref", "")),
                 )
             )
@@ -265,6 +269,7 @@ class StudyIndex:
                 layout=InstanceLayout.from_document(doc["layout"]),
                 labels=tuple(study.get("labels", [])),
                 department=str(study.get("department", "")),
+                site=str(study.get("site", "")),
                 patient_ref=str(study.get("patient_ref", "")),
             )
             async for doc in self._instances.find(query).sort("_id", ASCENDING)
