@@ -54,6 +54,10 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         # Two threads: one seal's step runs while another seal's hashing/writing releases the GIL.
         self._seal_steps = ThreadPoolExecutor(max_workers=2, thread_name_prefix="seal")
 
+    def close(self) -> None:
+        """After the server has drained: no seal is running any more."""
+        self._seal_steps.shutdown(wait=True)
+
     # -- describe ---------------------------------------------------------------------------
 
     def _describe_file(self, f: BinaryIO) -> tuple[crypto_pb2.ObjectDescription, fmt.SealedHeader, int]:
