@@ -28,7 +28,7 @@ from services.crypto.service import SERVICE_NAME
 class TransportOnly(crypto_pb2_grpc.CryptoServiceServicer):
     def __init__(self) -> None:
         self._sizes: dict[str, int] = {}
-        self._piece = os.urandom(DEFAULT_CHUNK_SIZE)
+        self._source = bytearray(os.urandom(DEFAULT_CHUNK_SIZE))
 
     async def Seal(
         self, request_iterator: AsyncIterator[crypto_pb2.SealRequest], context: grpc.aio.ServicerContext[object, object]
@@ -47,7 +47,9 @@ class TransportOnly(crypto_pb2_grpc.CryptoServiceServicer):
     ) -> AsyncIterator[crypto_pb2.OpenResponse]:
         left = self._sizes.get(request.object_id, 0)
         while left > 0:
-            piece = self._piece if left >= len(self._piece) else self._piece[:left]
+            # A fresh bytes object per message, as decryption yields one per chunk: sending the
+            # same object again and again is markedly slower through protobuf and grpc.aio.
+            piece = bytes(self._source[: min(left, len(self._source))])
             left -= len(piece)
             yield crypto_pb2.OpenResponse(data=piece)
 
