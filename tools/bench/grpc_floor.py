@@ -49,7 +49,7 @@ class TransportOnly(crypto_pb2_grpc.CryptoServiceServicer):
         while left > 0:
             # A fresh bytes object per message, as decryption yields one per chunk: sending the
             # same object again and again is markedly slower through protobuf and grpc.aio.
-            piece = bytes(self._source[: min(left, len(self._source))])
+            piece = bytes(memoryview(self._source)[: min(left, len(self._source))])
             left -= len(piece)
             yield crypto_pb2.OpenResponse(data=piece)
 
