@@ -213,7 +213,7 @@ class Stack:
             proc = self.processes[service]
             if proc.poll() is not None:
                 raise RuntimeError(f"{service} exited with {proc.returncode}; see {self.log_file(service)}")
-            if asyncio.run(_serving(self.settings.target(service))):
+            if asyncio.run(serving(self.settings.target(service))):
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{service} not healthy after {timeout_s:.0f}s; see {self.log_file(service)}")
@@ -250,7 +250,8 @@ async def _ensure_user(admin_uri: str, database: str, user: str, password: str, 
         await client.close()
 
 
-async def _serving(target: str) -> bool:
+async def serving(target: str) -> bool:
+    """Whether the gRPC health service at ``target`` answers SERVING."""
     async with grpc.aio.insecure_channel(target) as channel:
         try:
             request = health_pb2.HealthCheckRequest(service="")

@@ -31,7 +31,10 @@ async def run(cfg: CryptoConfig, stop: asyncio.Event) -> None:
         server, health = new_server(
             [lambda s: crypto_pb2_grpc.add_CryptoServiceServicer_to_server(servicer, s)], [SERVICE_NAME], cfg.grpc_bind
         )
-        await run_until_stopped(server, health, [SERVICE_NAME], stop, log)
+        try:
+            await run_until_stopped(server, health, [SERVICE_NAME], stop, log)
+        finally:
+            servicer.close()
     finally:
         await producer.stop()
 
