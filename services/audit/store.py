@@ -29,6 +29,8 @@ log = logging.getLogger("dicomsafe.audit.store")
 
 COLLECTION = "events"
 CHECKPOINTS = "checkpoints"
+# Markers of raised security alerts (services/audit/alerts.py): insert-only, like the rest.
+ALERTS = "alerts"
 # Duplicate key (11000; 11001 and 12582 from older servers).
 _DUPLICATE_KEY = frozenset({11000, 11001, 12582})
 # Per-document write errors that a retry can clear (write conflict, time limit, failover).
@@ -61,6 +63,7 @@ class AuditStore:
         self._checkpoints = client[database].get_collection(
             CHECKPOINTS, write_concern=WriteConcern(w="majority", j=True)
         )
+        self._alerts = client[database].get_collection(ALERTS, write_concern=WriteConcern(w="majority", j=True))
 
     async def ensure_indexes(self) -> None:
         await self._events.create_index([("chain", ASCENDING), ("seq", ASCENDING)], unique=True, name="chain_seq")
@@ -71,6 +74,8 @@ class AuditStore:
         await self._events.create_index("event.patient_ref", name="patient")
         await self._events.create_index("recorded_at", name="recorded_at")
         await self._checkpoints.create_index([("chain", ASCENDING), ("seq", ASCENDING)], unique=True, name="chain_seq")
+        # Also creates the collection, which the insert/find-only writer may not do itself everywhere.
+        await self._alerts.create_index([("rule", ASCENDING), ("actor", ASCENDING)], name="rule_actor")
 
     async def check_indexes(self) -> None:
         """The service's own user may not create indexes: refuse to run without them, since
@@ -195,6 +200,20 @@ class AuditStore:
     async def add_checkpoint(self, checkpoint: Checkpoint) -> None:
         with contextlib.suppress(DuplicateKeyError):  # this head is already checkpointed
             await self._checkpoints.insert_one({**asdict(checkpoint), "signed_at": dt.datetime.now(dt.UTC)})
+
+    async def alerted_evidence(self, rule: str, actor: str) -> set[str]:
+        """Evidence event ids already carried by alerts of this rule about this subject."""
+        seen: set[str] = set()
+        async for doc in self._alerts.find({"rule": rule, "actor": actor}, projection={"evidence": 1}):
+            seen.update(str(e) for e in doc.get("evidence", []))
+        return seen
+
+    async def mark_alerted(
+        self, alert_id: str, rule: str, actor: str, evidence: Sequence[str], raised_at: dt.datetime
+    ) -> None:
+        doc = {"_id": alert_id, "rule": rule, "actor": actor, "evidence": list(evidence), "raised_at": raised_at}
+        with contextlib.suppress(DuplicateKeyError):  # raised by another replica or an earlier run
+            await self._alerts.insert_one(doc)
 
     async def verify(self, chain: str = "", public_keys: dict[int, Ed25519PublicKey] | None = None) -> Verdict:
         """Recompute every chain; with ``public_keys``, also check every signed checkpoint:
