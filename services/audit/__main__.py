@@ -28,18 +28,23 @@ from services.audit.checkpoints import CheckpointSigner
 from services.audit.config import AuditConfig
 from services.audit.exports import NotExportable, to_dicom_xml, to_fhir
 from services.audit.patterns import Rules, find_patterns
+from services.audit.progress import ProgressBar
 from services.audit.provision import provision
 from services.audit.remote_cli import query_via_service, verify_via_service
 from services.audit.store import AuditStore
 
 
-async def _verify(chain: str) -> int:
+async def _verify(chain: str, show_progress: bool) -> int:
     cfg = AuditConfig.from_env()
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
     try:
         signer = CheckpointSigner(VaultSession(cfg.vault)) if cfg.vault else None
         keys = await asyncio.to_thread(signer.public_keys) if signer else None
-        verdict = await AuditStore(client, cfg.database).verify(chain, keys)
+        store = AuditStore(client, cfg.database)
+        bar = ProgressBar(await store.estimated_records()) if show_progress else None
+        verdict = await store.verify(chain, keys, bar.advance if bar else None)
+        if bar:
+            bar.finish()
     finally:
         await client.close()
     print(f"{verdict.records} records in {verdict.chains} chains, {verdict.checkpoints} signed checkpoints")
@@ -138,6 +143,9 @@ if len(sys.argv) > 1:
     verify = sub.add_parser("verify", help="recompute every hash chain and name the first broken record")
     verify.add_argument("--chain", default="")
     verify.add_argument(
+        "--progress", action="store_true", help="progress bar on stderr (default: only when stderr is a terminal)"
+    )
+    verify.add_argument(
         "--target", default="", help="ask the running service (token in AUDIT_ACCESS_TOKEN[_FILE]) instead of MongoDB"
     )
     verify.add_argument("--subject", default="", help="subject id (only where authz runs without an identity provider)")
@@ -183,7 +191,7 @@ if len(sys.argv) > 1:
     if args.command == "verify" and args.target:
         sys.exit(asyncio.run(verify_via_service(args.target, args.subject, args.chain)))
     if args.command == "verify":
-        sys.exit(asyncio.run(_verify(args.chain)))
+        sys.exit(asyncio.run(_verify(args.chain, args.progress or sys.stderr.isatty())))
     if args.command == "query":
         request = audit_pb2.QueryRequest(
             actor=args.actor,

@@ -6,14 +6,20 @@ a record, once written, changes only by tampering — which verification detects
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
+import bson
+from bson.codec_options import CodecOptions, DatetimeConversion
+from bson.datetime_ms import DatetimeMS
 from bson.errors import InvalidDocument
+from bson.raw_bson import RawBSONDocument
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.json_format import ParseDict
 from pymongo import ASCENDING, AsyncMongoClient
@@ -22,7 +28,8 @@ from pymongo.write_concern import WriteConcern
 
 from dicomsafe.common.kafka import PermanentError, TransientError
 from dicomsafe.v1 import audit_pb2
-from services.audit.chain import GENESIS, Break, ChainVerifier, event_document, link_hash
+from services.audit.bson_fields import documents, top_level
+from services.audit.chain import GENESIS, RECORD_VERSION, Break, ChainVerifier, event_document, link_hash_v2
 from services.audit.checkpoints import Checkpoint, signature_valid
 
 log = logging.getLogger("dicomsafe.audit.store")
@@ -31,6 +38,12 @@ COLLECTION = "events"
 CHECKPOINTS = "checkpoints"
 # Markers of raised security alerts (services/audit/alerts.py): insert-only, like the rest.
 ALERTS = "alerts"
+# Verification reads records undecoded (see chain.py) with dates as stored (milliseconds).
+AS_STORED: CodecOptions[RawBSONDocument] = CodecOptions(
+    document_class=RawBSONDocument, datetime_conversion=DatetimeConversion.DATETIME_MS
+)
+VERIFY_BATCH = 5000
+VERIFY_PARALLEL_CHAINS = 4
 # Duplicate key (11000; 11001 and 12582 from older servers).
 _DUPLICATE_KEY = frozenset({11000, 11001, 12582})
 # Per-document write errors that a retry can clear (write conflict, time limit, failover).
@@ -106,7 +119,12 @@ class AuditStore:
         chained again from the new head. On a taken seq (another writer, e.g. a consumer about
         to lose its partition) the head is reloaded and the rest retried.
         """
-        docs_events = [(event.event_id, event_document(event)) for event in events]
+        try:
+            # The event's BSON bytes are hashed as they will be stored (chain.py, version 2).
+            docs_events = [(event.event_id, bson.encode(event_document(event))) for event in events]
+        except InvalidDocument:
+            # E.g. a NUL byte in a details key. The message may quote content: only its type.
+            raise PermanentError("bad_event", "audit event cannot be stored as a document (InvalidDocument)") from None
         results: list[int | None] = [None] * len(events)
         pending = list(range(len(events)))
         seen: set[str] = set()
@@ -118,19 +136,22 @@ class AuditStore:
                     return results
                 head = self._heads.get(chain) or await self._load_head(chain)
                 records, prev, seq = [], head.hash, head.seq
+                # BSON dates hold milliseconds: the hash covers exactly what is stored.
+                recorded_at = DatetimeMS(time.time_ns() // 1_000_000)
                 for i in pending:
                     seq += 1
-                    event_id, doc_event = docs_events[i]
-                    digest = link_hash(prev, chain, seq, doc_event)
+                    event_id, event_bson = docs_events[i]
+                    digest = link_hash_v2(prev, chain, seq, int(recorded_at), event_bson)
                     records.append(
                         {
                             "chain": chain,
                             "seq": seq,
+                            "v": RECORD_VERSION,
                             "event_id": event_id,
                             "prev_hash": prev,
                             "hash": digest,
-                            "event": doc_event,
-                            "recorded_at": dt.datetime.now(dt.UTC),
+                            "event": RawBSONDocument(event_bson),
+                            "recorded_at": recorded_at,
                         }
                     )
                     prev = digest
@@ -215,11 +236,21 @@ class AuditStore:
         with contextlib.suppress(DuplicateKeyError):  # raised by another replica or an earlier run
             await self._alerts.insert_one(doc)
 
-    async def verify(self, chain: str = "", public_keys: dict[int, Ed25519PublicKey] | None = None) -> Verdict:
+    async def estimated_records(self) -> int:
+        """From collection metadata (no scan): enough for a progress bar."""
+        return int(await self._events.estimated_document_count())
+
+    async def verify(
+        self,
+        chain: str = "",
+        public_keys: dict[int, Ed25519PublicKey] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> Verdict:
         """Recompute every chain; with ``public_keys``, also check every signed checkpoint:
         its signature, that the record at its seq has its hash, and that the chain still
         reaches it (a shorter chain was truncated — even to nothing). Records and checkpoints
-        are both streamed in seq order, so memory stays bounded whatever the length."""
+        are both streamed in seq order, so memory stays bounded whatever the length.
+        ``progress`` is told how many records each step checked."""
         if chain:
             chains = [chain]
         else:
@@ -227,16 +258,37 @@ class AuditStore:
             if public_keys is not None:  # a chain whose every record is gone still has checkpoints
                 names |= set(await self._checkpoints.distinct("chain"))
             chains = sorted(names)
-        total, breaks, checked_cps = 0, [], 0
-        for name in chains:
-            records, cps, chain_breaks = await self._verify_one(name, public_keys)
-            total += records
-            checked_cps += cps
-            breaks += chain_breaks
-        return Verdict(len(chains), total, breaks, checked_cps)
+        # A few chains at once: while one waits for the server's next batch, another is hashed.
+        limit = asyncio.Semaphore(VERIFY_PARALLEL_CHAINS)
+
+        async def one(name: str) -> tuple[int, int, list[Break]]:
+            async with limit:
+                return await self._verify_one(name, public_keys, progress)
+
+        results = await asyncio.gather(*(one(name) for name in chains))
+        breaks = [b for _, _, chain_breaks in results for b in chain_breaks]
+        return Verdict(len(chains), sum(r for r, _, _ in results), breaks, sum(c for _, c, _ in results))
+
+    async def _records_in_order(self, name: str) -> AsyncGenerator[list[dict[str, Any]], None]:
+        """A chain's records in seq order, a batch at a time, undecoded: the next batch is
+        asked for before this one is checked, so the server works while we hash."""
+        cursor = self._events.find_raw_batches(
+            {"chain": name}, projection={"_id": 0}, sort=[("seq", ASCENDING)], batch_size=VERIFY_BATCH
+        )
+        # A raw batch cursor yields each batch as BSON bytes (typed as documents by the driver).
+        batches = cast(AsyncIterator[bytes], aiter(cursor))
+        try:
+            upcoming: asyncio.Future[bytes | None] = asyncio.ensure_future(anext(batches, None))
+            while (raw := await upcoming) is not None:
+                upcoming = asyncio.ensure_future(anext(batches, None))
+                await asyncio.sleep(0)  # let the request for the next batch go out
+                yield [top_level(doc) for doc in documents(raw)]
+        finally:
+            upcoming.cancel()
+            await cursor.close()
 
     async def _verify_one(
-        self, name: str, public_keys: dict[int, Ed25519PublicKey] | None
+        self, name: str, public_keys: dict[int, Ed25519PublicKey] | None, progress: Callable[[int], None] | None
     ) -> tuple[int, int, list[Break]]:
         breaks: list[Break] = []
         checked_cps = 0
@@ -258,21 +310,27 @@ class AuditStore:
                 yield cp
 
         checkpoints = signed_checkpoints()
+        records = self._records_in_order(name)
         try:
             pending = await anext(checkpoints, None)
             verifier = ChainVerifier(name)
             broken: Break | None = None
             last_seq = 0
-            async for doc in self._events.find({"chain": name}, sort=[("seq", ASCENDING)], batch_size=1000):
-                broken = verifier.feed(doc)
-                if broken:
-                    break
-                last_seq = int(doc["seq"])
-                while pending is not None and pending.seq <= last_seq:
-                    if pending.seq == last_seq and pending.hash != doc["hash"]:
-                        broken = Break(name, last_seq, "record differs from its signed checkpoint")
+            async for batch in records:
+                for doc in batch:
+                    broken = verifier.feed(doc)
+                    if broken:
                         break
-                    pending = await anext(checkpoints, None)
+                    last_seq = verifier.checked  # the record's seq: the verifier accepted it
+                    while pending is not None and pending.seq <= last_seq:
+                        if pending.seq == last_seq and pending.hash != doc["hash"]:
+                            broken = Break(name, last_seq, "record differs from its signed checkpoint")
+                            break
+                        pending = await anext(checkpoints, None)
+                    if broken:
+                        break
+                if progress:
+                    progress(len(batch))
                 if broken:
                     break
             if broken is None and pending is not None:
@@ -284,6 +342,7 @@ class AuditStore:
                 async for _ in checkpoints:  # count (and check the signatures of) the rest
                     pass
         finally:
+            await records.aclose()
             await checkpoints.aclose()
         if broken:
             breaks.append(broken)

@@ -1,13 +1,26 @@
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import hashlib
 from typing import Any
 
+import bson
 import pytest
+from bson.raw_bson import RawBSONDocument
 
 from dicomsafe.v1 import audit_pb2
-from services.audit.chain import GENESIS, canonical, event_document, link_hash, verify_chain
+from services.audit.chain import (
+    GENESIS,
+    RECORD_VERSION,
+    Break,
+    canonical,
+    event_document,
+    link_hash,
+    link_hash_v2,
+    millis,
+    verify_chain,
+)
 
 
 def _event(i: int) -> dict[str, Any]:
@@ -119,3 +132,58 @@ def test_default_values_are_left_out_so_the_form_is_stable() -> None:
     bare = audit_pb2.AuditEvent(event_id="e1")
     explicit = audit_pb2.AuditEvent(event_id="e1", actor="", reason="", actor_roles=[], details={})
     assert event_document(bare) == event_document(explicit) == {"event_id": "e1"}
+
+
+def _chain_v2(n: int, name: str = "audit.events:0") -> list[dict[str, Any]]:
+    records, prev = [], GENESIS
+    at = dt.datetime(2026, 11, 25, 9, 0, tzinfo=dt.UTC)
+    for seq in range(1, n + 1):
+        event = RawBSONDocument(bson.encode(_event(seq)))
+        digest = link_hash_v2(prev, name, seq, millis(at), bytes(event.raw))
+        records.append(
+            {
+                "chain": name,
+                "seq": seq,
+                "v": RECORD_VERSION,
+                "event_id": event["event_id"],
+                "prev_hash": prev,
+                "hash": digest,
+                "event": event,
+                "recorded_at": at,
+            }
+        )
+        prev = digest
+    return records
+
+
+def test_version_2_chain_verifies_and_binds_time_and_version() -> None:
+    assert verify_chain("audit.events:0", _chain_v2(20)) == (20, None)
+    edited = {**bson.decode(_chain_v2(3)[2]["event"].raw), "actor": "mallory"}
+    tampers: list[dict[str, Any]] = [
+        {"recorded_at": dt.datetime(2026, 11, 25, 9, 0, 0, 1000, tzinfo=dt.UTC)},  # one millisecond later
+        {"v": None},
+        {"event": RawBSONDocument(bson.encode(edited))},
+    ]
+    for tamper in tampers:
+        records = _chain_v2(5)
+        records[2].update(tamper)
+        _, broken = verify_chain("audit.events:0", records)
+        assert broken is not None and (broken.seq, broken.reason) == (3, "content does not match its hash")
+    records = _chain_v2(5)
+    records[1]["v"] = 3
+    assert verify_chain("audit.events:0", records)[1] == Break("audit.events:0", 2, "record malformed")
+
+
+def test_version_2_form_is_pinned() -> None:
+    """The stored hashes depend on these exact bytes: a change here breaks every existing chain."""
+    event_bson = bson.encode({"event_id": "e1", "actor": "dr.müller"})
+    expected = (
+        b"dicomsafe/audit-record/v2\x00audit.events:3\x00"
+        + (7).to_bytes(8, "big")
+        + (1_700_000_000_123).to_bytes(8, "big")
+        + event_bson
+    )
+    at = dt.datetime(2023, 11, 14, 22, 13, 20, 123000, tzinfo=dt.UTC)
+    assert millis(at) == millis(at.replace(tzinfo=None)) == 1_700_000_000_123
+    digest = link_hash_v2("ab" * 32, "audit.events:3", 7, millis(at), event_bson)
+    assert digest == hashlib.sha256(bytes.fromhex("ab" * 32) + expected).hexdigest()
