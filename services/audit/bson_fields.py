@@ -1,36 +1,54 @@
-"""Reading audit records straight from BSON bytes, for verification at wire speed.
+"""Reading audit records straight from their BSON bytes, for verification at wire speed.
 
-A record's hash covers its event's BSON bytes as stored (chain.py, version 2), so verifying
-needs the record's few top-level fields and the event's bytes — not a decoded event. The
-driver's generic decoding (or its lazy raw documents) costs several times the hashing
-itself; this walks the top level once and keeps embedded documents as bytes. Anything
-beyond the few types audit records use is handed to the driver's decoder instead, so an
-unusual (e.g. tampered) record is still checked, only more slowly.
+A version 2 record's hash covers its BSON elements as stored (chain.py), so verifying needs
+the bytes of those elements and a few top-level values — not a decoded document. This walks
+a document's top level once: values of the types audit records use are read (strings,
+integers, dates; embedded documents kept as their bytes), any other type is skipped by its
+size and shows up as ``Other``, which no check accepts.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-import bson
-from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.datetime_ms import DatetimeMS
 from bson.errors import BSONError
-from bson.raw_bson import RawBSONDocument
 
 _INT32 = struct.Struct("<i")
 _INT64 = struct.Struct("<q")
-_STRING, _DOCUMENT, _ARRAY, _DATETIME, _INT32_TYPE, _INT64_TYPE = 0x02, 0x03, 0x04, 0x09, 0x10, 0x12
-# The slow path: the driver's decoder, embedded documents kept raw, dates as stored (ms).
-_GENERIC: CodecOptions[RawBSONDocument] = CodecOptions(
-    document_class=RawBSONDocument, datetime_conversion=DatetimeConversion.DATETIME_MS
+_STRING, _DOCUMENT, _ARRAY, _BINARY, _DATETIME, _REGEX, _INT32_TYPE, _INT64_TYPE = (
+    0x02,
+    0x03,
+    0x04,
+    0x05,
+    0x09,
+    0x0B,
+    0x10,
+    0x12,
 )
+# Fixed-size BSON types → value size (double, undefined, ObjectId, bool, null, timestamp,
+# decimal128, min key, max key).
+_FIXED = {0x01: 8, 0x06: 0, 0x07: 12, 0x08: 1, 0x0A: 0, 0x11: 8, 0x13: 16, 0xFF: 0, 0x7F: 0}
+# Types whose value starts with an int32 length of what follows (string, JS code, symbol) or
+# of the whole value (code with scope).
+_STRING_LIKE = {_STRING, 0x0D, 0x0E}
 
 
-class _Unusual(Exception):
-    """A type the fast path does not read."""
+@dataclass(frozen=True)
+class Other:
+    """A value of a type audit records never hold (so never equal to what a check expects)."""
+
+    kind: int
+
+
+@dataclass(frozen=True)
+class Parsed:
+    fields: dict[str, Any]
+    # The document's elements as stored, except `_id` and `hash`: what a version 2 hash covers.
+    hashed: bytes
 
 
 def documents(batch: bytes) -> Iterator[bytes]:
@@ -44,52 +62,72 @@ def documents(batch: bytes) -> Iterator[bytes]:
         i += size
 
 
-def top_level(doc: bytes) -> dict[str, Any]:
-    """A document's top-level fields; embedded documents as their BSON bytes, dates as
-    ``DatetimeMS``. Raises ``BSONError`` for bytes that are no document."""
+def parse(doc: bytes) -> Parsed:
+    """Top-level fields (embedded documents as BSON bytes, dates as ``DatetimeMS``) and the
+    hashed elements. Raises ``BSONError`` for bytes that are no document."""
     try:
-        return _fast(doc)
-    except (_Unusual, IndexError, ValueError, struct.error):
-        pass  # the driver's decoder decides (and raises for bytes that are no document)
-    generic = bson.decode(doc, _GENERIC)
-    return {k: bytes(v.raw) if isinstance(v, RawBSONDocument) else v for k, v in generic.items()}
+        return _walk(doc)
+    except (IndexError, ValueError, struct.error) as exc:
+        raise BSONError("malformed BSON document") from exc
 
 
 def string_field(doc: bytes, name: str) -> str | None:
-    """One top-level string of a document (e.g. an event's id), or None; reads no further
-    than that field when the fields before it are of the usual types."""
-    try:
-        return _find_string(doc, name.encode())
-    except (_Unusual, IndexError, ValueError, struct.error):
-        pass
-    value = bson.decode(doc, _GENERIC).get(name)
+    """One top-level string of a document (e.g. an event's id), or None."""
+    value = parse(doc).fields.get(name)
     return value if isinstance(value, str) else None
 
 
-def _find_string(doc: bytes, wanted: bytes) -> str | None:
+def _walk(doc: bytes) -> Parsed:
+    fields: dict[str, Any] = {}
+    hashed: list[bytes] = []
     end = _INT32.unpack_from(doc, 0)[0] - 1
     if end != len(doc) - 1 or doc[end] != 0:
         raise ValueError("document length")
     i = 4
     while i < end:
-        kind = doc[i]
+        start, kind = i, doc[i]
         name_end = doc.index(0, i + 1)
-        name = doc[i + 1 : name_end]
+        name = doc[i + 1 : name_end].decode()
         i = name_end + 1
-        if kind in (_STRING, _DOCUMENT, _ARRAY):
-            size = _sized(doc, i, 1 if kind == _STRING else 5)
-            if name == wanted:
-                return doc[i + 4 : i + 3 + size].decode() if kind == _STRING else None
-            i += size + (4 if kind == _STRING else 0)
+        if kind in _STRING_LIKE:
+            size = _sized(doc, i, 1)
+            fields[name] = doc[i + 4 : i + 3 + size].decode() if kind == _STRING else Other(kind)
+            i += 4 + size
+        elif kind == _DOCUMENT:
+            size = _sized(doc, i, 5)
+            fields[name] = doc[i : i + size]
+            i += size
+        elif kind in (_ARRAY, 0x0F):  # array, code with scope: the length covers the value
+            i += _sized(doc, i, 5)
+            fields[name] = Other(kind)
         elif kind == _INT32_TYPE:
+            fields[name] = _INT32.unpack_from(doc, i)[0]
             i += 4
-        elif kind in (_INT64_TYPE, _DATETIME):
+        elif kind == _INT64_TYPE:
+            fields[name] = _INT64.unpack_from(doc, i)[0]
             i += 8
+        elif kind == _DATETIME:
+            fields[name] = DatetimeMS(_INT64.unpack_from(doc, i)[0])
+            i += 8
+        elif kind == _BINARY:
+            i += 5 + _sized(doc, i, 0)
+            fields[name] = Other(kind)
+        elif kind == _REGEX:
+            i = doc.index(0, doc.index(0, i) + 1) + 1
+            fields[name] = Other(kind)
+        elif kind == 0x0C:  # DBPointer: a string, then an ObjectId
+            i += 4 + _sized(doc, i, 1) + 12
+            fields[name] = Other(kind)
+        elif kind in _FIXED:
+            i += _FIXED[kind]
+            fields[name] = Other(kind)
         else:
-            raise _Unusual
-        if name == wanted:
-            return None
-    return None
+            raise ValueError("unknown BSON type")
+        if name not in ("_id", "hash"):
+            hashed.append(doc[start:i])
+    if i != end:
+        raise ValueError("element overruns the document")
+    return Parsed(fields, b"".join(hashed))
 
 
 def _sized(doc: bytes, i: int, least: int) -> int:
@@ -97,38 +135,3 @@ def _sized(doc: bytes, i: int, least: int) -> int:
     if size < least:
         raise ValueError("negative or short length")
     return size
-
-
-def _fast(doc: bytes) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    end = _INT32.unpack_from(doc, 0)[0] - 1
-    if end != len(doc) - 1 or doc[end] != 0:
-        raise ValueError("document length")
-    i = 4
-    while i < end:
-        kind = doc[i]
-        name_end = doc.index(0, i + 1)
-        name = doc[i + 1 : name_end].decode()
-        i = name_end + 1
-        if kind == _STRING:
-            size = _sized(doc, i, 1)
-            out[name] = doc[i + 4 : i + 3 + size].decode()
-            i += 4 + size
-        elif kind == _DOCUMENT:
-            size = _sized(doc, i, 5)
-            out[name] = doc[i : i + size]
-            i += size
-        elif kind == _INT32_TYPE:
-            out[name] = _INT32.unpack_from(doc, i)[0]
-            i += 4
-        elif kind == _INT64_TYPE:
-            out[name] = _INT64.unpack_from(doc, i)[0]
-            i += 8
-        elif kind == _DATETIME:
-            out[name] = DatetimeMS(_INT64.unpack_from(doc, i)[0])
-            i += 8
-        else:
-            raise _Unusual
-    if i != end:
-        raise ValueError("element overruns the document")
-    return out

@@ -28,8 +28,16 @@ from pymongo.write_concern import WriteConcern
 
 from dicomsafe.common.kafka import PermanentError, TransientError
 from dicomsafe.v1 import audit_pb2
-from services.audit.bson_fields import documents, top_level
-from services.audit.chain import GENESIS, RECORD_VERSION, Break, ChainVerifier, event_document, link_hash_v2
+from services.audit.bson_fields import documents
+from services.audit.chain import (
+    GENESIS,
+    RECORD_VERSION,
+    Break,
+    ChainVerifier,
+    event_document,
+    hashed_elements,
+    link_hash_v2,
+)
 from services.audit.checkpoints import Checkpoint, signature_valid
 
 log = logging.getLogger("dicomsafe.audit.store")
@@ -66,6 +74,30 @@ class Verdict:
     @property
     def ok(self) -> bool:
         return not self.breaks
+
+
+def chained_records(chain: str, head: Head, events: Sequence[tuple[str, bytes]]) -> list[dict[str, Any]]:
+    """Records (version 2) continuing a chain from its head: (event id, event BSON) each."""
+    records, prev, seq = [], head.hash, head.seq
+    # BSON dates hold milliseconds: the hash covers exactly what is stored.
+    recorded_at = DatetimeMS(time.time_ns() // 1_000_000)
+    for event_id, event_bson in events:
+        seq += 1
+        # The writer's layout (chain.py): hash last, over everything before it.
+        record: dict[str, Any] = {
+            "chain": chain,
+            "seq": seq,
+            "v": RECORD_VERSION,
+            "prev_hash": prev,
+            "event_id": event_id,
+            "event": RawBSONDocument(event_bson),
+            "recorded_at": recorded_at,
+        }
+        digest = link_hash_v2(prev, hashed_elements(record))
+        record["hash"] = digest
+        records.append(record)
+        prev = digest
+    return records
 
 
 class AuditStore:
@@ -135,26 +167,7 @@ class AuditStore:
                 if not pending:
                     return results
                 head = self._heads.get(chain) or await self._load_head(chain)
-                records, prev, seq = [], head.hash, head.seq
-                # BSON dates hold milliseconds: the hash covers exactly what is stored.
-                recorded_at = DatetimeMS(time.time_ns() // 1_000_000)
-                for i in pending:
-                    seq += 1
-                    event_id, event_bson = docs_events[i]
-                    digest = link_hash_v2(prev, chain, seq, int(recorded_at), event_bson)
-                    records.append(
-                        {
-                            "chain": chain,
-                            "seq": seq,
-                            "v": RECORD_VERSION,
-                            "event_id": event_id,
-                            "prev_hash": prev,
-                            "hash": digest,
-                            "event": RawBSONDocument(event_bson),
-                            "recorded_at": recorded_at,
-                        }
-                    )
-                    prev = digest
+                records = chained_records(chain, head, [docs_events[i] for i in pending])
                 try:
                     await self._events.insert_many(records, ordered=True)
                 except BulkWriteError as exc:
@@ -269,7 +282,7 @@ class AuditStore:
         breaks = [b for _, _, chain_breaks in results for b in chain_breaks]
         return Verdict(len(chains), sum(r for r, _, _ in results), breaks, sum(c for _, c, _ in results))
 
-    async def _records_in_order(self, name: str) -> AsyncGenerator[list[dict[str, Any]], None]:
+    async def _records_in_order(self, name: str) -> AsyncGenerator[list[bytes], None]:
         """A chain's records in seq order, a batch at a time, undecoded: the next batch is
         asked for before this one is checked, so the server works while we hash."""
         cursor = self._events.find_raw_batches(
@@ -282,7 +295,7 @@ class AuditStore:
             while (raw := await upcoming) is not None:
                 upcoming = asyncio.ensure_future(anext(batches, None))
                 await asyncio.sleep(0)  # let the request for the next batch go out
-                yield [top_level(doc) for doc in documents(raw)]
+                yield list(documents(raw))
         finally:
             upcoming.cancel()
             await cursor.close()
@@ -318,12 +331,12 @@ class AuditStore:
             last_seq = 0
             async for batch in records:
                 for doc in batch:
-                    broken = verifier.feed(doc)
+                    broken = verifier.feed_bson(doc)
                     if broken:
                         break
                     last_seq = verifier.checked  # the record's seq: the verifier accepted it
                     while pending is not None and pending.seq <= last_seq:
-                        if pending.seq == last_seq and pending.hash != doc["hash"]:
+                        if pending.seq == last_seq and pending.hash != verifier.head:
                             broken = Break(name, last_seq, "record differs from its signed checkpoint")
                             break
                         pending = await anext(checkpoints, None)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from tools import infra
-from tools.bench import audit_append, crypto_throughput
+from tools.bench import audit_append, audit_verify, crypto_throughput
 from tools.bench.results import Result, report
 
 
@@ -40,6 +40,7 @@ def main() -> int:
             results += crypto_throughput.run(kafka, vault_addr, vault_token, sizes, args.rounds)
         if args.only in (None, "audit"):
             results += audit_append.run(mongo, args.audit_events)
+            results += audit_verify.run(mongo, args.audit_events)
     finally:
         if need:
             infra.down(need)
