@@ -33,6 +33,7 @@ from services.audit.consumer import AuditConsumer
 from services.audit.patterns import Rules
 from services.audit.service import SERVICE_NAME, AuditServicer
 from services.audit.store import AuditStore
+from services.audit.syslog_forward import SyslogForwarder, SyslogTarget, forward_forever
 
 log = logging.getLogger("dicomsafe.audit")
 
@@ -89,6 +90,9 @@ async def run(cfg: AuditConfig, stop: asyncio.Event) -> None:
                 background.append(alert_forever(raiser, cfg.alert_interval_s, stop))
             else:
                 log.warning("pattern alerts disabled (AUDIT_ALERT_INTERVAL_S=0)")
+            if cfg.syslog_target:
+                forwarder = SyslogForwarder(store, syslog_target(cfg))
+                background.append(forward_forever(forwarder, cfg.syslog_interval_s, stop))
             await run_until_stopped(server, health, [SERVICE_NAME], stop, log, background=background)
         finally:
             await consumer.stop()
@@ -118,6 +122,13 @@ async def checkpoint_forever(store: AuditStore, signer: CheckpointSigner, interv
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=interval_s)
+
+
+def syslog_target(cfg: AuditConfig) -> SyslogTarget:
+    host, _, port = cfg.syslog_target.rpartition(":")
+    if not host or not port.isdigit() or not cfg.syslog_ca_file:
+        raise ValueError("AUDIT_SYSLOG_TARGET must be host:port, with AUDIT_SYSLOG_CA_FILE")
+    return SyslogTarget(host, int(port), cfg.syslog_ca_file, cfg.syslog_hostname)
 
 
 def main() -> None:

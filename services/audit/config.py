@@ -27,6 +27,11 @@ class AuditConfig:
     alert_window_s: int = 3600
     # The hospital's time zone, for the working-hours rule.
     alert_timezone: str = "UTC"
+    # The external audit repository (RFC 5424 over TLS 1.3): "" = no forwarding.
+    syslog_target: str = ""
+    syslog_ca_file: str = ""
+    syslog_hostname: str = "dicomsafe-audit"
+    syslog_interval_s: int = 5
 
     @classmethod
     def from_env(cls) -> AuditConfig:
@@ -47,4 +52,8 @@ class AuditConfig:
             alert_interval_s=env_int("AUDIT_ALERT_INTERVAL_S", 60),
             alert_window_s=env_int("AUDIT_ALERT_WINDOW_S", 3600),
             alert_timezone=env_str("AUDIT_ALERT_TIMEZONE", "UTC"),
+            syslog_target=env_opt("AUDIT_SYSLOG_TARGET"),
+            syslog_ca_file=env_opt("AUDIT_SYSLOG_CA_FILE"),
+            syslog_hostname=env_str("AUDIT_SYSLOG_HOSTNAME", "dicomsafe-audit"),
+            syslog_interval_s=env_int("AUDIT_SYSLOG_INTERVAL_S", 5),
         )

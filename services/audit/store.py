@@ -46,6 +46,8 @@ COLLECTION = "events"
 CHECKPOINTS = "checkpoints"
 # Markers of raised security alerts (services/audit/alerts.py): insert-only, like the rest.
 ALERTS = "alerts"
+# Positions up to which each chain went to the external audit repository (syslog_forward.py).
+FORWARDED = "forwarded"
 # Verification reads records undecoded (see chain.py) with dates as stored (milliseconds).
 AS_STORED: CodecOptions[RawBSONDocument] = CodecOptions(
     document_class=RawBSONDocument, datetime_conversion=DatetimeConversion.DATETIME_MS
@@ -109,6 +111,7 @@ class AuditStore:
             CHECKPOINTS, write_concern=WriteConcern(w="majority", j=True)
         )
         self._alerts = client[database].get_collection(ALERTS, write_concern=WriteConcern(w="majority", j=True))
+        self._forwarded = client[database].get_collection(FORWARDED, write_concern=WriteConcern(w="majority", j=True))
 
     async def ensure_indexes(self) -> None:
         await self._events.create_index([("chain", ASCENDING), ("seq", ASCENDING)], unique=True, name="chain_seq")
@@ -121,6 +124,7 @@ class AuditStore:
         await self._checkpoints.create_index([("chain", ASCENDING), ("seq", ASCENDING)], unique=True, name="chain_seq")
         # Also creates the collection, which the insert/find-only writer may not do itself everywhere.
         await self._alerts.create_index([("rule", ASCENDING), ("actor", ASCENDING)], name="rule_actor")
+        await self._forwarded.create_index([("chain", ASCENDING), ("seq", ASCENDING)], unique=True, name="chain_seq")
 
     async def check_indexes(self) -> None:
         """The service's own user may not create indexes: refuse to run without them, since
@@ -248,6 +252,21 @@ class AuditStore:
         doc = {"_id": alert_id, "rule": rule, "actor": actor, "evidence": list(evidence), "raised_at": raised_at}
         with contextlib.suppress(DuplicateKeyError):  # raised by another replica or an earlier run
             await self._alerts.insert_one(doc)
+
+    async def chains(self) -> list[str]:
+        return sorted(await self._events.distinct("chain"))
+
+    async def forwarded_up_to(self, chain: str) -> int:
+        last = await self._forwarded.find_one({"chain": chain}, sort=[("seq", -1)], projection={"seq": 1})
+        return int(last["seq"]) if last else 0
+
+    async def mark_forwarded(self, chain: str, seq: int) -> None:
+        with contextlib.suppress(DuplicateKeyError):  # another replica marked the same position
+            await self._forwarded.insert_one({"chain": chain, "seq": seq, "at": dt.datetime.now(dt.UTC)})
+
+    async def records_after(self, chain: str, seq: int, limit: int) -> list[audit_pb2.AuditRecord]:
+        cursor = self._events.find({"chain": chain, "seq": {"$gt": seq}}, sort=[("seq", ASCENDING)], limit=limit)
+        return [to_record(doc) async for doc in cursor]
 
     async def estimated_records(self) -> int:
         """From collection metadata (no scan): enough for a progress bar."""
