@@ -11,6 +11,7 @@ from typing import Any
 
 import bson
 import pytest
+from bson.codec_options import CodecOptions
 from bson.raw_bson import RawBSONDocument
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pymongo import AsyncMongoClient
@@ -20,7 +21,7 @@ from dicomsafe.v1 import audit_pb2
 from services.audit.chain import GENESIS, ChainVerifier, event_document, link_hash, link_hash_v2
 from services.audit.checkpoints import Checkpoint
 from services.audit.checkpoints import message as checkpoint_message
-from services.audit.store import AS_STORED, COLLECTION, AuditStore
+from services.audit.store import COLLECTION, AuditStore
 from tests.servers import Servers
 
 
@@ -201,7 +202,9 @@ async def test_stored_event_round_trips_exactly(
     assert raw is not None
     assert raw["event"] == event_document(event) and raw["v"] == 2
     # What comes back from MongoDB is byte for byte what was hashed, so the hash recomputes.
-    as_stored = client[f"audit_{unique}"].get_collection(COLLECTION, codec_options=AS_STORED)
+    as_stored = client[f"audit_{unique}"].get_collection(
+        COLLECTION, codec_options=CodecOptions(document_class=RawBSONDocument)
+    )
     stored = await as_stored.find_one({"chain": "c:0", "seq": 1}, projection={"_id": 0})
     assert isinstance(stored, RawBSONDocument)
     assert bytes(stored["event"].raw) == bson.encode(event_document(event))
