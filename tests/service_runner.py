@@ -11,8 +11,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.authz.config import AuthzConfig
 from services.crypto.config import CryptoConfig
 from services.crypto.vault_keys import VaultSettings
+from tools.oidc_issuer import LocalIssuer
+from tools.stack import POLICY_FILE
 from tools.vault_setup import AppRoleCredentials
 
 
@@ -85,4 +88,16 @@ def crypto_config(
             secret_id=creds.secret_id,
             timeout_s=vault_timeout_s,
         ),
+    )
+
+
+def authz_config(kafka_bootstrap: str, topic_prefix: str, issuer: LocalIssuer | None = None) -> AuthzConfig:
+    """An authz service on a free port with the deployed policy; with an issuer, tokens are verified."""
+    return AuthzConfig(
+        f"127.0.0.1:{free_port()}",
+        POLICY_FILE,
+        kafka_bootstrap,
+        topic_prefix,
+        oidc_issuer=issuer.url if issuer else "",
+        oidc_jwks_url=issuer.jwks_url if issuer else "",
     )

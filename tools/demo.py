@@ -110,19 +110,20 @@ async def retrieve(target: str, token: str, object_id: str) -> tuple[bytes | Non
 
 
 async def audit_trail(
-    target: str, want: int, timeout_s: float
+    target: str, token: str, want: int, timeout_s: float
 ) -> tuple[audit_pb2.VerifyResponse, list[audit_pb2.AuditRecord]]:
+    """As the auditor: reading the trail needs the auditor role, and is itself recorded."""
     async with grpc.aio.insecure_channel(target) as channel:
         stub = audit_pb2_grpc.AuditServiceStub(channel)
         deadline = time.monotonic() + timeout_s
         while True:
-            verdict = await stub.Verify(audit_pb2.VerifyRequest(), timeout=30)
+            verdict = await stub.Verify(audit_pb2.VerifyRequest(access_token=token), timeout=30)
             # Wait for the records, and for every chain's head to be signed (every few seconds).
             complete = verdict.records_checked >= want and verdict.checkpoints_checked >= verdict.chains_checked
             if complete or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.5)
-        records = [r async for r in stub.Query(audit_pb2.QueryRequest(limit=200), timeout=30)]
+        records = [r async for r in stub.Query(audit_pb2.QueryRequest(limit=200, access_token=token), timeout=30)]
     return verdict, records
 
 
@@ -185,7 +186,7 @@ async def story(stack: Stack, servers: Servers, topics: Topics, idp: LocalIssuer
     # Per instance: sealed + stored; the rejection; the allowed read: decision + open +
     # retrieval; each refused read: decision + retrieval.
     want = 2 * len(samples) + 1 + 3 + 2 * len(refused_cases)
-    verdict, records = await audit_trail(stack.settings.target("audit"), want, timeout_s=60)
+    verdict, records = await audit_trail(stack.settings.target("audit"), idp.token("aud.ito"), want, timeout_s=60)
     say(
         f"\n⑤ audit trail in MongoDB: {verdict.records_checked} records in {verdict.chains_checked} hash chains, "
         f"{verdict.checkpoints_checked} signed checkpoints"
