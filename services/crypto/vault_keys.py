@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import logging
 import os
 import re
+import secrets
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import hvac
@@ -23,6 +26,8 @@ from dicomsafe.common.vault import DEFAULT_K8S_TOKEN_PATH, VaultAuth, VaultSessi
 
 log = logging.getLogger("dicomsafe.crypto.vault")
 
+# Patients whose pseudonym is remembered (LRU): one busy day of a large hospital's patients.
+ERASURE_REF_CACHE = 50_000
 _WRAPPED = re.compile(r"^vault:v(\d+):[A-Za-z0-9+/=]+$")
 
 
@@ -129,6 +134,8 @@ class TransitKeys:
             )
         )
         self._dek_cache = DekCache(settings.dek_cache_ttl_s)
+        self._ref_salt = secrets.token_bytes(16)
+        self._refs: OrderedDict[bytes, str] = OrderedDict()
 
     @property
     def key_name(self) -> str:
@@ -192,7 +199,19 @@ class TransitKeys:
         await asyncio.to_thread(self._destroy_erasure_key, ref)
 
     async def erasure_ref(self, issuer: str, patient_id: str) -> str:
-        return await asyncio.to_thread(self._erasure_ref, issuer, patient_id)
+        """The patient's keyed pseudonym. Deterministic (HMAC key version pinned), so remembering it
+        is safe and saves a Vault round trip for every further instance of the patient; the cache is
+        keyed by a salted hash, so no patient identifier stays in memory."""
+        handle = hashlib.sha256(self._ref_salt + f"{issuer}\x00{patient_id}".encode()).digest()
+        ref = self._refs.get(handle)
+        if ref is None:
+            ref = await asyncio.to_thread(self._erasure_ref, issuer, patient_id)
+            self._refs[handle] = ref
+            if len(self._refs) > ERASURE_REF_CACHE:
+                self._refs.popitem(last=False)
+        else:
+            self._refs.move_to_end(handle)
+        return ref
 
     async def erasure_key_for_seal(self, ref: str) -> bytearray:
         """The patient's erasure key, created on first use."""

@@ -38,6 +38,12 @@ class Indexer:
         if not event.object_id:
             raise PermanentError("bad_envelope", "stored event without object id")
         try:
+            if await self._index.has(event.sop_instance_uid, event.object_id):
+                # Indexed by its STOW-RS request: reading it back through crypto would only cost.
+                return
+        except Exception as exc:  # noqa: BLE001 - MongoDB down: keep the offset, retry
+            raise TransientError(f"index read failed ({type(exc).__name__})") from None
+        try:
             description = await self._crypto.Describe(
                 crypto_pb2.DescribeRequest(object_id=event.object_id), timeout=self._deadline
             )

@@ -188,6 +188,10 @@ class StudyIndex:
             upsert=True,
         )
 
+    async def has(self, sop_uid: str, object_id: str) -> bool:
+        """Whether exactly this stored object is indexed already (e.g. by the STOW-RS request)."""
+        return await self._instances.find_one({"_id": sop_uid, "object_id": object_id}, {"_id": 1}) is not None
+
     async def search(
         self,
         level: Level,
