@@ -137,13 +137,25 @@ async def record(
         raise HttpError(503, "audit unavailable", {"Retry-After": "5"}) from None
 
 
-async def open_range(
-    backends: Backends, object_id: str, subject: str, offset: int = 0, length: int = 0
-) -> AsyncIterator[bytes]:
-    stream = backends.crypto.Open(
+OpenCall = grpc.aio.UnaryStreamCall[crypto_pb2.OpenRequest, crypto_pb2.OpenResponse]
+
+
+def start_open(backends: Backends, object_id: str, subject: str, offset: int = 0, length: int = 0) -> OpenCall:
+    """Put the Open call in flight now (Vault unwrap, first chunks) and read it later with relay()."""
+    return backends.crypto.Open(
         crypto_pb2.OpenRequest(object_id=object_id, offset=offset, length=length, on_behalf_of=subject),
         timeout=backends.deadline_s,
     )
+
+
+async def open_range(
+    backends: Backends, object_id: str, subject: str, offset: int = 0, length: int = 0
+) -> AsyncIterator[bytes]:
+    async for piece in relay(start_open(backends, object_id, subject, offset, length), object_id):
+        yield piece
+
+
+async def relay(stream: OpenCall, object_id: str) -> AsyncIterator[bytes]:
     try:
         async for piece in stream:
             yield piece.data

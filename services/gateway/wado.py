@@ -9,6 +9,7 @@ Instances are served in their stored transfer syntax: no transcoding (406 if ano
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 from collections.abc import AsyncIterator, Sequence
@@ -35,6 +36,8 @@ from services.gateway.dicomweb_common import (
     read_range,
     record,
     refusal,
+    relay,
+    start_open,
 )
 from services.gateway.multipart import MediaType, between, closing, new_boundary, opening, part_header
 from services.gateway.study_index import Located
@@ -80,11 +83,21 @@ async def instances(request: Request, backends: Backends, study: str, series: st
         requested = wanted.get("transfer-syntax", "*")
         if requested not in ("*", located.transfer_syntax_uid):
             raise HttpError(406, "instances are served only in their stored transfer syntax")
-    # Audited before the status line goes out: a release that cannot be recorded does not happen.
-    for located in release.instances:
-        await _audit_release(backends, release, located, "instance")
-    boundary = new_boundary()
     subject = release.verdict.subject
+    # The first instance's Open goes in flight while the release is audited (nothing is sent before
+    # the audit records are acknowledged); the records go out together, one broker round trip.
+    first = (
+        start_open(backends, release.instances[0].object_id, subject)
+        if release.instances and not release.deidentified
+        else None
+    )
+    try:
+        await asyncio.gather(*(_audit_release(backends, release, loc, "instance") for loc in release.instances))
+    except BaseException:
+        if first is not None:
+            first.cancel()
+        raise
+    boundary = new_boundary()
 
     async def body() -> AsyncIterator[bytes]:
         for n, located in enumerate(release.instances):
@@ -94,8 +107,9 @@ async def instances(request: Request, backends: Backends, study: str, series: st
                 data = await read_range(backends, located.object_id, subject)
                 yield backends.deidentifier.instance(data)
                 continue
+            stream = first if n == 0 and first is not None else start_open(backends, located.object_id, subject)
             try:
-                async for piece in open_range(backends, located.object_id, subject):
+                async for piece in relay(stream, located.object_id):
                     yield piece
             except grpc.aio.AioRpcError as exc:
                 await _audit_failure(backends, release, located, exc)
@@ -109,8 +123,8 @@ async def metadata(request: Request, backends: Backends, study: str, series: str
     release = await _release(request, backends, "metadata", study, series, sop)
     base = base_url(request, backends)
     out = []
+    await asyncio.gather(*(_audit_release(backends, release, loc, "metadata") for loc in release.instances))
     for located in release.instances:
-        await _audit_release(backends, release, located, "metadata")
         length = located.layout.header_length
         header = await read_range(backends, located.object_id, release.verdict.subject, 0, length)
         ds = pydicom.dcmread(io.BytesIO(header), stop_before_pixels=True)
