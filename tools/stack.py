@@ -2,7 +2,8 @@
 
 Used by the demo (`make run`) and the end-to-end tests. Each service gets only the
 settings it needs: the crypto service alone holds a Vault identity (an AppRole, never the
-admin token), and logs go to one file per service.
+admin token), and logs go to one file per service. gRPC between them is mutual TLS 1.3: a CA
+made at start (``tools.pki``, in the run directory) gives every service its own certificate.
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dicomsafe.common.grpc_runtime import new_channel
+from dicomsafe.common.tls import TlsConfig
+from dicomsafe.common.tls13_pin import CIPHER_SUITES_VAR, TLS13_ONLY_CIPHER_SUITES
 from services.audit.provision import provision, writer_uri
 from tools import vault_setup
+from tools.pki import Pki, make_pki
 
 REPO = Path(__file__).resolve().parent.parent
 POLICY_FILE = REPO / "deploy" / "policy" / "policy.toml"
@@ -51,6 +56,14 @@ class StackSettings:
     def metrics_url(self, service: str) -> str:
         return f"http://127.0.0.1:{self.port(service) + METRICS_PORT_OFFSET}/metrics"
 
+    @property
+    def pki(self) -> Pki:
+        return Pki(self.work_dir / "pki")
+
+    def client_tls(self, identity: str) -> TlsConfig:
+        """TLS material of a client identity ("ops", "viewer", or a service's own)."""
+        return self.pki.tls(identity)
+
 
 # Each service's /metrics listens this far above its gRPC port.
 METRICS_PORT_OFFSET = 100
@@ -65,6 +78,8 @@ def service_env(s: StackSettings, service: str) -> dict[str, str]:
         "KAFKA_TOPIC_PREFIX": s.topic_prefix,
         "LOG_LEVEL": "INFO",
         "METRICS_BIND": f"127.0.0.1:{s.port(service) + METRICS_PORT_OFFSET}",
+        CIPHER_SUITES_VAR: TLS13_ONLY_CIPHER_SUITES,
+        **s.pki.env(service),
     }
     bind = s.target(service)
     secrets_dir = s.work_dir / "secrets"
@@ -119,6 +134,8 @@ class Stack:
 
     def start(self, services: tuple[str, ...] = SERVICES, timeout_s: float = 60.0) -> None:
         (self.settings.work_dir / "logs").mkdir(parents=True, exist_ok=True)
+        if not self.settings.pki.ca_file.exists():  # restarts keep the CA their peers trust
+            make_pki(self.settings.pki.directory)
         if "crypto" in services:
             self._provision_crypto()
         if "audit" in services:
@@ -158,7 +175,7 @@ class Stack:
             proc = self.processes[service]
             if proc.poll() is not None:
                 raise RuntimeError(f"{service} exited with {proc.returncode}; see {self.log_file(service)}")
-            if asyncio.run(_serving(self.settings.target(service))):
+            if asyncio.run(_serving(self.settings.target(service), self.settings.client_tls("ops"))):
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{service} not healthy after {timeout_s:.0f}s; see {self.log_file(service)}")
@@ -183,8 +200,8 @@ class Stack:
         return codes
 
 
-async def _serving(target: str) -> bool:
-    async with grpc.aio.insecure_channel(target) as channel:
+async def _serving(target: str, tls: TlsConfig) -> bool:
+    async with new_channel(target, tls) as channel:
         try:
             request = health_pb2.HealthCheckRequest(service="")
             reply = await health_pb2_grpc.HealthStub(channel).Check(request, timeout=1.0)

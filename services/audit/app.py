@@ -51,6 +51,8 @@ async def run(cfg: AuditConfig, stop: asyncio.Event) -> None:
                 [lambda s: audit_pb2_grpc.add_AuditServiceServicer_to_server(servicer, s)],
                 [SERVICE_NAME],
                 cfg.grpc_bind,
+                tls=cfg.tls,
+                allow=cfg.grpc_allow,
             )
             handler = AuditConsumer(store)
             loop = consume_forever(

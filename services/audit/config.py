@@ -3,7 +3,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dicomsafe.common.config import env_int, env_opt, env_secret, env_str
+from dicomsafe.common.peer_auth import PeerAllowlist
+from dicomsafe.common.tls import TlsConfig, tls_from_env
 from dicomsafe.common.vault import VaultAuth, vault_auth_from_env
+
+# The trail is read by the gateway (on behalf of auditors) and by ops tooling.
+DEFAULT_GRPC_ALLOW = "Verify,Query=gateway,ops"
+DEFAULT_ALLOWLIST = PeerAllowlist.parse(DEFAULT_GRPC_ALLOW)
 
 
 @dataclass(frozen=True)
@@ -18,6 +24,9 @@ class AuditConfig:
     # chain's tail is not detectable.
     vault: VaultAuth | None = None
     checkpoint_interval_s: int = 30
+    # None only under the explicit development opt-out (dicomsafe.common.tls).
+    tls: TlsConfig | None = None
+    grpc_allow: PeerAllowlist = DEFAULT_ALLOWLIST
 
     @classmethod
     def from_env(cls) -> AuditConfig:
@@ -33,4 +42,6 @@ class AuditConfig:
             database=env_str("AUDIT_MONGODB_DB", "dicomsafe_audit"),
             vault=None if env_opt("AUDIT_CHECKPOINTS") == "disabled" else vault_auth_from_env(),
             checkpoint_interval_s=env_int("AUDIT_CHECKPOINT_INTERVAL_S", 30),
+            tls=tls_from_env(),
+            grpc_allow=PeerAllowlist.parse(env_str("AUDIT_GRPC_ALLOW", DEFAULT_GRPC_ALLOW)),
         )

@@ -4,8 +4,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicomsafe.common.config import env_int, env_opt, env_secret, env_str
+from dicomsafe.common.peer_auth import PeerAllowlist
+from dicomsafe.common.tls import TlsConfig, tls_from_env
 from services.crypto.sealed_format import DEFAULT_CHUNK_SIZE
 from services.crypto.vault_keys import VaultSettings
+
+# Least privilege by caller: ingest seals, the gateway reads, ops tooling manages keys.
+DEFAULT_GRPC_ALLOW = "Seal=ingest; Open,Describe=gateway; RotateKey,GetKeyStatus,Rewrap=ops"
+DEFAULT_ALLOWLIST = PeerAllowlist.parse(DEFAULT_GRPC_ALLOW)
 
 
 @dataclass(frozen=True)
@@ -17,6 +23,9 @@ class CryptoConfig:
     kafka_bootstrap: str
     topic_prefix: str
     vault: VaultSettings
+    # None only under the explicit development opt-out (dicomsafe.common.tls).
+    tls: TlsConfig | None = None
+    grpc_allow: PeerAllowlist = DEFAULT_ALLOWLIST
 
     @classmethod
     def from_env(cls) -> CryptoConfig:
@@ -37,4 +46,6 @@ class CryptoConfig:
                 ca_cert=env_secret("VAULT_CACERT_PATH"),
                 dek_cache_ttl_s=env_int("CRYPTO_DEK_CACHE_TTL_S", 30),
             ),
+            tls=tls_from_env(),
+            grpc_allow=PeerAllowlist.parse(env_str("CRYPTO_GRPC_ALLOW", DEFAULT_GRPC_ALLOW)),
         )

@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from dicomsafe.common.audit_emitter import AuditEmitter
-from dicomsafe.common.grpc_runtime import insecure_channel, new_server, run_until_stopped, service_main
+from dicomsafe.common.grpc_runtime import new_channel, new_server, run_until_stopped, service_main
 from dicomsafe.common.kafka import Topics, new_producer
 from dicomsafe.v1 import authz_pb2_grpc, crypto_pb2_grpc, retrieval_pb2_grpc
 from services.gateway.config import GatewayConfig
@@ -17,8 +17,8 @@ log = logging.getLogger("dicomsafe.gateway")
 
 async def run(cfg: GatewayConfig, stop: asyncio.Event) -> None:
     producer = new_producer(cfg.kafka_bootstrap, "dicomsafe-gateway")
-    authz_channel = insecure_channel(cfg.authz_target)
-    crypto_channel = insecure_channel(cfg.crypto_target)
+    authz_channel = new_channel(cfg.authz_target, cfg.tls)
+    crypto_channel = new_channel(cfg.crypto_target, cfg.tls)
     await producer.start()
     try:
         servicer = RetrievalServicer(
@@ -31,6 +31,8 @@ async def run(cfg: GatewayConfig, stop: asyncio.Event) -> None:
             [lambda s: retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(servicer, s)],
             [SERVICE_NAME],
             cfg.grpc_bind,
+            tls=cfg.tls,
+            allow=cfg.grpc_allow,
         )
         await run_until_stopped(server, health, [SERVICE_NAME], stop, log)
     finally:

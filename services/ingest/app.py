@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from dicomsafe.common.audit_emitter import AuditEmitter
-from dicomsafe.common.grpc_runtime import insecure_channel, new_server, run_until_stopped, service_main
+from dicomsafe.common.grpc_runtime import new_channel, new_server, run_until_stopped, service_main
 from dicomsafe.common.kafka import (
     DeadLetterPublisher,
     Topics,
@@ -16,6 +16,7 @@ from dicomsafe.common.kafka import (
     new_producer,
     require_topics,
 )
+from dicomsafe.common.peer_auth import PeerAllowlist
 from dicomsafe.v1 import crypto_pb2_grpc
 from services.ingest.config import IngestConfig
 from services.ingest.pipeline import IngestPipeline
@@ -30,7 +31,7 @@ async def run(cfg: IngestConfig, stop: asyncio.Event) -> None:
     await require_topics(cfg.kafka_bootstrap, [topics.ingest, dlq_topic(topics.ingest), topics.stored, topics.audit])
     producer = new_producer(cfg.kafka_bootstrap, "dicomsafe-ingest")
     consumer = new_consumer(cfg.kafka_bootstrap, cfg.group_id, [topics.ingest], "dicomsafe-ingest")
-    channel = insecure_channel(cfg.crypto_target)
+    channel = new_channel(cfg.crypto_target, cfg.tls)
     await producer.start()
     try:
         await consumer.start()
@@ -42,7 +43,8 @@ async def run(cfg: IngestConfig, stop: asyncio.Event) -> None:
                 topics,
                 cfg.max_instance_bytes,
             )
-            server, health = new_server([], [SERVICE_NAME], cfg.health_bind)
+            # Health only: no method of ingest's is callable by any peer.
+            server, health = new_server([], [SERVICE_NAME], cfg.health_bind, tls=cfg.tls, allow=PeerAllowlist())
             loop = consume_forever(consumer, pipeline.handle, DeadLetterPublisher(producer, "ingest"), stop, log)
             await run_until_stopped(server, health, [SERVICE_NAME], stop, log, background=[loop])
         finally:

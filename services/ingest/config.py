@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 from dicomsafe.common.config import env_int, env_opt, env_str
 from dicomsafe.common.kafka import DEFAULT_MAX_RECORD_BYTES
+from dicomsafe.common.tls import TlsConfig, tls_from_env
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,8 @@ class IngestConfig:
     max_instance_bytes: int
     seal_piece_bytes: int
     seal_deadline_s: int
+    # None only under the explicit development opt-out (dicomsafe.common.tls).
+    tls: TlsConfig | None = None
 
     @classmethod
     def from_env(cls) -> IngestConfig:
@@ -28,4 +31,5 @@ class IngestConfig:
             max_instance_bytes=env_int("INGEST_MAX_INSTANCE_BYTES", DEFAULT_MAX_RECORD_BYTES),
             seal_piece_bytes=env_int("INGEST_SEAL_PIECE_BYTES", 256 * 1024),
             seal_deadline_s=env_int("INGEST_SEAL_DEADLINE_S", 120),
+            tls=tls_from_env(),
         )

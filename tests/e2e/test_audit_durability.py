@@ -8,9 +8,9 @@ import time
 import uuid
 from pathlib import Path
 
-import grpc
-
+from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, new_producer, topic_specs
+from dicomsafe.common.tls import TlsConfig
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc
 from tests.e2e.test_pipeline import _free_base_port
 from tests.servers import Servers
@@ -19,8 +19,8 @@ from tools.stack import Stack, StackSettings
 EVENTS = 3000
 
 
-async def _verify(target: str) -> audit_pb2.VerifyResponse:
-    async with grpc.aio.insecure_channel(target) as channel:
+async def _verify(target: str, tls: TlsConfig) -> audit_pb2.VerifyResponse:
+    async with new_channel(target, tls) as channel:
         return await audit_pb2_grpc.AuditServiceStub(channel).Verify(audit_pb2.VerifyRequest(), timeout=60)
 
 
@@ -57,7 +57,7 @@ async def test_sigkill_mid_stream_loses_and_duplicates_nothing(servers: Servers,
         await producer.flush()
 
         deadline = time.monotonic() + 120
-        while (at_kill := (await _verify(target)).records_checked) < EVENTS // 3:
+        while (at_kill := (await _verify(target, stack.settings.client_tls("ops"))).records_checked) < EVENTS // 3:
             assert time.monotonic() < deadline, "audit service made no progress"
             await asyncio.sleep(0.1)
         stack.processes["audit"].send_signal(signal.SIGKILL)  # mid-stream, no chance to clean up
@@ -65,12 +65,12 @@ async def test_sigkill_mid_stream_loses_and_duplicates_nothing(servers: Servers,
         stack.processes.pop("audit")
         await asyncio.to_thread(stack.start, ("audit",))
 
-        verdict = await _verify(target)
+        verdict = await _verify(target, stack.settings.client_tls("ops"))
         while verdict.records_checked < EVENTS and time.monotonic() < deadline + 120:
             await asyncio.sleep(0.5)
-            verdict = await _verify(target)
+            verdict = await _verify(target, stack.settings.client_tls("ops"))
         await asyncio.sleep(2)  # anything recorded twice would show up now
-        verdict = await _verify(target)
+        verdict = await _verify(target, stack.settings.client_tls("ops"))
     finally:
         await producer.stop()
         stack.stop()

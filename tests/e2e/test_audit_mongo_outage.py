@@ -19,7 +19,9 @@ import grpc
 import pytest
 from pymongo import MongoClient
 
+from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, new_producer, topic_specs
+from dicomsafe.common.tls import TlsConfig
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc
 from tests.e2e.test_pipeline import _free_base_port
 from tests.servers import Servers
@@ -78,9 +80,9 @@ def mongo(tmp_path: Path) -> Iterator[OwnMongo]:
         server.stop()
 
 
-async def _records(target: str) -> audit_pb2.VerifyResponse | None:
+async def _records(target: str, tls: TlsConfig) -> audit_pb2.VerifyResponse | None:
     try:
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with new_channel(target, tls) as channel:
             return await audit_pb2_grpc.AuditServiceStub(channel).Verify(audit_pb2.VerifyRequest(), timeout=20)
     except grpc.aio.AioRpcError:
         return None  # MongoDB down: Verify answers UNAVAILABLE
@@ -126,16 +128,16 @@ async def test_mongodb_outage_under_load_loses_nothing(servers: Servers, mongo: 
         mongo.stop()  # down while events keep coming
         await publish(EVENTS - EVENTS // 3)
         await asyncio.sleep(5)
-        assert await _records(target) is None
+        assert await _records(target, stack.settings.client_tls("ops")) is None
         assert stack.processes["audit"].poll() is None, "the service must wait, not crash"
         mongo.start()
         deadline = time.monotonic() + 180
-        verdict = await _records(target)
+        verdict = await _records(target, stack.settings.client_tls("ops"))
         while (verdict is None or verdict.records_checked < EVENTS) and time.monotonic() < deadline:
             await asyncio.sleep(1)
-            verdict = await _records(target)
+            verdict = await _records(target, stack.settings.client_tls("ops"))
         await asyncio.sleep(2)
-        verdict = await _records(target)
+        verdict = await _records(target, stack.settings.client_tls("ops"))
     finally:
         await producer.stop()
         stack.stop()

@@ -22,6 +22,7 @@ import pydicom
 import pytest
 from aiokafka import AIOKafkaConsumer
 
+from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, dlq_topic, ensure_topics, headers_for, new_producer, topic_specs
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc, events_pb2, retrieval_pb2, retrieval_pb2_grpc
 from tests.servers import Servers
@@ -104,7 +105,7 @@ async def _collect(
 
 
 async def _retrieve(stack: Stack, token: str, object_id: str) -> bytes:
-    async with grpc.aio.insecure_channel(stack.settings.target("gateway")) as channel:
+    async with new_channel(stack.settings.target("gateway"), stack.settings.client_tls("viewer")) as channel:
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
         request = retrieval_pb2.RetrieveRequest(access_token=token, object_id=object_id, purpose="treatment")
         return b"".join([p.data async for p in stub.Retrieve(request, timeout=60)])
@@ -175,7 +176,7 @@ async def test_slice_end_to_end(stack: Stack, idp: LocalIssuer) -> None:
     # sealed + stored per instance, a rejection per bad record, and per retrieval an authz
     # decision, a crypto open and a gateway record (the denied one has no open).
     want = 2 * len(good) + len(BAD) + 3 * len(good) + 2 + 1
-    async with grpc.aio.insecure_channel(stack.settings.target("audit")) as channel:
+    async with new_channel(stack.settings.target("audit"), stack.settings.client_tls("ops")) as channel:
         audit = audit_pb2_grpc.AuditServiceStub(channel)
         deadline = time.monotonic() + 120
         verdict = await audit.Verify(audit_pb2.VerifyRequest())

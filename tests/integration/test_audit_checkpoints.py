@@ -7,9 +7,9 @@ import time
 import uuid
 from typing import Any
 
-import grpc
 from pymongo import AsyncMongoClient
 
+from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, new_producer, topic_specs
 from dicomsafe.common.vault import VaultAuth
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc
@@ -18,8 +18,9 @@ from services.audit.config import AuditConfig
 from services.audit.provision import provision, writer_uri
 from services.audit.store import CHECKPOINTS, COLLECTION
 from tests.servers import Servers
-from tests.service_runner import free_port, running
+from tests.service_runner import TEST_CLIENT, free_port, running, with_tls
 from tools import vault_setup
+from tools.pki import Pki
 
 EVENTS = 40
 
@@ -28,21 +29,25 @@ async def _verify(stub: audit_pb2_grpc.AuditServiceAsyncStub) -> audit_pb2.Verif
     return await stub.Verify(audit_pb2.VerifyRequest(), timeout=30)
 
 
-async def test_truncation_and_forged_checkpoints_are_detected(servers: Servers, unique: str) -> None:
+async def test_truncation_and_forged_checkpoints_are_detected(pki: Pki, servers: Servers, unique: str) -> None:
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
     database = f"audit_cp_{unique}"
     user, password = await provision(servers.mongodb_uri, database)
     creds = vault_setup.provision_audit(servers.vault_addr, servers.vault_token)
-    cfg = AuditConfig(
-        grpc_bind=f"127.0.0.1:{free_port()}",
-        kafka_bootstrap=servers.kafka_bootstrap,
-        topic_prefix=topics.prefix,
-        group_id=f"audit-{unique}",
-        mongodb_uri=writer_uri(servers.mongodb_uri, database, user, password),
-        database=database,
-        vault=VaultAuth(addr=servers.vault_addr, role_id=creds.role_id, secret_id=creds.secret_id),
-        checkpoint_interval_s=1,
+    cfg = with_tls(
+        AuditConfig(
+            grpc_bind=f"127.0.0.1:{free_port()}",
+            kafka_bootstrap=servers.kafka_bootstrap,
+            topic_prefix=topics.prefix,
+            group_id=f"audit-{unique}",
+            mongodb_uri=writer_uri(servers.mongodb_uri, database, user, password),
+            database=database,
+            vault=VaultAuth(addr=servers.vault_addr, role_id=creds.role_id, secret_id=creds.secret_id),
+            checkpoint_interval_s=1,
+        ),
+        pki,
+        "audit",
     )
     producer = new_producer(servers.kafka_bootstrap, "test")
     await producer.start()
@@ -61,7 +66,10 @@ async def test_truncation_and_forged_checkpoints_are_detected(servers: Servers, 
 
     admin: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(servers.mongodb_uri)
     try:
-        async with running(lambda stop: run(cfg, stop), cfg.grpc_bind), grpc.aio.insecure_channel(cfg.grpc_bind) as ch:
+        async with (
+            running(lambda stop: run(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)),
+            new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as ch,
+        ):
             stub = audit_pb2_grpc.AuditServiceStub(ch)
             deadline = time.monotonic() + 60
             verdict = await _verify(stub)

@@ -6,30 +6,35 @@ import asyncio
 import time
 import uuid
 
-import grpc
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
+from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, dlq_topic, ensure_topics, headers_for, new_producer, topic_specs
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc, events_pb2
 from services.audit.app import run
 from services.audit.config import AuditConfig
 from services.audit.provision import provision, writer_uri
 from tests.servers import Servers
-from tests.service_runner import free_port, running
+from tests.service_runner import TEST_CLIENT, free_port, running, with_tls
+from tools.pki import Pki
 
 
-async def test_events_are_chained_and_garbage_dead_lettered(servers: Servers, unique: str) -> None:
+async def test_events_are_chained_and_garbage_dead_lettered(pki: Pki, servers: Servers, unique: str) -> None:
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=2))
     user, password = await provision(servers.mongodb_uri, f"audit_{unique}")
-    cfg = AuditConfig(
-        grpc_bind=f"127.0.0.1:{free_port()}",
-        kafka_bootstrap=servers.kafka_bootstrap,
-        topic_prefix=topics.prefix,
-        group_id=f"audit-{unique}",
-        # The service runs as the insert/find-only writer, as in production.
-        mongodb_uri=writer_uri(servers.mongodb_uri, f"audit_{unique}", user, password),
-        database=f"audit_{unique}",
+    cfg = with_tls(
+        AuditConfig(
+            grpc_bind=f"127.0.0.1:{free_port()}",
+            kafka_bootstrap=servers.kafka_bootstrap,
+            topic_prefix=topics.prefix,
+            group_id=f"audit-{unique}",
+            # The service runs as the insert/find-only writer, as in production.
+            mongodb_uri=writer_uri(servers.mongodb_uri, f"audit_{unique}", user, password),
+            database=f"audit_{unique}",
+        ),
+        pki,
+        "audit",
     )
     producer = new_producer(servers.kafka_bootstrap, "test")
     await producer.start()
@@ -70,7 +75,10 @@ async def test_events_are_chained_and_garbage_dead_lettered(servers: Servers, un
     finally:
         await producer.stop()
 
-    async with running(lambda stop: run(cfg, stop), cfg.grpc_bind), grpc.aio.insecure_channel(cfg.grpc_bind) as ch:
+    async with (
+        running(lambda stop: run(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)),
+        new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as ch,
+    ):
         stub = audit_pb2_grpc.AuditServiceStub(ch)
         query = audit_pb2.QueryRequest(study_instance_uid=sentinel.study_instance_uid)
         deadline = time.monotonic() + 60

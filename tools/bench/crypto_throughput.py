@@ -12,10 +12,11 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import grpc
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
+from dicomsafe.common.tls import TlsConfig
 from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc
 from services.ingest.sealing import Sealer
 from tools.bench.results import Result, ratio
@@ -63,14 +64,15 @@ async def _timed(rounds: int, call: Callable[[int], Awaitable[object]]) -> list[
     return times
 
 
-async def through_grpc(target: str, data: bytes, rounds: int) -> tuple[float, float]:
+async def through_grpc(
+    target: str, seal_tls: TlsConfig, open_tls: TlsConfig, data: bytes, rounds: int
+) -> tuple[float, float]:
+    """Over mutual TLS 1.3, as deployed: sealing as ingest, opening as the gateway."""
     sha = hashlib.sha256(data).hexdigest()
-    async with grpc.aio.insecure_channel(
-        target, options=[("grpc.max_receive_message_length", 8 * MIB), ("grpc.max_send_message_length", 8 * MIB)]
-    ) as channel:
-        stub = crypto_pb2_grpc.CryptoServiceStub(channel)
+    async with new_channel(target, seal_tls) as seal_channel, new_channel(target, open_tls) as open_channel:
         # Same piece size as ingest uses: one sealed chunk per message.
-        sealer = Sealer(stub, 256 * 1024, 600)
+        sealer = Sealer(crypto_pb2_grpc.CryptoServiceStub(seal_channel), 256 * 1024, 600)
+        stub = crypto_pb2_grpc.CryptoServiceStub(open_channel)
         ids = [secrets.token_hex(32) for _ in range(rounds)]
 
         async def seal(i: int) -> object:
@@ -114,7 +116,15 @@ def run(kafka: str, vault_addr: str, vault_token: str, sizes: list[int], rounds:
                 data = os.urandom(size * MIB)
                 n = rounds if size <= 16 else max(2, rounds // 2)
                 raw_enc, raw_dec = raw_aes_gcm(data, n)
-                seal, open_ = asyncio.run(through_grpc(stack.settings.target("crypto"), data, n))
+                seal, open_ = asyncio.run(
+                    through_grpc(
+                        stack.settings.target("crypto"),
+                        stack.settings.client_tls("ingest"),
+                        stack.settings.client_tls("gateway"),
+                        data,
+                        n,
+                    )
+                )
                 for name, value, base in (("seal", seal, raw_enc), ("open", open_, raw_dec)):
                     results.append(
                         Result(
