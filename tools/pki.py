@@ -1,12 +1,17 @@
-"""A throwaway certificate authority for the demo and the tests (cert-manager's job in a cluster).
+"""A throwaway certificate authority for the demo, the tests and the Compose stack
+(cert-manager's job in a cluster).
 
-One CA and one certificate per workload identity, ECDSA P-256, valid for hours: each carries
-its identity as the URI SAN ``spiffe://dicomsafe/<name>`` (what servers authorise), plus
-``localhost``/``127.0.0.1`` so loopback targets verify. Keys are written owner-readable only.
+One CA and one certificate per workload identity, ECDSA P-256, short-lived: each carries its
+identity as the URI SAN ``spiffe://dicomsafe/<name>`` (what servers authorise), its name as a
+DNS SAN (Compose/Kubernetes service names) plus ``localhost``/``127.0.0.1`` so loopback targets
+verify. Keys are written owner-readable only.
+
+    python -m tools.pki DIR [--hours N]   # DIR/ca.crt, DIR/<identity>.crt|.key; kept while valid
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import ipaddress
 import os
@@ -25,6 +30,9 @@ from dicomsafe.common.tls import TlsConfig, identity_uri
 # (key rotation, erasure, audit queries) and trusted retrieval front ends.
 IDENTITIES = ("crypto", "authz", "audit", "gateway", "ingest", "ops", "viewer")
 VALIDITY = dt.timedelta(hours=12)
+# The CLI starts over when the CA has less than this left, so a long-lived Compose stack
+# re-issued on `up` never runs into an expiry.
+RENEW_BEFORE = dt.timedelta(days=1)
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
@@ -43,6 +51,7 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 @dataclass(frozen=True)
 class Pki:
     directory: Path
+    validity: dt.timedelta = VALIDITY
 
     @property
     def ca_file(self) -> Path:
@@ -68,7 +77,7 @@ class Pki:
         sans: list[x509.GeneralName] = [
             x509.UniformResourceIdentifier(u) for u in (uris if uris is not None else [identity_uri(name)])
         ]
-        sans += [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        sans += [x509.DNSName(name), x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
@@ -76,7 +85,7 @@ class Pki:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + VALIDITY)
+            .not_valid_after(min(now + self.validity, ca_cert.not_valid_after_utc))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(
@@ -90,7 +99,7 @@ class Pki:
         return self.tls(name)
 
 
-def make_pki(directory: Path, identities: Iterable[str] = IDENTITIES) -> Pki:
+def make_pki(directory: Path, identities: Iterable[str] = IDENTITIES, validity: dt.timedelta = VALIDITY) -> Pki:
     """A new CA in ``directory`` and a certificate for each identity."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
@@ -102,7 +111,7 @@ def make_pki(directory: Path, identities: Iterable[str] = IDENTITIES) -> Pki:
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + VALIDITY)
+        .not_valid_after(now + validity)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -122,7 +131,31 @@ def make_pki(directory: Path, identities: Iterable[str] = IDENTITIES) -> Pki:
     )
     _write(directory / "ca.key", _key_pem(key), private=True)
     _write(directory / "ca.crt", ca.public_bytes(serialization.Encoding.PEM))
-    pki = Pki(directory)
+    pki = Pki(directory, validity)
     for identity in identities:
         pki.issue(identity)
     return pki
+
+
+def _still_valid(directory: Path) -> bool:
+    try:
+        ca = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
+    except (OSError, ValueError):
+        return False
+    return ca.not_valid_after_utc - dt.datetime.now(dt.UTC) > RENEW_BEFORE
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--hours", type=int, default=int(VALIDITY.total_seconds() // 3600))
+    args = parser.parse_args()
+    if _still_valid(args.directory):
+        print(f"certificates in {args.directory} still valid")
+        return
+    make_pki(args.directory, validity=dt.timedelta(hours=args.hours))
+    print(f"CA and certificates for {', '.join(IDENTITIES)} written to {args.directory}")
+
+
+if __name__ == "__main__":
+    main()

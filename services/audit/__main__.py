@@ -29,7 +29,7 @@ from services.audit.store import AuditStore
 
 
 async def _verify(chain: str) -> int:
-    cfg = AuditConfig.from_env()
+    cfg = AuditConfig.from_env(serving=False)
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
     try:
         signer = CheckpointSigner(VaultSession(cfg.vault)) if cfg.vault else None
@@ -45,7 +45,7 @@ async def _verify(chain: str) -> int:
 
 
 async def _exposure(actor: str, since: str, until: str) -> int:
-    cfg = AuditConfig.from_env()
+    cfg = AuditConfig.from_env(serving=False)
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
     try:
         report = await AuditStore(client, cfg.database).exposure(
@@ -65,7 +65,7 @@ async def _exposure(actor: str, since: str, until: str) -> int:
 
 
 async def _export(fmt: str, actor: str, patient_ref: str, since: str, until: str, limit: int) -> int:
-    cfg = AuditConfig.from_env()
+    cfg = AuditConfig.from_env(serving=False)
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
     skipped = 0
     try:
@@ -89,7 +89,7 @@ async def _export(fmt: str, actor: str, patient_ref: str, since: str, until: str
 
 
 async def _report(since: str, until: str, rules: Rules) -> int:
-    cfg = AuditConfig.from_env()
+    cfg = AuditConfig.from_env(serving=False)
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
     try:
         store = AuditStore(client, cfg.database)

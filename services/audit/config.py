@@ -29,7 +29,9 @@ class AuditConfig:
     grpc_allow: PeerAllowlist = DEFAULT_ALLOWLIST
 
     @classmethod
-    def from_env(cls) -> AuditConfig:
+    def from_env(cls, serving: bool = True) -> AuditConfig:
+        """``serving=False`` for the command-line tools, which read MongoDB and Vault directly
+        and listen on nothing, so need no TLS material."""
         uri = env_secret("MONGODB_URI")
         if not uri:
             raise ValueError("MONGODB_URI (or MONGODB_URI_FILE) is required")
@@ -42,6 +44,6 @@ class AuditConfig:
             database=env_str("AUDIT_MONGODB_DB", "dicomsafe_audit"),
             vault=None if env_opt("AUDIT_CHECKPOINTS") == "disabled" else vault_auth_from_env(),
             checkpoint_interval_s=env_int("AUDIT_CHECKPOINT_INTERVAL_S", 30),
-            tls=tls_from_env(),
+            tls=tls_from_env() if serving else None,
             grpc_allow=PeerAllowlist.parse(env_str("AUDIT_GRPC_ALLOW", DEFAULT_GRPC_ALLOW)),
         )
