@@ -9,6 +9,7 @@ answered by authz for the user's token; this only decides which *service* may as
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -18,6 +19,7 @@ from typing import Any
 import grpc
 
 from dicomsafe.common.config import ConfigError
+from dicomsafe.common.metrics import REFUSED_CALLS
 from dicomsafe.common.tls import negotiated_tls_version, peer_identity
 
 log = logging.getLogger("dicomsafe.peer_auth")
@@ -78,9 +80,11 @@ class PeerAuthorizer(grpc.aio.ServerInterceptor):
             identity = peer_identity(auth)
             version = negotiated_tls_version(auth)
             if version != REQUIRED_TLS_VERSION:
+                REFUSED_CALLS.labels(full_method, "tls").inc()
                 log.warning("call refused: not TLS 1.3", extra={"method": method, "tls_version": version or "none"})
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{method} requires mutual TLS 1.3")
             if not self._allow.allows(method, identity):
+                REFUSED_CALLS.labels(full_method, "identity").inc()
                 shown = identity or "no service identity"
                 log.warning("call refused: identity not allowed", extra={"method": method, "peer_identity": shown})
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"caller '{shown}' may not call {method}")
@@ -125,7 +129,9 @@ def _streaming(inner: Behavior, check: Callable[[Any], Awaitable[None]]) -> Beha
 
     async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         await check(context)
-        async for response in inner(request, context):
-            yield response
+        # Closed with the call, so a servicer's resources (open files) go at once, not at GC.
+        async with contextlib.aclosing(inner(request, context)) as responses:
+            async for response in responses:
+                yield response
 
     return behavior

@@ -194,6 +194,11 @@ async def test_slice_end_to_end(stack: Stack, idp: LocalIssuer) -> None:
     assert (A.AUDIT_ACTION_ACCESS_DECISION, Out.AUDIT_OUTCOME_DENIED) in actions
     assert (A.AUDIT_ACTION_INSTANCE_RETRIEVED, Out.AUDIT_OUTCOME_DENIED) in actions
     assert actions.count((A.AUDIT_ACTION_INSTANCE_RETRIEVED, Out.AUDIT_OUTCOME_SUCCESS)) == len(good)
+    # crypto names its callers by the identity in their client certificates (mutual TLS).
+    seals = [r.event for r in records if r.event.action == A.AUDIT_ACTION_OBJECT_SEALED]
+    opens = [r.event for r in records if r.event.action == A.AUDIT_ACTION_OBJECT_OPENED]
+    assert seals and {e.actor for e in seals} == {"service:ingest"}
+    assert opens and {e.details["caller"] for e in opens} == {"service:gateway"}
     # SRE view: the ingest consumer's counters agree with what happened.
     metrics = await asyncio.to_thread(_scrape, stack.settings.metrics_url("ingest"))
     topic = _topics(stack).ingest

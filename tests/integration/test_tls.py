@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
 
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
@@ -105,6 +106,8 @@ async def test_a_certificate_from_another_ca_is_refused(authz: tuple[str, str], 
 
 async def test_authz_check_only_for_allowed_identities(authz: tuple[str, str], pki: Pki) -> None:
     target, _ = authz
+    refusals = ("dicomsafe_grpc_refused_total", {"method": "/dicomsafe.v1.AuthzService/Check", "reason": "identity"})
+    before = REGISTRY.get_sample_value(*refusals) or 0.0
     for allowed in ("gateway", "audit", "ops"):
         assert (await _check(target, pki.tls(allowed))).decision_id, allowed
     for refused in ("ingest", "crypto", "viewer"):
@@ -112,6 +115,7 @@ async def test_authz_check_only_for_allowed_identities(authz: tuple[str, str], p
             await _check(target, pki.tls(refused))
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, refused
         assert err.value.details() == f"caller '{refused}' may not call Check"
+    assert REGISTRY.get_sample_value(*refusals) == before + 3  # what an SRE alert watches
 
 
 async def test_a_certificate_without_an_identity_is_refused(authz: tuple[str, str], pki: Pki) -> None:
