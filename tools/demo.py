@@ -232,7 +232,8 @@ def main() -> int:
     try:
         say("• provisioning each service's own least-privilege identity: crypto (Vault AppRole: data keys),")
         say("  audit (Vault AppRole: checkpoint signing; MongoDB user: insert + find only)")
-        say("• starting services: crypto, authz, audit, gateway, ingest")
+        say("• starting services: crypto, authz, audit, gateway, ingest — gRPC between them is mutual TLS 1.3,")
+        say(f"  each with its own certificate (identity spiffe://dicomsafe/<service>) from a CA made now in {work}/pki")
         stack.start()
         ok = asyncio.run(story(stack, servers, topics, idp))
     finally:
