@@ -10,20 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pymongo import AsyncMongoClient
 
 from dicomsafe.common.grpc_runtime import new_channel
+from dicomsafe.common.mongo_users import ensure_role_and_user, user_uri
 from dicomsafe.common.tls import TlsConfig
 from dicomsafe.common.tls13_pin import CIPHER_SUITES_VAR, TLS13_ONLY_CIPHER_SUITES
-from services.audit.provision import provision, writer_uri
+from services.audit.provision import provision
+from services.gateway.provision import provision_index
 from tools import vault_setup
 from tools.pki import Pki, make_pki
 
@@ -47,6 +52,23 @@ class StackSettings:
     oidc_issuer: str = ""
     oidc_jwks_url: str = ""
 
+    index_db: str = "dicomsafe_index"
+    authz_db: str = "dicomsafe_authz"
+
+    @property
+    def https_port(self) -> int:
+        """The gateway's DICOMweb listener."""
+        return self.base_port + HTTPS_PORT_OFFSET
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"https://127.0.0.1:{self.https_port}/dicomweb"
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA every certificate of the run comes from (gRPC and the DICOMweb listener)."""
+        return self.pki.ca_file
+
     def port(self, service: str) -> int:
         return self.base_port + SERVICES.index(service)
 
@@ -67,6 +89,9 @@ class StackSettings:
 
 # Each service's /metrics listens this far above its gRPC port.
 METRICS_PORT_OFFSET = 100
+HTTPS_PORT_OFFSET = 200
+# The DICOMweb listener's certificate: same CA, no service identity (users are no services).
+HTTPS_CERT = "gateway-https"
 
 # Start order: dependencies first (audit consumes what others emit; ingest needs crypto).
 SERVICES = ("crypto", "authz", "audit", "gateway", "ingest")
@@ -96,6 +121,8 @@ def service_env(s: StackSettings, service: str) -> dict[str, str]:
             "AUTHZ_POLICY_FILE": str(POLICY_FILE),
             "AUTHZ_OIDC_ISSUER": s.oidc_issuer,
             "AUTHZ_OIDC_JWKS_URL": s.oidc_jwks_url,
+            "AUTHZ_MONGODB_URI_FILE": str(secrets_dir / "authz-mongodb-uri"),
+            "AUTHZ_MONGODB_DB": s.authz_db,
         },
         "audit": {
             "AUDIT_GRPC_BIND": bind,
@@ -112,9 +139,17 @@ def service_env(s: StackSettings, service: str) -> dict[str, str]:
             "GATEWAY_GRPC_BIND": bind,
             "GATEWAY_AUTHZ_TARGET": s.target("authz"),
             "GATEWAY_CRYPTO_TARGET": s.target("crypto"),
+            "GATEWAY_INGEST_TARGET": s.target("ingest"),
+            "GATEWAY_HTTP_BIND": f"127.0.0.1:{s.https_port}",
+            "GATEWAY_TLS_CERT_FILE": str(s.pki.directory / f"{HTTPS_CERT}.crt"),
+            "GATEWAY_TLS_KEY_FILE": str(s.pki.directory / f"{HTTPS_CERT}.key"),
+            "GATEWAY_MONGODB_URI_FILE": str(secrets_dir / "gateway-mongodb-uri"),
+            "GATEWAY_INDEX_DATABASE": s.index_db,
+            "GATEWAY_INDEX_GROUP_ID": f"{s.topic_prefix}dicomsafe-gateway-index",
+            "GATEWAY_DEID_UID_KEY_FILE": str(secrets_dir / "gateway-deid-uid-key"),
         },
         "ingest": {
-            "INGEST_HEALTH_BIND": bind,
+            "INGEST_GRPC_BIND": bind,
             "INGEST_CRYPTO_TARGET": s.target("crypto"),
             "INGEST_GROUP_ID": f"{s.topic_prefix}dicomsafe-ingest",
         },
@@ -135,11 +170,15 @@ class Stack:
     def start(self, services: tuple[str, ...] = SERVICES, timeout_s: float = 60.0) -> None:
         (self.settings.work_dir / "logs").mkdir(parents=True, exist_ok=True)
         if not self.settings.pki.ca_file.exists():  # restarts keep the CA their peers trust
-            make_pki(self.settings.pki.directory)
+            make_pki(self.settings.pki.directory).issue(HTTPS_CERT, uris=[])
         if "crypto" in services:
             self._provision_crypto()
+        if "authz" in services:
+            self._provision_authz()
         if "audit" in services:
             self._provision_audit()
+        if "gateway" in services:
+            self._provision_gateway()
         for name in services:
             with self.log_file(name).open("ab") as log:
                 self.processes[name] = subprocess.Popen(
@@ -164,10 +203,22 @@ class Stack:
     def _provision_audit(self) -> None:
         s = self.settings
         user, password = asyncio.run(provision(s.mongodb_uri, s.audit_db))
-        self._secret("audit-mongodb-uri", writer_uri(s.mongodb_uri, s.audit_db, user, password))
+        self._secret("audit-mongodb-uri", user_uri(s.mongodb_uri, s.audit_db, user, password))
         creds = vault_setup.provision_audit(s.vault_addr, s.vault_admin_token)
         self._secret("audit-role-id", creds.role_id)
         self._secret("audit-secret-id", creds.secret_id)
+
+    def _provision_authz(self) -> None:
+        s = self.settings
+        password = secrets.token_urlsafe(24)
+        asyncio.run(_ensure_user(s.mongodb_uri, s.authz_db, "dicomsafe-authz", password, AUTHZ_DB_ACTIONS))
+        self._secret("authz-mongodb-uri", user_uri(s.mongodb_uri, s.authz_db, "dicomsafe-authz", password))
+
+    def _provision_gateway(self) -> None:
+        s = self.settings
+        user, password = asyncio.run(provision_index(s.mongodb_uri, s.index_db))
+        self._secret("gateway-mongodb-uri", user_uri(s.mongodb_uri, s.index_db, user, password))
+        self._secret("gateway-deid-uid-key", secrets.token_urlsafe(32))
 
     def wait_healthy(self, service: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -198,6 +249,18 @@ class Stack:
                 os.killpg(proc.pid, signal.SIGKILL)
                 codes[name] = proc.wait()
         return codes
+
+
+# Grants are created, read and revoked (an update); never deleted, so expired grants stay reviewable.
+AUTHZ_DB_ACTIONS = ("find", "insert", "update", "createIndex", "listIndexes", "listCollections")
+
+
+async def _ensure_user(admin_uri: str, database: str, user: str, password: str, actions: tuple[str, ...]) -> None:
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(admin_uri, serverSelectionTimeoutMS=10000)
+    try:
+        await ensure_role_and_user(client, database, f"{user}-role", user, password, actions)
+    finally:
+        await client.close()
 
 
 async def _serving(target: str, tls: TlsConfig) -> bool:

@@ -76,6 +76,7 @@ def topic_specs(topics: Topics, partitions: int = 6) -> list[TopicSpec]:
         TopicSpec(topics.ingest, partitions, {**keep, **big}),
         TopicSpec(dlq_topic(topics.ingest), 1, {**keep, "retention.ms": "-1", **big}),
         TopicSpec(topics.stored, partitions, keep),
+        TopicSpec(dlq_topic(topics.stored), 1, {**keep, "retention.ms": "-1"}),
         TopicSpec(topics.audit, partitions, keep),
         TopicSpec(dlq_topic(topics.audit), 1, {**keep, "retention.ms": "-1"}),
         TopicSpec(topics.alerts, 1, {**keep, "retention.ms": "-1"}),

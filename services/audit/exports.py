@@ -39,6 +39,7 @@ EVENTS: dict[int, DicomEvent] = {
     A.AUDIT_ACTION_EMERGENCY_OVERRIDE: DicomEvent("110113", "Security Alert", "E"),
     A.AUDIT_ACTION_POLICY_CHANGED: DicomEvent("110113", "Security Alert", "U"),
     A.AUDIT_ACTION_INSTANCE_RETRIEVED: DicomEvent("110104", "DICOM Instances Transferred", "R"),
+    A.AUDIT_ACTION_STUDY_QUERIED: DicomEvent("110112", "Query", "E"),
     A.AUDIT_ACTION_AUDIT_QUERIED: DicomEvent("110101", "Audit Log Used", "R"),
 }
 # EventOutcomeIndicator: 0 success, 4 minor failure (a refusal), 8 serious failure.

@@ -8,19 +8,16 @@ more than that, so even a compromised audit service cannot rewrite history.
 from __future__ import annotations
 
 import secrets
-import urllib.parse
 from typing import Any
 
 from pymongo import AsyncMongoClient
-from pymongo.errors import OperationFailure
 
+from dicomsafe.common.mongo_users import ensure_role_and_user
 from services.audit.store import AuditStore
 
 WRITER_ROLE = "dicomsafe-audit-writer"
 WRITER_USER = "dicomsafe-audit"
 WRITER_ACTIONS = ["insert", "find", "listIndexes", "listCollections"]
-# Server error codes for "already exists": the setup is idempotent.
-_ROLE_EXISTS, _USER_EXISTS = 51002, 51003
 
 
 async def provision(admin_uri: str, database: str, password: str | None = None) -> tuple[str, str]:
@@ -29,33 +26,7 @@ async def provision(admin_uri: str, database: str, password: str | None = None) 
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(admin_uri, serverSelectionTimeoutMS=10000)
     try:
         await AuditStore(client, database).ensure_indexes()
-        db = client[database]
-        privileges = [{"resource": {"db": database, "collection": ""}, "actions": WRITER_ACTIONS}]
-        try:
-            await db.command("createRole", WRITER_ROLE, privileges=privileges, roles=[])
-        except OperationFailure as exc:
-            if exc.code != _ROLE_EXISTS:
-                raise
-            await db.command("updateRole", WRITER_ROLE, privileges=privileges, roles=[])
-        roles = [{"role": WRITER_ROLE, "db": database}]
-        try:
-            await db.command("createUser", WRITER_USER, pwd=password, roles=roles)
-        except OperationFailure as exc:
-            if exc.code != _USER_EXISTS:
-                raise
-            await db.command("updateUser", WRITER_USER, pwd=password, roles=roles)
+        await ensure_role_and_user(client, database, WRITER_ROLE, WRITER_USER, password, WRITER_ACTIONS)
     finally:
         await client.close()
     return WRITER_USER, password
-
-
-def writer_uri(admin_uri: str, database: str, user: str, password: str) -> str:
-    """The admin URI's hosts and options with the writer's credentials (authSource = its database)."""
-    parts = urllib.parse.urlsplit(admin_uri)
-    hosts = parts.netloc.rsplit("@", 1)[-1]
-    query = dict(urllib.parse.parse_qsl(parts.query))
-    query["authSource"] = database
-    userinfo = f"{urllib.parse.quote(user, safe='')}:{urllib.parse.quote(password, safe='')}"
-    return urllib.parse.urlunsplit(
-        (parts.scheme, f"{userinfo}@{hosts}", parts.path or "/", urllib.parse.urlencode(query), "")
-    )

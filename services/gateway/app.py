@@ -1,43 +1,93 @@
-"""Wiring of the gateway: authz and crypto clients, audit producer, gRPC server."""
+"""Wiring of the gateway: gRPC Retrieve, DICOMweb over HTTPS, and the study indexer."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
+
+from pymongo import AsyncMongoClient
 
 from dicomsafe.common.audit_emitter import AuditEmitter
 from dicomsafe.common.grpc_runtime import new_channel, new_server, run_until_stopped, service_main
-from dicomsafe.common.kafka import Topics, new_producer
-from dicomsafe.v1 import authz_pb2_grpc, crypto_pb2_grpc, retrieval_pb2_grpc
+from dicomsafe.common.kafka import (
+    DeadLetterPublisher,
+    Topics,
+    consume_forever,
+    dlq_topic,
+    new_consumer,
+    new_producer,
+    require_topics,
+)
+from dicomsafe.v1 import authz_pb2_grpc, crypto_pb2_grpc, ingest_pb2_grpc, retrieval_pb2_grpc
+from services.gateway.access import AccessChecker
 from services.gateway.config import GatewayConfig
+from services.gateway.deidentify import Deidentifier
+from services.gateway.dicomweb_app import create_app
+from services.gateway.dicomweb_common import Backends
+from services.gateway.https import serve_https, tls13_server_context
+from services.gateway.indexer import Indexer
 from services.gateway.service import SERVICE_NAME, RetrievalServicer
+from services.gateway.study_index import StudyIndex
 
 log = logging.getLogger("dicomsafe.gateway")
+DICOMWEB_ROOT = "/dicomweb"
 
 
 async def run(cfg: GatewayConfig, stop: asyncio.Event) -> None:
+    topics = Topics(cfg.topic_prefix)
+    await require_topics(cfg.kafka_bootstrap, [topics.stored, dlq_topic(topics.stored), topics.audit])
+    https_context = tls13_server_context(cfg.tls_cert_file, cfg.tls_key_file)
     producer = new_producer(cfg.kafka_bootstrap, "dicomsafe-gateway")
+    consumer = new_consumer(cfg.kafka_bootstrap, cfg.index_group_id, [topics.stored], "dicomsafe-gateway-index")
     authz_channel = new_channel(cfg.authz_target, cfg.tls)
     crypto_channel = new_channel(cfg.crypto_target, cfg.tls)
+    ingest_channel = new_channel(cfg.ingest_target, cfg.tls)
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
     await producer.start()
     try:
-        servicer = RetrievalServicer(
-            authz_pb2_grpc.AuthzServiceStub(authz_channel),
-            crypto_pb2_grpc.CryptoServiceStub(crypto_channel),
-            AuditEmitter(producer, "gateway", Topics(cfg.topic_prefix).audit),
-            cfg.call_deadline_s,
-        )
-        server, health = new_server(
-            [lambda s: retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(servicer, s)],
-            [SERVICE_NAME],
-            cfg.grpc_bind,
-            tls=cfg.tls,
-            allow=cfg.grpc_allow,
-        )
-        await run_until_stopped(server, health, [SERVICE_NAME], stop, log)
+        await consumer.start()
+        try:
+            audit = AuditEmitter(producer, "gateway", topics.audit)
+            crypto = crypto_pb2_grpc.CryptoServiceStub(crypto_channel)
+            authz = authz_pb2_grpc.AuthzServiceStub(authz_channel)
+            index = StudyIndex(mongo, cfg.index_database)
+            await index.ensure_indexes()
+            backends = Backends(
+                access=AccessChecker(authz, cfg.call_deadline_s),
+                crypto=crypto,
+                ingest=ingest_pb2_grpc.IngestServiceStub(ingest_channel),
+                index=index,
+                audit=audit,
+                deidentifier=Deidentifier(cfg.deid_uid_key),
+                max_instance_bytes=cfg.max_instance_bytes,
+                deadline_s=cfg.call_deadline_s,
+                root=DICOMWEB_ROOT,
+                public_url=cfg.public_url,
+            )
+            servicer = RetrievalServicer(authz, crypto, audit, cfg.call_deadline_s)
+            server, health = new_server(
+                [lambda s: retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(servicer, s)],
+                [SERVICE_NAME],
+                cfg.grpc_bind,
+                tls=cfg.tls,
+                allow=cfg.grpc_allow,
+            )
+            indexing = consume_forever(
+                consumer,
+                Indexer(crypto, index, cfg.call_deadline_s).handle,
+                DeadLetterPublisher(producer, "gateway"),
+                stop,
+                log,
+            )
+            https = serve_https(create_app(backends), cfg.http_bind, https_context, stop)
+            await run_until_stopped(server, health, [SERVICE_NAME], stop, log, background=[indexing, https])
+        finally:
+            await consumer.stop()
     finally:
-        await authz_channel.close()
-        await crypto_channel.close()
+        await mongo.close()
+        for channel in (authz_channel, crypto_channel, ingest_channel):
+            await channel.close()
         await producer.stop()
 
 

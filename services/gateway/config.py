@@ -1,8 +1,9 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from dicomsafe.common.config import env_int, env_opt, env_str
+from dicomsafe.common.config import ConfigError, env_int, env_opt, env_secret, env_str
+from dicomsafe.common.kafka import DEFAULT_MAX_RECORD_BYTES
 from dicomsafe.common.peer_auth import PeerAllowlist
 from dicomsafe.common.tls import TlsConfig, tls_from_env
 
@@ -20,12 +21,30 @@ class GatewayConfig:
     authz_target: str
     crypto_target: str
     call_deadline_s: int
+    # DICOMweb over HTTPS (TLS 1.3 only).
+    http_bind: str
+    public_url: str
+    tls_cert_file: str
+    tls_key_file: str
+    ingest_target: str
+    mongodb_uri: str = field(repr=False)
+    index_database: str
+    index_group_id: str
+    max_instance_bytes: int
+    # Keys the pseudonymous UIDs of de-identified releases (PS3.15 Annex E).
+    deid_uid_key: bytes = field(repr=False)
     # None only under the explicit development opt-out (dicomsafe.common.tls).
     tls: TlsConfig | None = None
     grpc_allow: PeerAllowlist = DEFAULT_ALLOWLIST
 
     @classmethod
     def from_env(cls) -> GatewayConfig:
+        deid = env_secret("GATEWAY_DEID_UID_KEY")
+        if not deid or len(deid) < 16:
+            raise ConfigError("GATEWAY_DEID_UID_KEY (or _FILE) must hold at least 16 characters")
+        mongodb_uri = env_secret("GATEWAY_MONGODB_URI")
+        if not mongodb_uri:
+            raise ConfigError("GATEWAY_MONGODB_URI (or _FILE) is required for the study index")
         return cls(
             grpc_bind=env_str("GATEWAY_GRPC_BIND", "127.0.0.1:50054"),
             kafka_bootstrap=env_str("KAFKA_BOOTSTRAP"),
@@ -33,6 +52,16 @@ class GatewayConfig:
             authz_target=env_str("GATEWAY_AUTHZ_TARGET", "127.0.0.1:50052"),
             crypto_target=env_str("GATEWAY_CRYPTO_TARGET", "127.0.0.1:50051"),
             call_deadline_s=env_int("GATEWAY_CALL_DEADLINE_S", 60),
+            http_bind=env_str("GATEWAY_HTTP_BIND", "127.0.0.1:8443"),
+            public_url=env_opt("GATEWAY_PUBLIC_URL"),
+            tls_cert_file=env_str("GATEWAY_TLS_CERT_FILE"),
+            tls_key_file=env_str("GATEWAY_TLS_KEY_FILE"),
+            ingest_target=env_str("GATEWAY_INGEST_TARGET", "127.0.0.1:50055"),
+            mongodb_uri=mongodb_uri,
+            index_database=env_str("GATEWAY_INDEX_DATABASE", "dicomsafe_index"),
+            index_group_id=env_str("GATEWAY_INDEX_GROUP_ID", "dicomsafe-gateway-index"),
+            max_instance_bytes=env_int("GATEWAY_MAX_INSTANCE_BYTES", DEFAULT_MAX_RECORD_BYTES),
+            deid_uid_key=deid.encode(),
             tls=tls_from_env(),
             grpc_allow=PeerAllowlist.parse(env_str("GATEWAY_GRPC_ALLOW", DEFAULT_GRPC_ALLOW)),
         )

@@ -1,4 +1,4 @@
-"""Wiring of the ingest service: Kafka consumer group, crypto client, health endpoint."""
+"""Wiring of the ingest service: Kafka consumer group, crypto client, gRPC Store (STOW-RS path) and health."""
 
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ from dicomsafe.common.kafka import (
     new_producer,
     require_topics,
 )
-from dicomsafe.common.peer_auth import PeerAllowlist
-from dicomsafe.v1 import crypto_pb2_grpc
+from dicomsafe.v1 import crypto_pb2_grpc, ingest_pb2_grpc
 from services.ingest.config import IngestConfig
 from services.ingest.pipeline import IngestPipeline
 from services.ingest.sealing import Sealer
+from services.ingest.store_service import SERVICE_NAME as STORE_SERVICE
+from services.ingest.store_service import StoreServicer
 
 log = logging.getLogger("dicomsafe.ingest")
 SERVICE_NAME = "dicomsafe.ingest"
@@ -43,10 +44,17 @@ async def run(cfg: IngestConfig, stop: asyncio.Event) -> None:
                 topics,
                 cfg.max_instance_bytes,
             )
-            # Health only: no method of ingest's is callable by any peer.
-            server, health = new_server([], [SERVICE_NAME], cfg.health_bind, tls=cfg.tls, allow=PeerAllowlist())
+            store = StoreServicer(pipeline)
+            names = [SERVICE_NAME, STORE_SERVICE]
+            server, health = new_server(
+                [lambda s: ingest_pb2_grpc.add_IngestServiceServicer_to_server(store, s)],
+                names,
+                cfg.grpc_bind,
+                tls=cfg.tls,
+                allow=cfg.grpc_allow,
+            )
             loop = consume_forever(consumer, pipeline.handle, DeadLetterPublisher(producer, "ingest"), stop, log)
-            await run_until_stopped(server, health, [SERVICE_NAME], stop, log, background=[loop])
+            await run_until_stopped(server, health, names, stop, log, background=[loop])
         finally:
             await consumer.stop()
     finally:

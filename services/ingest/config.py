@@ -4,7 +4,12 @@ from dataclasses import dataclass
 
 from dicomsafe.common.config import env_int, env_opt, env_str
 from dicomsafe.common.kafka import DEFAULT_MAX_RECORD_BYTES
+from dicomsafe.common.peer_auth import PeerAllowlist
 from dicomsafe.common.tls import TlsConfig, tls_from_env
+
+# Store (the STOW-RS path) only for the gateway.
+DEFAULT_GRPC_ALLOW = "Store=gateway"
+DEFAULT_ALLOWLIST = PeerAllowlist.parse(DEFAULT_GRPC_ALLOW)
 
 
 @dataclass(frozen=True)
@@ -13,12 +18,13 @@ class IngestConfig:
     topic_prefix: str
     group_id: str
     crypto_target: str
-    health_bind: str
+    grpc_bind: str
     max_instance_bytes: int
     seal_piece_bytes: int
     seal_deadline_s: int
     # None only under the explicit development opt-out (dicomsafe.common.tls).
     tls: TlsConfig | None = None
+    grpc_allow: PeerAllowlist = DEFAULT_ALLOWLIST
 
     @classmethod
     def from_env(cls) -> IngestConfig:
@@ -27,9 +33,10 @@ class IngestConfig:
             topic_prefix=env_opt("KAFKA_TOPIC_PREFIX"),
             group_id=env_str("INGEST_GROUP_ID", "dicomsafe-ingest"),
             crypto_target=env_str("INGEST_CRYPTO_TARGET", "127.0.0.1:50051"),
-            health_bind=env_str("INGEST_HEALTH_BIND", "127.0.0.1:50055"),
+            grpc_bind=env_str("INGEST_GRPC_BIND", "127.0.0.1:50055"),
             max_instance_bytes=env_int("INGEST_MAX_INSTANCE_BYTES", DEFAULT_MAX_RECORD_BYTES),
             seal_piece_bytes=env_int("INGEST_SEAL_PIECE_BYTES", 256 * 1024),
             seal_deadline_s=env_int("INGEST_SEAL_DEADLINE_S", 120),
             tls=tls_from_env(),
+            grpc_allow=PeerAllowlist.parse(env_str("INGEST_GRPC_ALLOW", DEFAULT_GRPC_ALLOW)),
         )

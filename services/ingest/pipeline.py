@@ -1,14 +1,16 @@
-"""One `dicom.ingest` record → validated → sealed by crypto → `dicom.stored` + audit events.
+"""One instance → validated → sealed by crypto → `dicom.stored` + audit events.
 
-Raises PermanentError for input that can never be stored (the shared consume loop
-dead-letters it) and TransientError when a dependency is down (the record is retried).
-Every step is idempotent, so a redelivery after a crash repeats no effect.
+Two entrances share it: a `dicom.ingest` record (`handle`) and a synchronous STOW-RS store over
+gRPC (`store`). Input that can never be stored raises Refused (the Kafka path dead-letters it);
+a dependency being down raises TransientError (the record or the request is retried). Every
+step is idempotent, so a redelivery after a crash repeats no effect.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from google.protobuf.message import DecodeError
@@ -25,6 +27,31 @@ Action = audit_pb2.AuditAction
 Outcome = audit_pb2.AuditOutcome
 
 
+@dataclass(frozen=True)
+class Refused(Exception):
+    """The instance can never be stored; code and reason are free of DICOM values (no PHI)."""
+
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class StoreContext:
+    source: str
+    request_id: str
+    trace_id: str
+    # The audit actor: the publishing system, or the verified user behind a STOW-RS request.
+    actor: str
+    # Where the instance came from, for the rejection audit event (topic/partition/offset or request).
+    position: str
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    event: events_pb2.StoredEvent
+    patient_ref: str
+
+
 class IngestPipeline:
     def __init__(
         self, sealer: Sealer, producer: AIOKafkaProducer, audit: AuditEmitter, topics: Topics, max_instance_bytes: int
@@ -35,22 +62,36 @@ class IngestPipeline:
         self._topics = topics
         self._max = max_instance_bytes
 
+    @property
+    def max_instance_bytes(self) -> int:
+        return self._max
+
     async def handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
         trace_id = header(record, "trace-id") or ""
         position = f"{record.topic}/{record.partition}/{record.offset}"
         try:
             request = events_pb2.IngestRequest.FromString(record.value or b"")
         except DecodeError:
-            await self._reject("unknown-source", position, trace_id, "bad_envelope", "value is not an IngestRequest")
-        source = request.source or "unknown-source"
-        if request.WhichOneof("payload") != "inline_instance":
-            # Reference payloads need the blob fetcher; until then they are kept, not dropped.
-            await self._reject(source, position, trace_id, "unsupported_payload", "only inline instances are accepted")
-        data = request.inline_instance
+            request = None
+        source = (request.source if request else "") or "unknown-source"
+        ctx = StoreContext(source, request.request_id if request else "", trace_id, source, position)
+        try:
+            if request is None:
+                raise Refused("bad_envelope", "value is not an IngestRequest")
+            if request.WhichOneof("payload") != "inline_instance":
+                # Reference payloads need the blob fetcher; until then they are kept, not dropped.
+                raise Refused("unsupported_payload", "only inline instances are accepted")
+            await self.store(request.inline_instance, ctx)
+        except Refused as exc:
+            await self.record_refusal(ctx, exc)
+            raise PermanentError(exc.code, exc.reason) from None
+
+    async def store(self, data: bytes, ctx: StoreContext) -> StoredInstance:
+        """Validate, seal and announce one instance. Raises Refused or TransientError."""
         try:
             facts = validate_instance(data, self._max)
         except InvalidInstance as exc:
-            await self._reject(source, position, trace_id, exc.code, exc.reason)
+            raise Refused(exc.code, exc.reason) from None
 
         content_sha = hashlib.sha256(data).hexdigest()
         object_id = object_id_for(facts.sop_instance_uid, content_sha)
@@ -68,13 +109,11 @@ class IngestPipeline:
         except SealFailure as exc:
             if exc.retryable:
                 raise TransientError(f"crypto {exc.code.name}") from None
-            await self._reject(
-                source, position, trace_id, "seal_refused", f"crypto refused the instance ({exc.code.name})"
-            )
+            raise Refused("seal_refused", f"crypto refused the instance ({exc.code.name})") from None
 
         stored = events_pb2.StoredEvent(
             object_id=object_id,
-            request_id=request.request_id,
+            request_id=ctx.request_id,
             study_instance_uid=facts.study_instance_uid,
             series_instance_uid=facts.series_instance_uid,
             sop_instance_uid=facts.sop_instance_uid,
@@ -93,20 +132,22 @@ class IngestPipeline:
                 self._topics.stored,
                 stored.SerializeToString(),
                 key=facts.study_instance_uid.encode(),
-                headers=headers_for(stored, trace_id or None),
+                headers=headers_for(stored, ctx.trace_id or None),
             )
             await self._audit.emit(
                 Action.AUDIT_ACTION_INSTANCE_STORED,
                 Outcome.AUDIT_OUTCOME_SUCCESS,
-                source,
+                ctx.actor,
                 study_instance_uid=facts.study_instance_uid,
                 sop_instance_uid=facts.sop_instance_uid,
                 object_id=object_id,
-                trace_id=trace_id,
+                patient_ref=sealed.object.erasure_key_ref,
+                trace_id=ctx.trace_id,
                 details={
                     "sop_class_uid": facts.sop_class_uid,
                     "bytes": str(len(data)),
-                    "request_id": request.request_id,
+                    "request_id": ctx.request_id,
+                    "source": ctx.source,
                 },
                 event_id=stable_event_id("stored", object_id),
             )
@@ -114,20 +155,21 @@ class IngestPipeline:
             raise TransientError(f"publishing stored event failed ({type(exc).__name__})") from None
         log.info(
             "instance stored",
-            extra={"object_id": object_id, "bytes": len(data), "redelivery": sealed.already_stored, "at": position},
+            extra={"object_id": object_id, "bytes": len(data), "redelivery": sealed.already_stored, "at": ctx.position},
         )
+        return StoredInstance(stored, sealed.object.erasure_key_ref)
 
-    async def _reject(self, source: str, position: str, trace_id: str, code: str, reason: str) -> None:
+    async def record_refusal(self, ctx: StoreContext, refusal: Refused) -> None:
+        """Audit a refused instance; TransientError when the audit stream is down (retry, do not drop)."""
         try:
             await self._audit.emit(
                 Action.AUDIT_ACTION_INSTANCE_REJECTED,
                 Outcome.AUDIT_OUTCOME_FAILURE,
-                source,
-                reason=f"{code}: {reason}",
-                trace_id=trace_id,
-                details={"source_record": position},
-                event_id=stable_event_id("rejected", position),
+                ctx.actor,
+                reason=f"{refusal.code}: {refusal.reason}",
+                trace_id=ctx.trace_id,
+                details={"source_record": ctx.position, "source": ctx.source},
+                event_id=stable_event_id("rejected", ctx.position),
             )
         except Exception as exc:  # noqa: BLE001
             raise TransientError(f"audit unavailable ({type(exc).__name__})") from None
-        raise PermanentError(code, reason)

@@ -23,7 +23,7 @@ from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, new_producer, topic_specs
 from dicomsafe.common.tls import TlsConfig
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc
-from tests.e2e.test_pipeline import _free_base_port
+from tests.e2e.conftest import _free_base_port
 from tests.servers import Servers
 from tests.service_runner import free_port
 from tools import infra

@@ -9,13 +9,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
-import random
-import socket
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import grpc
 import pydicom
@@ -23,52 +20,11 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from dicomsafe.common.grpc_runtime import new_channel
-from dicomsafe.common.kafka import Topics, dlq_topic, ensure_topics, headers_for, new_producer, topic_specs
+from dicomsafe.common.kafka import Topics, dlq_topic, headers_for, new_producer
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc, events_pb2, retrieval_pb2, retrieval_pb2_grpc
-from tests.servers import Servers
 from tools import dicom_samples
 from tools.oidc_issuer import LocalIssuer
-from tools.stack import SERVICES, Stack, StackSettings
-
-
-def _free_base_port() -> int:
-    for _ in range(50):
-        base = random.randint(20000, 40000)
-        try:
-            for port in range(base, base + len(SERVICES)):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free port range")
-
-
-@pytest.fixture(scope="module")
-def stack(servers: Servers, idp: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    work: Path = tmp_path_factory.mktemp("stack")
-    unique = uuid.uuid4().hex[:8]
-    topics = Topics(prefix=f"e2e{unique}.")
-    asyncio.run(ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=3)))
-    settings = StackSettings(
-        kafka_bootstrap=servers.kafka_bootstrap,
-        vault_addr=servers.vault_addr,
-        mongodb_uri=servers.mongodb_uri,
-        vault_admin_token=servers.vault_token,
-        work_dir=work,
-        topic_prefix=topics.prefix,
-        base_port=_free_base_port(),
-        audit_db=f"e2e_audit_{unique}",
-        oidc_issuer=idp.url,
-        oidc_jwks_url=idp.jwks_url,
-    )
-    running = Stack(settings)
-    try:
-        running.start()
-        yield running
-    finally:
-        codes = running.stop()
-        assert all(code == 0 for code in codes.values()), f"unclean service exit: {codes}"
+from tools.stack import Stack
 
 
 def _topics(stack: Stack) -> Topics:
@@ -173,9 +129,10 @@ async def test_slice_end_to_end(stack: Stack, idp: LocalIssuer) -> None:
         await _retrieve(stack, idp.token("dr.house"), "f" * 64)
     assert unknown.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
-    # sealed + stored per instance, a rejection per bad record, and per retrieval an authz
-    # decision, a crypto open and a gateway record (the denied one has no open).
-    want = 2 * len(good) + len(BAD) + 3 * len(good) + 2 + 1
+    # sealed + stored per instance, a rejection per bad record, per retrieval an authz decision,
+    # a crypto open and a gateway record (the denied one has no open), and per instance the open
+    # by which the gateway's indexer reads it for the study index.
+    want = 2 * len(good) + len(BAD) + 3 * len(good) + 2 + 1 + len(good)
     async with new_channel(stack.settings.target("audit"), stack.settings.client_tls("ops")) as channel:
         audit = audit_pb2_grpc.AuditServiceStub(channel)
         deadline = time.monotonic() + 120

@@ -11,11 +11,12 @@ from pymongo import AsyncMongoClient
 
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, new_producer, topic_specs
+from dicomsafe.common.mongo_users import user_uri
 from dicomsafe.common.vault import VaultAuth
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc
 from services.audit.app import run
 from services.audit.config import AuditConfig
-from services.audit.provision import provision, writer_uri
+from services.audit.provision import provision
 from services.audit.store import CHECKPOINTS, COLLECTION
 from tests.servers import Servers
 from tests.service_runner import TEST_CLIENT, free_port, running, with_tls
@@ -41,7 +42,7 @@ async def test_truncation_and_forged_checkpoints_are_detected(pki: Pki, servers:
             kafka_bootstrap=servers.kafka_bootstrap,
             topic_prefix=topics.prefix,
             group_id=f"audit-{unique}",
-            mongodb_uri=writer_uri(servers.mongodb_uri, database, user, password),
+            mongodb_uri=user_uri(servers.mongodb_uri, database, user, password),
             database=database,
             vault=VaultAuth(addr=servers.vault_addr, role_id=creds.role_id, secret_id=creds.secret_id),
             checkpoint_interval_s=1,

@@ -14,7 +14,8 @@ import pytest
 from pymongo import AsyncMongoClient
 from pymongo.errors import OperationFailure
 
-from services.audit.provision import provision, writer_uri
+from dicomsafe.common.mongo_users import user_uri
+from services.audit.provision import provision
 from services.audit.store import COLLECTION, AuditStore
 from tests.servers import Servers
 
@@ -26,9 +27,7 @@ async def test_writer_can_insert_and_find_but_never_change_or_delete(servers: Se
         pytest.skip(f"MongoDB at {servers.origin['mongo']} runs without access control: role enforcement not testable")
     database = f"audit_roles_{unique}"
     user, password = await provision(servers.mongodb_uri, database)
-    writer: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        writer_uri(servers.mongodb_uri, database, user, password)
-    )
+    writer: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(user_uri(servers.mongodb_uri, database, user, password))
     try:
         events = writer[database][COLLECTION]
         await events.insert_one({"chain": "c", "seq": 1, "event_id": "e1", "event": {}})

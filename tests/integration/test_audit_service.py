@@ -10,10 +10,11 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, dlq_topic, ensure_topics, headers_for, new_producer, topic_specs
+from dicomsafe.common.mongo_users import user_uri
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc, events_pb2
 from services.audit.app import run
 from services.audit.config import AuditConfig
-from services.audit.provision import provision, writer_uri
+from services.audit.provision import provision
 from tests.servers import Servers
 from tests.service_runner import TEST_CLIENT, free_port, running, with_tls
 from tools.pki import Pki
@@ -30,7 +31,7 @@ async def test_events_are_chained_and_garbage_dead_lettered(pki: Pki, servers: S
             topic_prefix=topics.prefix,
             group_id=f"audit-{unique}",
             # The service runs as the insert/find-only writer, as in production.
-            mongodb_uri=writer_uri(servers.mongodb_uri, f"audit_{unique}", user, password),
+            mongodb_uri=user_uri(servers.mongodb_uri, f"audit_{unique}", user, password),
             database=f"audit_{unique}",
         ),
         pki,

@@ -127,7 +127,7 @@ async def test_vault_outage_mid_ingest_loses_nothing(
             topic_prefix=topics.prefix,
             group_id=f"ingest-{unique}",
             crypto_target=crypto_cfg.grpc_bind,
-            health_bind=f"127.0.0.1:{free_port()}",
+            grpc_bind=f"127.0.0.1:{free_port()}",
             max_instance_bytes=16 * 1024 * 1024,
             seal_piece_bytes=256 * 1024,
             seal_deadline_s=30,
@@ -153,7 +153,7 @@ async def test_vault_outage_mid_ingest_loses_nothing(
     try:
         async with (
             running(lambda stop: run_crypto(crypto_cfg, stop), crypto_cfg.grpc_bind, pki.tls(TEST_CLIENT)),
-            running(lambda stop: run_ingest(ingest_cfg, stop), ingest_cfg.health_bind, pki.tls(TEST_CLIENT)),
+            running(lambda stop: run_ingest(ingest_cfg, stop), ingest_cfg.grpc_bind, pki.tls(TEST_CLIENT)),
         ):
             await publish(instances[:3])
             assert len(await _stored(servers.kafka_bootstrap, topics.stored, 3, 60)) == 3

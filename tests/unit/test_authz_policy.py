@@ -75,7 +75,10 @@ def test_decision_table(subject: str, action: str, allow: bool) -> None:
 def test_no_role_but_the_researcher_s_reads_identified_data() -> None:
     """Structural guard on the shipped file: identified reads never reach the researcher role."""
     assert "instance.read" not in POLICY.roles["researcher"].actions
-    assert POLICY.roles["researcher"].obligations == {"instance.read_deidentified": ("deidentify",)}
+    assert POLICY.roles["researcher"].obligations == {
+        "instance.read_deidentified": ("deidentify",),
+        "study.query": ("deidentify",),
+    }
     # Whatever the resource or context, the researcher stays refused identified reads.
     for labels in (frozenset(), frozenset({"vip"})):
         for ctx in (RequestContext(), RequestContext(purpose="research", mfa=True)):

@@ -23,7 +23,7 @@ from tests.unit.test_deploy_env import REPO, SERVICES, config_class, env_spec, e
 
 COMPOSE = REPO / "docker-compose.yml"
 BIND = {
-    "ingest": "INGEST_HEALTH_BIND",
+    "ingest": "INGEST_GRPC_BIND",
     "crypto": "CRYPTO_GRPC_BIND",
     "authz": "AUTHZ_GRPC_BIND",
     "audit": "AUDIT_GRPC_BIND",
@@ -158,7 +158,13 @@ def test_files_named_by_the_environment_are_provisioned_and_mounted() -> None:
 def test_setup_job_creates_topics_certificates_vault_identities_and_the_audit_user() -> None:
     script = setup_script()
     modules = re.findall(r"python -m ([\w.]+)", script)
-    assert modules == ["tools.topics", "tools.pki", "tools.vault_setup", "services.audit"]
+    assert modules == [
+        "tools.topics",
+        "tools.pki",
+        "tools.vault_setup",
+        "services.audit",
+        "services.gateway.provision",
+    ]
     for module in modules:
         path = REPO / Path(*module.split("."))
         assert path.with_suffix(".py").exists() or (path / "__main__.py").exists(), module

@@ -35,7 +35,7 @@ CRDS = {
     ("cert-manager.io/v1", "Issuer"),
 }
 GRPC_BIND = {
-    "ingest": "INGEST_HEALTH_BIND",
+    "ingest": "INGEST_GRPC_BIND",
     "crypto": "CRYPTO_GRPC_BIND",
     "authz": "AUTHZ_GRPC_BIND",
     "audit": "AUDIT_GRPC_BIND",
@@ -166,8 +166,11 @@ def test_custom_resources_are_well_formed() -> None:
         assert cert["spec"]["issuerRef"]["name"] in {o["metadata"]["name"] for o in of_kind(objs, "Issuer")}
         assert cert["spec"]["privateKey"]["rotationPolicy"] == "Always"
         assert cert["spec"]["secretName"]
-        # one identity per certificate, the one the peer allowlists name
         identity = cert["metadata"]["labels"]["app.kubernetes.io/name"]
+        if cert["metadata"]["name"] != f"{identity}-tls":
+            assert "uris" not in cert["spec"]  # a listener's certificate for users (gateway-https)
+            continue
+        # one workload identity per certificate, the one the peer allowlists name
         assert cert["spec"]["uris"] == [f"spiffe://dicomsafe/{identity}"]
         assert bool(cert["spec"].get("dnsNames")) == (identity in SERVICES), identity
     for obj in [*of_kind(objs, "KafkaTopic"), *of_kind(objs, "KafkaUser")]:
@@ -317,7 +320,12 @@ def test_only_the_architecture_paths_are_open_between_services(objects: tuple[Ob
                 ):
                     open_paths.add((src, dst, port))
     # ARCHITECTURE.md: ingest → crypto (seal); gateway → authz (Check), gateway → crypto (Open)
-    assert open_paths == {("ingest", "crypto", 50051), ("gateway", "crypto", 50051), ("gateway", "authz", 50052)}
+    assert open_paths == {
+        ("ingest", "crypto", 50051),
+        ("gateway", "crypto", 50051),
+        ("gateway", "authz", 50052),
+        ("gateway", "ingest", 50055),
+    }
 
 
 def _egress_namespaces(policies: list[Obj], labels: dict[str, str]) -> set[tuple[str, int]]:
@@ -338,7 +346,7 @@ def test_only_the_identity_holders_reach_vault_and_mongodb(objects: tuple[Obj, .
     for name, labels in _pods(objects).items():
         reach = _egress_namespaces(policies, labels)
         assert (("vault", 8200) in reach) == (name in {"crypto", "audit", "audit-verify"}), name
-        assert (("mongodb", 27017) in reach) == (name in {"authz", "audit", "audit-verify"}), name
+        assert (("mongodb", 27017) in reach) == (name in {"authz", "audit", "audit-verify", "gateway"}), name
         assert (("kafka", 9092) in reach) == (name in SERVICES), name
 
 

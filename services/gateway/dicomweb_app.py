@@ -1,0 +1,55 @@
+"""The DICOMweb routes (PS3.18): STOW-RS, QIDO-RS and WADO-RS under one root."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from services.gateway import qido, stow, wado
+from services.gateway.dicomweb_common import Backends, HttpError, error_response, log
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def create_app(backends: Backends) -> Starlette:
+    root = backends.root
+
+    def route(path: str, handler: Callable[..., Awaitable[Response]], method: str, **fixed: str) -> Route:
+        async def endpoint(request: Request) -> Response:
+            return await handler(request, backends, **fixed, **request.path_params)
+
+        return Route(root + path, endpoint, methods=[method])
+
+    routes = [
+        route("/studies", stow.store, "POST"),
+        route("/studies/{study_uid}", stow.store, "POST"),
+        route("/studies", qido.search, "GET", level="study"),
+        route("/series", qido.search, "GET", level="series"),
+        route("/instances", qido.search, "GET", level="instance"),
+        route("/studies/{study_uid}/series", qido.search, "GET", level="series"),
+        route("/studies/{study_uid}/instances", qido.search, "GET", level="instance"),
+        route("/studies/{study_uid}/series/{series_uid}/instances", qido.search, "GET", level="instance"),
+        route("/studies/{study}", wado.instances, "GET"),
+        route("/studies/{study}/metadata", wado.metadata, "GET"),
+        route("/studies/{study}/series/{series}", wado.instances, "GET"),
+        route("/studies/{study}/series/{series}/metadata", wado.metadata, "GET"),
+        route("/studies/{study}/series/{series}/instances/{sop}", wado.instances, "GET"),
+        route("/studies/{study}/series/{series}/instances/{sop}/metadata", wado.metadata, "GET"),
+        route("/studies/{study}/series/{series}/instances/{sop}/frames/{frame_list}", wado.frames, "GET"),
+        route("/studies/{study}/series/{series}/instances/{sop}/bulkdata/7fe00010", wado.pixel_bulkdata, "GET"),
+    ]
+
+    async def on_http_error(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HttpError)
+        return error_response(exc)
+
+    async def on_unexpected(_request: Request, exc: Exception) -> Response:
+        # The type only: messages of parsing errors can quote DICOM values.
+        log.error("request failed", extra={"error": type(exc).__name__})
+        return error_response(HttpError(500, "internal error"))
+
+    return Starlette(routes=routes, exception_handlers={HttpError: on_http_error, Exception: on_unexpected})

@@ -1,0 +1,44 @@
+"""The DICOMweb listener: uvicorn on a TLS 1.3-only context, stopped by the service's stop event."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+import uvicorn
+from starlette.types import ASGIApp
+
+
+def tls13_server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # TLS 1.2 and older are refused at the handshake, not merely discouraged.
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+async def serve_https(app: ASGIApp, bind: str, context: ssl.SSLContext, stop: asyncio.Event) -> None:
+    host, _, port = bind.rpartition(":")
+    config = uvicorn.Config(
+        app,
+        host=host.strip("[]") or "0.0.0.0",  # noqa: S104 - only when the operator binds ":port"
+        port=int(port),
+        lifespan="off",
+        log_config=None,
+        access_log=False,  # request lines carry UIDs; the audit trail records accesses instead
+        server_header=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=10,
+    )
+    config.load()
+    config.ssl = context
+    server = uvicorn.Server(config)
+    # startup/shutdown rather than serve(): serve() would take over the process's signal handlers.
+    server.lifespan = config.lifespan_class(config)
+    await server.startup()
+    if server.should_exit:
+        raise RuntimeError(f"cannot serve HTTPS on {bind}")
+    try:
+        await stop.wait()
+    finally:
+        await server.shutdown()

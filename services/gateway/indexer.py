@@ -1,0 +1,65 @@
+"""Keeps the QIDO index in sync with `dicom.stored`, whatever way an instance came in.
+
+The stored event carries no PHI, so the indexer reads the instance back through crypto under
+its own service identity and keeps only the index attributes. Offsets are committed after the
+index write; re-indexing is an idempotent upsert.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from aiokafka import ConsumerRecord
+from google.protobuf.message import DecodeError
+from pydicom.errors import InvalidDicomError
+
+from dicomsafe.common.kafka import PermanentError, TransientError
+from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc, events_pb2
+from services.gateway.index_entry import entry_for
+from services.gateway.instance_layout import InstanceLayout, LayoutError, layout_of, read_header
+from services.gateway.study_index import StudyIndex
+
+log = logging.getLogger("dicomsafe.gateway.indexer")
+INDEXER_IDENTITY = "svc-gateway-indexer"
+
+
+class Indexer:
+    def __init__(self, crypto: crypto_pb2_grpc.CryptoServiceAsyncStub, index: StudyIndex, deadline_s: float) -> None:
+        self._crypto = crypto
+        self._index = index
+        self._deadline = deadline_s
+
+    async def handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        try:
+            event = events_pb2.StoredEvent.FromString(record.value or b"")
+        except DecodeError:
+            raise PermanentError("bad_envelope", "value is not a StoredEvent") from None
+        if not event.object_id:
+            raise PermanentError("bad_envelope", "stored event without object id")
+        try:
+            description = await self._crypto.Describe(
+                crypto_pb2.DescribeRequest(object_id=event.object_id), timeout=self._deadline
+            )
+            stream = self._crypto.Open(
+                crypto_pb2.OpenRequest(object_id=event.object_id, on_behalf_of=INDEXER_IDENTITY),
+                timeout=self._deadline,
+            )
+            data = b"".join([piece.data async for piece in stream])
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                # Erased (crypto-shredded) or never stored: nothing to index.
+                log.info("stored object gone", extra={"object_id": event.object_id})
+                return
+            raise TransientError(f"crypto {exc.code().name}") from None
+        try:
+            ds, layout = layout_of(data)
+        except LayoutError:
+            ds, _ = read_header(data)
+            layout = InstanceLayout(0, None, (), False)
+        except (InvalidDicomError, EOFError, ValueError) as exc:
+            raise PermanentError("unparseable", f"stored instance unreadable ({type(exc).__name__})") from None
+        try:
+            await self._index.add(entry_for(ds, layout, event.object_id, len(data), description.erasure_key_ref))
+        except Exception as exc:  # noqa: BLE001 - MongoDB down: keep the offset, retry
+            raise TransientError(f"index write failed ({type(exc).__name__})") from None

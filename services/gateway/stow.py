@@ -1,0 +1,197 @@
+"""STOW-RS (PS3.18 10.5): a multipart/related upload, stored instance by instance through ingest.
+
+Each part is checked against authz (`instance.store` on its study, once per study per request),
+then streamed to ingest's Store RPC, the same validation and sealing path as the Kafka topic.
+The response lists every instance as stored (ReferencedSOPSequence) or failed with a reason
+(FailedSOPSequence), so one bad file never hides the fate of the others.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from pydicom.errors import InvalidDicomError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from dicomsafe.v1 import ingest_pb2
+from services.gateway.access import Verdict
+from services.gateway.dicomweb_common import (
+    DICOM_JSON,
+    NO_TOKEN,
+    Action,
+    Backends,
+    HttpError,
+    Outcome,
+    authorise,
+    base_url,
+    bearer_token,
+    log,
+    record,
+    refusal,
+)
+from services.gateway.index_entry import entry_for, sensitivity_labels
+from services.gateway.instance_layout import InstanceLayout, LayoutError, layout_of, read_header
+from services.gateway.multipart import MediaType, MultipartError, Part, PartTooLarge, parse_parts
+
+STORE_ACTION = "instance.store"
+PIECE = 256 * 1024
+
+# PS3.4 / PS3.18 failure reasons.
+CANNOT_UNDERSTAND = 0xC000
+NOT_AUTHORISED = 0x0124
+STUDY_MISMATCH = 0xA900
+PROCESSING_FAILURE = 0x0110
+OUT_OF_RESOURCES = 0xA700
+
+
+async def store(request: Request, backends: Backends, study_uid: str = "") -> Response:
+    token = bearer_token(request)
+    if not token:
+        await record(
+            backends,
+            Action.AUDIT_ACTION_INSTANCE_REJECTED,
+            Outcome.AUDIT_OUTCOME_DENIED,
+            "",
+            reason="no access token",
+            details={"route": "stow-rs"},
+        )
+        raise NO_TOKEN
+    media = MediaType.parse(request.headers.get("content-type", ""))
+    if media.type != "multipart/related" or media.params.get("type", "application/dicom") != "application/dicom":
+        raise HttpError(415, 'expected multipart/related; type="application/dicom"')
+    request_id = str(uuid.uuid4())
+    upload = StowUpload(backends, token, study_uid, request_id, base_url(request, backends))
+    try:
+        async for part in parse_parts(request.stream(), media.params.get("boundary", ""), backends.max_instance_bytes):
+            await upload.add(part)
+    except PartTooLarge:
+        raise HttpError(413, f"an instance exceeds {backends.max_instance_bytes} bytes") from None
+    except MultipartError as exc:
+        raise HttpError(400, str(exc)) from None
+    return upload.response()
+
+
+class StowUpload:
+    def __init__(self, backends: Backends, token: str, study_uid: str, request_id: str, base: str) -> None:
+        self._b = backends
+        self._token = token
+        self._study_uid = study_uid
+        self._request_id = request_id
+        self._base = base
+        self._verdicts: dict[str, Verdict] = {}
+        self._stored: list[dict[str, Any]] = []
+        self._failed: list[dict[str, Any]] = []
+        self._parts = 0
+
+    async def add(self, part: Part) -> None:
+        self._parts += 1
+        if MediaType.parse(part.content_type or "application/dicom").type != "application/dicom":
+            self._fail("", "", CANNOT_UNDERSTAND)
+            return
+        try:
+            ds, _ = read_header(part.body)
+            sop_class, sop_uid = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
+            study_uid = str(ds.StudyInstanceUID)
+        except (InvalidDicomError, AttributeError, EOFError, ValueError, KeyError, TypeError):
+            self._fail("", "", CANNOT_UNDERSTAND)
+            return
+        if self._study_uid and study_uid != self._study_uid:
+            self._fail(sop_class, sop_uid, STUDY_MISMATCH)
+            return
+        verdict = await self._verdict(study_uid, sensitivity_labels(ds))
+        if not verdict.allow:
+            self._fail(sop_class, sop_uid, NOT_AUTHORISED)
+            return
+        try:
+            stored = await self._b.ingest.Store(self._requests(part.body, verdict.subject), timeout=self._b.deadline_s)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                self._fail(sop_class, sop_uid, CANNOT_UNDERSTAND)
+            elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                self._fail(sop_class, sop_uid, OUT_OF_RESOURCES)
+            else:
+                # Nothing was stored for this part; the client may send it again (stores are idempotent).
+                self._fail(sop_class, sop_uid, PROCESSING_FAILURE)
+            return
+        try:
+            _, layout = layout_of(part.body)
+        except LayoutError:
+            # Stored and sealed; without a layout it is served only as a whole instance.
+            layout = InstanceLayout(0, None, (), False)
+        try:
+            await self._b.index.add(entry_for(ds, layout, stored.object_id, stored.size, stored.patient_ref))
+        except Exception as exc:  # noqa: BLE001 - the dicom.stored consumer indexes it later
+            log.warning("index update deferred", extra={"object_id": stored.object_id, "error": type(exc).__name__})
+        self._stored.append(
+            {
+                "00081150": {"vr": "UI", "Value": [stored.sop_class_uid]},
+                "00081155": {"vr": "UI", "Value": [stored.sop_instance_uid]},
+                "00081190": {
+                    "vr": "UR",
+                    "Value": [
+                        f"{self._base}/studies/{stored.study_instance_uid}/series/{stored.series_instance_uid}"
+                        f"/instances/{stored.sop_instance_uid}"
+                    ],
+                },
+            }
+        )
+
+    def response(self) -> Response:
+        body: dict[str, Any] = {}
+        if self._study_uid:
+            body["00081190"] = {"vr": "UR", "Value": [f"{self._base}/studies/{self._study_uid}"]}
+        if self._stored:
+            body["00081199"] = {"vr": "SQ", "Value": self._stored}
+        if self._failed:
+            body["00081198"] = {"vr": "SQ", "Value": self._failed}
+        if not self._parts:
+            raise HttpError(400, "no instances in the request")
+        status = 200 if not self._failed else (202 if self._stored else 409)
+        return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
+
+    async def _verdict(self, study_uid: str, labels: tuple[str, ...]) -> Verdict:
+        if study_uid not in self._verdicts:
+            verdict = await authorise(self._b, self._token, STORE_ACTION, "study", study_uid, labels)
+            if not verdict.allow:
+                await record(
+                    self._b,
+                    Action.AUDIT_ACTION_INSTANCE_REJECTED,
+                    Outcome.AUDIT_OUTCOME_DENIED,
+                    verdict.subject,
+                    verdict=verdict,
+                    study_uid=study_uid,
+                    reason=verdict.reason_code or "denied",
+                    details={"route": "stow-rs", "request_id": self._request_id},
+                )
+                if verdict.reason_code == "unauthenticated" and not self._stored:
+                    # A bad token fails the whole request while nothing has been stored yet.
+                    raise refusal(verdict)
+            self._verdicts[study_uid] = verdict
+        return self._verdicts[study_uid]
+
+    async def _requests(self, data: bytes, subject: str) -> AsyncIterator[ingest_pb2.StoreRequest]:
+        yield ingest_pb2.StoreRequest(
+            metadata=ingest_pb2.StoreMetadata(
+                request_id=f"{self._request_id}/{self._parts}",
+                source="gateway/stow-rs",
+                on_behalf_of=subject,
+                size=len(data),
+                trace_id=self._request_id,
+            )
+        )
+        view = memoryview(data)
+        for i in range(0, len(data), PIECE):
+            yield ingest_pb2.StoreRequest(data=bytes(view[i : i + PIECE]))
+
+    def _fail(self, sop_class: str, sop_uid: str, reason: int) -> None:
+        item: dict[str, Any] = {"00081197": {"vr": "US", "Value": [reason]}}
+        if sop_class:
+            item["00081150"] = {"vr": "UI", "Value": [sop_class]}
+        if sop_uid:
+            item["00081155"] = {"vr": "UI", "Value": [sop_uid]}
+        self._failed.append(item)

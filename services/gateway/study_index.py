@@ -1,0 +1,316 @@
+"""The QIDO-RS index in MongoDB: studies, series and instances, kept in sync from `dicom.stored`.
+
+Three collections so paging works per level without scanning instances. Upserts are keyed by
+UID, so indexing the same instance twice (redelivery, or STOW plus the stored event) changes
+nothing; related counts are recomputed from the instances, never incremented.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pymongo import ASCENDING, AsyncMongoClient
+from pymongo.write_concern import WriteConcern
+
+from services.gateway.index_entry import IndexEntry
+from services.gateway.instance_layout import InstanceLayout
+
+Level = str  # "study" | "series" | "instance"
+
+# Attribute → VR family, for the PS3.18 8.3.4 matching rules.
+PERSON_NAMES = frozenset({"PatientName", "ReferringPhysicianName"})
+DATES = frozenset({"StudyDate", "PatientBirthDate"})
+TIMES = frozenset({"StudyTime"})
+UIDS = frozenset({"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"})
+MATCHABLE: Mapping[Level, frozenset[str]] = {
+    "study": frozenset(
+        {
+            "StudyDate",
+            "StudyTime",
+            "AccessionNumber",
+            "ReferringPhysicianName",
+            "PatientName",
+            "PatientID",
+            "PatientBirthDate",
+            "StudyInstanceUID",
+            "StudyID",
+            "StudyDescription",
+            "ModalitiesInStudy",
+        }
+    ),
+    "series": frozenset({"Modality", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription"}),
+    "instance": frozenset({"SOPClassUID", "SOPInstanceUID", "InstanceNumber"}),
+}
+
+
+class QueryError(ValueError):
+    """A query parameter that cannot be matched; the message names the attribute, not the value."""
+
+
+@dataclass(frozen=True)
+class Found:
+    """One QIDO hit: its DICOM JSON attributes and what authorising it needs."""
+
+    attrs: dict[str, Any]
+    study_uid: str
+    labels: tuple[str, ...]
+    department: str
+    patient_ref: str
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where one instance is stored, and what authorising access to it needs."""
+
+    object_id: str
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    transfer_syntax_uid: str
+    size: int
+    layout: InstanceLayout
+    labels: tuple[str, ...]
+    department: str
+    patient_ref: str
+
+
+def matching_filter(level: Level, params: Mapping[str, str]) -> dict[str, Any]:
+    """Mongo filter for QIDO matching keys of one level (single value, wildcard, range, UID list)."""
+    query: dict[str, Any] = {}
+    for keyword, raw in params.items():
+        if keyword not in MATCHABLE[level]:
+            raise QueryError(f"{keyword} is not a supported matching key at {level} level")
+        value = raw.strip()
+        if not value:
+            continue  # universal matching: the attribute is returned, nothing is filtered
+        field = "modalities" if keyword == "ModalitiesInStudy" else f"match.{keyword}"
+        if keyword in UIDS:
+            uids = [u.strip() for u in value.replace("\\", ",").split(",") if u.strip()]
+            query[field] = {"$in": uids}
+        elif keyword in DATES or keyword in TIMES:
+            query[field] = _range(keyword, value)
+        elif "*" in value or "?" in value:
+            pattern = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in value)
+            flags = "i" if keyword in PERSON_NAMES else ""
+            query[field] = {"$regex": f"^{pattern}$", "$options": flags} if flags else {"$regex": f"^{pattern}$"}
+        elif keyword in PERSON_NAMES:
+            query[field] = {"$regex": f"^{re.escape(value)}$", "$options": "i"}
+        else:
+            query[field] = value
+    return query
+
+
+def _range(keyword: str, value: str) -> Any:
+    digits = re.compile(r"^\d*$")
+    low, sep, high = value.partition("-")
+    if not sep:
+        if not digits.match(value) or not value:
+            raise QueryError(f"{keyword} must be digits or a range a-b")
+        return {"$regex": f"^{value}"} if keyword in TIMES else value
+    if not digits.match(low) or not digits.match(high):
+        raise QueryError(f"{keyword} range must be digits-digits")
+    bounds: dict[str, str] = {}
+    if low:
+        bounds["$gte"] = low
+    if high:
+        # "20200131" as an upper bound includes that whole day; times compare as prefixes too.
+        bounds["$lte"] = high + "\uffff"
+    return bounds
+
+
+class StudyIndex:
+    def __init__(self, client: AsyncMongoClient[dict[str, Any]], database: str) -> None:
+        db = client[database]
+        durable = WriteConcern(w="majority", j=True)
+        self._studies = db.get_collection("studies", write_concern=durable)
+        self._series = db.get_collection("series", write_concern=durable)
+        self._instances = db.get_collection("instances", write_concern=durable)
+
+    async def ensure_indexes(self) -> None:
+        await self._series.create_index([("study_uid", ASCENDING)], name="study")
+        await self._instances.create_index([("study_uid", ASCENDING)], name="study")
+        await self._instances.create_index([("series_uid", ASCENDING)], name="series")
+        await self._studies.create_index([("match.PatientID", ASCENDING)], name="patient_id")
+        await self._studies.create_index([("match.StudyDate", ASCENDING)], name="study_date")
+
+    async def add(self, entry: IndexEntry) -> None:
+        now = dt.datetime.now(dt.UTC)
+        study_uid, series_uid = entry.study_uid, entry.series_uid
+        await self._instances.update_one(
+            {"_id": entry.sop_uid},
+            {
+                "$set": {
+                    "study_uid": study_uid,
+                    "series_uid": series_uid,
+                    "object_id": entry.object_id,
+                    "attrs": entry.instance["json"],
+                    "match": entry.instance["match"],
+                    "transfer_syntax_uid": entry.transfer_syntax_uid,
+                    "size": entry.size,
+                    "layout": entry.layout.as_document(),
+                    "indexed_at": now,
+                }
+            },
+            upsert=True,
+        )
+        series_count = await self._instances.count_documents({"series_uid": series_uid})
+        await self._series.update_one(
+            {"_id": series_uid},
+            {
+                "$set": {
+                    "study_uid": study_uid,
+                    "attrs": entry.series["json"],
+                    "match": entry.series["match"],
+                    "instance_count": series_count,
+                }
+            },
+            upsert=True,
+        )
+        modalities = sorted(
+            {
+                str(doc.get("match", {}).get("Modality", ""))
+                async for doc in self._series.find({"study_uid": study_uid}, {"match.Modality": 1})
+            }
+            - {""}
+        )
+        await self._studies.update_one(
+            {"_id": study_uid},
+            {
+                "$set": {
+                    "attrs": entry.study["json"],
+                    "match": entry.study["match"],
+                    "modalities": modalities,
+                    "series_count": await self._series.count_documents({"study_uid": study_uid}),
+                    "instance_count": await self._instances.count_documents({"study_uid": study_uid}),
+                    "labels": list(entry.labels),
+                    "department": entry.department,
+                    "patient_ref": entry.patient_ref,
+                    "updated_at": now,
+                }
+            },
+            upsert=True,
+        )
+
+    async def search(
+        self,
+        level: Level,
+        params: Mapping[str, str],
+        *,
+        study_uid: str = "",
+        series_uid: str = "",
+        offset: int = 0,
+        limit: int = 100,
+    ) -> list[Found]:
+        """Hits of one level, study-level keys applying to the parents of series and instances."""
+        own = {k: v for k, v in params.items() if k in MATCHABLE[level]}
+        parent_keys = {k: v for k, v in params.items() if k not in MATCHABLE[level]}
+        for keyword in parent_keys:
+            if not any(keyword in MATCHABLE[lv] for lv in _parents(level)):
+                raise QueryError(f"{keyword} is not a supported matching key at {level} level")
+        query = matching_filter(level, own)
+        if level != "study":
+            studies = await self._matching_parents(
+                "study", {k: v for k, v in parent_keys.items() if k in MATCHABLE["study"]}, study_uid
+            )
+            query["study_uid"] = {"$in": studies}
+        if level == "instance":
+            series = await self._matching_parents(
+                "series",
+                {k: v for k, v in parent_keys.items() if k in MATCHABLE["series"]},
+                series_uid,
+                study_uid=study_uid,
+            )
+            query["series_uid"] = {"$in": series}
+        elif series_uid:
+            raise QueryError("a series UID in the path needs instance level")
+        if level == "study" and study_uid:
+            query["_id"] = study_uid
+        collection = {"study": self._studies, "series": self._series, "instance": self._instances}[level]
+        docs = [doc async for doc in collection.find(query).sort("_id", ASCENDING).skip(offset).limit(limit)]
+        context = await self._study_context({str(d.get("study_uid", d["_id"])) for d in docs})
+        series_attrs: dict[str, Any] = {}
+        if level == "instance":
+            wanted = sorted({str(d["series_uid"]) for d in docs})
+            series_attrs = {
+                str(s["_id"]): s.get("attrs", {}) async for s in self._series.find({"_id": {"$in": wanted}})
+            }
+        hits: list[Found] = []
+        for doc in docs:
+            owner = str(doc["_id"]) if level == "study" else str(doc["study_uid"])
+            study = context.get(owner, {})
+            hits.append(
+                Found(
+                    attrs=_result_attrs(level, doc, study, series_attrs.get(str(doc.get("series_uid")), {})),
+                    study_uid=owner,
+                    labels=tuple(study.get("labels", [])),
+                    department=str(study.get("department", "")),
+                    patient_ref=str(study.get("patient_ref", "")),
+                )
+            )
+        return hits
+
+    async def locate(self, study_uid: str, series_uid: str = "", sop_uid: str = "") -> list[Located]:
+        """Stored instances under a study (optionally one series / one instance), in UID order."""
+        query: dict[str, Any] = {"study_uid": study_uid}
+        if series_uid:
+            query["series_uid"] = series_uid
+        if sop_uid:
+            query["_id"] = sop_uid
+        study = await self._studies.find_one({"_id": study_uid}) or {}
+        return [
+            Located(
+                object_id=str(doc["object_id"]),
+                study_uid=study_uid,
+                series_uid=str(doc["series_uid"]),
+                sop_uid=str(doc["_id"]),
+                transfer_syntax_uid=str(doc.get("transfer_syntax_uid", "")),
+                size=int(doc.get("size", 0)),
+                layout=InstanceLayout.from_document(doc["layout"]),
+                labels=tuple(study.get("labels", [])),
+                department=str(study.get("department", "")),
+                patient_ref=str(study.get("patient_ref", "")),
+            )
+            async for doc in self._instances.find(query).sort("_id", ASCENDING)
+        ]
+
+    async def _matching_parents(
+        self, level: Level, params: Mapping[str, str], uid: str, study_uid: str = ""
+    ) -> list[str]:
+        query = matching_filter(level, params)
+        if uid:
+            query["_id"] = uid
+        if study_uid and level == "series":
+            query["study_uid"] = study_uid
+        collection = self._studies if level == "study" else self._series
+        return [str(doc["_id"]) async for doc in collection.find(query, {"_id": 1})]
+
+    async def _study_context(self, study_uids: set[str]) -> dict[str, dict[str, Any]]:
+        if not study_uids:
+            return {}
+        return {str(d["_id"]): d async for d in self._studies.find({"_id": {"$in": sorted(study_uids)}})}
+
+
+def _parents(level: Level) -> Sequence[Level]:
+    return {"study": (), "series": ("study",), "instance": ("study", "series")}[level]
+
+
+def _result_attrs(
+    level: Level, doc: Mapping[str, Any], study: Mapping[str, Any], series: Mapping[str, Any]
+) -> dict[str, Any]:
+    attrs: dict[str, Any] = dict(study.get("attrs", {}))
+    attrs.update(series)
+    if level == "study":
+        attrs["00080061"] = (
+            {"vr": "CS", "Value": list(doc.get("modalities", []))} if doc.get("modalities") else {"vr": "CS"}
+        )
+        attrs["00201206"] = {"vr": "IS", "Value": [int(doc.get("series_count", 0))]}
+        attrs["00201208"] = {"vr": "IS", "Value": [int(doc.get("instance_count", 0))]}
+    else:
+        attrs.update(doc.get("attrs", {}))
+        if level == "series":
+            attrs["00201209"] = {"vr": "IS", "Value": [int(doc.get("instance_count", 0))]}
+    return attrs

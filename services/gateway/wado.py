@@ -1,0 +1,289 @@
+"""WADO-RS (PS3.18 10.4): instances, metadata, frames and pixel bulk data of stored studies.
+
+One authz decision per request (the study, with its sensitivity labels), then crypto opens only
+the byte ranges the answer needs: the header for metadata, a frame's fragments for frames.
+Every instance released is audited before its first byte leaves; a researcher's identified read
+is refused and the de-identified read (Annex E basic profile) is offered in its place.
+Instances are served in their stored transfer syntax: no transcoding (406 if another is demanded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+import pydicom
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from services.gateway.access import Verdict
+from services.gateway.dicomweb_common import (
+    DICOM_JSON,
+    NO_TOKEN,
+    Action,
+    Backends,
+    HttpError,
+    Outcome,
+    authorise,
+    base_url,
+    bearer_token,
+    log,
+    open_range,
+    read_range,
+    record,
+    refusal,
+)
+from services.gateway.multipart import MediaType, between, closing, new_boundary, opening, part_header
+from services.gateway.study_index import Located
+
+READ = "instance.read"
+READ_DEIDENTIFIED = "instance.read_deidentified"
+# Media types of compressed frames (PS3.18 table 8.7.3-2); native frames are application/octet-stream.
+FRAME_MEDIA = {
+    "1.2.840.10008.1.2.5": "image/dicom-rle",
+    "1.2.840.10008.1.2.4.50": "image/jpeg",
+    "1.2.840.10008.1.2.4.51": "image/jpeg",
+    "1.2.840.10008.1.2.4.57": "image/jpeg",
+    "1.2.840.10008.1.2.4.70": "image/jpeg",
+    "1.2.840.10008.1.2.4.80": "image/jls",
+    "1.2.840.10008.1.2.4.81": "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2",
+    "1.2.840.10008.1.2.4.91": "image/jp2",
+    "1.2.840.10008.1.2.4.201": "image/jphc",
+    "1.2.840.10008.1.2.4.202": "image/jphc",
+    "1.2.840.10008.1.2.4.203": "image/jphc",
+}
+NATIVE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"})
+# Binary values above this go out as BulkDataURI instead of inline (only pixel data is served so).
+INLINE_LIMIT = 1 << 30
+
+
+@dataclass(frozen=True)
+class Release:
+    """What the caller may have: the decision and the instances it covers."""
+
+    verdict: Verdict
+    instances: list[Located]
+
+    @property
+    def deidentified(self) -> bool:
+        return self.verdict.deidentify
+
+
+async def instances(request: Request, backends: Backends, study: str, series: str = "", sop: str = "") -> Response:
+    release = await _release(request, backends, "instance", study, series, sop)
+    wanted = _accepted(request, ("application/dicom",))
+    for located in release.instances:
+        requested = wanted.get("transfer-syntax", "*")
+        if requested not in ("*", located.transfer_syntax_uid):
+            raise HttpError(406, "instances are served only in their stored transfer syntax")
+    # Audited before the status line goes out: a release that cannot be recorded does not happen.
+    for located in release.instances:
+        await _audit_release(backends, release, located, "instance")
+    boundary = new_boundary()
+    subject = release.verdict.subject
+
+    async def body() -> AsyncIterator[bytes]:
+        for n, located in enumerate(release.instances):
+            yield opening(boundary) if n == 0 else between(boundary)
+            yield part_header(f"application/dicom; transfer-syntax={located.transfer_syntax_uid}")
+            if release.deidentified:
+                data = await read_range(backends, located.object_id, subject)
+                yield backends.deidentifier.instance(data)
+                continue
+            try:
+                async for piece in open_range(backends, located.object_id, subject):
+                    yield piece
+            except grpc.aio.AioRpcError as exc:
+                await _audit_failure(backends, release, located, exc)
+                raise
+        yield closing(boundary)
+
+    return StreamingResponse(body(), media_type=f'multipart/related; type="application/dicom"; boundary={boundary}')
+
+
+async def metadata(request: Request, backends: Backends, study: str, series: str = "", sop: str = "") -> Response:
+    release = await _release(request, backends, "metadata", study, series, sop)
+    base = base_url(request, backends)
+    out = []
+    for located in release.instances:
+        await _audit_release(backends, release, located, "metadata")
+        length = located.layout.header_length
+        header = await read_range(backends, located.object_id, release.verdict.subject, 0, length)
+        ds = pydicom.dcmread(io.BytesIO(header), stop_before_pixels=True)
+        if release.deidentified:
+            backends.deidentifier.dataset(ds)
+        attrs = ds.to_json_dict(bulk_data_threshold=INLINE_LIMIT, bulk_data_element_handler=lambda _e: "")
+        if located.layout.pixel_data and not release.deidentified:
+            attrs["7FE00010"] = {
+                "vr": "OB" if located.layout.encapsulated else "OW",
+                "BulkDataURI": f"{base}/studies/{study}/series/{located.series_uid}/instances/{located.sop_uid}"
+                "/bulkdata/7fe00010",
+            }
+        out.append(attrs)
+    return JSONResponse(out, media_type=DICOM_JSON)
+
+
+async def frames(request: Request, backends: Backends, study: str, series: str, sop: str, frame_list: str) -> Response:
+    try:
+        numbers = [int(n) for n in frame_list.split(",")]
+    except ValueError:
+        raise HttpError(400, "frame numbers must be integers") from None
+    if not numbers or min(numbers) < 1:
+        raise HttpError(400, "frame numbers start at 1")
+    release = await _release(request, backends, "frames", study, series, sop)
+    if release.deidentified:
+        raise HttpError(403, "frames are not released under de-identification")
+    located = release.instances[0]
+    layout = located.layout
+    if not layout.frames:
+        raise HttpError(406, "this instance's frames cannot be served separately")
+    if max(numbers) > len(layout.frames):
+        raise HttpError(404, "no such frame")
+    ts = located.transfer_syntax_uid
+    media = "application/octet-stream" if ts in NATIVE else FRAME_MEDIA.get(ts, "application/octet-stream")
+    _accepted(request, (media, "application/octet-stream") if ts not in NATIVE else (media,), ts)
+    boundary = new_boundary()
+    await _audit_release(backends, release, located, f"frames:{frame_list}")
+
+    async def body() -> AsyncIterator[bytes]:
+        for n, number in enumerate(numbers):
+            yield opening(boundary) if n == 0 else between(boundary)
+            yield part_header(f"{media}; transfer-syntax={ts}")
+            for offset, length in layout.frames[number - 1]:
+                async for piece in open_range(backends, located.object_id, release.verdict.subject, offset, length):
+                    yield piece
+        yield closing(boundary)
+
+    return StreamingResponse(body(), media_type=f'multipart/related; type="{media}"; boundary={boundary}')
+
+
+async def pixel_bulkdata(request: Request, backends: Backends, study: str, series: str, sop: str) -> Response:
+    release = await _release(request, backends, "bulkdata", study, series, sop)
+    if release.deidentified:
+        raise HttpError(403, "bulk data is not released under de-identification")
+    located = release.instances[0]
+    if located.layout.pixel_data is None:
+        raise HttpError(404, "instance has no pixel data served as bulk data")
+    offset, length = located.layout.pixel_data
+    boundary = new_boundary()
+    await _audit_release(backends, release, located, "bulkdata")
+
+    async def body() -> AsyncIterator[bytes]:
+        yield opening(boundary)
+        yield part_header(f"application/octet-stream; transfer-syntax={located.transfer_syntax_uid}")
+        async for piece in open_range(backends, located.object_id, release.verdict.subject, offset, length):
+            yield piece
+        yield closing(boundary)
+
+    return StreamingResponse(
+        body(), media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}'
+    )
+
+
+async def _release(request: Request, backends: Backends, part: str, study: str, series: str, sop: str) -> Release:
+    token = bearer_token(request)
+    details = {"route": "wado-rs", "part": part}
+    if not token:
+        await record(
+            backends,
+            Action.AUDIT_ACTION_INSTANCE_RETRIEVED,
+            Outcome.AUDIT_OUTCOME_DENIED,
+            "",
+            study_uid=study,
+            sop_uid=sop,
+            reason="no access token",
+            details=details,
+        )
+        raise NO_TOKEN
+    located = await backends.index.locate(study, series, sop)
+    labels = located[0].labels if located else ()
+    verdict = await authorise(backends, token, READ, "study", study, labels)
+    if not verdict.allow and verdict.reason_code not in ("unauthenticated", "mfa_required"):
+        # Researchers hold only the de-identified read: offer it in place of the identified one.
+        fallback = await authorise(backends, token, READ_DEIDENTIFIED, "study", study, labels)
+        if fallback.allow:
+            verdict = fallback
+    if verdict.allow and verdict.unhonourable:
+        await record(
+            backends,
+            Action.AUDIT_ACTION_INSTANCE_RETRIEVED,
+            Outcome.AUDIT_OUTCOME_DENIED,
+            verdict.subject,
+            verdict=verdict,
+            study_uid=study,
+            sop_uid=sop,
+            reason="unsupported obligation",
+            details=details,
+        )
+        raise HttpError(403, "not permitted")
+    if not verdict.allow:
+        await record(
+            backends,
+            Action.AUDIT_ACTION_INSTANCE_RETRIEVED,
+            Outcome.AUDIT_OUTCOME_DENIED,
+            verdict.subject,
+            verdict=verdict,
+            study_uid=study,
+            sop_uid=sop,
+            patient_ref=located[0].patient_ref if located else "",
+            reason=verdict.reason_code or "denied",
+            details=details,
+        )
+        raise refusal(verdict)
+    if not located:
+        raise HttpError(404, "no such study, series or instance")
+    return Release(verdict, located)
+
+
+def _accepted(request: Request, types: Sequence[str], ts: str = "") -> dict[str, str]:
+    """The first acceptable multipart/related entry of Accept, or 406."""
+    accept = request.headers.get("accept", "").strip()
+    if not accept:
+        return {}
+    for entry in accept.split(","):
+        media = MediaType.parse(entry)
+        if media.type in ("*/*", "multipart/*"):
+            return {}
+        if media.type != "multipart/related":
+            continue
+        inner = media.params.get("type", types[0])
+        syntax = media.params.get("transfer-syntax", "*")
+        if (inner in types or inner in ("*/*", "*")) and (not ts or syntax in ("*", ts)):
+            return dict(media.params)
+    raise HttpError(406, f'acceptable: multipart/related; type="{types[0]}"')
+
+
+async def _audit_release(backends: Backends, release: Release, located: Located, part: str) -> None:
+    await record(
+        backends,
+        Action.AUDIT_ACTION_INSTANCE_RETRIEVED,
+        Outcome.AUDIT_OUTCOME_SUCCESS,
+        release.verdict.subject,
+        verdict=release.verdict,
+        study_uid=located.study_uid,
+        sop_uid=located.sop_uid,
+        object_id=located.object_id,
+        patient_ref=located.patient_ref,
+        details={"route": "wado-rs", "part": part, "deidentified": str(release.deidentified).lower()},
+    )
+
+
+async def _audit_failure(backends: Backends, release: Release, located: Located, exc: grpc.aio.AioRpcError) -> None:
+    log.error("instance stream failed", extra={"object_id": located.object_id, "code": exc.code().name})
+    # Already streaming: the status line is gone, so a failed audit write is only logged.
+    with contextlib.suppress(HttpError):
+        await record(
+            backends,
+            Action.AUDIT_ACTION_INSTANCE_RETRIEVED,
+            Outcome.AUDIT_OUTCOME_FAILURE,
+            release.verdict.subject,
+            verdict=release.verdict,
+            study_uid=located.study_uid,
+            sop_uid=located.sop_uid,
+            object_id=located.object_id,
+            reason=f"open failed ({exc.code().name})",
+        )

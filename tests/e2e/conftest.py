@@ -1,0 +1,60 @@
+"""Shared end-to-end fixtures: every service as its own process against the real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
+from tests.servers import Servers
+from tools.oidc_issuer import LocalIssuer
+from tools.stack import HTTPS_PORT_OFFSET, METRICS_PORT_OFFSET, SERVICES, Stack, StackSettings
+
+
+def _free_base_port() -> int:
+    for _ in range(50):
+        base = random.randint(20000, 40000)
+        try:
+            ports = [base + i + offset for i in range(len(SERVICES)) for offset in (0, METRICS_PORT_OFFSET)]
+            for port in [*ports, base + HTTPS_PORT_OFFSET]:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free port range")
+
+
+@pytest.fixture(scope="module")
+def stack(servers: Servers, idp: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    work: Path = tmp_path_factory.mktemp("stack")
+    unique = uuid.uuid4().hex[:8]
+    topics = Topics(prefix=f"e2e{unique}.")
+    asyncio.run(ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=3)))
+    settings = StackSettings(
+        kafka_bootstrap=servers.kafka_bootstrap,
+        vault_addr=servers.vault_addr,
+        mongodb_uri=servers.mongodb_uri,
+        vault_admin_token=servers.vault_token,
+        work_dir=work,
+        topic_prefix=topics.prefix,
+        base_port=_free_base_port(),
+        audit_db=f"e2e_audit_{unique}",
+        authz_db=f"e2e_authz_{unique}",
+        index_db=f"e2e_index_{unique}",
+        oidc_issuer=idp.url,
+        oidc_jwks_url=idp.jwks_url,
+    )
+    running = Stack(settings)
+    try:
+        running.start()
+        yield running
+    finally:
+        codes = running.stop()
+        assert all(code == 0 for code in codes.values()), f"unclean service exit: {codes}"

@@ -1,0 +1,361 @@
+"""DICOMweb through the gateway, driven by a real DICOMweb client (dicomweb-client), over TLS 1.3.
+
+A multi-study STOW-RS upload, QIDO-RS searches, WADO-RS instances, metadata and frames compared
+byte for byte with the originals; refusals without a token, with an expired token or grant,
+and without MFA on a sensitive study; the researcher's de-identified release; every call in the
+audit stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import io
+import socket
+import ssl
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pydicom
+import pytest
+import requests
+from aiokafka import AIOKafkaConsumer
+from dicomweb_client.api import DICOMwebClient
+from google.protobuf.timestamp_pb2 import Timestamp
+from pydicom.dataset import FileDataset
+from pydicom.encaps import generate_fragments
+from pydicom.uid import generate_uid
+
+from dicomsafe.common.grpc_runtime import new_channel
+from dicomsafe.common.kafka import Topics
+from dicomsafe.v1 import audit_pb2, authz_pb2, authz_pb2_grpc
+from tools import dicom_samples
+from tools.oidc_issuer import LocalIssuer
+from tools.stack import Stack
+
+MFA = ("pwd", "otp")
+
+
+@dataclass(frozen=True)
+class Upload:
+    ct_study: str
+    us_study: str
+    vip_study: str
+    originals: dict[str, bytes]  # SOP Instance UID → Part 10 bytes
+    datasets: dict[str, FileDataset]
+
+
+def _client(stack: Stack, token: str | None) -> DICOMwebClient:
+    session = requests.Session()
+    # Otherwise REQUESTS_CA_BUNDLE from the environment overrides the pinned CA (requests #3829).
+    session.trust_env = False
+    session.verify = str(stack.settings.ca_file)
+    if token:
+        session.headers["Authorization"] = f"Bearer {token}"
+    return DICOMwebClient(stack.settings.dicomweb_url, session=session)
+
+
+def _status(exc_info: pytest.ExceptionInfo[requests.HTTPError]) -> int:
+    response = exc_info.value.response
+    assert response is not None
+    return response.status_code
+
+
+def _samples() -> tuple[Upload, list[FileDataset]]:
+    patient = dicom_samples.synthetic_patient("dicomweb")
+    ct_study, us_study, vip_study = generate_uid(), generate_uid(), generate_uid()
+    ct = [dicom_samples.ct_image(study_uid=ct_study, seed=i, patient=patient, rows=64, columns=64) for i in range(2)]
+    ct.append(dicom_samples.jpeg2000_lossless_ct(study_uid=ct_study, seed=7, patient=patient))
+    us = dicom_samples.us_multiframe(study_uid=us_study, seed=3, patient=patient, frames=6, rows=48, columns=64)
+    rle = dicom_samples.compress_lossless(
+        dicom_samples.grayscale_multiframe(study_uid=us_study, seed=4, patient=patient, frames=3, rows=32, columns=32),
+        pydicom.uid.RLELossless,
+    )
+    vip = dicom_samples.mr_image(study_uid=vip_study, seed=5, rows=64, columns=64)
+    vip.ConfidentialityConstraintOnPatientDataDescription = "VIP - board member"
+    datasets = [*ct, us, rle, vip]
+    originals = {str(ds.SOPInstanceUID): dicom_samples.to_bytes(ds) for ds in datasets}
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
+    return Upload(ct_study, us_study, vip_study, originals, by_uid), datasets
+
+
+@pytest.fixture(scope="module")
+def upload(stack: Stack, idp: LocalIssuer) -> Iterator[Upload]:
+    result, datasets = _samples()
+    # Re-read from bytes so what the client sends is exactly the Part 10 file we keep.
+    parsed = [pydicom.dcmread(io.BytesIO(result.originals[str(ds.SOPInstanceUID)])) for ds in datasets]
+    # The VIP study needs MFA to store as much as to read.
+    response = _client(stack, idp.token("tech.jane", amr=MFA)).store_instances(parsed)
+    stored = response.get("ReferencedSOPSequence", [])
+    assert sorted(str(item.ReferencedSOPInstanceUID) for item in stored) == sorted(result.originals)
+    assert "FailedSOPSequence" not in response
+    yield result
+
+
+def test_stow_reports_each_instance_and_refuses_bad_parts(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
+    # Storing the same instances again is idempotent and still reported as stored.
+    again = pydicom.dcmread(io.BytesIO(upload.originals[next(iter(upload.originals))]))
+    assert len(_client(stack, idp.token("tech.jane")).store_instances([again]).ReferencedSOPSequence) == 1
+
+    # One good and one broken part: 202 with the broken one listed as failed, the good one stored.
+    boundary = "b" + uuid.uuid4().hex
+    good = dicom_samples.to_bytes(dicom_samples.ct_image(seed=11, rows=32, columns=32))
+    body = (
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + good
+        + f"\r\n--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + b"not a dicom file"
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    reply = requests.post(
+        f"{stack.settings.dicomweb_url}/studies",
+        data=body,
+        headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Authorization": f"Bearer {idp.token('tech.jane')}",
+            "Accept": "application/dicom+json",
+        },
+        verify=str(stack.settings.ca_file),
+        timeout=60,
+    )
+    assert reply.status_code == 202
+    answer = reply.json()
+    assert len(answer["00081199"]["Value"]) == 1
+    assert answer["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
+
+    # Without MFA the VIP instance is refused (0x0124 not authorised) and nothing else is affected.
+    vip_uid = next(u for u, d in upload.datasets.items() if str(d.StudyInstanceUID) == upload.vip_study)
+    vip = pydicom.dcmread(io.BytesIO(upload.originals[vip_uid]))
+    with pytest.raises(requests.HTTPError) as no_mfa:
+        _client(stack, idp.token("tech.jane")).store_instances([vip])
+    assert _status(no_mfa) == 409
+    assert no_mfa.value.response is not None
+    assert no_mfa.value.response.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0x0124]
+
+    # A radiologist may read but not store; no token at all is 401; a wrong media type is 415.
+    with pytest.raises(requests.HTTPError) as refused:
+        _client(stack, idp.token("dr.house")).store_instances([again])
+    assert _status(refused) == 409
+    with pytest.raises(requests.HTTPError) as anonymous:
+        _client(stack, None).store_instances([again])
+    assert _status(anonymous) == 401
+    wrong = requests.post(
+        f"{stack.settings.dicomweb_url}/studies",
+        data=b"{}",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {idp.token('tech.jane')}"},
+        verify=str(stack.settings.ca_file),
+        timeout=30,
+    )
+    assert wrong.status_code == 415
+
+
+def test_qido_matches_pages_and_hides_sensitive_studies(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
+    house = _client(stack, idp.token("dr.house"))
+    patient_id = str(upload.datasets[next(iter(upload.originals))].PatientID)
+    studies = house.search_for_studies(search_filters={"PatientID": patient_id})
+    found = {s["0020000D"]["Value"][0]: s for s in studies}
+    assert set(found) == {upload.ct_study, upload.us_study}
+    assert found[upload.ct_study]["00201208"]["Value"] == [3]
+    us_modalities = sorted({str(d.Modality) for d in upload.datasets.values() if d.StudyInstanceUID == upload.us_study})
+    assert found[upload.us_study]["00080061"]["Value"] == us_modalities
+
+    assert [s["0020000D"]["Value"][0] for s in house.search_for_studies(search_filters={"ModalitiesInStudy": "US"})]
+    page = house.search_for_studies(search_filters={"PatientID": patient_id}, limit=1, offset=1)
+    assert len(page) == 1 and page[0]["0020000D"]["Value"][0] in found
+    name = str(upload.datasets[next(iter(upload.originals))].PatientName)
+    wildcard = house.search_for_studies(search_filters={"PatientName": name[:3].lower() + "*"})
+    assert upload.ct_study in {s["0020000D"]["Value"][0] for s in wildcard}
+
+    series = house.search_for_series(upload.us_study)
+    assert sorted({s["00080060"]["Value"][0] for s in series}) == us_modalities
+    instances = house.search_for_instances(upload.ct_study)
+    assert len(instances) == 3 and all("00081190" in i for i in instances)
+
+    # The VIP study is withheld without MFA and listed with it.
+    vip_filter = {"StudyInstanceUID": upload.vip_study}
+    assert house.search_for_studies(search_filters=vip_filter) == []
+    with_mfa = _client(stack, idp.token("dr.house", amr=MFA)).search_for_studies(search_filters=vip_filter)
+    assert [s["0020000D"]["Value"][0] for s in with_mfa] == [upload.vip_study]
+
+    # A researcher finds studies without the identifying attributes.
+    research = _client(stack, idp.token("res.rao")).search_for_studies(search_filters={"PatientID": patient_id})
+    assert research and all("00100010" not in s and "00100020" not in s for s in research)
+
+
+def test_wado_returns_exact_instances_metadata_and_frames(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
+    client = _client(stack, idp.token("dr.house"))
+    for sop_uid, original in upload.originals.items():
+        ds = upload.datasets[sop_uid]
+        if str(ds.StudyInstanceUID) == upload.vip_study:
+            continue
+        retrieved = client.retrieve_instance(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), sop_uid)
+        assert retrieved == pydicom.dcmread(io.BytesIO(original))
+        assert retrieved.PixelData == pydicom.dcmread(io.BytesIO(original)).PixelData
+
+    # Byte-exact at the HTTP level: the multipart part is the stored Part 10 file itself.
+    ct_uid = next(u for u, d in upload.datasets.items() if str(d.StudyInstanceUID) == upload.ct_study)
+    ct = upload.datasets[ct_uid]
+    response = requests.get(
+        f"{stack.settings.dicomweb_url}/studies/{ct.StudyInstanceUID}/series/{ct.SeriesInstanceUID}/instances/{ct_uid}",
+        headers={
+            "Accept": 'multipart/related; type="application/dicom"',
+            "Authorization": f"Bearer {idp.token('dr.house')}",
+        },
+        verify=str(stack.settings.ca_file),
+        timeout=30,
+    )
+    response.raise_for_status()
+    # The client's own multipart decoder, on the raw parts before pydicom parses them.
+    raw = list(client._decode_multipart_message(response, stream=False))
+    assert raw == [upload.originals[ct_uid]]
+
+    study = client.retrieve_study(upload.us_study)
+    assert sorted(str(d.SOPInstanceUID) for d in study) == sorted(
+        u for u, d in upload.datasets.items() if str(d.StudyInstanceUID) == upload.us_study
+    )
+
+    metadata = client.retrieve_instance_metadata(str(ct.StudyInstanceUID), str(ct.SeriesInstanceUID), ct_uid)
+    assert metadata["00100010"]["Value"][0]["Alphabetic"] == str(ct.PatientName)
+    assert metadata["7FE00010"]["BulkDataURI"].endswith("/bulkdata/7fe00010")
+
+    us = next(d for d in upload.datasets.values() if d.Modality == "US")
+    frame_size = int(us.Rows) * int(us.Columns) * 3
+    frames = client.retrieve_instance_frames(
+        str(us.StudyInstanceUID), str(us.SeriesInstanceUID), str(us.SOPInstanceUID), [2, 5]
+    )
+    assert frames == [us.PixelData[frame_size : 2 * frame_size], us.PixelData[4 * frame_size : 5 * frame_size]]
+
+    rle = next(d for d in upload.datasets.values() if str(d.file_meta.TransferSyntaxUID) == pydicom.uid.RLELossless)
+    # The first item is the basic offset table; one fragment per frame follows.
+    fragments = list(generate_fragments(rle.PixelData))[1:]
+    rle_frames = client.retrieve_instance_frames(
+        str(rle.StudyInstanceUID),
+        str(rle.SeriesInstanceUID),
+        str(rle.SOPInstanceUID),
+        [3],
+        media_types=(("image/dicom-rle", "1.2.840.10008.1.2.5"),),
+    )
+    assert rle_frames == [fragments[2]]
+
+
+def test_wado_refusals(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
+    ct_uid = next(u for u, d in upload.datasets.items() if str(d.StudyInstanceUID) == upload.ct_study)
+    ct = upload.datasets[ct_uid]
+    path = (str(ct.StudyInstanceUID), str(ct.SeriesInstanceUID), ct_uid)
+
+    with pytest.raises(requests.HTTPError) as anonymous:
+        _client(stack, None).retrieve_instance(*path)
+    assert _status(anonymous) == 401
+    with pytest.raises(requests.HTTPError) as expired:
+        _client(stack, idp.token("dr.house", lifetime_s=-120)).retrieve_instance(*path)
+    assert _status(expired) == 401
+    with pytest.raises(requests.HTTPError) as not_allowed:
+        _client(stack, idp.token("tech.jane")).retrieve_instance(*path)
+    assert _status(not_allowed) == 403
+
+    vip = next(d for d in upload.datasets.values() if str(d.StudyInstanceUID) == upload.vip_study)
+    vip_path = (str(vip.StudyInstanceUID), str(vip.SeriesInstanceUID), str(vip.SOPInstanceUID))
+    with pytest.raises(requests.HTTPError) as no_mfa:
+        _client(stack, idp.token("dr.house")).retrieve_instance(*vip_path)
+    assert _status(no_mfa) == 401
+    assert "insufficient_user_authentication" in no_mfa.value.response.headers["WWW-Authenticate"]
+    assert _client(stack, idp.token("dr.house", amr=MFA)).retrieve_instance(*vip_path).SOPInstanceUID == vip_path[2]
+
+    # The researcher gets the de-identified instance (Annex E), same pixels, new UIDs.
+    released = _client(stack, idp.token("res.rao")).retrieve_instance(*path)
+    assert str(released.PatientName) != str(ct.PatientName) and str(released.PatientID) != str(ct.PatientID)
+    assert released.SOPInstanceUID != ct.SOPInstanceUID and released.PatientIdentityRemoved == "YES"
+    assert released.PixelData == ct.PixelData
+    with pytest.raises(requests.HTTPError) as frames:
+        _client(stack, idp.token("res.rao")).retrieve_instance_frames(*path, [1])
+    assert _status(frames) == 403
+
+
+def test_time_limited_grant_expires(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
+    """A locum radiologist with a grant on one study: in before expiry, out after, both audited."""
+    locum = f"dr.locum-{uuid.uuid4().hex[:6]}"
+    not_after = Timestamp()
+    not_after.FromDatetime(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=6))
+    grant = authz_pb2.Grant(
+        subject=locum,
+        role="radiologist",
+        study_instance_uid=upload.ct_study,
+        not_after=not_after,
+        reason="locum cover, reporting one study",
+    )
+
+    async def create() -> None:
+        # Grant management by operator tooling (authz admits "ops" and the gateway to CreateGrant).
+        async with new_channel(stack.settings.target("authz"), stack.settings.client_tls("ops")) as channel:
+            await authz_pb2_grpc.AuthzServiceStub(channel).CreateGrant(
+                authz_pb2.CreateGrantRequest(caller=authz_pb2.Subject(access_token=idp.token("reg.omar")), grant=grant),
+                timeout=10,
+            )
+
+    asyncio.run(create())
+    ct_uid = next(u for u, d in upload.datasets.items() if str(d.StudyInstanceUID) == upload.ct_study)
+    ct = upload.datasets[ct_uid]
+    path = (str(ct.StudyInstanceUID), str(ct.SeriesInstanceUID), ct_uid)
+    assert _client(stack, idp.token(locum)).retrieve_instance(*path).SOPInstanceUID == ct_uid
+    with pytest.raises(requests.HTTPError) as other_study:
+        _client(stack, idp.token(locum)).retrieve_study(upload.us_study)
+    assert _status(other_study) == 403
+    time.sleep(7)
+    with pytest.raises(requests.HTTPError) as after:
+        _client(stack, idp.token(locum)).retrieve_instance(*path)
+    assert _status(after) == 403
+
+
+def test_tls_is_13_only(stack: Stack) -> None:
+    host, port = "127.0.0.1", stack.settings.https_port
+    old = ssl.create_default_context(cafile=str(stack.settings.ca_file))
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    with socket.create_connection((host, port), timeout=10) as raw, pytest.raises(ssl.SSLError):
+        old.wrap_socket(raw, server_hostname=host)
+    modern = ssl.create_default_context(cafile=str(stack.settings.ca_file))
+    with (
+        socket.create_connection((host, port), timeout=10) as raw,
+        modern.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        assert tls.version() == "TLSv1.3"
+
+
+def test_every_dicomweb_call_is_audited(stack: Stack, upload: Upload) -> None:
+    """Runs last in this module: the calls above, allowed and refused, are all in audit.events."""
+    events = asyncio.run(_gateway_events(stack))
+    retrieved = [e for e in events if e.action == audit_pb2.AuditAction.AUDIT_ACTION_INSTANCE_RETRIEVED]
+    queried = [e for e in events if e.action == audit_pb2.AuditAction.AUDIT_ACTION_STUDY_QUERIED]
+    denied = [e for e in retrieved if e.outcome == audit_pb2.AuditOutcome.AUDIT_OUTCOME_DENIED]
+    reasons = {e.reason for e in denied}
+    assert "no access token" in reasons and "unauthenticated" in reasons and "mfa_required" in reasons
+    assert any(e.actor.startswith("dr.locum-") for e in denied)
+    released = [e for e in retrieved if e.outcome == audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS]
+    assert {e.sop_instance_uid for e in released} >= {u for u, d in upload.datasets.items() if d.Modality != "MR"}
+    assert any(e.details.get("deidentified") == "true" and e.actor == "res.rao" for e in released)
+    assert any(e.outcome == audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS and e.actor == "res.rao" for e in queried)
+    stored = [e for e in events if e.action == audit_pb2.AuditAction.AUDIT_ACTION_INSTANCE_STORED]
+    assert {e.sop_instance_uid for e in stored} >= set(upload.originals)
+    assert all(e.actor == "tech.jane" for e in stored if e.sop_instance_uid in upload.originals)
+
+
+async def _gateway_events(stack: Stack) -> list[audit_pb2.AuditEvent]:
+    """Everything on the audit topic so far: read until it has been quiet for a few seconds."""
+    topic = Topics(stack.settings.topic_prefix).audit
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=stack.settings.kafka_bootstrap, auto_offset_reset="earliest", group_id=None
+    )
+    await consumer.start()
+    events: list[audit_pb2.AuditEvent] = []
+    try:
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 5:
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                events.extend(audit_pb2.AuditEvent.FromString(r.value or b"") for r in records)
+            if batch:
+                quiet_since = time.monotonic()
+    finally:
+        await consumer.stop()
+    return [e for e in events if e.service in ("gateway", "ingest")]
