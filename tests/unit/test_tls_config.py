@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ from services.audit.config import DEFAULT_ALLOWLIST as AUDIT_ALLOW
 from services.authz.config import DEFAULT_ALLOWLIST as AUTHZ_ALLOW
 from services.crypto.config import DEFAULT_ALLOWLIST as CRYPTO_ALLOW
 from services.gateway.config import DEFAULT_ALLOWLIST as GATEWAY_ALLOW
+from services.ingest.config import DEFAULT_ALLOWLIST as INGEST_ALLOW
 from tools.pki import Pki, make_pki
 
 TLS_VARS = ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CA_FILE", "DICOMSAFE_INSECURE_DEV")
@@ -71,6 +74,26 @@ def test_grpc_is_pinned_to_tls13_before_grpc_was_imported() -> None:
     tls13_pin.require_pinned()  # tests/__init__ imports dicomsafe first
 
 
+def test_grpc_imported_before_the_pin_is_refused(pki: Pki) -> None:
+    """The pin only works before grpc's first import; a process that got the order wrong must
+    not serve TLS 1.2 silently but refuse to build credentials."""
+    code = (
+        "import grpc, dicomsafe, sys; from pathlib import Path; from dicomsafe.common.tls import TlsConfig\n"
+        "TlsConfig(*map(Path, sys.argv[1:4])).server_credentials()"
+    )
+    t = pki.tls("server")
+    env = {k: v for k, v in os.environ.items() if k != tls13_pin.CIPHER_SUITES_VAR}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(t.cert_file), str(t.key_file), str(t.ca_file)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "grpc was imported before GRPC_SSL_CIPHER_SUITES was pinned" in done.stderr
+
+
 def test_allowlist_syntax_and_deny_by_default() -> None:
     allow = PeerAllowlist.parse(" Seal=ingest ; Open, Describe = gateway,ops ;")
     assert allow.allows("Seal", "ingest") and allow.allows("Describe", "ops")
@@ -95,6 +118,7 @@ def test_default_allowlists_are_least_privilege() -> None:
     assert AUTHZ_ALLOW.rules["BreakGlass"] == {"gateway"}
     assert AUDIT_ALLOW.rules == {"Verify": {"gateway", "ops"}, "Query": {"gateway", "ops"}}
     assert GATEWAY_ALLOW.rules == {"Retrieve": {"viewer"}}
+    assert INGEST_ALLOW.rules == {"Store": {"gateway"}}
 
 
 def test_peer_identity_needs_exactly_one_dicomsafe_spiffe_id() -> None:
