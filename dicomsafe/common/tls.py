@@ -11,6 +11,7 @@ unless ``DICOMSAFE_INSECURE_DEV=1`` says so explicitly.
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ import grpc
 
 from dicomsafe.common.config import ConfigError, env_opt
 from dicomsafe.common.tls13_pin import require_pinned
+
+log = logging.getLogger("dicomsafe.tls")
 
 TRUST_DOMAIN = "dicomsafe"
 IDENTITY_PREFIX = f"spiffe://{TRUST_DOMAIN}/"
@@ -35,9 +38,9 @@ def identity_uri(name: str) -> str:
 class TlsConfig:
     """Paths of this workload's certificate chain, private key and the CA bundle it trusts.
 
-    Paths rather than contents: stdlib ``ssl`` loads key pairs only from files, and the files
-    are re-read whenever credentials are built, so a renewed certificate is picked up by the
-    next process start without a configuration change.
+    Paths rather than contents: stdlib ``ssl`` loads key pairs only from files, and a gRPC
+    server re-reads them when they change (a renewed certificate needs no restart; clients and
+    ``ssl`` contexts pick one up when they are next built).
     """
 
     cert_file: Path
@@ -51,12 +54,51 @@ class TlsConfig:
             # The path is not secret; the contents are never echoed.
             raise ConfigError(f"cannot read TLS {what} ({path}): {exc.strerror}") from exc
 
-    def server_credentials(self) -> grpc.ServerCredentials:
-        """Mutual TLS: a client certificate signed by our CA is required on every connection."""
-        require_pinned()
+    def _server_configuration(self) -> grpc.ServerCertificateConfiguration:
         pair = (self._read(self.key_file, "key"), self._read(self.cert_file, "certificate"))
-        return grpc.ssl_server_credentials(
-            [pair], root_certificates=self._read(self.ca_file, "CA bundle"), require_client_auth=True
+        return grpc.ssl_server_certificate_configuration(
+            [pair], root_certificates=self._read(self.ca_file, "CA bundle")
+        )
+
+    def _stamp(self) -> tuple[tuple[int, int], ...]:
+        stamps = []
+        for path in (self.cert_file, self.key_file, self.ca_file):
+            try:
+                st = path.stat()
+            except OSError:
+                return ()
+            stamps.append((st.st_mtime_ns, st.st_size))
+        return tuple(stamps)
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Mutual TLS: a client certificate signed by our CA is required on every connection.
+
+        The files are looked at again before each new connection's handshake, so a renewed
+        certificate (cert-manager rewrites the Secret's files) is served without a restart;
+        a half-written or unreadable set keeps the previous one.
+        """
+        require_pinned()
+        seen = self._stamp()
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            nonlocal seen
+            current = self._stamp()
+            if not current or current == seen:
+                return None
+            try:
+                configuration = self._server_configuration()
+            except ConfigError:
+                log.warning("TLS files changed but cannot be read; serving the previous certificate")
+                return None
+            seen = current
+            log.info("TLS certificate reloaded")
+            return configuration
+
+        # The stubs omit it, but grpc documents None from the fetcher as "keep the current one".
+        return grpc.dynamic_ssl_server_credentials(
+            self._server_configuration(),
+            fetch,  # type: ignore[arg-type]
+            require_client_authentication=True,
         )
 
     def channel_credentials(self) -> grpc.ChannelCredentials:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
@@ -187,3 +188,34 @@ async def test_crypto_rpcs_follow_least_privilege(pki: Pki, servers: Servers, tm
         assert [await key_status_as(i) for i in ("gateway", "ingest")] == [denied] * 2
         assert await seal_as("ingest") == grpc.StatusCode.INVALID_ARGUMENT  # allowed: the servicer judged it
         assert [await seal_as(i) for i in ("gateway", "ops")] == [denied] * 2
+
+
+async def test_a_renewed_server_certificate_is_served_without_a_restart(
+    pki: Pki, servers: Servers, unique: str, tmp_path: Path
+) -> None:
+    """cert-manager rewrites the Secret's files before expiry; new connections get the new one."""
+    topics = Topics(f"t{unique}.")
+    await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
+    own = Pki(tmp_path)  # the session CA, but authz's files in a folder of its own
+    for name in ("ca.crt", "ca.key"):
+        (tmp_path / name).write_bytes((pki.directory / name).read_bytes())
+    own.issue("authz")
+    cfg = AuthzConfig(
+        f"127.0.0.1:{free_port()}", POLICY_FILE, servers.kafka_bootstrap, topics.prefix, tls=own.tls("authz")
+    )
+
+    def served_serial() -> int:
+        ctx = pki.tls("gateway").client_ssl_context()
+        ctx.set_alpn_protocols(["h2"])
+        raw = socket.create_connection(("127.0.0.1", int(cfg.grpc_bind.rsplit(":", 1)[1])), timeout=10)
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as conn:  # closes raw too
+            der = conn.getpeercert(binary_form=True)
+        assert der is not None
+        return x509.load_der_x509_certificate(der).serial_number
+
+    async with running(lambda stop: run_authz(cfg, stop), cfg.grpc_bind, pki.tls("gateway")):
+        before = await asyncio.to_thread(served_serial)
+        own.issue("authz")  # renewal: new key and certificate, same names
+        after = await asyncio.to_thread(served_serial)
+        assert after != before
+        assert (await _check(cfg.grpc_bind, pki.tls("gateway"))).decision_id  # and it still serves gRPC
