@@ -16,6 +16,7 @@ import pytest
 from dicomsafe.common import tls13_pin
 from dicomsafe.common.config import ConfigError
 from dicomsafe.common.grpc_runtime import new_channel, new_server
+from dicomsafe.common.kafka import client_security
 from dicomsafe.common.peer_auth import PeerAllowlist
 from dicomsafe.common.tls import TlsConfig, peer_identity, tls_from_env
 from services.audit.config import DEFAULT_ALLOWLIST as AUDIT_ALLOW
@@ -61,6 +62,22 @@ def test_without_tls_a_service_refuses_to_start_unless_explicitly_opted_out(clea
         tls_from_env()
     clean_env.setenv("DICOMSAFE_INSECURE_DEV", "1")
     assert tls_from_env() is None
+
+
+def test_kafka_security_is_plaintext_or_tls13_with_a_certificate(clean_env: pytest.MonkeyPatch, pki: Pki) -> None:
+    assert client_security() == {}
+    clean_env.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    with pytest.raises(ConfigError, match="PLAINTEXT or SSL"):
+        client_security()
+    clean_env.setenv("KAFKA_SECURITY_PROTOCOL", "ssl")
+    clean_env.setenv("DICOMSAFE_INSECURE_DEV", "1")  # no opt-out from certificates for Kafka TLS
+    with pytest.raises(ConfigError, match="needs TLS_CERT_FILE"):
+        client_security()
+    for key, value in pki.env("client").items():
+        clean_env.setenv(key, value)
+    settings = client_security()
+    assert settings["security_protocol"] == "SSL"
+    assert settings["ssl_context"].minimum_version == ssl.TLSVersion.TLSv1_3
 
 
 def test_an_unreadable_key_is_a_configuration_error(tmp_path: Path, pki: Pki) -> None:
