@@ -14,6 +14,7 @@ from aiokafka.errors import KafkaError
 from grpc_health.v1 import health
 from pymongo import AsyncMongoClient
 
+from dicomsafe.common.alert_emitter import AlertEmitter
 from dicomsafe.common.audit_emitter import AuditEmitter
 from dicomsafe.common.grpc_runtime import new_server, run_until_stopped, service_main, set_serving
 from dicomsafe.common.kafka import Topics, new_producer
@@ -21,14 +22,15 @@ from dicomsafe.v1 import authz_pb2_grpc
 from services.authz.config import AuthzConfig
 from services.authz.grants import GrantStore
 from services.authz.policy import load_policy
-from services.authz.service import SERVICE_NAME, AuditUnavailable, AuthzServicer
+from services.authz.service import SERVICE_NAME, AuthzServicer
 from services.authz.tokens import TokenVerifier
+from services.authz.trail import AuditUnavailable, Trail
 
 log = logging.getLogger("dicomsafe.authz")
 
 
 class AuditLink:
-    """The Kafka producer behind the audit trail.
+    """The Kafka producer behind the audit trail and the security alerts.
 
     Without it every call fails closed (``UNAVAILABLE``) and readiness is NOT_SERVING, while
     the link keeps reconnecting with backoff; a Kafka outage at start-up therefore delays
@@ -38,14 +40,14 @@ class AuditLink:
     def __init__(
         self,
         bootstrap: str,
-        topic: str,
-        servicer: AuthzServicer,
+        topics: Topics,
+        trail: Trail,
         attempt_timeout_s: float = 10.0,
         max_backoff_s: float = 30.0,
     ) -> None:
         self._bootstrap = bootstrap
-        self._topic = topic
-        self._servicer = servicer
+        self._topics = topics
+        self._trail = trail
         self._attempt_timeout_s = attempt_timeout_s
         self._max_backoff_s = max_backoff_s
         self._producer: AIOKafkaProducer | None = None
@@ -63,7 +65,9 @@ class AuditLink:
             await producer.stop()
             return False
         self._producer = producer
-        self._servicer.set_audit(AuditEmitter(producer, "authz", self._topic))
+        self._trail.connect(
+            AuditEmitter(producer, "authz", self._topics.audit), AlertEmitter(producer, "authz", self._topics.alerts)
+        )
         return True
 
     async def keep(self, health_servicer: health.aio.HealthServicer, stop: asyncio.Event) -> None:
@@ -82,7 +86,7 @@ class AuditLink:
         await stop.wait()
 
     async def close(self) -> None:
-        self._servicer.set_audit(None)
+        self._trail.connect(None, None)
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
@@ -102,11 +106,14 @@ async def run(cfg: AuthzConfig, stop: asyncio.Event) -> None:
     verifier = None
     if cfg.oidc_issuer:
         jwks_url = cfg.oidc_jwks_url or f"{cfg.oidc_issuer.rstrip('/')}/.well-known/jwks.json"
-        verifier = TokenVerifier(cfg.oidc_issuer, cfg.oidc_audience, jwks_url, cfg.oidc_leeway_s, cfg.oidc_mfa_acr)
+        verifier = TokenVerifier(
+            cfg.oidc_issuer, cfg.oidc_audience, jwks_url, cfg.oidc_leeway_s, cfg.oidc_mfa_acr, cfg.oidc_remember_s
+        )
     else:
         log.warning("no identity provider configured: subjects are trusted as sent (development only)")
-    servicer = AuthzServicer(policy, None, verifier, grants, audit_timeout_s=cfg.audit_timeout_s)
-    link = AuditLink(cfg.kafka_bootstrap, Topics(cfg.topic_prefix).audit, servicer)
+    trail = Trail(cfg.audit_timeout_s)
+    servicer = AuthzServicer(policy, trail, verifier, grants)
+    link = AuditLink(cfg.kafka_bootstrap, Topics(cfg.topic_prefix), trail)
     try:
         # First attempt before serving, so a healthy start never reports SERVING without an audit trail.
         await link.connect_once()
@@ -117,10 +124,13 @@ async def run(cfg: AuthzConfig, stop: asyncio.Event) -> None:
             tls=cfg.tls,
             allow=cfg.grpc_allow,
         )
-        watcher = watch_policy(servicer, cfg.policy_file, cfg.policy_reload_s, stop)
-        await run_until_stopped(
-            server, health_servicer, [SERVICE_NAME], stop, log, background=[watcher, link.keep(health_servicer, stop)]
-        )
+        background = [
+            watch_policy(servicer, cfg.policy_file, cfg.policy_reload_s, stop),
+            link.keep(health_servicer, stop),
+        ]
+        if servicer.announcer is not None:
+            background.append(servicer.announcer.keep(cfg.break_glass_sweep_s, stop))
+        await run_until_stopped(server, health_servicer, [SERVICE_NAME], stop, log, background=background)
     finally:
         await link.close()
         if mongo is not None:

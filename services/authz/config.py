@@ -25,6 +25,8 @@ class AuthzConfig:
     oidc_jwks_url: str = ""
     oidc_leeway_s: int = 30
     oidc_mfa_acr: frozenset[str] = frozenset()
+    # How long a verified token is remembered (never past its expiry); 0 = verify every time.
+    oidc_remember_s: int = 60
     # How often the policy file is checked for changes (a ConfigMap update sends no signal).
     policy_reload_s: int = 10
     # Grants (time-limited access, break-glass) live in MongoDB; without it only the policy
@@ -34,6 +36,10 @@ class AuthzConfig:
     # Longest wait for Kafka to acknowledge a decision's audit event before answering
     # UNAVAILABLE (the caller's own gRPC deadline shortens it further).
     audit_timeout_s: float = 5.0
+    # How often ended break-glass grants are looked for, to announce "Emergency Override
+    # Stopped" (also those that ended while the service was down). Access itself ends on time
+    # regardless: every check compares the grant window with the clock.
+    break_glass_sweep_s: float = 5.0
     # None only under the explicit development opt-out (dicomsafe.common.tls).
     tls: TlsConfig | None = None
     grpc_allow: PeerAllowlist = DEFAULT_ALLOWLIST
@@ -50,10 +56,12 @@ class AuthzConfig:
             oidc_jwks_url=env_opt("AUTHZ_OIDC_JWKS_URL"),
             oidc_leeway_s=env_int("AUTHZ_OIDC_LEEWAY_S", 30),
             oidc_mfa_acr=frozenset(v for v in env_opt("AUTHZ_OIDC_MFA_ACR").split(",") if v),
+            oidc_remember_s=env_int("AUTHZ_OIDC_REMEMBER_S", 60),
             policy_reload_s=env_int("AUTHZ_POLICY_RELOAD_S", 10),
             mongodb_uri=env_secret("AUTHZ_MONGODB_URI") or "",
             mongodb_db=env_str("AUTHZ_MONGODB_DB", "dicomsafe_authz"),
             audit_timeout_s=float(env_int("AUTHZ_AUDIT_TIMEOUT_S", 5)),
+            break_glass_sweep_s=float(env_int("AUTHZ_BREAK_GLASS_SWEEP_S", 5)),
             tls=tls_from_env(),
             grpc_allow=PeerAllowlist.parse(env_str("AUTHZ_GRPC_ALLOW", DEFAULT_GRPC_ALLOW)),
         )

@@ -1,18 +1,26 @@
 """Time-limited grants in MongoDB (authz's own database).
 
 Read on every check and never cached, so an expiry or a revocation takes effect on the very
-next decision, on every replica.
+next decision, on every replica. Window and scope are judged by ``policy.decide``; the store
+only narrows the read to the subject's grants that have not ended.
+
+Break-glass grants also carry the durable markers of their announcements: ``started_announced_at``
+(set once the "Emergency Override Started" audit event and alert were acknowledged; until then
+the grant confers nothing) and ``stop_announced_at`` (set once "Stopped" was, so it is
+announced once, also after a restart).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from pymongo import ASCENDING, AsyncMongoClient
 from pymongo.write_concern import WriteConcern
+
+from services.authz.policy import RoleGrant, Scope
 
 COLLECTION = "grants"
 
@@ -29,10 +37,32 @@ class StoredGrant:
     reason: str
     created_by: str
     revoked_at: dt.datetime | None = None
+    site: str = ""
+    department: str = ""
+    patient_ref: str = ""
+    started_announced_at: dt.datetime | None = None
+    stop_announced_at: dt.datetime | None = None
+
+    @property
+    def scope(self) -> Scope:
+        return Scope(self.site, self.department, self.patient_ref, self.study_instance_uid)
+
+    @property
+    def usable(self) -> bool:
+        # An emergency override nobody has been told about must not open anything.
+        return not self.break_glass or self.started_announced_at is not None
+
+    def as_role_grant(self) -> RoleGrant:
+        return RoleGrant(self.role, self.scope, self.not_before, self.not_after, self.break_glass)
+
+    def ended(self, now: dt.datetime) -> bool:
+        return self.revoked_at is not None or self.not_after <= now
 
 
-def _utc(value: dt.datetime) -> dt.datetime:
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
     # BSON dates come back naive (UTC).
+    if value is None:
+        return None
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
@@ -42,12 +72,17 @@ def _from_doc(doc: dict[str, Any]) -> StoredGrant:
         subject=doc["subject"],
         role=doc["role"],
         study_instance_uid=doc.get("study_instance_uid", ""),
-        not_before=_utc(doc["not_before"]),
-        not_after=_utc(doc["not_after"]),
+        not_before=_utc(doc["not_before"]) or dt.datetime.min.replace(tzinfo=dt.UTC),
+        not_after=_utc(doc["not_after"]) or dt.datetime.min.replace(tzinfo=dt.UTC),
         break_glass=bool(doc.get("break_glass")),
         reason=doc.get("reason", ""),
         created_by=doc.get("created_by", ""),
-        revoked_at=_utc(doc["revoked_at"]) if doc.get("revoked_at") else None,
+        revoked_at=_utc(doc.get("revoked_at")),
+        site=doc.get("site", ""),
+        department=doc.get("department", ""),
+        patient_ref=doc.get("patient_ref", ""),
+        started_announced_at=_utc(doc.get("started_announced_at")),
+        stop_announced_at=_utc(doc.get("stop_announced_at")),
     )
 
 
@@ -58,12 +93,15 @@ class GrantStore:
     async def ensure_indexes(self) -> None:
         await self._grants.create_index("grant_id", unique=True, name="grant_id")
         await self._grants.create_index([("subject", ASCENDING), ("not_after", ASCENDING)], name="subject_expiry")
+        await self._grants.create_index(
+            [("break_glass", ASCENDING), ("stop_announced_at", ASCENDING)], name="break_glass_open"
+        )
 
     async def create(
         self,
         subject: str,
         role: str,
-        study: str,
+        scope: Scope,
         not_before: dt.datetime,
         not_after: dt.datetime,
         reason: str,
@@ -71,9 +109,20 @@ class GrantStore:
         break_glass: bool = False,
     ) -> StoredGrant:
         grant = StoredGrant(
-            str(uuid.uuid4()), subject, role, study, not_before, not_after, break_glass, reason, created_by
+            grant_id=str(uuid.uuid4()),
+            subject=subject,
+            role=role,
+            study_instance_uid=scope.study_instance_uid,
+            not_before=not_before,
+            not_after=not_after,
+            break_glass=break_glass,
+            reason=reason,
+            created_by=created_by,
+            site=scope.site,
+            department=scope.department,
+            patient_ref=scope.patient_ref,
         )
-        await self._grants.insert_one({**grant.__dict__, "created_at": dt.datetime.now(dt.UTC)})
+        await self._grants.insert_one({**asdict(grant), "created_at": dt.datetime.now(dt.UTC)})
         return grant
 
     async def revoke(self, grant_id: str, now: dt.datetime) -> StoredGrant | None:
@@ -82,16 +131,36 @@ class GrantStore:
         )
         return _from_doc(doc) if doc else None
 
-    async def active(self, subject: str, study: str, now: dt.datetime) -> list[StoredGrant]:
-        """Grants in force now for this subject, scoped to every resource or to this study."""
-        scopes = ["", study] if study else [""]
-        cursor = self._grants.find(
-            {
-                "subject": subject,
-                "revoked_at": None,
-                "not_before": {"$lte": now},
-                "not_after": {"$gt": now},
-                "study_instance_uid": {"$in": scopes},
-            }
-        )
+    async def active(self, subject: str, now: dt.datetime) -> list[StoredGrant]:
+        """The subject's grants that have not ended (any scope, including not yet started)."""
+        cursor = self._grants.find({"subject": subject, "revoked_at": None, "not_after": {"$gt": now}})
         return [_from_doc(doc) async for doc in cursor]
+
+    async def mark_started_announced(self, grant_id: str, now: dt.datetime) -> None:
+        await self._grants.update_one({"grant_id": grant_id}, {"$set": {"started_announced_at": now}})
+
+    async def unannounced_stops(self, now: dt.datetime) -> list[StoredGrant]:
+        """Break-glass grants that ended (expired or revoked) without their "Stopped" announcement."""
+        cursor = self._grants.find({"break_glass": True, "stop_announced_at": None})
+        open_grants = [_from_doc(doc) async for doc in cursor]
+        return [g for g in open_grants if g.ended(now)]
+
+    async def claim_stop(self, grant_id: str, now: dt.datetime, lease: dt.timedelta) -> bool:
+        """Take the announcement of one Stopped for ``lease``, so replicas sweeping at the same time
+        do not both send it; a replica that dies holding the claim leaves it to expire."""
+        doc = await self._grants.find_one_and_update(
+            {
+                "grant_id": grant_id,
+                "stop_announced_at": None,
+                "$or": [{"stop_claimed_until": None}, {"stop_claimed_until": {"$lte": now}}],
+            },
+            {"$set": {"stop_claimed_until": now + lease}},
+        )
+        return doc is not None
+
+    async def mark_stop_announced(self, grant_id: str, now: dt.datetime) -> bool:
+        """Set the marker once; False if another replica (or an earlier run) already did."""
+        result = await self._grants.update_one(
+            {"grant_id": grant_id, "stop_announced_at": None}, {"$set": {"stop_announced_at": now}}
+        )
+        return result.modified_count == 1

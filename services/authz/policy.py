@@ -6,13 +6,16 @@ rule, never a patient fact.
 
 Inputs are split so later sources of authority slot in without changing the rules: roles →
 actions is the policy, subject → roles comes from the policy's subjects table *plus* the
-roles of grants in force (``RequestContext.granted_roles``), and facts established by the
-caller's authentication (``RequestContext.mfa``) or the resource (``ResourceRef.labels``)
-only ever narrow what the roles allow.
+grants of the request context (``RequestContext.grants``). Every binding of a role carries a
+``Scope`` (all, site, department, patient, study) and grants a validity window; only the
+bindings in force that cover the resource count. Facts established by the caller's
+authentication (``RequestContext.mfa``) or the resource (``ResourceRef.labels``) only ever
+narrow what the roles allow.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,6 +36,80 @@ class Role:
 
 
 @dataclass(frozen=True)
+class ResourceRef:
+    """What is accessed: identifiers, placement and sensitivity labels, never patient facts
+    (``patient_ref`` is a keyed pseudonym)."""
+
+    type: str = ""
+    study_instance_uid: str = ""
+    object_id: str = ""
+    labels: frozenset[str] = frozenset()
+    site: str = ""
+    department: str = ""
+    patient_ref: str = ""
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Where a role binding applies: every field that is set must equal the resource's.
+
+    All fields empty = every resource. A resource that does not state a field is never
+    covered by a scope that constrains it (deny by default).
+    """
+
+    site: str = ""
+    department: str = ""
+    patient_ref: str = ""
+    study_instance_uid: str = ""
+
+    def covers(self, resource: ResourceRef) -> bool:
+        return all(
+            not wanted or wanted == actual
+            for wanted, actual in (
+                (self.site, resource.site),
+                (self.department, resource.department),
+                (self.patient_ref, resource.patient_ref),
+                (self.study_instance_uid, resource.study_instance_uid),
+            )
+        )
+
+    @property
+    def kind(self) -> str:
+        """The narrowest constraint, for audit details and metrics: all, site, department, patient, study."""
+        for name, value in (
+            ("study", self.study_instance_uid),
+            ("patient", self.patient_ref),
+            ("department", self.department),
+            ("site", self.site),
+        ):
+            if value:
+                return name
+        return "all"
+
+
+EVERYWHERE = Scope()
+
+
+@dataclass(frozen=True)
+class RoleGrant:
+    """A role bound to a subject for a scope, optionally only between ``not_before`` and
+    ``not_after`` (a time-limited or break-glass grant)."""
+
+    role: str
+    scope: Scope = EVERYWHERE
+    not_before: dt.datetime | None = None
+    not_after: dt.datetime | None = None
+    break_glass: bool = False
+
+    def in_force(self, at: dt.datetime | None) -> bool:
+        if self.not_before is None and self.not_after is None:
+            return True
+        if at is None:  # a time-limited grant without a clock proves nothing
+            return False
+        return (self.not_before is None or self.not_before <= at) and (self.not_after is None or at < self.not_after)
+
+
+@dataclass(frozen=True)
 class Policy:
     version: str
     actions: Mapping[str, str]
@@ -41,16 +118,12 @@ class Policy:
     mfa_labels: frozenset[str] = frozenset()
     break_glass_role: str = ""
     break_glass_minutes: int = 30
+    # Subjects whose standing roles apply only within these sites/departments (absent = everywhere).
+    subject_scopes: Mapping[str, tuple[Scope, ...]] = field(default_factory=dict)
 
-
-@dataclass(frozen=True)
-class ResourceRef:
-    """What is accessed: identifiers and sensitivity labels only, never patient facts."""
-
-    type: str = ""
-    study_instance_uid: str = ""
-    object_id: str = ""
-    labels: frozenset[str] = frozenset()
+    def bindings(self, subject: str) -> tuple[RoleGrant, ...]:
+        scopes = self.subject_scopes.get(subject) or (EVERYWHERE,)
+        return tuple(RoleGrant(role, scope) for role in self.subjects.get(subject, ()) for scope in scopes)
 
 
 @dataclass(frozen=True)
@@ -58,13 +131,15 @@ class RequestContext:
     """Facts about the request established by the caller of ``decide`` (never PHI).
 
     ``mfa``: the session was authenticated with a second factor (from a verified token).
-    ``granted_roles``: roles of grants in force now for this subject and resource.
+    ``grants``: the subject's grants from the grant store (``decide`` checks window and scope).
+    ``at``: the time of the decision, against which grant windows are checked.
     ``purpose``: stated purpose of use (recorded, not decisive yet).
     """
 
     purpose: str = ""
     mfa: bool = False
-    granted_roles: tuple[str, ...] = ()
+    grants: tuple[RoleGrant, ...] = ()
+    at: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -76,7 +151,7 @@ class Decision:
     obligations: tuple[str, ...] = ()
     policy_version: str = ""
     # Machine-readable, from a fixed set (safe as a metric label): granted, no_subject,
-    # no_action, unknown_action, unknown_subject, no_role, mfa_required, ...
+    # no_action, unknown_action, unknown_subject, no_role, out_of_scope, mfa_required, ...
     code: str = ""
 
 
@@ -84,7 +159,10 @@ _TOP_KEYS = {"version", "actions", "roles", "subjects", "sensitivity", "break_gl
 _BREAK_GLASS_KEYS = {"role", "minutes"}
 _SENSITIVITY_KEYS = {"mfa_required"}
 _ROLE_KEYS = {"description", "actions", "obligations"}
-_SUBJECT_KEYS = {"roles"}
+_SUBJECT_KEYS = {"roles", "scopes"}
+# Standing bindings in the file are placed by site/department; patient and study scopes are
+# per-person, time-limited grants in the grant store.
+_SCOPE_KEYS = {"site", "department"}
 
 
 def _strings(value: Any, where: str) -> tuple[str, ...]:
@@ -128,6 +206,7 @@ def parse_policy(doc: Mapping[str, Any]) -> Policy:
             obligations[action] = _strings(duties, f"roles.{name}.obligations.{action}")
         roles[name] = Role(name, str(body.get("description", "")), frozenset(granted), obligations)
     subjects: dict[str, tuple[str, ...]] = {}
+    subject_scopes: dict[str, tuple[Scope, ...]] = {}
     for subject, raw in _table(doc.get("subjects", {}), "subjects").items():
         body = _table(raw, f"subjects.{subject}")
         _unknown(set(body), _SUBJECT_KEYS, f"subjects.{subject}")
@@ -136,6 +215,8 @@ def parse_policy(doc: Mapping[str, Any]) -> Policy:
             if role not in roles:
                 raise PolicyError(f"subjects.{subject}: role {role!r} is not defined")
         subjects[subject] = assigned
+        if "scopes" in body:
+            subject_scopes[subject] = _scopes(body["scopes"], f"subjects.{subject}.scopes")
     sensitivity = _table(doc.get("sensitivity", {}), "sensitivity")
     _unknown(set(sensitivity), _SENSITIVITY_KEYS, "sensitivity")
     mfa_labels = frozenset(_strings(sensitivity.get("mfa_required", []), "sensitivity.mfa_required"))
@@ -147,7 +228,20 @@ def parse_policy(doc: Mapping[str, Any]) -> Policy:
     minutes = glass.get("minutes", 30)
     if not isinstance(minutes, int) or not 1 <= minutes <= 240:
         raise PolicyError("break_glass.minutes must be an integer in 1..240")
-    return Policy(version.strip(), actions, roles, subjects, mfa_labels, glass_role, minutes)
+    return Policy(version.strip(), actions, roles, subjects, mfa_labels, glass_role, minutes, subject_scopes)
+
+
+def _scopes(value: Any, where: str) -> tuple[Scope, ...]:
+    if not isinstance(value, list) or not value:
+        raise PolicyError(f"{where} must be a non-empty list of tables")
+    out = []
+    for i, raw in enumerate(value):
+        body = _table(raw, f"{where}[{i}]")
+        _unknown(set(body), _SCOPE_KEYS, f"{where}[{i}]")
+        if not body or not all(isinstance(v, str) and v for v in body.values()):
+            raise PolicyError(f"{where}[{i}] needs a non-empty site and/or department")
+        out.append(Scope(site=body.get("site", ""), department=body.get("department", "")))
+    return tuple(out)
 
 
 def load_policy(path: Path) -> Policy:
@@ -168,7 +262,8 @@ def decide(
     resource: ResourceRef | None = None,
     context: RequestContext | None = None,
 ) -> Decision:
-    """Deny by default: allow only when a role of the subject lists ``action``."""
+    """Deny by default: allow only when a role bound to the subject — standing, or by a grant in
+    force at ``context.at`` — lists ``action`` and its scope covers ``resource``."""
     resource = resource or ResourceRef()
     context = context or RequestContext()
 
@@ -181,17 +276,27 @@ def decide(
         return deny("no_action", "no action")
     if action not in policy.actions:
         return deny("unknown_action", f"unknown action {action}")
-    extra = tuple(r for r in context.granted_roles if r in policy.roles)
-    listed = policy.subjects.get(subject_id)
-    if listed is None and not extra:
+    in_force = [g for g in context.grants if g.role in policy.roles and g.in_force(context.at)]
+    if subject_id not in policy.subjects and not in_force:
         return deny("unknown_subject", "unknown subject")
-    roles = tuple(dict.fromkeys((*(listed or ()), *extra)))
-    granting = [policy.roles[r] for r in roles if action in policy.roles[r].actions]
+    bindings = [*policy.bindings(subject_id), *in_force]
+    applicable = [b for b in bindings if b.scope.covers(resource)]
+    roles = tuple(dict.fromkeys(b.role for b in applicable))
+    granting = [b for b in applicable if action in policy.roles[b.role].actions]
     if not granting:
+        if any(action in policy.roles[b.role].actions for b in bindings):
+            # Reason names the rule only: which site, department, patient or study stays out of it.
+            return deny("out_of_scope", f"no role of the subject grants {action} on this resource", roles)
         return deny("no_role", f"no role of the subject grants {action}", roles)
     sensitive = sorted(policy.mfa_labels.intersection(resource.labels))
     if sensitive and not context.mfa:
         # Machine-readable for the client: ask the user to step up, then retry.
         return deny("mfa_required", f"mfa required for {', '.join(sensitive)} resources", roles, ("mfa-required",))
-    duties = tuple(sorted({d for role in granting for d in role.obligations.get(action, ())}))
-    return Decision(True, f"granted by role {granting[0].name}", roles, duties, policy.version, "granted")
+    granting_roles = [policy.roles[r] for r in dict.fromkeys(b.role for b in granting)]
+    duties = {d for role in granting_roles for d in role.obligations.get(action, ())}
+    if all(b.break_glass for b in granting):
+        # Allowed only by an emergency override: every such access is flagged for review.
+        duties.add("break-glass")
+    return Decision(
+        True, f"granted by role {granting_roles[0].name}", roles, tuple(sorted(duties)), policy.version, "granted"
+    )

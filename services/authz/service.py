@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
+import re
 import time
 import uuid
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import grpc
 from pymongo.errors import PyMongoError
 
-from dicomsafe.common.audit_emitter import AuditEmitter
 from dicomsafe.common.metrics import DECISIONS, DURATION
 from dicomsafe.v1 import audit_pb2, authz_pb2, authz_pb2_grpc
+from services.authz.break_glass import OverrideAnnouncer
 from services.authz.grants import GrantStore, StoredGrant
 from services.authz.policy import (
     Decision,
@@ -24,10 +24,12 @@ from services.authz.policy import (
     PolicyError,
     RequestContext,
     ResourceRef,
+    Scope,
     decide,
     load_policy,
 )
 from services.authz.tokens import TokenRejected, TokenVerifier
+from services.authz.trail import AuditUnavailable, Trail
 
 log = logging.getLogger("dicomsafe.authz")
 
@@ -36,52 +38,24 @@ SERVICE_NAME = "dicomsafe.v1.AuthzService"
 MAX_GRANT = dt.timedelta(days=90)
 # Time left for the gRPC reply after the audit event is acknowledged.
 _REPLY_MARGIN_S = 0.2
-
-
-class AuditUnavailable(Exception):
-    """The audit event was not acknowledged by Kafka (no producer, broker down, timeout)."""
+# A patient scope names crypto's keyed pseudonym (erasure key reference), never a Patient ID:
+# anything else is refused, so no identifier in clear lands in the grant store.
+_PATIENT_REF = re.compile(r"[0-9a-f]{32}")
 
 
 class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
     def __init__(
         self,
         policy: Policy,
-        audit: AuditEmitter | None,
+        trail: Trail,
         verifier: TokenVerifier | None,
         grants: GrantStore | None = None,
-        audit_timeout_s: float = 5.0,
     ) -> None:
         self._policy = policy
-        # None until the audit producer is connected: until then every call fails closed.
-        self._audit = audit
+        self._trail = trail
         self._verifier = verifier
         self._grants = grants
-        self._audit_timeout_s = audit_timeout_s
-
-    def set_audit(self, audit: AuditEmitter | None) -> None:
-        self._audit = audit
-
-    async def _emit(
-        self,
-        action: audit_pb2.AuditAction.ValueType,
-        outcome: audit_pb2.AuditOutcome.ValueType,
-        actor: str,
-        *,
-        budget_s: float | None = None,
-        **fields: Any,
-    ) -> None:
-        """Publish one audit event and wait for Kafka's acknowledgement, bounded in time.
-
-        Raises ``AuditUnavailable`` otherwise. A send abandoned on timeout may still reach
-        the trail later: the trail can over-report an unanswered decision, never miss one.
-        """
-        if self._audit is None:
-            raise AuditUnavailable("audit producer not connected")
-        timeout = self._audit_timeout_s if budget_s is None else max(0.0, min(self._audit_timeout_s, budget_s))
-        try:
-            await asyncio.wait_for(self._audit.emit(action, outcome, actor, **fields), timeout=timeout)
-        except Exception as exc:  # KafkaError, TimeoutError, ...: all mean "not recorded"
-            raise AuditUnavailable(type(exc).__name__) from exc
+        self.announcer = OverrideAnnouncer(grants, trail) if grants is not None else None
 
     @property
     def policy_version(self) -> str:
@@ -98,7 +72,7 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
             new = await asyncio.to_thread(load_policy, path)
         except PolicyError as exc:
             log.error("policy reload refused", extra={"error": str(exc)})
-            await self._emit(
+            await self._trail.audit(
                 audit_pb2.AuditAction.AUDIT_ACTION_POLICY_CHANGED,
                 audit_pb2.AuditOutcome.AUDIT_OUTCOME_FAILURE,
                 "authz",
@@ -109,7 +83,7 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
         if new == self._policy:
             return False
         # Recorded before it takes effect: an unaudited policy change never decides anything.
-        await self._emit(
+        await self._trail.audit(
             audit_pb2.AuditAction.AUDIT_ACTION_POLICY_CHANGED,
             audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS,
             "authz",
@@ -125,7 +99,9 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
         if self._verifier is None:
             return subject.id, False, None
         try:
-            identity = await asyncio.to_thread(self._verifier.verify, subject.access_token)
+            identity = self._verifier.remembered(subject.access_token)
+            if identity is None:
+                identity = await asyncio.to_thread(self._verifier.verify, subject.access_token)
         except TokenRejected as exc:
             refusal = Decision(
                 False, f"unauthenticated: {exc.reason}", policy_version=self._policy.version, code="unauthenticated"
@@ -139,33 +115,31 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
         return identity.subject, identity.mfa, None
 
     async def _decide(self, request: authz_pb2.CheckRequest) -> tuple[str, bool, Decision]:
-        """(subject, mfa, decision), counting the grants in force right now."""
+        """(subject, mfa, decision), counting the subject's grants as they stand right now."""
         subject, mfa, refusal = await self._identify(request.subject)
         if refusal is not None:
             return subject, mfa, refusal
+        r = request.resource
         resource = ResourceRef(
-            type=request.resource.type,
-            study_instance_uid=request.resource.study_instance_uid,
-            object_id=request.resource.object_id,
-            labels=frozenset(request.resource.labels),
+            type=r.type,
+            study_instance_uid=r.study_instance_uid,
+            object_id=r.object_id,
+            labels=frozenset(r.labels),
+            site=r.site,
+            department=r.department,
+            patient_ref=r.patient_ref,
         )
-        grants = await self._active_grants(subject, request.resource.study_instance_uid)
+        now = dt.datetime.now(dt.UTC)
+        grants = await self._grants_of(subject, now)
         purpose = request.context.get("purpose", "")
-        ctx = RequestContext(purpose=purpose, mfa=mfa, granted_roles=tuple(g.role for g in grants))
-        decision = decide(self._policy, subject, request.action, resource, ctx)
-        if decision.allow and any(g.break_glass for g in grants):
-            ordinary_ctx = replace(ctx, granted_roles=tuple(g.role for g in grants if not g.break_glass))
-            ordinary = decide(self._policy, subject, request.action, resource, ordinary_ctx)
-            if not ordinary.allow:
-                # Allowed only by an emergency override: every such access is flagged for review.
-                decision = replace(decision, obligations=(*decision.obligations, "break-glass"))
-        return subject, mfa, decision
+        ctx = RequestContext(purpose=purpose, mfa=mfa, grants=tuple(g.as_role_grant() for g in grants), at=now)
+        return subject, mfa, decide(self._policy, subject, request.action, resource, ctx)
 
-    async def _active_grants(self, subject: str, study: str) -> list[StoredGrant]:
+    async def _grants_of(self, subject: str, now: dt.datetime) -> list[StoredGrant]:
         if self._grants is None or not subject:
             return []
         try:
-            return await self._grants.active(subject, study, dt.datetime.now(dt.UTC))
+            return [g for g in await self._grants.active(subject, now) if g.usable]
         except PyMongoError:
             # Without the grant store, decide on the policy file alone: grants only ever add access.
             log.warning("grant store unavailable; deciding without grants")
@@ -178,6 +152,9 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "a subject (id or access token) and an action are required"
             )
+        if request.resource.patient_ref and not _PATIENT_REF.fullmatch(request.resource.patient_ref):
+            # Refused before any decision, so a Patient ID sent by mistake never reaches the trail.
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "resource.patient_ref must be a patient pseudonym")
         started = time.perf_counter()
         subject, mfa, decision = await self._decide(request)
         decision_id = str(uuid.uuid4())
@@ -188,7 +165,7 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
         )
         remaining = context.time_remaining()  # the caller's deadline, if any
         try:
-            await self._emit(
+            await self._trail.audit(
                 audit_pb2.AuditAction.AUDIT_ACTION_ACCESS_DECISION,
                 outcome,
                 subject or "anonymous",
@@ -196,12 +173,15 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
                 actor_roles=decision.roles,
                 study_instance_uid=request.resource.study_instance_uid,
                 object_id=request.resource.object_id,
+                patient_ref=request.resource.patient_ref,
                 reason=decision.reason,
                 details={
                     "decision_id": decision_id,
                     "policy_version": decision.policy_version,
                     "action": request.action,
                     "resource_type": request.resource.type,
+                    "site": request.resource.site,
+                    "department": request.resource.department,
                     "purpose": request.context.get("purpose", ""),
                     "authenticated": "token" if self._verifier else "none",
                     "mfa": str(mfa).lower(),
@@ -214,7 +194,9 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
             DECISIONS.labels("false", "audit_unavailable").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, "audit trail unavailable")
         DECISIONS.labels(str(decision.allow).lower(), decision.code).inc()
-        log.info(
+        # The audit trail is the record of decisions and the metrics count them; a log line per
+        # check would only add cost on the hottest path.
+        log.debug(
             "decision",
             extra={"decision_id": decision_id, "allow": decision.allow, "code": decision.code},
         )
@@ -233,13 +215,22 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
     # -- grants -------------------------------------------------------------------------------
 
     async def _authorize_management(
-        self, caller: authz_pb2.Subject, action: str, context: grpc.aio.ServicerContext[object, object]
+        self,
+        caller: authz_pb2.Subject,
+        action: str,
+        context: grpc.aio.ServicerContext[object, object],
+        resource: ResourceRef | None = None,
     ) -> tuple[str, bool, Decision]:
+        """Decided like a check (standing roles and the caller's own grants), for ``resource``."""
         if self._grants is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "grants need AUTHZ_MONGODB_URI")
         subject, mfa, refusal = await self._identify(caller)
-        decision = refusal or decide(self._policy, subject, action, context=RequestContext(mfa=mfa))
-        return subject, mfa, decision
+        if refusal is not None:
+            return subject, mfa, refusal
+        now = dt.datetime.now(dt.UTC)
+        grants = tuple(g.as_role_grant() for g in await self._grants_of(subject, now))
+        ctx = RequestContext(mfa=mfa, grants=grants, at=now)
+        return subject, mfa, decide(self._policy, subject, action, resource, ctx)
 
     async def _require_manager(
         self, caller: authz_pb2.Subject, context: grpc.aio.ServicerContext[object, object]
@@ -271,16 +262,20 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
                 "not_before": grant.not_before.isoformat(),
                 "not_after": grant.not_after.isoformat(),
                 "break_glass": str(grant.break_glass).lower(),
+                "scope": grant.scope.kind,
+                "site": grant.site,
+                "department": grant.department,
             }
         outcome = (
             audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS if allowed else audit_pb2.AuditOutcome.AUDIT_OUTCOME_DENIED
         )
         try:
-            await self._emit(
+            await self._trail.audit(
                 action,
                 outcome,
                 actor or "anonymous",
                 study_instance_uid=grant.study_instance_uid if grant else "",
+                patient_ref=grant.patient_ref if grant else "",
                 reason=reason,
                 details=details,
             )
@@ -298,6 +293,9 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
             break_glass=grant.break_glass,
             reason=grant.reason,
             created_by=grant.created_by,
+            site=grant.site,
+            department=grant.department,
+            patient_ref=grant.patient_ref,
         )
         out.not_before.FromDatetime(grant.not_before)
         out.not_after.FromDatetime(grant.not_after)
@@ -321,10 +319,13 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
             problem = f"role {g.role} cannot be granted"
         elif not (not_before < not_after and now < not_after and not_after - not_before <= MAX_GRANT):
             problem = f"grant window must end in the future and last at most {MAX_GRANT.days} days"
+        elif g.patient_ref and not _PATIENT_REF.fullmatch(g.patient_ref):
+            problem = "patient_ref must be the patient's pseudonym (32 lowercase hex characters)"
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        scope = Scope(g.site, g.department, g.patient_ref, g.study_instance_uid)
         grant = await self._grants.create(  # type: ignore[union-attr]
-            g.subject, g.role, g.study_instance_uid, not_before, not_after, g.reason, caller
+            g.subject, g.role, scope, not_before, not_after, g.reason, caller
         )
         await self._record_grant(changed, True, caller, f"grant created: {g.reason}", context, grant)
         return self._to_proto(grant)
@@ -338,12 +339,20 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
         if grant is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such active grant")
         await self._record_grant(changed, True, caller, f"grant revoked: {request.reason}", context, grant)
+        if grant.break_glass and self.announcer is not None:
+            try:
+                await self.announcer.stopped(grant, grant.revoked_at or dt.datetime.now(dt.UTC))
+            except (AuditUnavailable, PyMongoError) as exc:
+                # The revocation stands; the sweep announces the stop once the trail is back.
+                log.error("override stop not announced yet", extra={"error": type(exc).__name__})
         return self._to_proto(grant)
 
     async def BreakGlass(
         self, request: authz_pb2.BreakGlassRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> authz_pb2.Grant:
-        caller, mfa, decision = await self._authorize_management(request.caller, "emergency.access", context)
+        caller, mfa, decision = await self._authorize_management(
+            request.caller, "emergency.access", context, ResourceRef(study_instance_uid=request.study_instance_uid)
+        )
         override = audit_pb2.AuditAction.AUDIT_ACTION_EMERGENCY_OVERRIDE
         refusal = ""
         if not decision.allow:
@@ -356,25 +365,32 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
             refusal = "break-glass is not configured in the policy"
         now = dt.datetime.now(dt.UTC)
         if not refusal:
-            active = await self._grants.active(caller, request.study_instance_uid, now)  # type: ignore[union-attr]
+            active = await self._grants.active(caller, now)  # type: ignore[union-attr]
             if any(g.break_glass and g.study_instance_uid == request.study_instance_uid for g in active):
                 refusal = "break-glass grants are not renewable: one is already active for this study"
         if refusal:
             await self._record_grant(override, False, caller, refusal, context)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
-        grant = await self._grants.create(  # type: ignore[union-attr]
+        grants, announcer = self._grants, self.announcer
+        assert grants is not None and announcer is not None  # _authorize_management checked the store
+        grant = await grants.create(
             caller,
             self._policy.break_glass_role,
-            request.study_instance_uid,
+            Scope(study_instance_uid=request.study_instance_uid),
             now,
             now + dt.timedelta(minutes=self._policy.break_glass_minutes),
             request.reason,
             caller,
             break_glass=True,
         )
-        # DICOM 110113 Security Alert / 110127 "Emergency Override Started".
-        await self._record_grant(
-            override, True, caller, f"emergency override started: {request.reason}", context, grant
-        )
+        try:
+            # DICOM 110113 Security Alert / 110127 "Emergency Override Started", audit and alert.
+            await announcer.started(grant, decision.roles)
+        except (AuditUnavailable, PyMongoError) as exc:
+            # Never announced, so never usable; withdrawn so that it cannot surface later either.
+            log.error("override start not announced; grant withdrawn", extra={"error": type(exc).__name__})
+            with contextlib.suppress(PyMongoError):
+                await grants.revoke(grant.grant_id, dt.datetime.now(dt.UTC))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "audit trail unavailable")
         log.warning("break-glass grant issued", extra={"grant_id": grant.grant_id})
         return self._to_proto(grant)

@@ -3,10 +3,20 @@
 Signature (RS256/ES256 only — never `none`, never a symmetric algorithm an attacker could
 forge with a public key), issuer, audience, expiry and not-before with a small clock skew.
 Every failure becomes a short, stable reason; nothing about the token is echoed back.
+
+A token that verified is remembered (by its SHA-256) until the earlier of its own expiry and a
+short TTL: a viewer opening a study sends the same token with hundreds of checks, and its
+claims cannot change. Expiry is never extended (the leeway is not applied to remembered
+tokens); the TTL bounds how long a signing key the identity provider withdrew still counts.
+Failures are never remembered.
 """
 
 from __future__ import annotations
 
+import hashlib
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import jwt
@@ -43,14 +53,50 @@ class Identity:
 
 class TokenVerifier:
     def __init__(
-        self, issuer: str, audience: str, jwks_url: str, leeway_s: int = 30, mfa_acr: frozenset[str] = frozenset()
+        self,
+        issuer: str,
+        audience: str,
+        jwks_url: str,
+        leeway_s: int = 30,
+        mfa_acr: frozenset[str] = frozenset(),
+        remember_s: float = 60.0,
+        remember_max: int = 10_000,
     ) -> None:
+        self._remember_s = remember_s
+        self._remember_max = remember_max
+        self._verified: OrderedDict[bytes, tuple[float, Identity]] = OrderedDict()
+        # verify() runs in worker threads, remembered() on the event loop.
+        self._lock = threading.Lock()
         self._issuer = issuer
         self._audience = audience
         self._leeway = leeway_s
         self._mfa_acr = mfa_acr
         # Keys are cached and refetched when an unknown kid shows up (the IdP rotated).
         self._jwks = PyJWKClient(jwks_url, cache_keys=True, lifespan=300, timeout=5)
+
+    def remembered(self, token: str) -> Identity | None:
+        """The identity of a token verified earlier and still within its validity; no I/O."""
+        if self._remember_s <= 0:
+            return None
+        key = hashlib.sha256(token.encode()).digest()
+        with self._lock:
+            hit = self._verified.get(key)
+            if hit is None:
+                return None
+            if time.time() >= hit[0]:
+                del self._verified[key]
+                return None
+            self._verified.move_to_end(key)
+            return hit[1]
+
+    def _remember(self, token: str, identity: Identity, expires_at: float) -> None:
+        if self._remember_s <= 0:
+            return
+        until = min(expires_at, time.time() + self._remember_s)
+        with self._lock:
+            self._verified[hashlib.sha256(token.encode()).digest()] = (until, identity)
+            while len(self._verified) > self._remember_max:
+                self._verified.popitem(last=False)
 
     def verify(self, token: str) -> Identity:
         """Blocking (may fetch the JWKS): call from a worker thread."""
@@ -95,4 +141,6 @@ class TokenVerifier:
             raise TokenRejected("token invalid") from None
         amr = claims.get("amr", [])
         mfa = bool(MFA_METHODS.intersection(amr if isinstance(amr, list) else [])) or claims.get("acr") in self._mfa_acr
-        return Identity(subject=str(claims["sub"]), mfa=mfa, token_id=str(claims.get("jti", "")))
+        identity = Identity(subject=str(claims["sub"]), mfa=mfa, token_id=str(claims.get("jti", "")))
+        self._remember(token, identity, float(claims["exp"]))
+        return identity

@@ -41,14 +41,33 @@ class Verdict:
         return {"decision_id": self.decision_id, "policy_version": self.policy_version}
 
 
+@dataclass(frozen=True)
+class Where:
+    """What scoped grants match on: the study's site, department and patient pseudonym."""
+
+    site: str = ""
+    department: str = ""
+    patient_ref: str = ""
+
+
 def resource(
     kind: str,
     study_uid: str = "",
     *,
     object_id: str = "",
     labels: Iterable[str] = (),
+    where: Where | None = None,
 ) -> authz_pb2.Resource:
-    return authz_pb2.Resource(type=kind, study_instance_uid=study_uid, object_id=object_id, labels=list(labels))
+    where = where or Where()
+    return authz_pb2.Resource(
+        type=kind,
+        study_instance_uid=study_uid,
+        object_id=object_id,
+        labels=list(labels),
+        site=where.site,
+        department=where.department,
+        patient_ref=where.patient_ref,
+    )
 
 
 class AccessChecker:

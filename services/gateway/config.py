@@ -3,7 +3,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dicomsafe.common.config import ConfigError, env_int, env_opt, env_secret, env_str
-from dicomsafe.common.kafka import DEFAULT_MAX_RECORD_BYTES
 from dicomsafe.common.peer_auth import PeerAllowlist
 from dicomsafe.common.tls import TlsConfig, tls_from_env
 
@@ -60,7 +59,7 @@ class GatewayConfig:
             mongodb_uri=mongodb_uri,
             index_database=env_str("GATEWAY_INDEX_DATABASE", "dicomsafe_index"),
             index_group_id=env_str("GATEWAY_INDEX_GROUP_ID", "dicomsafe-gateway-index"),
-            max_instance_bytes=env_int("GATEWAY_MAX_INSTANCE_BYTES", DEFAULT_MAX_RECORD_BYTES),
+            max_instance_bytes=env_int("GATEWAY_MAX_INSTANCE_BYTES", 256 * 1024 * 1024),
             deid_uid_key=deid.encode(),
             tls=tls_from_env(),
             grpc_allow=PeerAllowlist.parse(env_str("GATEWAY_GRPC_ALLOW", DEFAULT_GRPC_ALLOW)),

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse, Response
 
 from dicomsafe.common.audit_emitter import AuditEmitter
 from dicomsafe.v1 import audit_pb2, crypto_pb2, crypto_pb2_grpc, ingest_pb2_grpc
-from services.gateway.access import AccessChecker, AuthzUnavailable, Verdict, resource
+from services.gateway.access import AccessChecker, AuthzUnavailable, Verdict, Where, resource
 from services.gateway.deidentify import Deidentifier
 from services.gateway.study_index import StudyIndex
 
@@ -85,10 +85,17 @@ NO_TOKEN = HttpError(401, "access token required", {"WWW-Authenticate": 'Bearer 
 
 
 async def authorise(
-    backends: Backends, token: str, action: str, target_kind: str, study_uid: str, labels: tuple[str, ...]
+    backends: Backends,
+    token: str,
+    action: str,
+    target_kind: str,
+    study_uid: str,
+    labels: tuple[str, ...],
+    where: Where | None = None,
 ) -> Verdict:
     try:
-        return await backends.access.check(action, resource(target_kind, study_uid, labels=labels), access_token=token)
+        target = resource(target_kind, study_uid, labels=labels, where=where)
+        return await backends.access.check(action, target, access_token=token)
     except AuthzUnavailable:
         # No decision is a deny; the caller may retry.
         raise HttpError(503, "authorisation unavailable", {"Retry-After": "5"}) from None

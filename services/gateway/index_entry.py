@@ -54,6 +54,7 @@ class IndexEntry:
     instance: dict[str, Any]
     labels: tuple[str, ...]
     department: str
+    site: str
     patient_ref: str
     transfer_syntax_uid: str
     size: int
@@ -80,6 +81,8 @@ def entry_for(ds: Dataset, layout: InstanceLayout, object_id: str, size: int, pa
         instance=_level(ds, INSTANCE_KEYS),
         labels=sensitivity_labels(ds),
         department=str(ds.get("InstitutionalDepartmentName", "") or ""),
+        # The institution is the site of site-scoped roles and grants.
+        site=str(ds.get("InstitutionName", "") or ""),
         patient_ref=patient_ref,
         transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
         size=size,

@@ -68,15 +68,20 @@ def read_header(data: bytes) -> tuple[Dataset, int]:
 
 def layout_of(data: bytes) -> tuple[Dataset, InstanceLayout]:
     ds, header_end = read_header(data)
+    return ds, layout_from(data, ds, header_end)
+
+
+def layout_from(data: bytes, ds: Dataset, header_end: int) -> InstanceLayout:
+    """The layout, given the header :func:`read_header` already parsed (parsing is the costly part)."""
     if header_end >= len(data):
-        return ds, InstanceLayout(header_end, None, (), False)
+        return InstanceLayout(header_end, None, (), False)
     ts = UID(str(ds.file_meta.TransferSyntaxUID))
     if not ts.is_little_endian:
         raise LayoutError("big-endian transfer syntaxes are not served by byte range")
     tag = struct.unpack_from("<HH", data, header_end)
     if tag != PIXEL_DATA_TAG:
         # Float or double-float pixel data, or trailing elements only: no frame access.
-        return ds, InstanceLayout(header_end, None, (), False)
+        return InstanceLayout(header_end, None, (), False)
     if ts.is_implicit_VR:
         (length,) = struct.unpack_from("<I", data, header_end + 4)
         value_start = header_end + 8
@@ -86,12 +91,12 @@ def layout_of(data: bytes) -> tuple[Dataset, InstanceLayout]:
     frame_count = int(ds.get("NumberOfFrames", 1) or 1)
     if length == UNDEFINED_LENGTH:
         spans, end = _items(data, value_start)
-        return ds, InstanceLayout(
+        return InstanceLayout(
             header_end, (value_start, end - value_start), _encapsulated_frames(data, spans, frame_count), True
         )
     if value_start + length > len(data):
         raise LayoutError("pixel data runs past the end of the instance")
-    return ds, InstanceLayout(
+    return InstanceLayout(
         header_end, (value_start, length), _native_frames(ds, value_start, length, frame_count), False
     )
 

@@ -59,13 +59,17 @@ async def parse_parts(chunks: AsyncIterable[bytes], boundary: str, max_part_byte
     buffer = bytearray(b"\r\n")
     in_preamble = True
     finished = False
+    # Where the next search starts: bytes already searched are not searched again, so a large
+    # part costs linear time, not quadratic (a delimiter may straddle two chunks, hence the overlap).
+    searched = 0
     async for chunk in chunks:
         if finished:
             continue  # epilogue: ignored, as RFC 2046 says
         buffer += chunk
         while True:
-            at = buffer.find(delimiter)
+            at = buffer.find(delimiter, searched)
             if at < 0:
+                searched = max(0, len(buffer) - len(delimiter) - 2)
                 if not in_preamble and len(buffer) > max_part_bytes + len(delimiter) + 16384:
                     raise PartTooLarge(f"a part exceeds {max_part_bytes} bytes")
                 if in_preamble and len(buffer) > 65536:
@@ -73,18 +77,24 @@ async def parse_parts(chunks: AsyncIterable[bytes], boundary: str, max_part_byte
                 break
             after = at + len(delimiter)
             if len(buffer) < after + 2:
+                searched = at
                 break  # need to see whether "--" (close) or CRLF follows
+            closes = buffer[after : after + 2] == b"--"
+            line_end = -1
+            if not closes:
+                line_end = buffer.find(b"\r\n", after)
+                if line_end < 0:
+                    searched = at
+                    break  # the boundary line is not complete yet: the part is yielded once it is
             if not in_preamble:
                 yield _part(bytes(buffer[:at]), max_part_bytes)
             in_preamble = False
-            if buffer[after : after + 2] == b"--":
+            if closes:
                 finished = True
                 buffer.clear()
                 break
-            line_end = buffer.find(b"\r\n", after)
-            if line_end < 0:
-                break
             del buffer[: line_end + 2]
+            searched = 0
     if not finished:
         raise MultipartError("body ended before the closing boundary")
 

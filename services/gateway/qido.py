@@ -13,7 +13,7 @@ from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from services.gateway.access import Verdict
+from services.gateway.access import Verdict, Where
 from services.gateway.dicomweb_common import (
     DICOM_JSON,
     NO_TOKEN,
@@ -53,8 +53,11 @@ async def search(
         )
         raise NO_TOKEN
     params, offset, limit = _parameters(request)
+    # The gate proves the token before anything is searched. Only a bad token ends the query here:
+    # someone whose grants are scoped (a department, a patient, one study) is denied a query
+    # about no study in particular, yet may see studies in scope, which the per-study checks decide.
     gate = await authorise(backends, token, QUERY_ACTION, "study", study_uid, ())
-    if not gate.allow:
+    if not gate.allow and gate.reason_code == "unauthenticated":
         await record(
             backends,
             Action.AUDIT_ACTION_STUDY_QUERIED,
@@ -120,7 +123,10 @@ async def _visible(backends: Backends, token: str, hits: list[Found]) -> list[tu
     verdicts: dict[str, Verdict] = {}
     for hit in hits:
         if hit.study_uid not in verdicts:
-            verdicts[hit.study_uid] = await authorise(backends, token, QUERY_ACTION, "study", hit.study_uid, hit.labels)
+            where = Where(hit.site, hit.department, hit.patient_ref)
+            verdicts[hit.study_uid] = await authorise(
+                backends, token, QUERY_ACTION, "study", hit.study_uid, hit.labels, where
+            )
     return [(hit, verdicts[hit.study_uid]) for hit in hits if verdicts[hit.study_uid].allow]
 
 

@@ -8,6 +8,7 @@ The response lists every instance as stored (ReferencedSOPSequence) or failed wi
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from dicomsafe.v1 import ingest_pb2
-from services.gateway.access import Verdict
+from services.gateway.access import Verdict, Where
 from services.gateway.dicomweb_common import (
     DICOM_JSON,
     NO_TOKEN,
@@ -34,7 +35,7 @@ from services.gateway.dicomweb_common import (
     refusal,
 )
 from services.gateway.index_entry import entry_for, sensitivity_labels
-from services.gateway.instance_layout import InstanceLayout, LayoutError, layout_of, read_header
+from services.gateway.instance_layout import InstanceLayout, LayoutError, layout_from, read_header
 from services.gateway.multipart import MediaType, MultipartError, Part, PartTooLarge, parse_parts
 
 STORE_ACTION = "instance.store"
@@ -46,6 +47,10 @@ NOT_AUTHORISED = 0x0124
 STUDY_MISMATCH = 0xA900
 PROCESSING_FAILURE = 0x0110
 OUT_OF_RESOURCES = 0xA700
+
+# Parts stored at once per request, and the bytes they may hold together.
+IN_FLIGHT_PARTS = 8
+IN_FLIGHT_BYTES = 64 * 1024 * 1024
 
 
 async def store(request: Request, backends: Backends, study_uid: str = "") -> Response:
@@ -72,28 +77,62 @@ async def store(request: Request, backends: Backends, study_uid: str = "") -> Re
         raise HttpError(413, f"an instance exceeds {backends.max_instance_bytes} bytes") from None
     except MultipartError as exc:
         raise HttpError(400, str(exc)) from None
+    finally:
+        # Parts already handed on finish either way: a store in progress is never abandoned.
+        await upload.drain()
     return upload.response()
 
 
 class StowUpload:
+    """Stores parts concurrently while the body is still arriving: a study's instances overlap their
+    Vault, fsync and Kafka round trips. In-flight parts are bounded in number and in bytes."""
+
     def __init__(self, backends: Backends, token: str, study_uid: str, request_id: str, base: str) -> None:
         self._b = backends
         self._token = token
         self._study_uid = study_uid
         self._request_id = request_id
         self._base = base
-        self._verdicts: dict[str, Verdict] = {}
+        self._verdicts: dict[str, asyncio.Future[Verdict]] = {}
         self._stored: list[dict[str, Any]] = []
         self._failed: list[dict[str, Any]] = []
         self._parts = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._room = asyncio.Condition()
+        self._in_flight_bytes = 0
 
     async def add(self, part: Part) -> None:
+        """Start storing a part once there is room (a part larger than the budget goes alone)."""
         self._parts += 1
+        size = len(part.body)
+        async with self._room:
+            await self._room.wait_for(
+                lambda: (
+                    not self._tasks
+                    or (len(self._tasks) < IN_FLIGHT_PARTS and self._in_flight_bytes + size <= IN_FLIGHT_BYTES)
+                )
+            )
+            self._in_flight_bytes += size
+        task = asyncio.create_task(self._store(part, self._parts))
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: asyncio.ensure_future(self._release(t, size)))
+
+    async def drain(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*self._tasks)
+
+    async def _release(self, task: asyncio.Task[None], size: int) -> None:
+        async with self._room:
+            self._tasks.discard(task)
+            self._in_flight_bytes -= size
+            self._room.notify_all()
+
+    async def _store(self, part: Part, number: int) -> None:
         if MediaType.parse(part.content_type or "application/dicom").type != "application/dicom":
             self._fail("", "", CANNOT_UNDERSTAND)
             return
         try:
-            ds, _ = read_header(part.body)
+            ds, header_end = read_header(part.body)
             sop_class, sop_uid = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
             study_uid = str(ds.StudyInstanceUID)
         except (InvalidDicomError, AttributeError, EOFError, ValueError, KeyError, TypeError):
@@ -102,12 +141,15 @@ class StowUpload:
         if self._study_uid and study_uid != self._study_uid:
             self._fail(sop_class, sop_uid, STUDY_MISMATCH)
             return
-        verdict = await self._verdict(study_uid, sensitivity_labels(ds))
+        where = Where(str(ds.get("InstitutionName", "") or ""), str(ds.get("InstitutionalDepartmentName", "") or ""))
+        verdict = await self._verdict(study_uid, sensitivity_labels(ds), where)
         if not verdict.allow:
             self._fail(sop_class, sop_uid, NOT_AUTHORISED)
             return
         try:
-            stored = await self._b.ingest.Store(self._requests(part.body, verdict.subject), timeout=self._b.deadline_s)
+            stored = await self._b.ingest.Store(
+                self._requests(part.body, verdict.subject, number), timeout=self._b.deadline_s
+            )
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -119,7 +161,7 @@ class StowUpload:
                 self._fail(sop_class, sop_uid, PROCESSING_FAILURE)
             return
         try:
-            _, layout = layout_of(part.body)
+            layout = layout_from(part.body, ds, header_end)
         except LayoutError:
             # Stored and sealed; without a layout it is served only as a whole instance.
             layout = InstanceLayout(0, None, (), False)
@@ -154,30 +196,34 @@ class StowUpload:
         status = 200 if not self._failed else (202 if self._stored else 409)
         return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
 
-    async def _verdict(self, study_uid: str, labels: tuple[str, ...]) -> Verdict:
+    async def _verdict(self, study_uid: str, labels: tuple[str, ...], where: Where) -> Verdict:
+        """One decision per study per request, shared by that study's parts in flight."""
         if study_uid not in self._verdicts:
-            verdict = await authorise(self._b, self._token, STORE_ACTION, "study", study_uid, labels)
-            if not verdict.allow:
-                await record(
-                    self._b,
-                    Action.AUDIT_ACTION_INSTANCE_REJECTED,
-                    Outcome.AUDIT_OUTCOME_DENIED,
-                    verdict.subject,
-                    verdict=verdict,
-                    study_uid=study_uid,
-                    reason=verdict.reason_code or "denied",
-                    details={"route": "stow-rs", "request_id": self._request_id},
-                )
-                if verdict.reason_code == "unauthenticated" and not self._stored:
-                    # A bad token fails the whole request while nothing has been stored yet.
-                    raise refusal(verdict)
-            self._verdicts[study_uid] = verdict
-        return self._verdicts[study_uid]
+            self._verdicts[study_uid] = asyncio.ensure_future(self._decide(study_uid, labels, where))
+        return await asyncio.shield(self._verdicts[study_uid])
 
-    async def _requests(self, data: bytes, subject: str) -> AsyncIterator[ingest_pb2.StoreRequest]:
+    async def _decide(self, study_uid: str, labels: tuple[str, ...], where: Where) -> Verdict:
+        verdict = await authorise(self._b, self._token, STORE_ACTION, "study", study_uid, labels, where)
+        if not verdict.allow:
+            await record(
+                self._b,
+                Action.AUDIT_ACTION_INSTANCE_REJECTED,
+                Outcome.AUDIT_OUTCOME_DENIED,
+                verdict.subject,
+                verdict=verdict,
+                study_uid=study_uid,
+                reason=verdict.reason_code or "denied",
+                details={"route": "stow-rs", "request_id": self._request_id},
+            )
+            if verdict.reason_code == "unauthenticated" and not self._stored:
+                # A bad token fails the whole request while nothing has been stored yet.
+                raise refusal(verdict)
+        return verdict
+
+    async def _requests(self, data: bytes, subject: str, number: int) -> AsyncIterator[ingest_pb2.StoreRequest]:
         yield ingest_pb2.StoreRequest(
             metadata=ingest_pb2.StoreMetadata(
-                request_id=f"{self._request_id}/{self._parts}",
+                request_id=f"{self._request_id}/{number}",
                 source="gateway/stow-rs",
                 on_behalf_of=subject,
                 size=len(data),

@@ -2,7 +2,8 @@
 
 Three collections so paging works per level without scanning instances. Upserts are keyed by
 UID, so indexing the same instance twice (redelivery, or STOW plus the stored event) changes
-nothing; related counts are recomputed from the instances, never incremented.
+nothing. Related counts are counted when a page is answered, never stored: concurrent writers
+cannot leave a stale count behind.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class Found:
     study_uid: str
     labels: tuple[str, ...]
     department: str
+    site: str
     patient_ref: str
 
 
@@ -75,6 +77,7 @@ class Located:
     layout: InstanceLayout
     labels: tuple[str, ...]
     department: str
+    site: str
     patient_ref: str
 
 
@@ -131,6 +134,7 @@ class StudyIndex:
         self._instances = db.get_collection("instances", write_concern=durable)
 
     async def ensure_indexes(self) -> None:
+        # Counts per page are count_documents on these.
         await self._series.create_index([("study_uid", ASCENDING)], name="study")
         await self._instances.create_index([("study_uid", ASCENDING)], name="study")
         await self._instances.create_index([("series_uid", ASCENDING)], name="series")
@@ -157,40 +161,29 @@ class StudyIndex:
             },
             upsert=True,
         )
-        series_count = await self._instances.count_documents({"series_uid": series_uid})
         await self._series.update_one(
             {"_id": series_uid},
-            {
-                "$set": {
-                    "study_uid": study_uid,
-                    "attrs": entry.series["json"],
-                    "match": entry.series["match"],
-                    "instance_count": series_count,
-                }
-            },
+            {"$set": {"study_uid": study_uid, "attrs": entry.series["json"], "match": entry.series["match"]}},
             upsert=True,
         )
-        modalities = sorted(
-            {
-                str(doc.get("match", {}).get("Modality", ""))
-                async for doc in self._series.find({"study_uid": study_uid}, {"match.Modality": 1})
-            }
-            - {""}
-        )
+        modality = str(entry.series["match"].get("Modality", ""))
+        # $addToSet, not read-modify-write: concurrent STOW parts and the indexer may add to one
+        # study at once. Labels are a union: one sensitive instance makes the study sensitive.
+        grow: dict[str, Any] = {"labels": {"$each": list(entry.labels)}}
+        if modality:
+            grow["modalities"] = modality
         await self._studies.update_one(
             {"_id": study_uid},
             {
                 "$set": {
                     "attrs": entry.study["json"],
                     "match": entry.study["match"],
-                    "modalities": modalities,
-                    "series_count": await self._series.count_documents({"study_uid": study_uid}),
-                    "instance_count": await self._instances.count_documents({"study_uid": study_uid}),
-                    "labels": list(entry.labels),
                     "department": entry.department,
+                    "site": entry.site,
                     "patient_ref": entry.patient_ref,
                     "updated_at": now,
-                }
+                },
+                "$addToSet": grow,
             },
             upsert=True,
         )
@@ -238,16 +231,20 @@ class StudyIndex:
             series_attrs = {
                 str(s["_id"]): s.get("attrs", {}) async for s in self._series.find({"_id": {"$in": wanted}})
             }
+        counts = await self._counts(level, docs)
         hits: list[Found] = []
         for doc in docs:
             owner = str(doc["_id"]) if level == "study" else str(doc["study_uid"])
             study = context.get(owner, {})
             hits.append(
                 Found(
-                    attrs=_result_attrs(level, doc, study, series_attrs.get(str(doc.get("series_uid")), {})),
+                    attrs=_result_attrs(
+                        level, doc, study, series_attrs.get(str(doc.get("series_uid")), {}), counts.get(str(doc["_id"]))
+                    ),
                     study_uid=owner,
                     labels=tuple(study.get("labels", [])),
                     department=str(study.get("department", "")),
+                    site=str(study.get("site", "")),
                     patient_ref=str(study.get("patient_ref", "")),
                 )
             )
@@ -272,6 +269,7 @@ class StudyIndex:
                 layout=InstanceLayout.from_document(doc["layout"]),
                 labels=tuple(study.get("labels", [])),
                 department=str(study.get("department", "")),
+                site=str(study.get("site", "")),
                 patient_ref=str(study.get("patient_ref", "")),
             )
             async for doc in self._instances.find(query).sort("_id", ASCENDING)
@@ -288,6 +286,20 @@ class StudyIndex:
         collection = self._studies if level == "study" else self._series
         return [str(doc["_id"]) async for doc in collection.find(query, {"_id": 1})]
 
+    async def _counts(self, level: Level, docs: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
+        """(series, instances) per study, or (0, instances) per series, for one page."""
+        out: dict[str, tuple[int, int]] = {}
+        for doc in docs:
+            uid = str(doc["_id"])
+            if level == "study":
+                out[uid] = (
+                    await self._series.count_documents({"study_uid": uid}),
+                    await self._instances.count_documents({"study_uid": uid}),
+                )
+            elif level == "series":
+                out[uid] = (0, await self._instances.count_documents({"series_uid": uid}))
+        return out
+
     async def _study_context(self, study_uids: set[str]) -> dict[str, dict[str, Any]]:
         if not study_uids:
             return {}
@@ -299,18 +311,22 @@ def _parents(level: Level) -> Sequence[Level]:
 
 
 def _result_attrs(
-    level: Level, doc: Mapping[str, Any], study: Mapping[str, Any], series: Mapping[str, Any]
+    level: Level,
+    doc: Mapping[str, Any],
+    study: Mapping[str, Any],
+    series: Mapping[str, Any],
+    counts: tuple[int, int] | None,
 ) -> dict[str, Any]:
     attrs: dict[str, Any] = dict(study.get("attrs", {}))
     attrs.update(series)
+    series_count, instance_count = counts or (0, 0)
     if level == "study":
-        attrs["00080061"] = (
-            {"vr": "CS", "Value": list(doc.get("modalities", []))} if doc.get("modalities") else {"vr": "CS"}
-        )
-        attrs["00201206"] = {"vr": "IS", "Value": [int(doc.get("series_count", 0))]}
-        attrs["00201208"] = {"vr": "IS", "Value": [int(doc.get("instance_count", 0))]}
+        modalities = sorted(doc.get("modalities", []))
+        attrs["00080061"] = {"vr": "CS", "Value": modalities} if modalities else {"vr": "CS"}
+        attrs["00201206"] = {"vr": "IS", "Value": [series_count]}
+        attrs["00201208"] = {"vr": "IS", "Value": [instance_count]}
     else:
         attrs.update(doc.get("attrs", {}))
         if level == "series":
-            attrs["00201209"] = {"vr": "IS", "Value": [int(doc.get("instance_count", 0))]}
+            attrs["00201209"] = {"vr": "IS", "Value": [instance_count]}
     return attrs

@@ -19,7 +19,7 @@ import pydicom
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from services.gateway.access import Verdict
+from services.gateway.access import Verdict, Where
 from services.gateway.dicomweb_common import (
     DICOM_JSON,
     NO_TOKEN,
@@ -201,10 +201,11 @@ async def _release(request: Request, backends: Backends, part: str, study: str, 
         raise NO_TOKEN
     located = await backends.index.locate(study, series, sop)
     labels = located[0].labels if located else ()
-    verdict = await authorise(backends, token, READ, "study", study, labels)
+    where = Where(located[0].site, located[0].department, located[0].patient_ref) if located else Where()
+    verdict = await authorise(backends, token, READ, "study", study, labels, where)
     if not verdict.allow and verdict.reason_code not in ("unauthenticated", "mfa_required"):
         # Researchers hold only the de-identified read: offer it in place of the identified one.
-        fallback = await authorise(backends, token, READ_DEIDENTIFIED, "study", study, labels)
+        fallback = await authorise(backends, token, READ_DEIDENTIFIED, "study", study, labels, where)
         if fallback.allow:
             verdict = fallback
     if verdict.allow and verdict.unhonourable:

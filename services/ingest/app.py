@@ -44,7 +44,7 @@ async def run(cfg: IngestConfig, stop: asyncio.Event) -> None:
                 topics,
                 cfg.max_instance_bytes,
             )
-            store = StoreServicer(pipeline)
+            store = StoreServicer(pipeline, cfg.store_max_bytes)
             names = [SERVICE_NAME, STORE_SERVICE]
             server, health = new_server(
                 [lambda s: ingest_pb2_grpc.add_IngestServiceServicer_to_server(store, s)],

@@ -20,6 +20,7 @@ class IngestConfig:
     crypto_target: str
     grpc_bind: str
     max_instance_bytes: int
+    store_max_bytes: int
     seal_piece_bytes: int
     seal_deadline_s: int
     # None only under the explicit development opt-out (dicomsafe.common.tls).
@@ -35,6 +36,8 @@ class IngestConfig:
             crypto_target=env_str("INGEST_CRYPTO_TARGET", "127.0.0.1:50051"),
             grpc_bind=env_str("INGEST_GRPC_BIND", "127.0.0.1:50055"),
             max_instance_bytes=env_int("INGEST_MAX_INSTANCE_BYTES", DEFAULT_MAX_RECORD_BYTES),
+            # Instances stored over gRPC (STOW-RS) are not bound by the broker's record size.
+            store_max_bytes=env_int("INGEST_STORE_MAX_BYTES", 256 * 1024 * 1024),
             seal_piece_bytes=env_int("INGEST_SEAL_PIECE_BYTES", 256 * 1024),
             seal_deadline_s=env_int("INGEST_SEAL_DEADLINE_S", 120),
             tls=tls_from_env(),

@@ -62,10 +62,6 @@ class IngestPipeline:
         self._topics = topics
         self._max = max_instance_bytes
 
-    @property
-    def max_instance_bytes(self) -> int:
-        return self._max
-
     async def handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
         trace_id = header(record, "trace-id") or ""
         position = f"{record.topic}/{record.partition}/{record.offset}"
@@ -86,10 +82,14 @@ class IngestPipeline:
             await self.record_refusal(ctx, exc)
             raise PermanentError(exc.code, exc.reason) from None
 
-    async def store(self, data: bytes, ctx: StoreContext) -> StoredInstance:
-        """Validate, seal and announce one instance. Raises Refused or TransientError."""
+    async def store(self, data: bytes, ctx: StoreContext, max_bytes: int | None = None) -> StoredInstance:
+        """Validate, seal and announce one instance. Raises Refused or TransientError.
+
+        ``max_bytes`` overrides the Kafka record limit for callers that stream the instance
+        (STOW-RS): the broker's message size then does not bound what a study can hold.
+        """
         try:
-            facts = validate_instance(data, self._max)
+            facts = validate_instance(data, max_bytes or self._max)
         except InvalidInstance as exc:
             raise Refused(exc.code, exc.reason) from None
 

@@ -17,22 +17,24 @@ SERVICE_NAME = "dicomsafe.v1.IngestService"
 
 
 class StoreServicer(ingest_pb2_grpc.IngestServiceServicer):
-    def __init__(self, pipeline: IngestPipeline) -> None:
+    def __init__(self, pipeline: IngestPipeline, max_bytes: int) -> None:
         self._pipeline = pipeline
+        self._max = max_bytes
 
     async def Store(
         self,
         request_iterator: AsyncIterator[ingest_pb2.StoreRequest],
         context: grpc.aio.ServicerContext[object, object],
     ) -> ingest_pb2.StoreResponse:
-        limit = self._pipeline.max_instance_bytes
+        limit = self._max
         first = await anext(request_iterator, None)
         if first is None or first.WhichOneof("part") != "metadata":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad_request: the first message must carry metadata")
         meta = first.metadata
         if meta.size > limit:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"oversized: limit is {limit} bytes")
-        # Instances are bounded by the limit above, so holding one in memory is bounded too.
+        # Held whole because validation parses the complete file; bounded by the limit above
+        # (INGEST_STORE_MAX_BYTES), which sizes the ingest pod's memory.
         data = bytearray()
         async for part in request_iterator:
             if part.WhichOneof("part") != "data":
@@ -51,7 +53,7 @@ class StoreServicer(ingest_pb2_grpc.IngestServiceServicer):
             position=f"{source}/{meta.request_id}",
         )
         try:
-            stored = await self._pipeline.store(bytes(data), ctx)
+            stored = await self._pipeline.store(bytes(data), ctx, limit)
         except Refused as exc:
             try:
                 await self._pipeline.record_refusal(ctx, exc)

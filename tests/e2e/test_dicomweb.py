@@ -73,6 +73,8 @@ def _samples() -> tuple[Upload, list[FileDataset]]:
         dicom_samples.grayscale_multiframe(study_uid=us_study, seed=4, patient=patient, frames=3, rows=32, columns=32),
         pydicom.uid.RLELossless,
     )
+    for cardiology in (us, rle):
+        cardiology.InstitutionalDepartmentName = "cardiology"
     vip = dicom_samples.mr_image(study_uid=vip_study, seed=5, rows=64, columns=64)
     vip.ConfidentialityConstraintOnPatientDataDescription = "VIP - board member"
     datasets = [*ct, us, rle, vip]
@@ -271,6 +273,19 @@ def test_wado_refusals(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
     with pytest.raises(requests.HTTPError) as frames:
         _client(stack, idp.token("res.rao")).retrieve_instance_frames(*path, [1])
     assert _status(frames) == 403
+
+
+def test_department_scope_follows_the_study(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
+    """dr.cameron's role binding is scoped to cardiology: the echo study is visible, the CT is not."""
+    cameron = _client(stack, idp.token("dr.cameron"))
+    patient_id = str(upload.datasets[next(iter(upload.originals))].PatientID)
+    visible = {s["0020000D"]["Value"][0] for s in cameron.search_for_studies(search_filters={"PatientID": patient_id})}
+    assert visible == {upload.us_study}
+    us = next(d for d in upload.datasets.values() if d.Modality == "US")
+    assert cameron.retrieve_instance(str(us.StudyInstanceUID), str(us.SeriesInstanceUID), str(us.SOPInstanceUID))
+    with pytest.raises(requests.HTTPError) as outside:
+        cameron.retrieve_study(upload.ct_study)
+    assert _status(outside) == 403
 
 
 def test_time_limited_grant_expires(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:

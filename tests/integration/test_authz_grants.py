@@ -109,6 +109,13 @@ async def test_time_limited_grants(authz, idp: LocalIssuer) -> None:  # type: ig
             authz_pb2.CreateGrantRequest(caller=admin, grant=_grant("dr.pal", "", now, now + dt.timedelta(days=365)))
         )
     assert too_long.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # A patient scope names the pseudonym, never a Patient ID in clear.
+    by_mrn = _grant("dr.pal", "", now, now + dt.timedelta(hours=1))
+    by_mrn.patient_ref = "MRN-0042"
+    with pytest.raises(grpc.aio.AioRpcError) as clear_id:
+        await stub.CreateGrant(authz_pb2.CreateGrantRequest(caller=admin, grant=by_mrn))
+    assert clear_id.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "MRN" not in (clear_id.value.details() or "")
 
     revoked = await stub.RevokeGrant(
         authz_pb2.RevokeGrantRequest(caller=admin, grant_id=created.grant_id, reason="left")

@@ -19,6 +19,7 @@ from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
 from dicomsafe.v1 import audit_pb2, authz_pb2, authz_pb2_grpc
 from services.authz.app import run
 from services.authz.config import AuthzConfig
+from services.authz.tokens import TokenRejected, TokenVerifier
 from tests.servers import Servers
 from tests.service_runner import TEST_CLIENT, free_port, running, with_tls
 from tools.oidc_issuer import LocalIssuer, running_issuer
@@ -118,3 +119,25 @@ async def test_every_bad_token_is_denied_with_a_reason(authz, idp: LocalIssuer, 
     finally:
         await consumer.stop()
     assert sorted(reasons) == sorted(cases.values())
+
+
+def test_a_remembered_token_ends_with_its_expiry(idp: LocalIssuer) -> None:
+    """Verified tokens are remembered, never past their own expiry; refusals are not remembered."""
+    verifier = TokenVerifier(idp.url, "dicomsafe", idp.jwks_url, leeway_s=0, remember_s=60)
+    token = idp.token("dr.house", amr=["pwd", "otp"], lifetime_s=2)
+    assert verifier.remembered(token) is None
+    identity = verifier.verify(token)
+    assert (identity.subject, identity.mfa) == ("dr.house", True)
+    assert verifier.remembered(token) == identity
+    wrong_audience = idp.token("dr.house", audience="elsewhere")
+    with pytest.raises(TokenRejected):
+        verifier.verify(wrong_audience)
+    assert verifier.remembered(wrong_audience) is None
+    time.sleep(3.1)  # past the token's exp (whole seconds)
+    assert verifier.remembered(token) is None
+    with pytest.raises(TokenRejected, match="expired"):
+        verifier.verify(token)
+    off = TokenVerifier(idp.url, "dicomsafe", idp.jwks_url, remember_s=0)
+    fresh = idp.token("dr.house")
+    off.verify(fresh)
+    assert off.remembered(fresh) is None

@@ -129,6 +129,7 @@ async def test_vault_outage_mid_ingest_loses_nothing(
             crypto_target=crypto_cfg.grpc_bind,
             grpc_bind=f"127.0.0.1:{free_port()}",
             max_instance_bytes=16 * 1024 * 1024,
+            store_max_bytes=16 * 1024 * 1024,
             seal_piece_bytes=256 * 1024,
             seal_deadline_s=30,
         ),

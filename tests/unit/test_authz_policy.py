@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
@@ -8,7 +9,16 @@ import pytest
 
 from services.authz.app import run
 from services.authz.config import AuthzConfig
-from services.authz.policy import PolicyError, RequestContext, ResourceRef, decide, load_policy, parse_policy
+from services.authz.policy import (
+    PolicyError,
+    RequestContext,
+    ResourceRef,
+    RoleGrant,
+    Scope,
+    decide,
+    load_policy,
+    parse_policy,
+)
 from tools.stack import POLICY_FILE
 
 POLICY = load_policy(POLICY_FILE)
@@ -67,7 +77,7 @@ POLICY = load_policy(POLICY_FILE)
 def test_decision_table(subject: str, action: str, allow: bool) -> None:
     decision = decide(POLICY, subject, action)
     assert decision.allow is allow
-    assert decision.policy_version == POLICY.version == "2026-11-25.1"
+    assert decision.policy_version == POLICY.version == "2026-11-25.2"
     assert decision.code == ("granted" if allow else "no_role")
     assert decision.roles == POLICY.subjects[subject]
 
@@ -116,12 +126,75 @@ def test_deny_names_the_subject_s_roles() -> None:
 
 def test_granted_roles_add_access_only_for_defined_roles() -> None:
     """Grants (a later source of roles) slot in through the context, never bypassing the role table."""
-    locum = decide(POLICY, "dr.locum", "instance.read", context=RequestContext(granted_roles=("radiologist",)))
+    radiologist = (RoleGrant("radiologist"),)
+    locum = decide(POLICY, "dr.locum", "instance.read", context=RequestContext(grants=radiologist))
     assert locum.allow and locum.roles == ("radiologist",)
-    ghost = decide(POLICY, "dr.locum", "instance.read", context=RequestContext(granted_roles=("superuser",)))
+    ghost = decide(POLICY, "dr.locum", "instance.read", context=RequestContext(grants=(RoleGrant("superuser"),)))
     assert not ghost.allow and ghost.code == "unknown_subject"
-    both = decide(POLICY, "tech.jane", "instance.read", context=RequestContext(granted_roles=("radiologist",)))
+    both = decide(POLICY, "tech.jane", "instance.read", context=RequestContext(grants=radiologist))
     assert both.allow and both.roles == ("technologist", "radiologist")
+
+
+NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
+HOUR = dt.timedelta(hours=1)
+REF = "0123456789abcdef" * 2
+IN_CARDIOLOGY = ResourceRef("instance", "1.2.3", labels=frozenset(), site="north", department="cardiology")
+
+
+@pytest.mark.parametrize(
+    "scope,resource,allow",
+    [
+        (Scope(), ResourceRef("instance"), True),
+        (Scope(department="cardiology"), IN_CARDIOLOGY, True),
+        (Scope(department="cardiology"), ResourceRef("instance", department="oncology"), False),
+        # A resource that does not say where it belongs is outside every placed scope.
+        (Scope(department="cardiology"), ResourceRef("instance"), False),
+        (Scope(site="north"), IN_CARDIOLOGY, True),
+        (Scope(site="south", department="cardiology"), IN_CARDIOLOGY, False),
+        (Scope(patient_ref=REF), ResourceRef("instance", "9.9", patient_ref=REF), True),
+        (Scope(patient_ref=REF), ResourceRef("instance", "9.9", patient_ref="f" * 32), False),
+        (Scope(study_instance_uid="1.2.3"), IN_CARDIOLOGY, True),
+        (Scope(study_instance_uid="1.2.4"), IN_CARDIOLOGY, False),
+    ],
+)
+def test_grants_apply_within_their_scope(scope: Scope, resource: ResourceRef, allow: bool) -> None:
+    ctx = RequestContext(grants=(RoleGrant("radiologist", scope, NOW - HOUR, NOW + HOUR),), at=NOW)
+    decision = decide(POLICY, "dr.locum", "instance.read", resource, ctx)
+    assert decision.allow is allow
+    assert decision.code == ("granted" if allow else "out_of_scope")
+    # A study query is not the radiologist grant's business outside its scope either.
+    assert decide(POLICY, "dr.locum", "study.query", resource, ctx).allow is allow
+
+
+@pytest.mark.parametrize(
+    "at,allow", [(NOW - 2 * HOUR, False), (NOW - HOUR, True), (NOW, True), (NOW + HOUR, False), (None, False)]
+)
+def test_grants_apply_only_within_their_window(at: dt.datetime | None, allow: bool) -> None:
+    ctx = RequestContext(grants=(RoleGrant("radiologist", Scope(), NOW - HOUR, NOW + HOUR),), at=at)
+    decision = decide(POLICY, "dr.locum", "instance.read", ResourceRef("instance"), ctx)
+    assert (decision.allow, decision.code) == (allow, "granted" if allow else "unknown_subject")
+
+
+def test_department_bound_subject() -> None:
+    assert POLICY.subject_scopes["dr.cameron"] == (Scope(department="cardiology"),)
+    assert decide(POLICY, "dr.cameron", "instance.read", IN_CARDIOLOGY).allow
+    elsewhere = decide(POLICY, "dr.cameron", "instance.read", ResourceRef("instance", department="oncology"))
+    assert (elsewhere.allow, elsewhere.code, elsewhere.roles) == (False, "out_of_scope", ())
+    assert elsewhere.reason == "no role of the subject grants instance.read on this resource"
+    assert decide(POLICY, "dr.cameron", "key.rotate", IN_CARDIOLOGY).code == "no_role"
+
+
+def test_only_break_glass_access_is_flagged() -> None:
+    glass = RoleGrant("emergency_reader", Scope(study_instance_uid="1.2.3"), NOW - HOUR, NOW + HOUR, break_glass=True)
+    ctx = RequestContext(grants=(glass,), at=NOW)
+    flagged = decide(POLICY, "dr.er", "instance.read", IN_CARDIOLOGY, ctx)
+    assert flagged.allow and flagged.obligations == ("break-glass",)
+    assert flagged.roles == ("emergency_physician", "emergency_reader")
+    # The standing role suffices for a query: no flag.
+    assert decide(POLICY, "dr.er", "study.query", IN_CARDIOLOGY, ctx).obligations == ()
+    assert not decide(POLICY, "dr.er", "instance.read", ResourceRef("instance", "1.2.4"), ctx).allow
+    # A radiologist with an override is not flagged for what their own role allows.
+    assert decide(POLICY, "dr.house", "instance.read", IN_CARDIOLOGY, ctx).obligations == ()
 
 
 def test_researcher_gets_deidentification_obligation() -> None:
@@ -165,6 +238,12 @@ def _doc(**overrides: Any) -> dict[str, Any]:
         (_doc(break_glass={"role": "ghost"}), "break_glass: role 'ghost' is not defined"),
         (_doc(break_glass={"role": "radiologist", "minutes": 0}), "break_glass.minutes must be an integer"),
         (_doc(sensitivity={"mfa_required": ["vip"], "colour": 1}), "sensitivity: unknown key(s) colour"),
+        (_doc(subjects={"a": {"roles": ["radiologist"], "scopes": []}}), "must be a non-empty list"),
+        (
+            _doc(subjects={"a": {"roles": ["radiologist"], "scopes": [{"patient_ref": "ab"}]}}),
+            "unknown key(s) patient_ref",
+        ),
+        (_doc(subjects={"a": {"roles": ["radiologist"], "scopes": [{"department": ""}]}}), "non-empty site and/or"),
     ],
 )
 def test_malformed_policies_are_refused(doc: dict[str, Any], message: str) -> None:

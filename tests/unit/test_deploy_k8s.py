@@ -514,6 +514,8 @@ def test_kafka_users_have_least_privilege() -> None:
     for name, acls in users.items():
         ops = {(a["resource"]["name"], op) for a in acls for op in a["operations"]}
         assert ("audit.events", "Write") in ops or name == "dicomsafe-audit", name
+        if name == "dicomsafe-authz":  # emergency override started/stopped alerts
+            assert ("security.alerts", "Write") in ops
         assert all(a["resource"]["patternType"] == "literal" for a in acls), name
         assert not {op for _, op in ops} & {"All", "Alter", "Delete", "AlterConfigs", "Create"}, name
         readers = {r for r, op in ops if op == "Read"}

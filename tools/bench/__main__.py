@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from tools import infra
-from tools.bench import audit_append, crypto_throughput
+from tools.bench import audit_append, authz_check, crypto_throughput, dicomweb
 from tools.bench.results import Result, report
 
 
@@ -21,7 +21,10 @@ def main() -> int:
     parser.add_argument("--sizes-mib", default="1,16,256", help="crypto object sizes in MiB")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--audit-events", type=int, default=20_000)
-    parser.add_argument("--only", choices=["crypto", "audit"], help="run one part only")
+    parser.add_argument("--authz-checks", type=int, default=3000, help="authz checks per configuration")
+    parser.add_argument("--dicomweb-instances", type=int, default=60)
+    parser.add_argument("--dicomweb-rounds", type=int, default=3)
+    parser.add_argument("--only", choices=["crypto", "audit", "authz", "dicomweb"], help="run one part only")
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
     args = parser.parse_args()
 
@@ -40,6 +43,16 @@ def main() -> int:
             results += crypto_throughput.run(kafka, vault_addr, vault_token, sizes, args.rounds)
         if args.only in (None, "audit"):
             results += audit_append.run(mongo, args.audit_events)
+        if args.only in (None, "authz"):
+            results += authz_check.run(kafka, mongo, args.authz_checks)
+        if args.only in (None, "dicomweb"):
+            try:
+                results += dicomweb.run(
+                    kafka, vault_addr, vault_token, mongo, args.dicomweb_instances, args.dicomweb_rounds
+                )
+            except dicomweb.OrthancMissing as exc:
+                # No invented baseline: the comparison is reported as not run.
+                print(f"dicomweb bench skipped: {exc}")
     finally:
         if need:
             infra.down(need)

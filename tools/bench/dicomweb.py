@@ -1,0 +1,250 @@
+"""DICOMweb against Orthanc on the same files, machine and run: STOW-RS rate, WADO-RS latency.
+
+dicomsafe runs as in production (every service a process; HTTPS TLS 1.3, a verified OIDC token,
+an authz decision, crypto sealing/opening and an audit event on every call). Orthanc runs from
+Debian's `orthanc` and `orthanc-dicomweb` packages with its defaults (plain HTTP, no auth), which
+flatters the baseline: the ratios are what the security costs or saves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pydicom
+import requests
+
+from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
+from tools import dicom_samples
+from tools.bench.results import Result, ratio
+from tools.oidc_issuer import running_issuer
+from tools.stack import Stack, StackSettings
+
+ORTHANC = Path("/usr/sbin/Orthanc")
+ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+STOW_BATCH = 10
+INGEST_TARGET = 1.5  # at least 1.5 times Orthanc's rate
+RETRIEVE_TARGET = 1.0  # p99 ≤ Orthanc's
+
+
+class OrthancMissing(RuntimeError):
+    pass
+
+
+def sample_files(count: int) -> list[bytes]:
+    """A mixed load: 512x512 CT slices (most of a real study), compressed slices, a cine."""
+    files: list[bytes] = []
+    study = pydicom.uid.generate_uid()
+    for i in range(count):
+        if i % 10 == 9:
+            ds = dicom_samples.jpeg2000_lossless_ct(study_uid=study, seed=i)
+        elif i % 20 == 10:
+            ds = dicom_samples.us_multiframe(study_uid=study, seed=i, frames=8, rows=240, columns=320)
+        else:
+            ds = dicom_samples.ct_image(study_uid=study, seed=i)
+        files.append(dicom_samples.to_bytes(ds))
+    return files
+
+
+def ensure_orthanc() -> None:
+    if ORTHANC.exists() and ORTHANC_DICOMWEB.exists():
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise OrthancMissing("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)")
+    subprocess.run(
+        ["apt-get", "install", "-y", "--no-install-recommends", "orthanc", "orthanc-dicomweb"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def running_orthanc(work: Path) -> Iterator[str]:
+    ensure_orthanc()
+    http, dicom = _free_port(), _free_port()
+    storage = work / "orthanc"
+    storage.mkdir()
+    config = {
+        "Name": "bench",
+        "StorageDirectory": str(storage),
+        "IndexDirectory": str(storage),
+        "HttpPort": http,
+        "DicomPort": dicom,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [str(ORTHANC_DICOMWEB)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    path = work / "orthanc.json"
+    path.write_text(json.dumps(config))
+    with (work / "orthanc.log").open("wb") as log:
+        proc = subprocess.Popen([str(ORTHANC), str(path)], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{http}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"{base}/system", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"Orthanc did not start; see {work / 'orthanc.log'}")
+            time.sleep(0.3)
+        yield f"{base}/dicom-web"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _multipart(files: list[bytes]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = b"".join(
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + b"\r\n" for data in files
+    )
+    return body + f"--{boundary}--\r\n".encode(), f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def stow_rate(session: requests.Session, root: str, files: list[bytes]) -> tuple[float, float]:
+    """(instances/s, MB/s) storing all files in requests of STOW_BATCH instances, one at a time."""
+    started = time.perf_counter()
+    for i in range(0, len(files), STOW_BATCH):
+        body, content_type = _multipart(files[i : i + STOW_BATCH])
+        reply = session.post(f"{root}/studies", data=body, headers={"Content-Type": content_type}, timeout=300)
+        if reply.status_code != 200:
+            raise RuntimeError(f"STOW-RS to {root} answered {reply.status_code}")
+    elapsed = time.perf_counter() - started
+    return len(files) / elapsed, sum(map(len, files)) / 1e6 / elapsed
+
+
+def wado_latencies(session: requests.Session, root: str, files: list[bytes], rounds: int) -> list[float]:
+    """Milliseconds per WADO-RS instance retrieval, every instance `rounds` times."""
+    paths = []
+    for data in files:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        paths.append(
+            f"{root}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+        )
+    accept = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+    samples: list[float] = []
+    for _ in range(rounds):
+        for path in paths:
+            started = time.perf_counter()
+            reply = session.get(path, headers=accept, timeout=120)
+            reply.raise_for_status()
+            samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+def _cpu_seconds(stack: Stack) -> dict[str, float]:
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for name, proc in stack.processes.items():
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        out[name] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
+def _p(samples: list[float], q: float) -> float:
+    return statistics.quantiles(samples, n=100, method="inclusive")[int(q) - 1]
+
+
+def run(kafka: str, vault_addr: str, vault_token: str, mongodb_uri: str, count: int, rounds: int) -> list[Result]:
+    files = sample_files(count)
+    with tempfile.TemporaryDirectory(prefix="dicomsafe-bench-dicomweb-") as tmp, running_issuer() as idp:
+        work = Path(tmp)
+        unique = uuid.uuid4().hex[:8]
+        topics = Topics(prefix=f"benchweb{unique}.")
+        asyncio.run(ensure_topics(kafka, topic_specs(topics, partitions=3)))
+        stack = Stack(
+            StackSettings(
+                kafka_bootstrap=kafka,
+                vault_addr=vault_addr,
+                mongodb_uri=mongodb_uri,
+                vault_admin_token=vault_token,
+                work_dir=work / "stack",
+                topic_prefix=topics.prefix,
+                base_port=52051 + int(os.environ.get("DICOMSAFE_INFRA_PORT_OFFSET", "0")),
+                audit_db=f"bench_audit_{unique}",
+                authz_db=f"bench_authz_{unique}",
+                index_db=f"bench_index_{unique}",
+                oidc_issuer=idp.url,
+                oidc_jwks_url=idp.jwks_url,
+            )
+        )
+        stack.start()
+        try:
+            ours = requests.Session()
+            ours.trust_env = False
+            ours.verify = str(stack.settings.ca_file)
+
+            def token(subject: str) -> Callable[[requests.PreparedRequest], requests.PreparedRequest]:
+                def add(request: requests.PreparedRequest) -> requests.PreparedRequest:
+                    # A fresh token per request, as a viewer refreshing short-lived tokens would.
+                    request.headers["Authorization"] = f"Bearer {idp.token(subject, lifetime_s=600)}"
+                    return request
+
+                return add
+
+            ours.auth = token("tech.jane")
+            before = _cpu_seconds(stack)
+            our_stow = stow_rate(ours, stack.settings.dicomweb_url, files)
+            spent = {name: _cpu_seconds(stack)[name] - before[name] for name in before}
+            # Where a stored instance's CPU goes, to steer optimisation (printed, not a result).
+            print("STOW-RS CPU ms per instance:", {k: round(v * 1000 / len(files), 1) for k, v in spent.items()})
+            ours.auth = token("dr.house")
+            our_wado = wado_latencies(ours, stack.settings.dicomweb_url, files, rounds)
+        finally:
+            stack.stop()
+        with running_orthanc(work) as orthanc_root:
+            theirs = requests.Session()
+            theirs.trust_env = False
+            their_stow = stow_rate(theirs, orthanc_root, files)
+            their_wado = wado_latencies(theirs, orthanc_root, files, rounds)
+    results = [
+        Result(
+            "dicomweb_stow_instances_per_s",
+            round(our_stow[0], 1),
+            "inst/s",
+            round(their_stow[0], 1),
+            ratio(our_stow[0], their_stow[0]),
+            INGEST_TARGET,
+            True,
+        ),
+        Result(
+            "dicomweb_stow_mb_per_s",
+            round(our_stow[1], 1),
+            "MB/s",
+            round(their_stow[1], 1),
+            ratio(our_stow[1], their_stow[1]),
+            INGEST_TARGET,
+            True,
+        ),
+    ]
+    for q in (50, 99):
+        mine, base = _p(our_wado, q), _p(their_wado, q)
+        # "p99 ≤ Orthanc's": an absolute ceiling equal to the baseline measured in this run.
+        target = round(base * RETRIEVE_TARGET, 2) if q == 99 else None
+        results.append(
+            Result(f"dicomweb_wado_p{q}", round(mine, 2), "ms", round(base, 2), ratio(mine, base), target, False)
+        )
+    return results
