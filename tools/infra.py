@@ -58,13 +58,13 @@ INFRA_SRC: Final = REPO_ROOT / "infra"
 HOST: Final = "127.0.0.1"
 # Fixed test ports; DICOMSAFE_INFRA_PORT_OFFSET shifts them all, so two checkouts (or a CI
 # run beside a developer's servers) can share one machine.
-_OFFSET: Final = int(os.environ.get("DICOMSAFE_INFRA_PORT_OFFSET", "0"))
-KAFKA_PORT: Final = 19092 + _OFFSET
-KAFKA_CONTROLLER_PORT: Final = 19093 + _OFFSET
+PORT_OFFSET: Final = int(os.environ.get("DICOMSAFE_INFRA_PORT_OFFSET", "0"))
+KAFKA_PORT: Final = 19092 + PORT_OFFSET
+KAFKA_CONTROLLER_PORT: Final = 19093 + PORT_OFFSET
 # A second, TLS 1.3-only listener with client certificates required (KAFKA_SECURITY_PROTOCOL=SSL).
-KAFKA_TLS_PORT: Final = 19094 + _OFFSET
-VAULT_PORT: Final = 18200 + _OFFSET
-MONGO_PORT: Final = 27217 + _OFFSET
+KAFKA_TLS_PORT: Final = 19094 + PORT_OFFSET
+VAULT_PORT: Final = 18200 + PORT_OFFSET
+MONGO_PORT: Final = 27217 + PORT_OFFSET
 MONGO_ADMIN_USER: Final = "dicomsafe-admin"
 # Sized for "small instances inline" in events; large objects travel by reference
 # (see ARCHITECTURE.md), so nothing should depend on this limit.

@@ -226,7 +226,7 @@ class Stack:
             proc = self.processes[service]
             if proc.poll() is not None:
                 raise RuntimeError(f"{service} exited with {proc.returncode}; see {self.log_file(service)}")
-            if asyncio.run(_serving(self.settings.target(service), self.settings.client_tls("ops"))):
+            if asyncio.run(serving(self.settings.target(service), self.settings.client_tls("ops"))):
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{service} not healthy after {timeout_s:.0f}s; see {self.log_file(service)}")
@@ -263,7 +263,8 @@ async def _ensure_user(admin_uri: str, database: str, user: str, password: str, 
         await client.close()
 
 
-async def _serving(target: str, tls: TlsConfig) -> bool:
+async def serving(target: str, tls: TlsConfig) -> bool:
+    """Whether the gRPC health service at ``target`` answers SERVING (asked as ``tls``'s identity)."""
     async with new_channel(target, tls) as channel:
         try:
             request = health_pb2.HealthCheckRequest(service="")

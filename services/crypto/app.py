@@ -35,7 +35,10 @@ async def run(cfg: CryptoConfig, stop: asyncio.Event) -> None:
             tls=cfg.tls,
             allow=cfg.grpc_allow,
         )
-        await run_until_stopped(server, health, [SERVICE_NAME], stop, log)
+        try:
+            await run_until_stopped(server, health, [SERVICE_NAME], stop, log)
+        finally:
+            servicer.close()
     finally:
         await producer.stop()
 

@@ -3,9 +3,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicomsafe.common.config import env_int, env_opt, env_secret, env_str
+from dicomsafe.common.config import env_int, env_opt, env_str
 from dicomsafe.common.peer_auth import PeerAllowlist
 from dicomsafe.common.tls import TlsConfig, tls_from_env
+from dicomsafe.common.vault import vault_auth_from_env
 from services.crypto.sealed_format import DEFAULT_CHUNK_SIZE
 from services.crypto.vault_keys import VaultSettings
 
@@ -29,6 +30,7 @@ class CryptoConfig:
 
     @classmethod
     def from_env(cls) -> CryptoConfig:
+        auth = vault_auth_from_env()
         return cls(
             grpc_bind=env_str("CRYPTO_GRPC_BIND", "127.0.0.1:50051"),
             store_dir=Path(env_str("CRYPTO_STORE_DIR", "var/store")),
@@ -37,14 +39,17 @@ class CryptoConfig:
             kafka_bootstrap=env_str("KAFKA_BOOTSTRAP"),
             topic_prefix=env_opt("KAFKA_TOPIC_PREFIX"),
             vault=VaultSettings(
-                addr=env_str("VAULT_ADDR"),
+                addr=auth.addr,
                 transit_mount=env_str("VAULT_TRANSIT_MOUNT", "transit"),
                 key_name=env_str("CRYPTO_KEY_NAME", "dicomsafe-dek"),
-                token=env_secret("VAULT_TOKEN"),
-                role_id=env_secret("VAULT_ROLE_ID"),
-                secret_id=env_secret("VAULT_SECRET_ID"),
-                ca_cert=env_secret("VAULT_CACERT_PATH"),
+                token=auth.token,
+                role_id=auth.role_id,
+                secret_id=auth.secret_id,
+                ca_cert=auth.ca_cert,
                 dek_cache_ttl_s=env_int("CRYPTO_DEK_CACHE_TTL_S", 30),
+                k8s_role=auth.k8s_role,
+                k8s_token_path=auth.k8s_token_path,
+                k8s_mount=auth.k8s_mount,
             ),
             tls=tls_from_env(),
             grpc_allow=PeerAllowlist.parse(env_str("CRYPTO_GRPC_ALLOW", DEFAULT_GRPC_ALLOW)),

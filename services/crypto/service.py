@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
 import grpc
@@ -17,6 +17,7 @@ from dicomsafe.common.vault import VaultUnavailable
 from dicomsafe.v1 import audit_pb2, crypto_pb2, crypto_pb2_grpc
 from services.crypto import sealed_format as fmt
 from services.crypto.object_store import HotStore, InvalidObjectId, PendingObject
+from services.crypto.pipeline import SealSink
 from services.crypto.rewrap import Rewrapper
 from services.crypto.vault_keys import (
     KeyVersions,
@@ -31,7 +32,6 @@ log = logging.getLogger("dicomsafe.crypto")
 SERVICE_NAME = "dicomsafe.v1.CryptoService"
 # Plaintext is streamed back in pieces of this size (well under the gRPC message limit).
 OPEN_PIECE_BYTES = 1024 * 1024
-BACKGROUND_SYNC_BYTES = 4 * 1024 * 1024
 
 Action = audit_pb2.AuditAction
 Outcome = audit_pb2.AuditOutcome
@@ -54,6 +54,12 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         self._chunk_size = chunk_size
         self._max_object_bytes = max_object_bytes
         self._rewrapper = Rewrapper(store, keys, audit)
+        # Two threads: one seal's step runs while another seal's hashing/writing releases the GIL.
+        self._seal_steps = ThreadPoolExecutor(max_workers=2, thread_name_prefix="seal")
+
+    def close(self) -> None:
+        """After the server has drained: no seal is running any more."""
+        self._seal_steps.shutdown(wait=True)
 
     # -- describe ---------------------------------------------------------------------------
 
@@ -171,33 +177,22 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         meta: crypto_pb2.SealMetadata,
         context: grpc.aio.ServicerContext[object, object],
     ) -> tuple[crypto_pb2.ObjectDescription, str]:
-        plain_hash = hashlib.sha256()
-        size = 0
-        loop = asyncio.get_running_loop()
-        syncing: asyncio.Future[None] | None = None
-        synced_at = 0
-        pending.write(writer.header_bytes())
-        async for req in request_iterator:
-            if req.HasField("metadata"):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "metadata may only be sent once")
-            data = req.data
-            size += len(data)
-            if size > self._max_object_bytes:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"object exceeds {self._max_object_bytes} bytes")
-            # SHA-256 and file writes release the GIL, AES-GCM does not: hash and write in
-            # worker threads while this thread encrypts.
-            hashing = loop.run_in_executor(None, plain_hash.update, data)
-            sealed = writer.update(data)
-            await loop.run_in_executor(None, pending.write, sealed)
-            await hashing
-            if pending.size - synced_at >= BACKGROUND_SYNC_BYTES and (syncing is None or syncing.done()):
-                # Flush to disk as we go so the final fsync only has the tail left to write.
-                synced_at = pending.size
-                syncing = loop.run_in_executor(None, pending.sync_data)
-        pending.write(writer.finalize())
-        if syncing is not None:
-            await syncing
-        plain_sha = plain_hash.hexdigest()
+        sink = SealSink(writer, pending, self._seal_steps)
+        try:
+            async for req in request_iterator:
+                if req.HasField("metadata"):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "metadata may only be sent once")
+                data = req.data
+                if sink.plaintext_size + len(data) > self._max_object_bytes:
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"object exceeds {self._max_object_bytes} bytes"
+                    )
+                await sink.feed(data)
+            plain_sha = await sink.finish()
+        except BaseException:
+            await sink.settle()
+            raise
+        size = sink.plaintext_size
         if meta.expected_sha256 and meta.expected_sha256 != plain_sha:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "received bytes do not match expected_sha256")
         if meta.expected_size and meta.expected_size != size:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import hvac
 import hvac.exceptions
 
-from dicomsafe.common.vault import VaultAuth, VaultSession, VaultUnavailable
+from dicomsafe.common.vault import DEFAULT_K8S_TOKEN_PATH, VaultAuth, VaultSession, VaultUnavailable
 
 log = logging.getLogger("dicomsafe.crypto.vault")
 
@@ -65,6 +65,10 @@ class VaultSettings:
     # on cached DEKs only after this long.
     dek_cache_ttl_s: float = 30.0
     erasure_mount: str = "dicomsafe-erasure"
+    # Kubernetes auth instead of AppRole (see dicomsafe.common.vault.VaultAuth).
+    k8s_role: str | None = None
+    k8s_token_path: str = DEFAULT_K8S_TOKEN_PATH
+    k8s_mount: str = "kubernetes"
 
 
 class DekCache:
@@ -119,6 +123,9 @@ class TransitKeys:
                 secret_id=settings.secret_id,
                 ca_cert=settings.ca_cert,
                 timeout_s=settings.timeout_s,
+                k8s_role=settings.k8s_role,
+                k8s_token_path=settings.k8s_token_path,
+                k8s_mount=settings.k8s_mount,
             )
         )
         self._dek_cache = DekCache(settings.dek_cache_ttl_s)

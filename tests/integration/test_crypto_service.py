@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
 from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc
+from services.crypto import sealed_format as fmt
 from services.crypto.app import run
 from services.crypto.config import CryptoConfig
 from services.ingest.sealing import Sealer, SealFailure, object_id_for
@@ -141,6 +144,48 @@ async def test_hash_mismatch_is_refused_and_nothing_is_stored(crypto) -> None:  
     meta.expected_sha256 = hashlib.sha256(b"something else").hexdigest()
     with pytest.raises(SealFailure) as info:
         await Sealer(stub, 64 * 1024, 60).seal(data, meta)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert not list(cfg.store_dir.rglob("*.dso"))
+    assert not list(cfg.store_dir.rglob("*.tmp"))
+
+
+async def test_large_object_in_odd_pieces_round_trips_through_the_seal_pipeline(crypto) -> None:  # type: ignore[no-untyped-def]
+    # Several batches and background syncs, pieces that straddle chunk and batch boundaries.
+    stub, cfg = crypto
+    data = os.urandom(9 * 1024 * 1024 + 12345)
+    sha = hashlib.sha256(data).hexdigest()
+    meta = crypto_pb2.SealMetadata(
+        object_id=sha,
+        sop_instance_uid="1.2.3.4",
+        study_instance_uid="1.2.3",
+        expected_sha256=sha,
+        expected_size=len(data),
+    )
+    sealed = await Sealer(stub, 100_003, 60).seal(data, meta)
+    chunks = -(-len(data) // CHUNK)
+    assert sealed.plaintext_sha256 == sha
+    header_len = sealed.object.sealed_size - len(data) - chunks * fmt.TAG_SIZE
+    assert next(cfg.store_dir.rglob("*.dso")).stat().st_size == sealed.object.sealed_size
+    assert 0 < header_len <= fmt.MAX_HEADER_SIZE
+    assert await _open(stub, sha) == data
+    assert not list(cfg.store_dir.rglob("*.tmp"))
+
+
+async def test_seal_over_the_size_limit_mid_stream_leaves_nothing(
+    pki: Pki, servers: Servers, tmp_path: Path, creds: vault_setup.AppRoleCredentials, unique: str
+) -> None:
+    # No expected_size, so the limit is only found out while batches are being sealed.
+    cfg = dataclasses.replace(_config(pki, servers, tmp_path, creds, unique), max_object_bytes=3 * 1024 * 1024)
+    await ensure_topics(servers.kafka_bootstrap, topic_specs(Topics(cfg.topic_prefix), partitions=1))
+    async with (
+        running(lambda stop: run(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)),
+        new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as channel,
+    ):
+        stub = crypto_pb2_grpc.CryptoServiceStub(channel)
+        data = os.urandom(5 * 1024 * 1024)
+        meta = crypto_pb2.SealMetadata(object_id="ab" * 32, sop_instance_uid="1.2.3.4", study_instance_uid="1.2.3")
+        with pytest.raises(SealFailure) as info:
+            await Sealer(stub, 256 * 1024, 60).seal(data, meta)
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert not list(cfg.store_dir.rglob("*.dso"))
     assert not list(cfg.store_dir.rglob("*.tmp"))
