@@ -16,9 +16,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.peer_auth import PeerAllowlist
 from dicomsafe.common.tls import TlsConfig
+from services.authz.config import AuthzConfig
 from services.crypto.config import CryptoConfig
 from services.crypto.vault_keys import VaultSettings
+from tools.oidc_issuer import LocalIssuer
 from tools.pki import Pki
+from tools.stack import POLICY_FILE
 from tools.vault_setup import AppRoleCredentials
 
 # The identity tests of a service's behaviour call it with, whatever the method: admitted on
@@ -111,3 +114,15 @@ def with_tls(cfg: C, pki: Pki, identity: str) -> C:
     if isinstance(allow, PeerAllowlist):
         changes["grpc_allow"] = PeerAllowlist({m: who | {TEST_CLIENT} for m, who in allow.rules.items()})
     return dataclasses.replace(cfg, **changes)  # type: ignore[type-var]
+
+
+def authz_config(kafka_bootstrap: str, topic_prefix: str, issuer: LocalIssuer | None = None) -> AuthzConfig:
+    """An authz service on a free port with the deployed policy; with an issuer, tokens are verified."""
+    return AuthzConfig(
+        f"127.0.0.1:{free_port()}",
+        POLICY_FILE,
+        kafka_bootstrap,
+        topic_prefix,
+        oidc_issuer=issuer.url if issuer else "",
+        oidc_jwks_url=issuer.jwks_url if issuer else "",
+    )

@@ -112,19 +112,20 @@ async def retrieve(target: str, tls: TlsConfig, token: str, object_id: str) -> t
 
 
 async def audit_trail(
-    target: str, tls: TlsConfig, want: int, timeout_s: float
+    target: str, tls: TlsConfig, token: str, want: int, timeout_s: float
 ) -> tuple[audit_pb2.VerifyResponse, list[audit_pb2.AuditRecord]]:
+    """As the auditor: reading the trail needs the auditor role, and is itself recorded."""
     async with new_channel(target, tls) as channel:
         stub = audit_pb2_grpc.AuditServiceStub(channel)
         deadline = time.monotonic() + timeout_s
         while True:
-            verdict = await stub.Verify(audit_pb2.VerifyRequest(), timeout=30)
+            verdict = await stub.Verify(audit_pb2.VerifyRequest(access_token=token), timeout=30)
             # Wait for the records, and for every chain's head to be signed (every few seconds).
             complete = verdict.records_checked >= want and verdict.checkpoints_checked >= verdict.chains_checked
             if complete or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.5)
-        records = [r async for r in stub.Query(audit_pb2.QueryRequest(limit=200), timeout=30)]
+        records = [r async for r in stub.Query(audit_pb2.QueryRequest(limit=200, access_token=token), timeout=30)]
     return verdict, records
 
 
@@ -190,7 +191,7 @@ async def story(stack: Stack, servers: Servers, topics: Topics, idp: LocalIssuer
     # retrieval; each refused read: decision + retrieval.
     want = 2 * len(samples) + 1 + 3 + 2 * len(refused_cases)
     verdict, records = await audit_trail(
-        stack.settings.target("audit"), stack.settings.client_tls("ops"), want, timeout_s=60
+        stack.settings.target("audit"), stack.settings.client_tls("ops"), idp.token("aud.ito"), want, timeout_s=60
     )
     say(
         f"\n⑤ audit trail in MongoDB: {verdict.records_checked} records in {verdict.chains_checked} hash chains, "

@@ -134,6 +134,7 @@ def service_env(s: StackSettings, service: str) -> dict[str, str]:
             "AUDIT_CHECKPOINT_INTERVAL_S": "2",
             "AUDIT_MONGODB_DB": s.audit_db,
             "AUDIT_GROUP_ID": f"{s.topic_prefix}dicomsafe-audit",
+            "AUDIT_AUTHZ_TARGET": s.target("authz"),
         },
         "gateway": {
             "GATEWAY_GRPC_BIND": bind,

@@ -1,6 +1,9 @@
 """`python -m services.audit` runs the service.
 
 python -m services.audit verify [--chain C]       recompute the chains; exit 1 if broken
+python -m services.audit query --target HOST:PORT [filters]
+                                                  records through the service (token in
+                                                  AUDIT_ACCESS_TOKEN[_FILE]; audited, auditors only)
 python -m services.audit provision --password-file F
                                                   admin step: indexes + insert/find-only writer
 """
@@ -19,22 +22,29 @@ from typing import Any
 from pymongo import AsyncMongoClient
 
 from dicomsafe.common.vault import VaultSession
+from dicomsafe.v1 import audit_pb2
 from services.audit.app import main as serve
 from services.audit.checkpoints import CheckpointSigner
 from services.audit.config import AuditConfig
 from services.audit.exports import NotExportable, to_dicom_xml, to_fhir
 from services.audit.patterns import Rules, find_patterns
+from services.audit.progress import ProgressBar
 from services.audit.provision import provision
+from services.audit.remote_cli import query_via_service, verify_via_service
 from services.audit.store import AuditStore
 
 
-async def _verify(chain: str) -> int:
+async def _verify(chain: str, show_progress: bool) -> int:
     cfg = AuditConfig.from_env(serving=False)
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
     try:
         signer = CheckpointSigner(VaultSession(cfg.vault)) if cfg.vault else None
         keys = await asyncio.to_thread(signer.public_keys) if signer else None
-        verdict = await AuditStore(client, cfg.database).verify(chain, keys)
+        store = AuditStore(client, cfg.database)
+        bar = ProgressBar(await store.estimated_records()) if show_progress else None
+        verdict = await store.verify(chain, keys, bar.advance if bar else None)
+        if bar:
+            bar.finish()
     finally:
         await client.close()
     print(f"{verdict.records} records in {verdict.chains} chains, {verdict.checkpoints} signed checkpoints")
@@ -132,6 +142,23 @@ if len(sys.argv) > 1:
     sub = parser.add_subparsers(dest="command", required=True)
     verify = sub.add_parser("verify", help="recompute every hash chain and name the first broken record")
     verify.add_argument("--chain", default="")
+    verify.add_argument(
+        "--progress", action="store_true", help="progress bar on stderr (default: only when stderr is a terminal)"
+    )
+    verify.add_argument(
+        "--target", default="", help="ask the running service (token in AUDIT_ACCESS_TOKEN[_FILE]) instead of MongoDB"
+    )
+    verify.add_argument("--subject", default="", help="subject id (only where authz runs without an identity provider)")
+    query = sub.add_parser("query", help="records through the running service: authorised by authz, itself audited")
+    query.add_argument("--target", required=True, help="the audit service, host:port")
+    query.add_argument("--subject", default="", help="subject id (only where authz runs without an identity provider)")
+    query.add_argument("--actor", default="")
+    query.add_argument("--patient-ref", default="")
+    query.add_argument("--study", default="")
+    query.add_argument("--object-id", default="")
+    query.add_argument("--since", default="", help="ISO 8601, UTC if no offset")
+    query.add_argument("--until", default="")
+    query.add_argument("--limit", type=int, default=100)
     prov = sub.add_parser("provision", help="admin: create indexes and the insert/find-only writer")
     prov.add_argument("--password-file", type=Path, required=True, help="read if present, else generated and written")
     exposure = sub.add_parser(
@@ -161,8 +188,23 @@ if len(sys.argv) > 1:
         sys.exit(asyncio.run(_report(args.since, args.until, rules)))
     if args.command == "export":
         sys.exit(asyncio.run(_export(args.format, args.actor, args.patient_ref, args.since, args.until, args.limit)))
+    if args.command == "verify" and args.target:
+        sys.exit(asyncio.run(verify_via_service(args.target, args.subject, args.chain)))
     if args.command == "verify":
-        sys.exit(asyncio.run(_verify(args.chain)))
+        sys.exit(asyncio.run(_verify(args.chain, args.progress or sys.stderr.isatty())))
+    if args.command == "query":
+        request = audit_pb2.QueryRequest(
+            actor=args.actor,
+            patient_ref=args.patient_ref,
+            study_instance_uid=args.study,
+            object_id=args.object_id,
+            limit=args.limit,
+        )
+        if args.since:
+            request.since.FromDatetime(_when(args.since))
+        if args.until:
+            request.until.FromDatetime(_when(args.until))
+        sys.exit(asyncio.run(query_via_service(args.target, args.subject, request)))
     if args.command == "exposure":
         sys.exit(asyncio.run(_exposure(args.actor, args.since, args.until)))
     sys.exit(_provision(args.password_file))

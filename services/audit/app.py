@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
 
-from dicomsafe.common.grpc_runtime import new_server, run_until_stopped, service_main
+from dicomsafe.common.audit_emitter import AuditEmitter
+from dicomsafe.common.grpc_runtime import new_channel, new_server, run_until_stopped, service_main
 from dicomsafe.common.kafka import (
     DeadLetterPublisher,
     Topics,
@@ -21,24 +24,30 @@ from dicomsafe.common.kafka import (
     require_topics,
 )
 from dicomsafe.common.vault import VaultSession, VaultUnavailable
-from dicomsafe.v1 import audit_pb2_grpc
+from dicomsafe.v1 import audit_pb2_grpc, authz_pb2_grpc
+from services.audit.access import AuditAccess
+from services.audit.alerts import AlertRaiser, alert_forever
 from services.audit.checkpoints import CheckpointSigner
 from services.audit.config import AuditConfig
 from services.audit.consumer import AuditConsumer
+from services.audit.patterns import Rules
 from services.audit.service import SERVICE_NAME, AuditServicer
 from services.audit.store import AuditStore
+from services.audit.syslog_forward import SyslogForwarder, SyslogTarget, forward_forever
 
 log = logging.getLogger("dicomsafe.audit")
 
 
 async def run(cfg: AuditConfig, stop: asyncio.Event) -> None:
     topics = Topics(cfg.topic_prefix)
-    await require_topics(cfg.kafka_bootstrap, [topics.audit, dlq_topic(topics.audit)])
+    required = [topics.audit, dlq_topic(topics.audit)] + ([topics.alerts] if cfg.alert_interval_s > 0 else [])
+    await require_topics(cfg.kafka_bootstrap, required)
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
     store = AuditStore(client, cfg.database)
     await store.check_indexes()
     producer = new_producer(cfg.kafka_bootstrap, "dicomsafe-audit")
     consumer = new_consumer(cfg.kafka_bootstrap, cfg.group_id, [topics.audit], "dicomsafe-audit")
+    authz_channel = new_channel(cfg.authz_target, cfg.tls)
     await producer.start()
     try:
         await consumer.start()
@@ -46,7 +55,12 @@ async def run(cfg: AuditConfig, stop: asyncio.Event) -> None:
             signer = CheckpointSigner(VaultSession(cfg.vault)) if cfg.vault else None
             if signer is None:
                 log.warning("checkpoints disabled: truncation of a chain's tail will not be detectable")
-            servicer = AuditServicer(store, signer)
+            access = AuditAccess(
+                authz_pb2_grpc.AuthzServiceStub(authz_channel),
+                AuditEmitter(producer, "audit", topics.audit),
+                cfg.authz_deadline_s,
+            )
+            servicer = AuditServicer(store, signer, access)
             server, health = new_server(
                 [lambda s: audit_pb2_grpc.add_AuditServiceServicer_to_server(servicer, s)],
                 [SERVICE_NAME],
@@ -64,14 +78,29 @@ async def run(cfg: AuditConfig, stop: asyncio.Event) -> None:
                 handle_batch=handler.handle_batch,
                 max_records=500,
             )
-            background = (
-                [loop] if signer is None else [loop, checkpoint_forever(store, signer, cfg.checkpoint_interval_s, stop)]
-            )
+            background: list[Awaitable[None]] = [loop]
+            if signer is not None:
+                background.append(checkpoint_forever(store, signer, cfg.checkpoint_interval_s, stop))
+            if cfg.alert_interval_s > 0:
+                raiser = AlertRaiser(
+                    store,
+                    producer,
+                    topics.alerts,
+                    Rules(timezone=cfg.alert_timezone),
+                    dt.timedelta(seconds=cfg.alert_window_s),
+                )
+                background.append(alert_forever(raiser, cfg.alert_interval_s, stop))
+            else:
+                log.warning("pattern alerts disabled (AUDIT_ALERT_INTERVAL_S=0)")
+            if cfg.syslog_target:
+                forwarder = SyslogForwarder(store, syslog_target(cfg))
+                background.append(forward_forever(forwarder, cfg.syslog_interval_s, stop))
             await run_until_stopped(server, health, [SERVICE_NAME], stop, log, background=background)
         finally:
             await consumer.stop()
     finally:
         await producer.stop()
+        await authz_channel.close()
         await client.close()
 
 
@@ -95,6 +124,13 @@ async def checkpoint_forever(store: AuditStore, signer: CheckpointSigner, interv
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=interval_s)
+
+
+def syslog_target(cfg: AuditConfig) -> SyslogTarget:
+    host, _, port = cfg.syslog_target.rpartition(":")
+    if not host or not port.isdigit() or not cfg.syslog_ca_file:
+        raise ValueError("AUDIT_SYSLOG_TARGET must be host:port, with AUDIT_SYSLOG_CA_FILE")
+    return SyslogTarget(host, int(port), cfg.syslog_ca_file, cfg.syslog_hostname)
 
 
 def main() -> None:

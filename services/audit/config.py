@@ -24,6 +24,20 @@ class AuditConfig:
     # chain's tail is not detectable.
     vault: VaultAuth | None = None
     checkpoint_interval_s: int = 30
+    # authz decides who may Query and Verify (audit.read / audit.verify).
+    authz_target: str = "127.0.0.1:50052"
+    authz_deadline_s: float = 10.0
+    # The unusual-pattern rules run every interval over the last window of recorded events
+    # and raise alerts on `security.alerts`; interval 0 turns them off.
+    alert_interval_s: int = 60
+    alert_window_s: int = 3600
+    # The hospital's time zone, for the working-hours rule.
+    alert_timezone: str = "UTC"
+    # The external audit repository (RFC 5424 over TLS 1.3): "" = no forwarding.
+    syslog_target: str = ""
+    syslog_ca_file: str = ""
+    syslog_hostname: str = "dicomsafe-audit"
+    syslog_interval_s: int = 5
     # None only under the explicit development opt-out (dicomsafe.common.tls).
     tls: TlsConfig | None = None
     grpc_allow: PeerAllowlist = DEFAULT_ALLOWLIST
@@ -44,6 +58,15 @@ class AuditConfig:
             database=env_str("AUDIT_MONGODB_DB", "dicomsafe_audit"),
             vault=None if env_opt("AUDIT_CHECKPOINTS") == "disabled" else vault_auth_from_env(),
             checkpoint_interval_s=env_int("AUDIT_CHECKPOINT_INTERVAL_S", 30),
+            authz_target=env_str("AUDIT_AUTHZ_TARGET", "127.0.0.1:50052"),
+            authz_deadline_s=float(env_int("AUDIT_AUTHZ_DEADLINE_S", 10)),
+            alert_interval_s=env_int("AUDIT_ALERT_INTERVAL_S", 60),
+            alert_window_s=env_int("AUDIT_ALERT_WINDOW_S", 3600),
+            alert_timezone=env_str("AUDIT_ALERT_TIMEZONE", "UTC"),
+            syslog_target=env_opt("AUDIT_SYSLOG_TARGET"),
+            syslog_ca_file=env_opt("AUDIT_SYSLOG_CA_FILE"),
+            syslog_hostname=env_str("AUDIT_SYSLOG_HOSTNAME", "dicomsafe-audit"),
+            syslog_interval_s=env_int("AUDIT_SYSLOG_INTERVAL_S", 5),
             tls=tls_from_env() if serving else None,
             grpc_allow=PeerAllowlist.parse(env_str("AUDIT_GRPC_ALLOW", DEFAULT_GRPC_ALLOW)),
         )

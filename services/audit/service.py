@@ -1,4 +1,4 @@
-"""AuditService gRPC: Verify the chains, Query records."""
+"""AuditService gRPC: Verify the chains, Query records — for callers authz allows, every attempt audited."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pymongo.errors import PyMongoError
 
 from dicomsafe.common.vault import VaultUnavailable
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc
+from services.audit.access import READ, VERIFY, AuditAccess, Refused, Request
 from services.audit.checkpoints import CheckpointSigner
 from services.audit.store import AuditStore
 
@@ -17,13 +18,29 @@ SERVICE_NAME = "dicomsafe.v1.AuditService"
 
 
 class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
-    def __init__(self, store: AuditStore, signer: CheckpointSigner | None) -> None:
+    def __init__(self, store: AuditStore, signer: CheckpointSigner | None, access: AuditAccess) -> None:
         self._store = store
         self._signer = signer
+        self._access = access
+
+    async def _authorize(
+        self, action: str, request: Request, context: grpc.aio.ServicerContext[object, object]
+    ) -> None:
+        try:
+            await self._access.authorize(action, request)
+        except Refused as refused:
+            await context.abort(refused.code, refused.message)
 
     async def Verify(
         self, request: audit_pb2.VerifyRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> audit_pb2.VerifyResponse:
+        asked = Request(
+            "verify",
+            request.subject_id,
+            request.access_token,
+            filters={"chain": request.chain} if request.chain else {},
+        )
+        await self._authorize(VERIFY, asked, context)
         try:
             keys = await asyncio.to_thread(self._signer.public_keys) if self._signer else None
             verdict = await self._store.verify(request.chain, keys)
@@ -44,6 +61,24 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     ) -> AsyncIterator[audit_pb2.AuditRecord]:
         since = request.since.ToDatetime(tzinfo=None) if request.HasField("since") else None
         until = request.until.ToDatetime(tzinfo=None) if request.HasField("until") else None
+        limit = request.limit or 100
+        filters = {"limit": str(limit)}
+        if request.actor:
+            filters["actor_filter"] = request.actor
+        if since:
+            filters["since"] = request.since.ToJsonString()
+        if until:
+            filters["until"] = request.until.ToJsonString()
+        asked = Request(
+            "query",
+            request.subject_id,
+            request.access_token,
+            study_instance_uid=request.study_instance_uid,
+            patient_ref=request.patient_ref,
+            object_id=request.object_id,
+            filters=filters,
+        )
+        await self._authorize(READ, asked, context)
         try:
             async for record in self._store.query(
                 patient_ref=request.patient_ref,
@@ -52,7 +87,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
                 object_id=request.object_id,
                 since=since,
                 until=until,
-                limit=request.limit or 100,
+                limit=limit,
             ):
                 yield record
         except PyMongoError as exc:

@@ -6,14 +6,19 @@ a record, once written, changes only by tampering — which verification detects
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
+import bson
+from bson.datetime_ms import DatetimeMS
 from bson.errors import InvalidDocument
+from bson.raw_bson import RawBSONDocument
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.json_format import ParseDict
 from pymongo import ASCENDING, AsyncMongoClient
@@ -22,13 +27,29 @@ from pymongo.write_concern import WriteConcern
 
 from dicomsafe.common.kafka import PermanentError, TransientError
 from dicomsafe.v1 import audit_pb2
-from services.audit.chain import GENESIS, Break, ChainVerifier, event_document, link_hash
+from services.audit.bson_fields import documents
+from services.audit.chain import (
+    GENESIS,
+    RECORD_VERSION,
+    Break,
+    ChainVerifier,
+    event_document,
+    hashed_elements,
+    link_hash_v2,
+)
 from services.audit.checkpoints import Checkpoint, signature_valid
 
 log = logging.getLogger("dicomsafe.audit.store")
 
 COLLECTION = "events"
 CHECKPOINTS = "checkpoints"
+# Markers of raised security alerts (services/audit/alerts.py): insert-only, like the rest.
+ALERTS = "alerts"
+# Positions up to which each chain went to the external audit repository (syslog_forward.py).
+FORWARDED = "forwarded"
+# Records per raw batch when verifying (~3.5 MB), and chains checked side by side.
+VERIFY_BATCH = 5000
+VERIFY_PARALLEL_CHAINS = 4
 # Duplicate key (11000; 11001 and 12582 from older servers).
 _DUPLICATE_KEY = frozenset({11000, 11001, 12582})
 # Per-document write errors that a retry can clear (write conflict, time limit, failover).
@@ -53,6 +74,30 @@ class Verdict:
         return not self.breaks
 
 
+def chained_records(chain: str, head: Head, events: Sequence[tuple[str, bytes]]) -> list[dict[str, Any]]:
+    """Records (version 2) continuing a chain from its head: (event id, event BSON) each."""
+    records, prev, seq = [], head.hash, head.seq
+    # BSON dates hold milliseconds: the hash covers exactly what is stored.
+    recorded_at = DatetimeMS(time.time_ns() // 1_000_000)
+    for event_id, event_bson in events:
+        seq += 1
+        # The writer's layout (chain.py): hash last, over everything before it.
+        record: dict[str, Any] = {
+            "chain": chain,
+            "seq": seq,
+            "v": RECORD_VERSION,
+            "prev_hash": prev,
+            "event_id": event_id,
+            "event": RawBSONDocument(event_bson),
+            "recorded_at": recorded_at,
+        }
+        digest = link_hash_v2(prev, hashed_elements(record))
+        record["hash"] = digest
+        records.append(record)
+        prev = digest
+    return records
+
+
 class AuditStore:
     def __init__(self, client: AsyncMongoClient[dict[str, Any]], database: str) -> None:
         # Majority + journal: an acknowledged insert survives a crash, so the offset may be committed.
@@ -61,6 +106,8 @@ class AuditStore:
         self._checkpoints = client[database].get_collection(
             CHECKPOINTS, write_concern=WriteConcern(w="majority", j=True)
         )
+        self._alerts = client[database].get_collection(ALERTS, write_concern=WriteConcern(w="majority", j=True))
+        self._forwarded = client[database].get_collection(FORWARDED, write_concern=WriteConcern(w="majority", j=True))
 
     async def ensure_indexes(self) -> None:
         await self._events.create_index([("chain", ASCENDING), ("seq", ASCENDING)], unique=True, name="chain_seq")
@@ -71,6 +118,9 @@ class AuditStore:
         await self._events.create_index("event.patient_ref", name="patient")
         await self._events.create_index("recorded_at", name="recorded_at")
         await self._checkpoints.create_index([("chain", ASCENDING), ("seq", ASCENDING)], unique=True, name="chain_seq")
+        # Also creates the collection, which the insert/find-only writer may not do itself everywhere.
+        await self._alerts.create_index([("rule", ASCENDING), ("actor", ASCENDING)], name="rule_actor")
+        await self._forwarded.create_index([("chain", ASCENDING), ("seq", ASCENDING)], unique=True, name="chain_seq")
 
     async def check_indexes(self) -> None:
         """The service's own user may not create indexes: refuse to run without them, since
@@ -101,7 +151,12 @@ class AuditStore:
         chained again from the new head. On a taken seq (another writer, e.g. a consumer about
         to lose its partition) the head is reloaded and the rest retried.
         """
-        docs_events = [(event.event_id, event_document(event)) for event in events]
+        try:
+            # The event's BSON bytes are hashed as they will be stored (chain.py, version 2).
+            docs_events = [(event.event_id, bson.encode(event_document(event))) for event in events]
+        except InvalidDocument:
+            # E.g. a NUL byte in a details key. The message may quote content: only its type.
+            raise PermanentError("bad_event", "audit event cannot be stored as a document (InvalidDocument)") from None
         results: list[int | None] = [None] * len(events)
         pending = list(range(len(events)))
         seen: set[str] = set()
@@ -112,23 +167,7 @@ class AuditStore:
                 if not pending:
                     return results
                 head = self._heads.get(chain) or await self._load_head(chain)
-                records, prev, seq = [], head.hash, head.seq
-                for i in pending:
-                    seq += 1
-                    event_id, doc_event = docs_events[i]
-                    digest = link_hash(prev, chain, seq, doc_event)
-                    records.append(
-                        {
-                            "chain": chain,
-                            "seq": seq,
-                            "event_id": event_id,
-                            "prev_hash": prev,
-                            "hash": digest,
-                            "event": doc_event,
-                            "recorded_at": dt.datetime.now(dt.UTC),
-                        }
-                    )
-                    prev = digest
+                records = chained_records(chain, head, [docs_events[i] for i in pending])
                 try:
                     await self._events.insert_many(records, ordered=True)
                 except BulkWriteError as exc:
@@ -196,11 +235,50 @@ class AuditStore:
         with contextlib.suppress(DuplicateKeyError):  # this head is already checkpointed
             await self._checkpoints.insert_one({**asdict(checkpoint), "signed_at": dt.datetime.now(dt.UTC)})
 
-    async def verify(self, chain: str = "", public_keys: dict[int, Ed25519PublicKey] | None = None) -> Verdict:
+    async def alerted_evidence(self, rule: str, actor: str) -> set[str]:
+        """Evidence event ids already carried by alerts of this rule about this subject."""
+        seen: set[str] = set()
+        async for doc in self._alerts.find({"rule": rule, "actor": actor}, projection={"evidence": 1}):
+            seen.update(str(e) for e in doc.get("evidence", []))
+        return seen
+
+    async def mark_alerted(
+        self, alert_id: str, rule: str, actor: str, evidence: Sequence[str], raised_at: dt.datetime
+    ) -> None:
+        doc = {"_id": alert_id, "rule": rule, "actor": actor, "evidence": list(evidence), "raised_at": raised_at}
+        with contextlib.suppress(DuplicateKeyError):  # raised by another replica or an earlier run
+            await self._alerts.insert_one(doc)
+
+    async def chains(self) -> list[str]:
+        return sorted(await self._events.distinct("chain"))
+
+    async def forwarded_up_to(self, chain: str) -> int:
+        last = await self._forwarded.find_one({"chain": chain}, sort=[("seq", -1)], projection={"seq": 1})
+        return int(last["seq"]) if last else 0
+
+    async def mark_forwarded(self, chain: str, seq: int) -> None:
+        with contextlib.suppress(DuplicateKeyError):  # another replica marked the same position
+            await self._forwarded.insert_one({"chain": chain, "seq": seq, "at": dt.datetime.now(dt.UTC)})
+
+    async def records_after(self, chain: str, seq: int, limit: int) -> list[audit_pb2.AuditRecord]:
+        cursor = self._events.find({"chain": chain, "seq": {"$gt": seq}}, sort=[("seq", ASCENDING)], limit=limit)
+        return [to_record(doc) async for doc in cursor]
+
+    async def estimated_records(self) -> int:
+        """From collection metadata (no scan): enough for a progress bar."""
+        return int(await self._events.estimated_document_count())
+
+    async def verify(
+        self,
+        chain: str = "",
+        public_keys: dict[int, Ed25519PublicKey] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> Verdict:
         """Recompute every chain; with ``public_keys``, also check every signed checkpoint:
         its signature, that the record at its seq has its hash, and that the chain still
         reaches it (a shorter chain was truncated — even to nothing). Records and checkpoints
-        are both streamed in seq order, so memory stays bounded whatever the length."""
+        are both streamed in seq order, so memory stays bounded whatever the length.
+        ``progress`` is told how many records each step checked."""
         if chain:
             chains = [chain]
         else:
@@ -208,16 +286,37 @@ class AuditStore:
             if public_keys is not None:  # a chain whose every record is gone still has checkpoints
                 names |= set(await self._checkpoints.distinct("chain"))
             chains = sorted(names)
-        total, breaks, checked_cps = 0, [], 0
-        for name in chains:
-            records, cps, chain_breaks = await self._verify_one(name, public_keys)
-            total += records
-            checked_cps += cps
-            breaks += chain_breaks
-        return Verdict(len(chains), total, breaks, checked_cps)
+        # A few chains at once: while one waits for the server's next batch, another is hashed.
+        limit = asyncio.Semaphore(VERIFY_PARALLEL_CHAINS)
+
+        async def one(name: str) -> tuple[int, int, list[Break]]:
+            async with limit:
+                return await self._verify_one(name, public_keys, progress)
+
+        results = await asyncio.gather(*(one(name) for name in chains))
+        breaks = [b for _, _, chain_breaks in results for b in chain_breaks]
+        return Verdict(len(chains), sum(r for r, _, _ in results), breaks, sum(c for _, c, _ in results))
+
+    async def _records_in_order(self, name: str) -> AsyncGenerator[list[bytes], None]:
+        """A chain's records in seq order, a batch at a time, undecoded: the next batch is
+        asked for before this one is checked, so the server works while we hash."""
+        cursor = self._events.find_raw_batches(
+            {"chain": name}, projection={"_id": 0}, sort=[("seq", ASCENDING)], batch_size=VERIFY_BATCH
+        )
+        # A raw batch cursor yields each batch as BSON bytes (typed as documents by the driver).
+        batches = cast(AsyncIterator[bytes], aiter(cursor))
+        try:
+            upcoming: asyncio.Future[bytes | None] = asyncio.ensure_future(anext(batches, None))
+            while (raw := await upcoming) is not None:
+                upcoming = asyncio.ensure_future(anext(batches, None))
+                await asyncio.sleep(0)  # let the request for the next batch go out
+                yield list(documents(raw))
+        finally:
+            upcoming.cancel()
+            await cursor.close()
 
     async def _verify_one(
-        self, name: str, public_keys: dict[int, Ed25519PublicKey] | None
+        self, name: str, public_keys: dict[int, Ed25519PublicKey] | None, progress: Callable[[int], None] | None
     ) -> tuple[int, int, list[Break]]:
         breaks: list[Break] = []
         checked_cps = 0
@@ -239,21 +338,27 @@ class AuditStore:
                 yield cp
 
         checkpoints = signed_checkpoints()
+        records = self._records_in_order(name)
         try:
             pending = await anext(checkpoints, None)
             verifier = ChainVerifier(name)
             broken: Break | None = None
             last_seq = 0
-            async for doc in self._events.find({"chain": name}, sort=[("seq", ASCENDING)], batch_size=1000):
-                broken = verifier.feed(doc)
-                if broken:
-                    break
-                last_seq = int(doc["seq"])
-                while pending is not None and pending.seq <= last_seq:
-                    if pending.seq == last_seq and pending.hash != doc["hash"]:
-                        broken = Break(name, last_seq, "record differs from its signed checkpoint")
+            async for batch in records:
+                for doc in batch:
+                    broken = verifier.feed_bson(doc)
+                    if broken:
                         break
-                    pending = await anext(checkpoints, None)
+                    last_seq = verifier.checked  # the record's seq: the verifier accepted it
+                    while pending is not None and pending.seq <= last_seq:
+                        if pending.seq == last_seq and pending.hash != verifier.head:
+                            broken = Break(name, last_seq, "record differs from its signed checkpoint")
+                            break
+                        pending = await anext(checkpoints, None)
+                    if broken:
+                        break
+                if progress:
+                    progress(len(batch))
                 if broken:
                     break
             if broken is None and pending is not None:
@@ -265,6 +370,7 @@ class AuditStore:
                 async for _ in checkpoints:  # count (and check the signatures of) the rest
                     pass
         finally:
+            await records.aclose()
             await checkpoints.aclose()
         if broken:
             breaks.append(broken)

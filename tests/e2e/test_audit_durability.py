@@ -8,20 +8,15 @@ import time
 import uuid
 from pathlib import Path
 
-from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, new_producer, topic_specs
-from dicomsafe.common.tls import TlsConfig
-from dicomsafe.v1 import audit_pb2, audit_pb2_grpc
+from dicomsafe.v1 import audit_pb2
+from services.audit.store import Verdict
+from tests.audit_trail import verify_directly
 from tests.e2e.conftest import _free_base_port
 from tests.servers import Servers
 from tools.stack import Stack, StackSettings
 
 EVENTS = 3000
-
-
-async def _verify(target: str, tls: TlsConfig) -> audit_pb2.VerifyResponse:
-    async with new_channel(target, tls) as channel:
-        return await audit_pb2_grpc.AuditServiceStub(channel).Verify(audit_pb2.VerifyRequest(), timeout=60)
 
 
 async def test_sigkill_mid_stream_loses_and_duplicates_nothing(servers: Servers, tmp_path: Path) -> None:
@@ -40,7 +35,11 @@ async def test_sigkill_mid_stream_loses_and_duplicates_nothing(servers: Servers,
             audit_db=f"kill_audit_{unique}",
         )
     )
-    target = stack.settings.target("audit")
+    database = stack.settings.audit_db
+
+    async def _verify() -> Verdict:
+        return await verify_directly(servers.mongodb_uri, database)
+
     producer = new_producer(servers.kafka_bootstrap, "kill-test")
     await producer.start()
     try:
@@ -57,7 +56,7 @@ async def test_sigkill_mid_stream_loses_and_duplicates_nothing(servers: Servers,
         await producer.flush()
 
         deadline = time.monotonic() + 120
-        while (at_kill := (await _verify(target, stack.settings.client_tls("ops"))).records_checked) < EVENTS // 3:
+        while (at_kill := (await _verify()).records) < EVENTS // 3:
             assert time.monotonic() < deadline, "audit service made no progress"
             await asyncio.sleep(0.1)
         stack.processes["audit"].send_signal(signal.SIGKILL)  # mid-stream, no chance to clean up
@@ -65,15 +64,15 @@ async def test_sigkill_mid_stream_loses_and_duplicates_nothing(servers: Servers,
         stack.processes.pop("audit")
         await asyncio.to_thread(stack.start, ("audit",))
 
-        verdict = await _verify(target, stack.settings.client_tls("ops"))
-        while verdict.records_checked < EVENTS and time.monotonic() < deadline + 120:
+        verdict = await _verify()
+        while verdict.records < EVENTS and time.monotonic() < deadline + 120:
             await asyncio.sleep(0.5)
-            verdict = await _verify(target, stack.settings.client_tls("ops"))
+            verdict = await _verify()
         await asyncio.sleep(2)  # anything recorded twice would show up now
-        verdict = await _verify(target, stack.settings.client_tls("ops"))
+        verdict = await _verify()
     finally:
         await producer.stop()
         stack.stop()
     assert at_kill < EVENTS, "the kill must land mid-stream"
-    assert verdict.ok, list(verdict.broken)
-    assert verdict.records_checked == EVENTS  # no gap, no duplicate
+    assert verdict.ok, list(verdict.breaks)
+    assert verdict.records == EVENTS  # no gap, no duplicate

@@ -15,14 +15,14 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 from pymongo import MongoClient
+from pymongo.errors import PyMongoError
 
-from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, new_producer, topic_specs
-from dicomsafe.common.tls import TlsConfig
-from dicomsafe.v1 import audit_pb2, audit_pb2_grpc
+from dicomsafe.v1 import audit_pb2
+from services.audit.store import Verdict
+from tests.audit_trail import verify_directly
 from tests.e2e.conftest import _free_base_port
 from tests.servers import Servers
 from tests.service_runner import free_port
@@ -80,12 +80,11 @@ def mongo(tmp_path: Path) -> Iterator[OwnMongo]:
         server.stop()
 
 
-async def _records(target: str, tls: TlsConfig) -> audit_pb2.VerifyResponse | None:
+async def _records(mongodb_uri: str, database: str) -> Verdict | None:
     try:
-        async with new_channel(target, tls) as channel:
-            return await audit_pb2_grpc.AuditServiceStub(channel).Verify(audit_pb2.VerifyRequest(), timeout=20)
-    except grpc.aio.AioRpcError:
-        return None  # MongoDB down: Verify answers UNAVAILABLE
+        return await verify_directly(mongodb_uri, database)
+    except PyMongoError:
+        return None  # MongoDB down
 
 
 async def test_mongodb_outage_under_load_loses_nothing(servers: Servers, mongo: OwnMongo, tmp_path: Path) -> None:
@@ -106,7 +105,6 @@ async def test_mongodb_outage_under_load_loses_nothing(servers: Servers, mongo: 
     )
     # Only the audit service runs here; its port is derived from base_port.
     stack.settings.work_dir.mkdir()
-    target = stack.settings.target("audit")
     producer = new_producer(servers.kafka_bootstrap, "outage-load")
     await producer.start()
 
@@ -128,18 +126,18 @@ async def test_mongodb_outage_under_load_loses_nothing(servers: Servers, mongo: 
         mongo.stop()  # down while events keep coming
         await publish(EVENTS - EVENTS // 3)
         await asyncio.sleep(5)
-        assert await _records(target, stack.settings.client_tls("ops")) is None
+        assert await _records(mongo.uri, stack.settings.audit_db) is None
         assert stack.processes["audit"].poll() is None, "the service must wait, not crash"
         mongo.start()
         deadline = time.monotonic() + 180
-        verdict = await _records(target, stack.settings.client_tls("ops"))
-        while (verdict is None or verdict.records_checked < EVENTS) and time.monotonic() < deadline:
+        verdict = await _records(mongo.uri, stack.settings.audit_db)
+        while (verdict is None or verdict.records < EVENTS) and time.monotonic() < deadline:
             await asyncio.sleep(1)
-            verdict = await _records(target, stack.settings.client_tls("ops"))
+            verdict = await _records(mongo.uri, stack.settings.audit_db)
         await asyncio.sleep(2)
-        verdict = await _records(target, stack.settings.client_tls("ops"))
+        verdict = await _records(mongo.uri, stack.settings.audit_db)
     finally:
         await producer.stop()
         stack.stop()
     assert verdict is not None and verdict.ok, verdict
-    assert verdict.records_checked == EVENTS
+    assert verdict.records == EVENTS

@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaConsumer
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, dlq_topic, headers_for, new_producer
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc, events_pb2, retrieval_pb2, retrieval_pb2_grpc
+from tests.audit_trail import verify_directly
 from tools import dicom_samples
 from tools.oidc_issuer import LocalIssuer
 from tools.stack import Stack
@@ -133,16 +134,27 @@ async def test_slice_end_to_end(stack: Stack, idp: LocalIssuer) -> None:
     # a crypto open and a gateway record (the denied one has no open), and per instance the open
     # by which the gateway's indexer reads it for the study index.
     want = 2 * len(good) + len(BAD) + 3 * len(good) + 2 + 1 + len(good)
+    # Counted on the store directly first: reading through the service is itself audited.
+    deadline = time.monotonic() + 120
+    stored_verdict = await verify_directly(stack.settings.mongodb_uri, stack.settings.audit_db)
+    while stored_verdict.records < want and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        stored_verdict = await verify_directly(stack.settings.mongodb_uri, stack.settings.audit_db)
+    assert stored_verdict.ok, stored_verdict.breaks
+    assert stored_verdict.records == want
+    auditor = idp.token("aud.ito")
     async with new_channel(stack.settings.target("audit"), stack.settings.client_tls("ops")) as channel:
         audit = audit_pb2_grpc.AuditServiceStub(channel)
-        deadline = time.monotonic() + 120
-        verdict = await audit.Verify(audit_pb2.VerifyRequest())
-        while (verdict.records_checked < want or verdict.checkpoints_checked == 0) and time.monotonic() < deadline:
+        verdict = await audit.Verify(audit_pb2.VerifyRequest(access_token=auditor))
+        while verdict.checkpoints_checked == 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
-            verdict = await audit.Verify(audit_pb2.VerifyRequest())
-        records = [r async for r in audit.Query(audit_pb2.QueryRequest(limit=500))]
+            verdict = await audit.Verify(audit_pb2.VerifyRequest(access_token=auditor))
+        records = [r async for r in audit.Query(audit_pb2.QueryRequest(limit=500, access_token=auditor))]
+        with pytest.raises(grpc.aio.AioRpcError) as not_auditor:
+            await audit.Verify(audit_pb2.VerifyRequest(access_token=idp.token("dr.house")))
+    assert not_auditor.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert verdict.ok, list(verdict.broken)
-    assert verdict.records_checked == want
+    assert verdict.records_checked >= want
     assert verdict.checkpoints_checked >= 1  # chain heads are signed
     actions = [(r.event.action, r.event.outcome) for r in records]
     A, Out = audit_pb2.AuditAction, audit_pb2.AuditOutcome

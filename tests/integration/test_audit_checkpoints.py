@@ -9,15 +9,15 @@ from typing import Any
 
 from pymongo import AsyncMongoClient
 
-from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, new_producer, topic_specs
 from dicomsafe.common.mongo_users import user_uri
-from dicomsafe.common.vault import VaultAuth
-from dicomsafe.v1 import audit_pb2, audit_pb2_grpc
+from dicomsafe.common.vault import VaultAuth, VaultSession
+from dicomsafe.v1 import audit_pb2
 from services.audit.app import run
+from services.audit.checkpoints import CheckpointSigner
 from services.audit.config import AuditConfig
 from services.audit.provision import provision
-from services.audit.store import CHECKPOINTS, COLLECTION
+from services.audit.store import CHECKPOINTS, COLLECTION, AuditStore, Verdict
 from tests.servers import Servers
 from tests.service_runner import TEST_CLIENT, free_port, running, with_tls
 from tools import vault_setup
@@ -26,8 +26,11 @@ from tools.pki import Pki
 EVENTS = 40
 
 
-async def _verify(stub: audit_pb2_grpc.AuditServiceAsyncStub) -> audit_pb2.VerifyResponse:
-    return await stub.Verify(audit_pb2.VerifyRequest(), timeout=30)
+async def _verify(store: AuditStore, vault_addr: str, vault_token: str) -> Verdict:
+    # Straight on the database (what `python -m services.audit verify` does): a Verify RPC
+    # would itself be audited, onto the very chain this test cuts.
+    keys = await asyncio.to_thread(CheckpointSigner(VaultSession(VaultAuth(vault_addr, token=vault_token))).public_keys)
+    return await store.verify("", keys)
 
 
 async def test_truncation_and_forged_checkpoints_are_detected(pki: Pki, servers: Servers, unique: str) -> None:
@@ -67,33 +70,32 @@ async def test_truncation_and_forged_checkpoints_are_detected(pki: Pki, servers:
 
     admin: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(servers.mongodb_uri)
     try:
-        async with (
-            running(lambda stop: run(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)),
-            new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as ch,
-        ):
-            stub = audit_pb2_grpc.AuditServiceStub(ch)
+        store = AuditStore(admin, database)
+
+        async def verify() -> Verdict:
+            return await _verify(store, servers.vault_addr, servers.vault_token)
+
+        async with running(lambda stop: run(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)):
             deadline = time.monotonic() + 60
-            verdict = await _verify(stub)
-            while (
-                verdict.records_checked < EVENTS or verdict.checkpoints_checked == 0
-            ) and time.monotonic() < deadline:
+            verdict = await verify()
+            while (verdict.records < EVENTS or verdict.checkpoints == 0) and time.monotonic() < deadline:
                 await asyncio.sleep(0.3)
-                verdict = await _verify(stub)
-            assert verdict.ok and verdict.records_checked == EVENTS and verdict.checkpoints_checked >= 1
+                verdict = await verify()
+            assert verdict.ok and verdict.records == EVENTS and verdict.checkpoints >= 1
             cp = await admin[database][CHECKPOINTS].find_one(sort=[("seq", -1)])
             assert cp is not None and cp["seq"] == EVENTS
 
             # Cut the tail: the hash chain alone still verifies, the checkpoint does not.
             await admin[database][COLLECTION].delete_many({"seq": {"$gt": EVENTS - 5}})
-            truncated = await _verify(stub)
+            truncated = await verify()
             assert not truncated.ok
-            assert [(b.seq, b.reason) for b in truncated.broken] == [
+            assert [(b.seq, b.reason) for b in truncated.breaks] == [
                 (EVENTS - 4, f"chain truncated: a signed checkpoint reaches seq {EVENTS}")
             ]
 
             # A checkpoint moved back to match the shortened chain is a forgery.
             await admin[database][CHECKPOINTS].update_one({"_id": cp["_id"]}, {"$set": {"seq": EVENTS - 5}})
-            forged = await _verify(stub)
-            assert "checkpoint signature invalid" in [b.reason for b in forged.broken]
+            forged = await verify()
+            assert "checkpoint signature invalid" in [b.reason for b in forged.breaks]
     finally:
         await admin.close()

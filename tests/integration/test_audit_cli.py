@@ -58,6 +58,11 @@ async def test_verify_export_and_exposure_commands(servers: Servers, unique: str
         ok = await asyncio.to_thread(_cli, servers, database, "verify")
         assert ok.returncode == 0, ok.stderr
         assert "4 records in 1 chains" in ok.stdout and "OK" in ok.stdout
+        assert ok.stderr == ""  # not a terminal: no progress bar unless asked
+        shown = await asyncio.to_thread(_cli, servers, database, "verify", "--progress")
+        assert shown.returncode == 0 and shown.stdout == ok.stdout
+        last_frame = shown.stderr.rstrip("\n").rsplit("\r", 1)[-1]
+        assert "100%" in last_frame and "4/4 records" in last_frame
 
         fhir = await asyncio.to_thread(_cli, servers, database, "export", "--format", "fhir", "--actor", "dr.house")
         resources = [json.loads(line) for line in fhir.stdout.splitlines()]

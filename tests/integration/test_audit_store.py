@@ -9,13 +9,16 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import bson
 import pytest
+from bson.codec_options import CodecOptions
+from bson.raw_bson import RawBSONDocument
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pymongo import AsyncMongoClient
 
 from dicomsafe.common.kafka import PermanentError
 from dicomsafe.v1 import audit_pb2
-from services.audit.chain import GENESIS, canonical, event_document, link_hash
+from services.audit.chain import GENESIS, ChainVerifier, event_document, link_hash, link_hash_v2
 from services.audit.checkpoints import Checkpoint
 from services.audit.checkpoints import message as checkpoint_message
 from services.audit.store import COLLECTION, AuditStore
@@ -197,10 +200,17 @@ async def test_stored_event_round_trips_exactly(
     assert await store.append("c:0", event) == 1
     raw = await client[f"audit_{unique}"][COLLECTION].find_one({"chain": "c:0", "seq": 1})
     assert raw is not None
-    # What comes back from MongoDB is what was hashed, so the hash recomputes.
-    assert raw["event"] == event_document(event)
-    assert canonical("c:0", 1, raw["event"]) == canonical("c:0", 1, event_document(event))
-    assert raw["hash"] == link_hash(GENESIS, "c:0", 1, raw["event"])
+    assert raw["event"] == event_document(event) and raw["v"] == 2
+    # What comes back from MongoDB is byte for byte what was hashed, so the hash recomputes.
+    as_stored = client[f"audit_{unique}"].get_collection(
+        COLLECTION, codec_options=CodecOptions(document_class=RawBSONDocument)
+    )
+    stored = await as_stored.find_one({"chain": "c:0", "seq": 1}, projection={"_id": 0})
+    assert isinstance(stored, RawBSONDocument)
+    assert bytes(stored["event"].raw) == bson.encode(event_document(event))
+    assert list(stored) == ["chain", "seq", "v", "prev_hash", "event_id", "event", "recorded_at", "hash"]
+    assert raw["hash"] == link_hash_v2(GENESIS, bytes(stored.raw)[4:-76])
+    assert ChainVerifier("c:0").feed_bson(bytes(stored.raw)) is None
     assert raw["event_id"] == event.event_id
     (record,) = [r async for r in store.query(object_id="obj-1")]
     assert record.event == event
@@ -262,3 +272,52 @@ async def test_a_chain_deleted_entirely_is_caught_by_its_checkpoint(
     ]
     # Without the public keys only the hash chain is checked: the loss is invisible there.
     assert (await store.verify()).ok
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"$set": {"recorded_at": dt.datetime(2020, 1, 1, tzinfo=dt.UTC)}},
+        {"$set": {"event.details.bytes": 42}},  # the same digits as another type
+        {"$unset": {"v": ""}},
+        {"$set": {"event.reason": "edited"}},
+    ],
+    ids=["recorded-at-moved", "type-changed", "version-dropped", "field-added"],
+)
+async def test_every_covered_field_is_bound(
+    store: AuditStore, client: AsyncMongoClient[dict[str, Any]], unique: str, edit: dict[str, Any]
+) -> None:
+    for _ in range(4):
+        await store.append("c:0", _event())
+    await client[f"audit_{unique}"][COLLECTION].update_one({"chain": "c:0", "seq": 3}, edit)
+    verdict = await store.verify()
+    assert [(b.seq, b.reason) for b in verdict.breaks] == [(3, "content does not match its hash")]
+
+
+async def test_version_1_records_still_verify_and_the_chain_goes_on(
+    store: AuditStore, client: AsyncMongoClient[dict[str, Any]], unique: str
+) -> None:
+    """Records written before version 2 (JSON canonical form, no `v`) keep verifying."""
+    prev = GENESIS
+    legacy = []
+    for seq in (1, 2):
+        event = event_document(_event())
+        digest = link_hash(prev, "c:0", seq, event)
+        legacy.append(
+            {
+                "chain": "c:0",
+                "seq": seq,
+                "event_id": event["event_id"],
+                "prev_hash": prev,
+                "hash": digest,
+                "event": event,
+                "recorded_at": dt.datetime.now(dt.UTC),
+            }
+        )
+        prev = digest
+    await client[f"audit_{unique}"][COLLECTION].insert_many(legacy)
+    assert await store.append("c:0", _event()) == 3
+    verdict = await store.verify()
+    assert verdict.ok and verdict.records == 3
+    await client[f"audit_{unique}"][COLLECTION].update_one({"seq": 2}, {"$set": {"event.actor": "mallory"}})
+    assert [(b.seq, b.reason) for b in (await store.verify()).breaks] == [(2, "content does not match its hash")]

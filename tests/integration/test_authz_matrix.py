@@ -67,7 +67,11 @@ ROLE_ACTIONS: dict[str, frozenset[str]] = {
     "svc_ingest": frozenset({"instance.store"}),
     "svc_gateway": frozenset({"study.query"}),
 }
-DUTIES = {("researcher", "instance.read_deidentified"): ("deidentify",)}
+DUTIES = {
+    ("researcher", "instance.read_deidentified"): ("deidentify",),
+    # Query answers to researchers drop identifying attributes (the gateway honours it).
+    ("researcher", "study.query"): ("deidentify",),
+}
 MFA_LABELS = frozenset({"vip", "mental_health", "restricted"})
 # Roles a registrar may grant (the break-glass role only comes from break-glass).
 GRANTABLE = tuple(r for r in ROLE_ACTIONS if r != "emergency_reader")

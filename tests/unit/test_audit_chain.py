@@ -2,12 +2,28 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
+import bson
 import pytest
+from bson.datetime_ms import DatetimeMS
+from bson.int64 import Int64
+from bson.raw_bson import RawBSONDocument
 
 from dicomsafe.v1 import audit_pb2
-from services.audit.chain import GENESIS, canonical, event_document, link_hash, verify_chain
+from services.audit.chain import (
+    GENESIS,
+    Break,
+    ChainVerifier,
+    canonical,
+    event_document,
+    hashed_elements,
+    link_hash,
+    link_hash_v2,
+    verify_chain,
+)
+from services.audit.store import Head, chained_records
 
 
 def _event(i: int) -> dict[str, Any]:
@@ -119,3 +135,80 @@ def test_default_values_are_left_out_so_the_form_is_stable() -> None:
     bare = audit_pb2.AuditEvent(event_id="e1")
     explicit = audit_pb2.AuditEvent(event_id="e1", actor="", reason="", actor_roles=[], details={})
     assert event_document(bare) == event_document(explicit) == {"event_id": "e1"}
+
+
+def _chain_v2(n: int, name: str = "audit.events:0") -> list[dict[str, Any]]:
+    events = [(f"e{i}", bson.encode(_event(i))) for i in range(1, n + 1)]
+    return chained_records(name, Head(0, GENESIS), events)
+
+
+def _both_ways(records: list[dict[str, Any]], name: str = "audit.events:0") -> Break | None:
+    """Verify as mappings and as the stored bytes: both must reach the same verdict."""
+    _, as_mappings = verify_chain(name, records)
+    verifier, as_bytes = ChainVerifier(name), None
+    for record in records:
+        if as_bytes := verifier.feed_bson(bson.encode(record)):
+            break
+    assert as_bytes == as_mappings
+    return as_mappings
+
+
+def test_version_2_chain_verifies_and_binds_every_field() -> None:
+    records = _chain_v2(20)
+    assert _both_ways(records) is None
+    verifier = ChainVerifier("audit.events:0")
+    assert all(verifier.feed_bson(bson.encode(r)) is None for r in records) and verifier.checked == 20
+    edited = {**bson.decode(records[2]["event"].raw), "actor": "mallory"}
+    tampers: list[Callable[[dict[str, Any]], object]] = [
+        lambda r: r.update(recorded_at=DatetimeMS(int(r["recorded_at"]) + 1)),  # one millisecond later
+        lambda r: r.update(event=RawBSONDocument(bson.encode(edited))),
+        lambda r: r.update(note="added"),
+        lambda r: r.update(seq=Int64(3)),  # the same number as another BSON type
+    ]
+    for tamper in tampers:
+        records = _chain_v2(5)
+        tamper(records[2])
+        broken = _both_ways(records)
+        assert broken is not None and (broken.seq, broken.reason) == (3, "content does not match its hash")
+    records = _chain_v2(5)
+    records[2]["event_id"] = "e99"
+    assert _both_ways(records) == Break("audit.events:0", 3, "event_id does not match the event")
+    records = _chain_v2(5)
+    del records[2]["v"]  # read as version 1: its JSON form was never hashed
+    assert _both_ways(records) == Break("audit.events:0", 3, "content does not match its hash")
+    records = _chain_v2(5)
+    records[1]["v"] = 3
+    assert _both_ways(records) == Break("audit.events:0", 2, "record malformed")
+    records = _chain_v2(5)
+    del records[3]
+    assert _both_ways(records) == Break("audit.events:0", 4, "record missing")
+
+
+def test_version_2_form_is_pinned() -> None:
+    """The stored hashes depend on these exact bytes: a change here breaks every existing chain."""
+    event_bson = bson.encode({"event_id": "e1", "actor": "dr.müller"})
+    record = {
+        "chain": "audit.events:3",
+        "seq": 7,
+        "v": 2,
+        "prev_hash": "ab" * 32,
+        "event_id": "e1",
+        "event": RawBSONDocument(event_bson),
+        "recorded_at": DatetimeMS(1_700_000_000_123),
+    }
+    elements = (
+        b"\x02chain\x00\x0f\x00\x00\x00audit.events:3\x00"
+        + b"\x10seq\x00\x07\x00\x00\x00"
+        + b"\x10v\x00\x02\x00\x00\x00"
+        + b"\x02prev_hash\x00\x41\x00\x00\x00"
+        + b"ab" * 32
+        + b"\x00"
+        + b"\x02event_id\x00\x03\x00\x00\x00e1\x00"
+        + b"\x03event\x00"
+        + event_bson
+        + b"\x09recorded_at\x00"
+        + (1_700_000_000_123).to_bytes(8, "little")
+    )
+    assert hashed_elements(record) == elements
+    expected = hashlib.sha256(bytes.fromhex("ab" * 32) + b"dicomsafe/audit-record/v2\x00" + elements).hexdigest()
+    assert link_hash_v2("ab" * 32, elements) == expected

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
 from typing import Any
 
 from dicomsafe.v1 import audit_pb2
+from services.audit.alerts import alert_id, to_alert
 from services.audit.patterns import Rules, find_patterns
 
 A, Out = audit_pb2.AuditAction, audit_pb2.AuditOutcome
@@ -68,3 +70,36 @@ def test_break_glass_and_erasures_are_always_reported() -> None:
     findings = find_patterns(events, Rules())
     assert [(f.rule, f.actor) for f in findings] == [("break_glass", "dr.er"), ("erasure", "dpo.lee")]
     assert "trauma bay 2" in findings[0].explanation
+
+
+def test_one_break_glass_episode_is_one_finding() -> None:
+    """authz records Started and Stopped for each override; only the start is a finding."""
+    started = _ev(A.AUDIT_ACTION_EMERGENCY_OVERRIDE, "dr.er", T0, reason="trauma bay 2")
+    started["details"] = {"override": "started", "grant_id": "g1"}
+    stopped = _ev(A.AUDIT_ACTION_EMERGENCY_OVERRIDE, "dr.er", T0 + dt.timedelta(minutes=30), reason="expired")
+    stopped["details"] = {"override": "stopped", "grant_id": "g1"}
+    assert [(f.rule, f.actor) for f in find_patterns([started, stopped], Rules())] == [("break_glass", "dr.er")]
+
+
+def test_findings_name_their_evidence_and_alert_ids_are_stable() -> None:
+    burst = [
+        _ev(A.AUDIT_ACTION_ACCESS_DECISION, "mallory", T0 + dt.timedelta(minutes=i), Out.AUDIT_OUTCOME_DENIED)
+        | {"event_id": f"e{i}"}
+        for i in range(6)
+    ]
+    # An event without a time (a faulty emitter) is not evaluated by the time rules, nor fatal.
+    untimed = {k: v for k, v in burst[0].items() if k != "occurred_at"} | {"event_id": "untimed"}
+    [finding] = find_patterns([*burst, untimed], Rules(denial_burst=5))
+    assert finding.evidence == tuple(f"e{i}" for i in range(6))
+    reordered = find_patterns(list(reversed(burst)), Rules(denial_burst=5))[0]
+    assert alert_id(reordered) == alert_id(finding)
+    assert alert_id(replace(finding, evidence=finding.evidence[1:])) != alert_id(finding)
+    alert = to_alert(finding, T0)
+    assert (alert.rule, alert.severity, alert.source, list(alert.subjects)) == (
+        "denial_burst",
+        "warning",
+        "audit",
+        ["mallory"],
+    )
+    assert list(alert.evidence_event_ids) == sorted(finding.evidence)
+    assert alert.raised_at.ToDatetime(tzinfo=dt.UTC) == T0

@@ -319,12 +319,14 @@ def test_only_the_architecture_paths_are_open_between_services(objects: tuple[Ob
                     policies, pods[dst], "ingress", src, port, pods=pods, ns=ns
                 ):
                     open_paths.add((src, dst, port))
-    # ARCHITECTURE.md: ingest → crypto (seal); gateway → authz (Check), gateway → crypto (Open)
+    # ARCHITECTURE.md: ingest → crypto (seal); gateway → authz (Check), gateway → crypto (Open);
+    # audit → authz (Check: who may read the trail)
     assert open_paths == {
         ("ingest", "crypto", 50051),
         ("gateway", "crypto", 50051),
         ("gateway", "authz", 50052),
         ("gateway", "ingest", 50055),
+        ("audit", "authz", 50052),
     }
 
 

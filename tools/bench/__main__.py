@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from tools import infra
-from tools.bench import audit_append, authz_check, crypto_throughput, dicomweb
+from tools.bench import audit_append, audit_verify, authz_check, crypto_throughput, dicomweb
 from tools.bench.results import Result, report
 
 
@@ -43,6 +43,7 @@ def main() -> int:
             results += crypto_throughput.run(kafka, vault_addr, vault_token, sizes, args.rounds)
         if args.only in (None, "audit"):
             results += audit_append.run(mongo, args.audit_events)
+            results += audit_verify.run(mongo, args.audit_events)
         if args.only in (None, "authz"):
             results += authz_check.run(kafka, mongo, args.authz_checks)
         if args.only in (None, "dicomweb"):

@@ -1,0 +1,54 @@
+"""The CLI's path through the running service: the caller's token goes to authz, and the
+service audits the attempt. (The direct commands in `__main__` need the database credential
+itself — an operator's break-glass path, not a user's.)"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from dicomsafe.common.config import env_secret
+from dicomsafe.common.grpc_runtime import new_channel
+from dicomsafe.common.tls import tls_from_env
+from dicomsafe.v1 import audit_pb2, audit_pb2_grpc
+
+
+def caller_token() -> str:
+    """`AUDIT_ACCESS_TOKEN` or `AUDIT_ACCESS_TOKEN_FILE`: a token never goes on a command line."""
+    return env_secret("AUDIT_ACCESS_TOKEN") or ""
+
+
+def _refused(exc: grpc.aio.AioRpcError) -> int:
+    print(f"refused: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    return 3
+
+
+async def query_via_service(target: str, subject: str, request: audit_pb2.QueryRequest) -> int:
+    request.subject_id, request.access_token = subject, caller_token()
+    async with new_channel(target, tls_from_env()) as channel:  # the operator's certificate ("ops")
+        try:
+            async for record in audit_pb2_grpc.AuditServiceStub(channel).Query(request, timeout=120):
+                print(json.dumps(MessageToDict(record, preserving_proto_field_name=True), separators=(",", ":")))
+        except grpc.aio.AioRpcError as exc:
+            return _refused(exc)
+    return 0
+
+
+async def verify_via_service(target: str, subject: str, chain: str) -> int:
+    request = audit_pb2.VerifyRequest(chain=chain, subject_id=subject, access_token=caller_token())
+    async with new_channel(target, tls_from_env()) as channel:  # the operator's certificate ("ops")
+        try:
+            verdict = await audit_pb2_grpc.AuditServiceStub(channel).Verify(request, timeout=3600)
+        except grpc.aio.AioRpcError as exc:
+            return _refused(exc)
+    print(
+        f"{verdict.records_checked} records in {verdict.chains_checked} chains, "
+        f"{verdict.checkpoints_checked} signed checkpoints"
+    )
+    for b in verdict.broken:
+        print(f"BROKEN {b.chain} at seq {b.seq}: {b.reason}")
+    print("OK" if verdict.ok else "TAMPERING OR LOSS DETECTED")
+    return 0 if verdict.ok else 1
