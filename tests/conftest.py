@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from tests.servers import Servers, resolve
+from tests.service_runner import TEST_CLIENT
 from tools.oidc_issuer import LocalIssuer, running_issuer
+from tools.pki import IDENTITIES, Pki, make_pki
 
 _TESTS = Path(__file__).parent
 
@@ -38,3 +40,10 @@ def idp() -> Iterator[LocalIssuer]:
     """A real OpenID Connect issuer on loopback (keys made at start) for user tokens."""
     with running_issuer() as issuer:
         yield issuer
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA made for this session and a certificate for every workload identity: services in
+    tests run with mutual TLS, as deployed."""
+    return make_pki(tmp_path_factory.mktemp("pki"), (*IDENTITIES, TEST_CLIENT))

@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dicomsafe.common.grpc_runtime import new_channel
+from dicomsafe.common.peer_auth import PeerAllowlist
+from dicomsafe.common.tls import TlsConfig
 from services.authz.config import AuthzConfig
 from services.crypto.config import CryptoConfig
 from services.crypto.vault_keys import VaultSettings
 from tools.oidc_issuer import LocalIssuer
+from tools.pki import Pki
 from tools.stack import POLICY_FILE
 from tools.vault_setup import AppRoleCredentials
+
+# The identity tests of a service's behaviour call it with, whatever the method: admitted on
+# top of the service's own allowlist. tests/integration/test_tls.py checks the real allowlists.
+TEST_CLIENT = "tester"
+
+C = TypeVar("C")
 
 
 def free_port() -> int:
@@ -25,10 +37,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def wait_serving(target: str, task: asyncio.Task[None], timeout_s: float = 60.0) -> None:
+async def wait_serving(target: str, task: asyncio.Task[None], tls: TlsConfig, timeout_s: float = 60.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with new_channel(target, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if task.done():
@@ -46,7 +58,10 @@ async def wait_serving(target: str, task: asyncio.Task[None], timeout_s: float =
 
 
 @asynccontextmanager
-async def running(run: Callable[[asyncio.Event], Awaitable[None]], target: str) -> AsyncIterator[asyncio.Task[None]]:
+async def running(
+    run: Callable[[asyncio.Event], Awaitable[None]], target: str, tls: TlsConfig
+) -> AsyncIterator[asyncio.Task[None]]:
+    """Runs a service until the block ends; ``tls`` is the identity its health is checked with."""
     stop = asyncio.Event()
 
     async def main() -> None:
@@ -54,7 +69,7 @@ async def running(run: Callable[[asyncio.Event], Awaitable[None]], target: str) 
 
     task = asyncio.create_task(main())
     try:
-        await wait_serving(target, task)
+        await wait_serving(target, task, tls)
         yield task
     finally:
         stop.set()
@@ -89,6 +104,16 @@ def crypto_config(
             timeout_s=vault_timeout_s,
         ),
     )
+
+
+def with_tls(cfg: C, pki: Pki, identity: str) -> C:
+    """``cfg`` serving with ``identity``'s certificate (mutual TLS, as deployed); its
+    allowlist also admits the test client."""
+    changes: dict[str, Any] = {"tls": pki.tls(identity)}
+    allow = getattr(cfg, "grpc_allow", None)
+    if isinstance(allow, PeerAllowlist):
+        changes["grpc_allow"] = PeerAllowlist({m: who | {TEST_CLIENT} for m, who in allow.rules.items()})
+    return dataclasses.replace(cfg, **changes)  # type: ignore[type-var]
 
 
 def authz_config(kafka_bootstrap: str, topic_prefix: str, issuer: LocalIssuer | None = None) -> AuthzConfig:

@@ -23,7 +23,9 @@ import grpc
 import pydicom
 from aiokafka import AIOKafkaConsumer
 
+from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, dlq_topic, ensure_topics, headers_for, new_producer, topic_specs
+from dicomsafe.common.tls import TlsConfig
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc, events_pb2, retrieval_pb2, retrieval_pb2_grpc
 from tools import dicom_samples, infra
 from tools.oidc_issuer import LocalIssuer
@@ -96,8 +98,8 @@ async def collect(bootstrap: str, topic: str, want: int, timeout_s: float) -> li
     return values
 
 
-async def retrieve(target: str, token: str, object_id: str) -> tuple[bytes | None, str]:
-    async with grpc.aio.insecure_channel(target) as channel:
+async def retrieve(target: str, tls: TlsConfig, token: str, object_id: str) -> tuple[bytes | None, str]:
+    async with new_channel(target, tls) as channel:
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
         parts: list[bytes] = []
         try:
@@ -110,10 +112,10 @@ async def retrieve(target: str, token: str, object_id: str) -> tuple[bytes | Non
 
 
 async def audit_trail(
-    target: str, token: str, want: int, timeout_s: float
+    target: str, tls: TlsConfig, token: str, want: int, timeout_s: float
 ) -> tuple[audit_pb2.VerifyResponse, list[audit_pb2.AuditRecord]]:
     """As the auditor: reading the trail needs the auditor role, and is itself recorded."""
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with new_channel(target, tls) as channel:
         stub = audit_pb2_grpc.AuditServiceStub(channel)
         deadline = time.monotonic() + timeout_s
         while True:
@@ -166,10 +168,12 @@ async def story(stack: Stack, servers: Servers, topics: Topics, idp: LocalIssuer
         )
 
     target = stack.settings.target("gateway")
+    # The demo calls the gateway as a trusted viewer back-end would, with its own certificate.
+    viewer = stack.settings.client_tls("viewer")
     first = stored[0]
     say(f"\n④ retrieval of {by_sha[first.plaintext_sha256][0]} through the gateway (authz → crypto → audit):")
     say(f"   (users sign in at a local OpenID Connect issuer, {idp.url}; authz checks each token)")
-    released, status = await retrieve(target, idp.token("dr.house"), first.object_id)
+    released, status = await retrieve(target, viewer, idp.token("dr.house"), first.object_id)
     same = released is not None and hashlib.sha256(released).hexdigest() == first.plaintext_sha256
     ok &= same
     say(f"   {'dr.house (radiologist)':<32} → {status}, {len(released or b'')} bytes, byte-identical: {same}")
@@ -179,14 +183,16 @@ async def story(stack: Stack, servers: Servers, topics: Topics, idp: LocalIssuer
         ("dr.house with an expired token", idp.token("dr.house", lifetime_s=-120)),
     ]
     for label, token in refused_cases:
-        refused, status = await retrieve(target, token, first.object_id)
+        refused, status = await retrieve(target, viewer, token, first.object_id)
         ok &= refused is None
         say(f"   {label:<32} → {status}")
 
     # Per instance: sealed + stored; the rejection; the allowed read: decision + open +
     # retrieval; each refused read: decision + retrieval.
     want = 2 * len(samples) + 1 + 3 + 2 * len(refused_cases)
-    verdict, records = await audit_trail(stack.settings.target("audit"), idp.token("aud.ito"), want, timeout_s=60)
+    verdict, records = await audit_trail(
+        stack.settings.target("audit"), stack.settings.client_tls("ops"), idp.token("aud.ito"), want, timeout_s=60
+    )
     say(
         f"\n⑤ audit trail in MongoDB: {verdict.records_checked} records in {verdict.chains_checked} hash chains, "
         f"{verdict.checkpoints_checked} signed checkpoints"
@@ -227,7 +233,8 @@ def main() -> int:
     try:
         say("• provisioning each service's own least-privilege identity: crypto (Vault AppRole: data keys),")
         say("  audit (Vault AppRole: checkpoint signing; MongoDB user: insert + find only)")
-        say("• starting services: crypto, authz, audit, gateway, ingest")
+        say("• starting services: crypto, authz, audit, gateway, ingest — gRPC between them is mutual TLS 1.3,")
+        say(f"  each with its own certificate (identity spiffe://dicomsafe/<service>) from a CA made now in {work}/pki")
         stack.start()
         ok = asyncio.run(story(stack, servers, topics, idp))
     finally:

@@ -6,7 +6,7 @@ acting subject `patient.erase`; the decision and the erasure are both audited. V
 also allow it: run with a short-lived erasure-officer token (policy
 deploy/vault/erasure-officer-policy.hcl), never the crypto service's identity.
 
-    VAULT_ADDR=... VAULT_TOKEN=<officer token> KAFKA_BOOTSTRAP=... \\
+    VAULT_ADDR=... VAULT_TOKEN=<officer token> KAFKA_BOOTSTRAP=... TLS_CERT_FILE=... TLS_KEY_FILE=... TLS_CA_FILE=... \\
     python -m tools.erase_patient --actor dpo.lee --patient-id PID [--issuer ISSUER] --reason "request #123"
 """
 
@@ -18,10 +18,10 @@ import os
 import sys
 from dataclasses import dataclass
 
-import grpc
-
 from dicomsafe.common.audit_emitter import AuditEmitter
+from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, new_producer
+from dicomsafe.common.tls import TlsConfig, tls_from_env
 from dicomsafe.v1 import audit_pb2, authz_pb2, authz_pb2_grpc
 from services.crypto.vault_keys import TransitKeys, VaultSettings
 
@@ -45,13 +45,14 @@ async def erase_patient(
     vault_addr: str,
     officer_token: str,
     authz_target: str,
+    tls: TlsConfig | None,
     kafka_bootstrap: str,
     topics: Topics,
 ) -> str:
     """Returns the destroyed key's pseudonymous reference; raises ErasureRefused if not allowed."""
     if not request.reason.strip():
         raise ErasureRefused("an erasure needs a stated reason")
-    async with grpc.aio.insecure_channel(authz_target) as channel:
+    async with new_channel(authz_target, tls) as channel:
         decision = await authz_pb2_grpc.AuthzServiceStub(channel).Check(
             authz_pb2.CheckRequest(
                 subject=authz_pb2.Subject(id=request.actor),
@@ -95,7 +96,7 @@ def main() -> int:
         parser.error("set VAULT_ADDR, VAULT_TOKEN (erasure officer) and KAFKA_BOOTSTRAP")
     request = ErasureRequest(args.actor, args.patient_id, args.issuer, args.reason)
     try:
-        ref = asyncio.run(erase_patient(request, addr, token, args.authz, kafka, Topics.from_env()))
+        ref = asyncio.run(erase_patient(request, addr, token, args.authz, tls_from_env(), kafka, Topics.from_env()))
     except ErasureRefused as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 2

@@ -15,7 +15,9 @@ Python API for fixtures: ``up()``, ``down()``, ``endpoints()`` and ``Endpoints``
 
 This module uses the standard library only, so it runs from any Python >= 3.11 without the
 product venv; everything that needs a client library (the MongoDB user setup and auth check)
-runs inside ``.infra/venv``, the servers' own venv.
+runs inside ``.infra/venv``, the servers' own venv. One exception: Kafka's second, TLS 1.3-only
+listener (``KAFKA_TLS_PORT``, client certificates required) gets its certificates from
+``tools.pki``, so it is there only when the product venv runs this.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ HOST: Final = "127.0.0.1"
 PORT_OFFSET: Final = int(os.environ.get("DICOMSAFE_INFRA_PORT_OFFSET", "0"))
 KAFKA_PORT: Final = 19092 + PORT_OFFSET
 KAFKA_CONTROLLER_PORT: Final = 19093 + PORT_OFFSET
+# A second, TLS 1.3-only listener with client certificates required (KAFKA_SECURITY_PROTOCOL=SSL).
+KAFKA_TLS_PORT: Final = 19094 + PORT_OFFSET
 VAULT_PORT: Final = 18200 + PORT_OFFSET
 MONGO_PORT: Final = 27217 + PORT_OFFSET
 MONGO_ADMIN_USER: Final = "dicomsafe-admin"
@@ -661,13 +665,56 @@ def _kafka_cluster_id() -> str:
             return cid
 
 
-def _kafka_properties(data_dir: Path) -> str:
+def kafka_tls_dir() -> Path:
+    """CA (``ca.crt``/``ca.key``, a ``tools.pki`` folder) of the local Kafka's SSL listener;
+    tests issue their client certificates from it."""
+    return _run_dir(KAFKA) / "tls"
+
+
+def _kafka_tls_material() -> tuple[Path, Path] | None:
+    """(PEM keystore: the broker's key then its certificate, PEM truststore: the CA), or None
+    without the product venv (then Kafka has its plaintext listener only)."""
+    try:
+        from tools.pki import make_pki
+    except ImportError:
+        log.warning("kafka: no TLS listener (tools.pki needs the product venv)")
+        return None
+    pki = make_pki(kafka_tls_dir(), ["kafka"])
+    broker = pki.tls("kafka")
+    keystore = kafka_tls_dir() / "kafka-keystore.pem"
+    _write_secret(keystore, (broker.key_file.read_text() + broker.cert_file.read_text()))
+    return keystore, pki.ca_file
+
+
+def _kafka_tls_properties(tls: tuple[Path, Path] | None) -> dict[str, str]:
+    if tls is None:
+        return {
+            "listeners": f"PLAINTEXT://{HOST}:{KAFKA_PORT},CONTROLLER://{HOST}:{KAFKA_CONTROLLER_PORT}",
+            "advertised.listeners": f"PLAINTEXT://{HOST}:{KAFKA_PORT}",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        }
+    keystore, truststore = tls
+    return {
+        "listeners": (
+            f"PLAINTEXT://{HOST}:{KAFKA_PORT},SSL://{HOST}:{KAFKA_TLS_PORT},CONTROLLER://{HOST}:{KAFKA_CONTROLLER_PORT}"
+        ),
+        "advertised.listeners": f"PLAINTEXT://{HOST}:{KAFKA_PORT},SSL://{HOST}:{KAFKA_TLS_PORT}",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,SSL:SSL,CONTROLLER:PLAINTEXT",
+        "listener.name.ssl.ssl.keystore.type": "PEM",
+        "listener.name.ssl.ssl.keystore.location": str(keystore),
+        "listener.name.ssl.ssl.truststore.type": "PEM",
+        "listener.name.ssl.ssl.truststore.location": str(truststore),
+        "listener.name.ssl.ssl.client.auth": "required",
+        "listener.name.ssl.ssl.enabled.protocols": "TLSv1.3",
+        "listener.name.ssl.ssl.protocol": "TLSv1.3",
+    }
+
+
+def _kafka_properties(data_dir: Path, tls: tuple[Path, Path] | None) -> str:
     props = {
         "process.roles": "broker,controller",
         "node.id": "1",
-        "listeners": f"PLAINTEXT://{HOST}:{KAFKA_PORT},CONTROLLER://{HOST}:{KAFKA_CONTROLLER_PORT}",
-        "advertised.listeners": f"PLAINTEXT://{HOST}:{KAFKA_PORT}",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        **_kafka_tls_properties(tls),
         "inter.broker.listener.name": "PLAINTEXT",
         "controller.listener.names": "CONTROLLER",
         # --standalone formatting wants bootstrap servers and no static voters.
@@ -697,11 +744,11 @@ def _kafka_properties(data_dir: Path) -> str:
 def _start_kafka() -> int:
     libs = _ensure_kafka_libs()
     java = _java()
-    _require_ports(KAFKA, KAFKA_PORT, KAFKA_CONTROLLER_PORT)
+    _require_ports(KAFKA, KAFKA_PORT, KAFKA_CONTROLLER_PORT, KAFKA_TLS_PORT)
     run = _mkdir_private(_run_dir(KAFKA))
     data = run / "data"
     props = run / "server.properties"
-    props.write_text(_kafka_properties(data))
+    props.write_text(_kafka_properties(data, _kafka_tls_material()))
     cp = f"{libs}/*"  # the java launcher expands the wildcard itself
     log4j = INFRA_SRC / "kafka" / "log4j2.xml"
     jvm_common = [f"-Dlog4j2.configurationFile={log4j}", f"-Dkafka.logs.dir={_logs_dir()}", "-Djava.awt.headless=true"]

@@ -5,6 +5,9 @@
     python -m tools.keys rewrap              # progress bar, then a report; safe to re-run
     python -m tools.keys retire N            # admin VAULT_TOKEN: min_decryption_version = N
 
+Runs as the "ops" identity: TLS_CERT_FILE, TLS_KEY_FILE and TLS_CA_FILE name its certificate
+(crypto admits only "ops" to these RPCs).
+
 Rotation procedure (docs/operations.md): rotate → rewrap until the report shows every object
 at the latest version and no failures → retire the older versions.
 """
@@ -16,8 +19,8 @@ import asyncio
 import os
 import sys
 
-import grpc
-
+from dicomsafe.common.grpc_runtime import new_channel
+from dicomsafe.common.tls import TlsConfig, tls_from_env
 from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc
 from tools import vault_setup
 
@@ -27,8 +30,8 @@ def _bar(done: int, total: int, width: int = 40) -> str:
     return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
 
 
-async def _run(target: str, command: str) -> int:
-    async with grpc.aio.insecure_channel(target) as channel:
+async def _run(target: str, tls: TlsConfig | None, command: str) -> int:
+    async with new_channel(target, tls) as channel:
         stub = crypto_pb2_grpc.CryptoServiceStub(channel)
         if command in ("status", "rotate"):
             if command == "status":
@@ -68,7 +71,8 @@ def main() -> int:
         vault_setup.retire_versions_below(addr, token, args.version, os.environ.get("CRYPTO_KEY_NAME", "dicomsafe-dek"))
         print(f"versions below v{args.version} retired")
         return 0
-    return asyncio.run(_run(args.crypto, args.command))
+    # The operator's own certificate (identity "ops"): TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE.
+    return asyncio.run(_run(args.crypto, tls_from_env(), args.command))
 
 
 if __name__ == "__main__":

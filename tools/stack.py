@@ -2,7 +2,8 @@
 
 Used by the demo (`make run`) and the end-to-end tests. Each service gets only the
 settings it needs: the crypto service alone holds a Vault identity (an AppRole, never the
-admin token), and logs go to one file per service.
+admin token), and logs go to one file per service. gRPC between them is mutual TLS 1.3: a CA
+made at start (``tools.pki``, in the run directory) gives every service its own certificate.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pymongo import AsyncMongoClient
 
+from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.mongo_users import ensure_role_and_user, user_uri
+from dicomsafe.common.tls import TlsConfig
+from dicomsafe.common.tls13_pin import CIPHER_SUITES_VAR, TLS13_ONLY_CIPHER_SUITES
 from services.audit.provision import provision
 from services.gateway.provision import provision_index
 from tools import vault_setup
-from tools.dev_pki import DevCA
+from tools.pki import Pki, make_pki
 
 REPO = Path(__file__).resolve().parent.parent
 POLICY_FILE = REPO / "deploy" / "policy" / "policy.toml"
@@ -57,16 +61,13 @@ class StackSettings:
         return self.base_port + HTTPS_PORT_OFFSET
 
     @property
-    def pki_dir(self) -> Path:
-        return self.work_dir / "pki"
-
-    @property
     def dicomweb_url(self) -> str:
         return f"https://127.0.0.1:{self.https_port}/dicomweb"
 
     @property
     def ca_file(self) -> Path:
-        return self.pki_dir / "ca.pem"
+        """The CA every certificate of the run comes from (gRPC and the DICOMweb listener)."""
+        return self.pki.ca_file
 
     def port(self, service: str) -> int:
         return self.base_port + SERVICES.index(service)
@@ -77,10 +78,20 @@ class StackSettings:
     def metrics_url(self, service: str) -> str:
         return f"http://127.0.0.1:{self.port(service) + METRICS_PORT_OFFSET}/metrics"
 
+    @property
+    def pki(self) -> Pki:
+        return Pki(self.work_dir / "pki")
+
+    def client_tls(self, identity: str) -> TlsConfig:
+        """TLS material of a client identity ("ops", "viewer", or a service's own)."""
+        return self.pki.tls(identity)
+
 
 # Each service's /metrics listens this far above its gRPC port.
 METRICS_PORT_OFFSET = 100
 HTTPS_PORT_OFFSET = 200
+# The DICOMweb listener's certificate: same CA, no service identity (users are no services).
+HTTPS_CERT = "gateway-https"
 
 # Start order: dependencies first (audit consumes what others emit; ingest needs crypto).
 SERVICES = ("crypto", "authz", "audit", "gateway", "ingest")
@@ -92,6 +103,8 @@ def service_env(s: StackSettings, service: str) -> dict[str, str]:
         "KAFKA_TOPIC_PREFIX": s.topic_prefix,
         "LOG_LEVEL": "INFO",
         "METRICS_BIND": f"127.0.0.1:{s.port(service) + METRICS_PORT_OFFSET}",
+        CIPHER_SUITES_VAR: TLS13_ONLY_CIPHER_SUITES,
+        **s.pki.env(service),
     }
     bind = s.target(service)
     secrets_dir = s.work_dir / "secrets"
@@ -129,8 +142,8 @@ def service_env(s: StackSettings, service: str) -> dict[str, str]:
             "GATEWAY_CRYPTO_TARGET": s.target("crypto"),
             "GATEWAY_INGEST_TARGET": s.target("ingest"),
             "GATEWAY_HTTP_BIND": f"127.0.0.1:{s.https_port}",
-            "GATEWAY_TLS_CERT_FILE": str(s.pki_dir / "gateway-https.pem"),
-            "GATEWAY_TLS_KEY_FILE": str(s.pki_dir / "gateway-https-key.pem"),
+            "GATEWAY_TLS_CERT_FILE": str(s.pki.directory / f"{HTTPS_CERT}.crt"),
+            "GATEWAY_TLS_KEY_FILE": str(s.pki.directory / f"{HTTPS_CERT}.key"),
             "GATEWAY_MONGODB_URI_FILE": str(secrets_dir / "gateway-mongodb-uri"),
             "GATEWAY_INDEX_DATABASE": s.index_db,
             "GATEWAY_INDEX_GROUP_ID": f"{s.topic_prefix}dicomsafe-gateway-index",
@@ -157,6 +170,8 @@ class Stack:
 
     def start(self, services: tuple[str, ...] = SERVICES, timeout_s: float = 60.0) -> None:
         (self.settings.work_dir / "logs").mkdir(parents=True, exist_ok=True)
+        if not self.settings.pki.ca_file.exists():  # restarts keep the CA their peers trust
+            make_pki(self.settings.pki.directory).issue(HTTPS_CERT, uris=[])
         if "crypto" in services:
             self._provision_crypto()
         if "authz" in services:
@@ -202,8 +217,6 @@ class Stack:
 
     def _provision_gateway(self) -> None:
         s = self.settings
-        ca = DevCA.create(s.pki_dir)
-        ca.issue(s.pki_dir, "gateway-https")
         user, password = asyncio.run(provision_index(s.mongodb_uri, s.index_db))
         self._secret("gateway-mongodb-uri", user_uri(s.mongodb_uri, s.index_db, user, password))
         self._secret("gateway-deid-uid-key", secrets.token_urlsafe(32))
@@ -214,7 +227,7 @@ class Stack:
             proc = self.processes[service]
             if proc.poll() is not None:
                 raise RuntimeError(f"{service} exited with {proc.returncode}; see {self.log_file(service)}")
-            if asyncio.run(serving(self.settings.target(service))):
+            if asyncio.run(serving(self.settings.target(service), self.settings.client_tls("ops"))):
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{service} not healthy after {timeout_s:.0f}s; see {self.log_file(service)}")
@@ -251,9 +264,9 @@ async def _ensure_user(admin_uri: str, database: str, user: str, password: str, 
         await client.close()
 
 
-async def serving(target: str) -> bool:
-    """Whether the gRPC health service at ``target`` answers SERVING."""
-    async with grpc.aio.insecure_channel(target) as channel:
+async def serving(target: str, tls: TlsConfig) -> bool:
+    """Whether the gRPC health service at ``target`` answers SERVING (asked as ``tls``'s identity)."""
+    async with new_channel(target, tls) as channel:
         try:
             request = health_pb2.HealthCheckRequest(service="")
             reply = await health_pb2_grpc.HealthStub(channel).Check(request, timeout=1.0)

@@ -1,4 +1,5 @@
-"""gRPC server and channel helpers: health service, message limits, graceful shutdown."""
+"""gRPC server and channel helpers: mutual TLS, peer authorisation, health service, message
+limits, graceful shutdown."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from collections.abc import Awaitable, Callable, Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from dicomsafe.common.config import env_opt
 from dicomsafe.common.logs import setup_logging
 from dicomsafe.common.metrics import serve_metrics
+from dicomsafe.common.peer_auth import PeerAllowlist, PeerAuthorizer
+from dicomsafe.common.tls import TlsConfig, require_tls_or_opt_out
 
 # Streams carry data in chunks well below this; the limit only stops abuse.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -25,16 +29,33 @@ Registrar = Callable[[grpc.aio.Server], None]
 
 
 def new_server(
-    registrars: Sequence[Registrar], service_names: Sequence[str], bind: str
+    registrars: Sequence[Registrar],
+    service_names: Sequence[str],
+    bind: str,
+    *,
+    tls: TlsConfig | None,
+    allow: PeerAllowlist,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    """A server on ``bind``: mutual TLS 1.3 with per-method peer authorisation (``allow``), or
+    plaintext without either when TLS is off (development opt-out only).
+
+    ``GRPC_HEALTH_BIND`` adds a plaintext port for probes that cannot present a certificate
+    (the kubelet's gRPC probe): the same server, but the peer authoriser refuses every method
+    except the health service to a caller without a verified identity.
+    """
+    require_tls_or_opt_out(tls, f"gRPC server on {bind}")
+    interceptors = [PeerAuthorizer(allow)] if tls is not None else []
+    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
     for register in registrars:
         register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(bind)
+    port = server.add_secure_port(bind, tls.server_credentials()) if tls else server.add_insecure_port(bind)
     if port == 0:
         raise RuntimeError(f"cannot bind gRPC server to {bind}")
+    health_bind = env_opt("GRPC_HEALTH_BIND")
+    if health_bind and server.add_insecure_port(health_bind) == 0:
+        raise RuntimeError(f"cannot bind gRPC health port to {health_bind}")
     return server, health_servicer
 
 
@@ -88,8 +109,12 @@ async def run_until_stopped(
     log.info("stopped")
 
 
-def insecure_channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+def new_channel(target: str, tls: TlsConfig | None) -> grpc.aio.Channel:
+    """A channel presenting this workload's certificate (plaintext only under the opt-out)."""
+    require_tls_or_opt_out(tls, f"gRPC channel to {target}")
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(target, tls.channel_credentials(), options=CHANNEL_OPTIONS)
 
 
 def service_main(service: str, run: Callable[[asyncio.Event], Awaitable[None]]) -> None:

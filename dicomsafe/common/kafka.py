@@ -11,6 +11,8 @@ import os
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -18,7 +20,9 @@ from aiokafka.errors import CommitFailedError, TopicAlreadyExistsError
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from dicomsafe.common.config import ConfigError, env_opt
 from dicomsafe.common.metrics import RECORDS, RETRIES
+from dicomsafe.common.tls import TlsConfig, tls_from_env
 from dicomsafe.v1 import events_pb2
 
 CONTENT_TYPE = b"application/x-protobuf"
@@ -83,9 +87,28 @@ def topic_specs(topics: Topics, partitions: int = 6) -> list[TopicSpec]:
     ]
 
 
+def client_security() -> dict[str, Any]:
+    """How every Kafka client here connects: ``KAFKA_SECURITY_PROTOCOL`` ``PLAINTEXT`` (default)
+    or ``SSL`` — TLS 1.3, presenting this workload's certificate (``TLS_*``) and verifying the
+    brokers against ``KAFKA_SSL_CA_FILE`` (default ``TLS_CA_FILE``: a cluster CA of its own,
+    e.g. Strimzi's, is common)."""
+    protocol = env_opt("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT").upper()
+    if protocol == "PLAINTEXT":
+        return {}
+    if protocol != "SSL":
+        raise ConfigError("KAFKA_SECURITY_PROTOCOL must be PLAINTEXT or SSL")
+    tls = tls_from_env()
+    if tls is None:
+        raise ConfigError("KAFKA_SECURITY_PROTOCOL=SSL needs TLS_CERT_FILE, TLS_KEY_FILE and TLS_CA_FILE")
+    broker_ca = env_opt("KAFKA_SSL_CA_FILE")
+    if broker_ca:
+        tls = TlsConfig(tls.cert_file, tls.key_file, Path(broker_ca))
+    return {"security_protocol": "SSL", "ssl_context": tls.client_ssl_context()}
+
+
 async def ensure_topics(bootstrap: str, specs: Iterable[TopicSpec], replication: int = 1) -> None:
     """Create missing topics with explicit partition counts (brokers never auto-create)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_security())
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -104,7 +127,7 @@ async def ensure_topics(bootstrap: str, specs: Iterable[TopicSpec], replication:
 
 async def require_topics(bootstrap: str, names: Sequence[str]) -> None:
     """Fail fast with a clear message instead of hanging on an unknown topic."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_security())
     await admin.start()
     try:
         missing = sorted(set(names) - set(await admin.list_topics()))
@@ -142,6 +165,7 @@ def new_producer(
         compression_type="lz4",
         max_request_size=max_request_bytes,
         request_timeout_ms=30000,
+        **client_security(),
     )
 
 
@@ -157,6 +181,7 @@ def new_consumer(bootstrap: str, group_id: str, topics: Sequence[str], client_id
         isolation_level="read_committed",
         max_partition_fetch_bytes=DEFAULT_MAX_RECORD_BYTES + 65536,
         fetch_max_bytes=4 * (DEFAULT_MAX_RECORD_BYTES + 65536),
+        **client_security(),
     )
 
 

@@ -29,6 +29,11 @@ DURATION = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 DECISIONS = Counter("dicomsafe_authz_decisions_total", "Access decisions", ["allow", "reason"])
+REFUSED_CALLS = Counter(
+    "dicomsafe_grpc_refused_total",
+    "gRPC calls refused before the servicer: caller identity not allowed (identity) or not mutual TLS 1.3 (tls)",
+    ["method", "reason"],
+)
 
 
 def serve_metrics() -> str | None:

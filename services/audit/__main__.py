@@ -35,7 +35,7 @@ from services.audit.store import AuditStore
 
 
 async def _verify(chain: str, show_progress: bool) -> int:
-    cfg = AuditConfig.from_env()
+    cfg = AuditConfig.from_env(serving=False)
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
     try:
         signer = CheckpointSigner(VaultSession(cfg.vault)) if cfg.vault else None
@@ -55,7 +55,7 @@ async def _verify(chain: str, show_progress: bool) -> int:
 
 
 async def _exposure(actor: str, since: str, until: str) -> int:
-    cfg = AuditConfig.from_env()
+    cfg = AuditConfig.from_env(serving=False)
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
     try:
         report = await AuditStore(client, cfg.database).exposure(
@@ -75,7 +75,7 @@ async def _exposure(actor: str, since: str, until: str) -> int:
 
 
 async def _export(fmt: str, actor: str, patient_ref: str, since: str, until: str, limit: int) -> int:
-    cfg = AuditConfig.from_env()
+    cfg = AuditConfig.from_env(serving=False)
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
     skipped = 0
     try:
@@ -99,7 +99,7 @@ async def _export(fmt: str, actor: str, patient_ref: str, since: str, until: str
 
 
 async def _report(since: str, until: str, rules: Rules) -> int:
-    cfg = AuditConfig.from_env()
+    cfg = AuditConfig.from_env(serving=False)
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
     try:
         store = AuditStore(client, cfg.database)

@@ -13,7 +13,7 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
 
 from dicomsafe.common.audit_emitter import AuditEmitter
-from dicomsafe.common.grpc_runtime import insecure_channel, new_server, run_until_stopped, service_main
+from dicomsafe.common.grpc_runtime import new_channel, new_server, run_until_stopped, service_main
 from dicomsafe.common.kafka import (
     DeadLetterPublisher,
     Topics,
@@ -47,7 +47,7 @@ async def run(cfg: AuditConfig, stop: asyncio.Event) -> None:
     await store.check_indexes()
     producer = new_producer(cfg.kafka_bootstrap, "dicomsafe-audit")
     consumer = new_consumer(cfg.kafka_bootstrap, cfg.group_id, [topics.audit], "dicomsafe-audit")
-    authz_channel = insecure_channel(cfg.authz_target)
+    authz_channel = new_channel(cfg.authz_target, cfg.tls)
     await producer.start()
     try:
         await consumer.start()
@@ -65,6 +65,8 @@ async def run(cfg: AuditConfig, stop: asyncio.Event) -> None:
                 [lambda s: audit_pb2_grpc.add_AuditServiceServicer_to_server(servicer, s)],
                 [SERVICE_NAME],
                 cfg.grpc_bind,
+                tls=cfg.tls,
+                allow=cfg.grpc_allow,
             )
             handler = AuditConsumer(store)
             loop = consume_forever(

@@ -3,7 +3,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dicomsafe.common.config import env_int, env_opt, env_secret, env_str
+from dicomsafe.common.peer_auth import PeerAllowlist
+from dicomsafe.common.tls import TlsConfig, tls_from_env
 from dicomsafe.common.vault import VaultAuth, vault_auth_from_env
+
+# The trail is read by the gateway (on behalf of auditors) and by ops tooling.
+DEFAULT_GRPC_ALLOW = "Verify,Query=gateway,ops"
+DEFAULT_ALLOWLIST = PeerAllowlist.parse(DEFAULT_GRPC_ALLOW)
 
 
 @dataclass(frozen=True)
@@ -32,9 +38,14 @@ class AuditConfig:
     syslog_ca_file: str = ""
     syslog_hostname: str = "dicomsafe-audit"
     syslog_interval_s: int = 5
+    # None only under the explicit development opt-out (dicomsafe.common.tls).
+    tls: TlsConfig | None = None
+    grpc_allow: PeerAllowlist = DEFAULT_ALLOWLIST
 
     @classmethod
-    def from_env(cls) -> AuditConfig:
+    def from_env(cls, serving: bool = True) -> AuditConfig:
+        """``serving=False`` for the command-line tools, which read MongoDB and Vault directly
+        and listen on nothing, so need no TLS material."""
         uri = env_secret("MONGODB_URI")
         if not uri:
             raise ValueError("MONGODB_URI (or MONGODB_URI_FILE) is required")
@@ -56,4 +67,6 @@ class AuditConfig:
             syslog_ca_file=env_opt("AUDIT_SYSLOG_CA_FILE"),
             syslog_hostname=env_str("AUDIT_SYSLOG_HOSTNAME", "dicomsafe-audit"),
             syslog_interval_s=env_int("AUDIT_SYSLOG_INTERVAL_S", 5),
+            tls=tls_from_env() if serving else None,
+            grpc_allow=PeerAllowlist.parse(env_str("AUDIT_GRPC_ALLOW", DEFAULT_GRPC_ALLOW)),
         )

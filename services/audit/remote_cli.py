@@ -11,7 +11,8 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from dicomsafe.common.config import env_secret
-from dicomsafe.common.grpc_runtime import insecure_channel
+from dicomsafe.common.grpc_runtime import new_channel
+from dicomsafe.common.tls import tls_from_env
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc
 
 
@@ -27,7 +28,7 @@ def _refused(exc: grpc.aio.AioRpcError) -> int:
 
 async def query_via_service(target: str, subject: str, request: audit_pb2.QueryRequest) -> int:
     request.subject_id, request.access_token = subject, caller_token()
-    async with insecure_channel(target) as channel:
+    async with new_channel(target, tls_from_env()) as channel:  # the operator's certificate ("ops")
         try:
             async for record in audit_pb2_grpc.AuditServiceStub(channel).Query(request, timeout=120):
                 print(json.dumps(MessageToDict(record, preserving_proto_field_name=True), separators=(",", ":")))
@@ -38,7 +39,7 @@ async def query_via_service(target: str, subject: str, request: audit_pb2.QueryR
 
 async def verify_via_service(target: str, subject: str, chain: str) -> int:
     request = audit_pb2.VerifyRequest(chain=chain, subject_id=subject, access_token=caller_token())
-    async with insecure_channel(target) as channel:
+    async with new_channel(target, tls_from_env()) as channel:  # the operator's certificate ("ops")
         try:
             verdict = await audit_pb2_grpc.AuditServiceStub(channel).Verify(request, timeout=3600)
         except grpc.aio.AioRpcError as exc:

@@ -118,7 +118,11 @@ async def run(cfg: AuthzConfig, stop: asyncio.Event) -> None:
         # First attempt before serving, so a healthy start never reports SERVING without an audit trail.
         await link.connect_once()
         server, health_servicer = new_server(
-            [lambda s: authz_pb2_grpc.add_AuthzServiceServicer_to_server(servicer, s)], [SERVICE_NAME], cfg.grpc_bind
+            [lambda s: authz_pb2_grpc.add_AuthzServiceServicer_to_server(servicer, s)],
+            [SERVICE_NAME],
+            cfg.grpc_bind,
+            tls=cfg.tls,
+            allow=cfg.grpc_allow,
         )
         background = [
             watch_policy(servicer, cfg.policy_file, cfg.policy_reload_s, stop),

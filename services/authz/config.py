@@ -4,6 +4,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicomsafe.common.config import env_int, env_opt, env_secret, env_str
+from dicomsafe.common.peer_auth import PeerAllowlist
+from dicomsafe.common.tls import TlsConfig, tls_from_env
+
+# Decisions for the gateway (user requests), audit and ops tooling (erasure); grant management
+# through the gateway or ops tooling; break-glass only on behalf of a signed-in user.
+DEFAULT_GRPC_ALLOW = "Check=gateway,audit,ops; CreateGrant,RevokeGrant=gateway,ops; BreakGlass=gateway"
+DEFAULT_ALLOWLIST = PeerAllowlist.parse(DEFAULT_GRPC_ALLOW)
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,9 @@ class AuthzConfig:
     # Stopped" (also those that ended while the service was down). Access itself ends on time
     # regardless: every check compares the grant window with the clock.
     break_glass_sweep_s: float = 5.0
+    # None only under the explicit development opt-out (dicomsafe.common.tls).
+    tls: TlsConfig | None = None
+    grpc_allow: PeerAllowlist = DEFAULT_ALLOWLIST
 
     @classmethod
     def from_env(cls) -> AuthzConfig:
@@ -52,4 +62,6 @@ class AuthzConfig:
             mongodb_db=env_str("AUTHZ_MONGODB_DB", "dicomsafe_authz"),
             audit_timeout_s=float(env_int("AUTHZ_AUDIT_TIMEOUT_S", 5)),
             break_glass_sweep_s=float(env_int("AUTHZ_BREAK_GLASS_SWEEP_S", 5)),
+            tls=tls_from_env(),
+            grpc_allow=PeerAllowlist.parse(env_str("AUTHZ_GRPC_ALLOW", DEFAULT_GRPC_ALLOW)),
         )

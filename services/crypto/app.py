@@ -29,7 +29,11 @@ async def run(cfg: CryptoConfig, stop: asyncio.Event) -> None:
         audit = AuditEmitter(producer, "crypto", Topics(cfg.topic_prefix).audit)
         servicer = CryptoServicer(store, keys, audit, cfg.chunk_size, cfg.max_object_bytes)
         server, health = new_server(
-            [lambda s: crypto_pb2_grpc.add_CryptoServiceServicer_to_server(servicer, s)], [SERVICE_NAME], cfg.grpc_bind
+            [lambda s: crypto_pb2_grpc.add_CryptoServiceServicer_to_server(servicer, s)],
+            [SERVICE_NAME],
+            cfg.grpc_bind,
+            tls=cfg.tls,
+            allow=cfg.grpc_allow,
         )
         try:
             await run_until_stopped(server, health, [SERVICE_NAME], stop, log)

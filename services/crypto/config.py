@@ -4,9 +4,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicomsafe.common.config import env_int, env_opt, env_str
+from dicomsafe.common.peer_auth import PeerAllowlist
+from dicomsafe.common.tls import TlsConfig, tls_from_env
 from dicomsafe.common.vault import vault_auth_from_env
 from services.crypto.sealed_format import DEFAULT_CHUNK_SIZE
 from services.crypto.vault_keys import VaultSettings
+
+# Least privilege by caller: ingest seals, the gateway reads, ops tooling manages keys.
+DEFAULT_GRPC_ALLOW = "Seal=ingest; Open,Describe=gateway; RotateKey,GetKeyStatus,Rewrap=ops"
+DEFAULT_ALLOWLIST = PeerAllowlist.parse(DEFAULT_GRPC_ALLOW)
 
 
 @dataclass(frozen=True)
@@ -18,6 +24,9 @@ class CryptoConfig:
     kafka_bootstrap: str
     topic_prefix: str
     vault: VaultSettings
+    # None only under the explicit development opt-out (dicomsafe.common.tls).
+    tls: TlsConfig | None = None
+    grpc_allow: PeerAllowlist = DEFAULT_ALLOWLIST
 
     @classmethod
     def from_env(cls) -> CryptoConfig:
@@ -42,4 +51,6 @@ class CryptoConfig:
                 k8s_token_path=auth.k8s_token_path,
                 k8s_mount=auth.k8s_mount,
             ),
+            tls=tls_from_env(),
+            grpc_allow=PeerAllowlist.parse(env_str("CRYPTO_GRPC_ALLOW", DEFAULT_GRPC_ALLOW)),
         )

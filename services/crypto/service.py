@@ -12,6 +12,7 @@ import grpc
 
 from dicomsafe.common.audit_emitter import AuditEmitter, stable_event_id
 from dicomsafe.common.metrics import BYTES, DURATION
+from dicomsafe.common.tls import peer_identity
 from dicomsafe.common.vault import VaultUnavailable
 from dicomsafe.v1 import audit_pb2, crypto_pb2, crypto_pb2_grpc
 from services.crypto import sealed_format as fmt
@@ -37,8 +38,10 @@ Outcome = audit_pb2.AuditOutcome
 
 
 def _caller(context: grpc.aio.ServicerContext[object, object]) -> str:
-    # Until mTLS identities arrive, the peer address is the best caller identity we have.
-    return f"peer:{context.peer()}"
+    # The verified service identity from the client certificate; the address only on the
+    # plaintext development path, where there is none.
+    identity = peer_identity(context.auth_context())
+    return f"service:{identity}" if identity else f"peer:{context.peer()}"
 
 
 class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):

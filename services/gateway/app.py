@@ -9,7 +9,7 @@ from typing import Any
 from pymongo import AsyncMongoClient
 
 from dicomsafe.common.audit_emitter import AuditEmitter
-from dicomsafe.common.grpc_runtime import insecure_channel, new_server, run_until_stopped, service_main
+from dicomsafe.common.grpc_runtime import new_channel, new_server, run_until_stopped, service_main
 from dicomsafe.common.kafka import (
     DeadLetterPublisher,
     Topics,
@@ -37,12 +37,12 @@ DICOMWEB_ROOT = "/dicomweb"
 async def run(cfg: GatewayConfig, stop: asyncio.Event) -> None:
     topics = Topics(cfg.topic_prefix)
     await require_topics(cfg.kafka_bootstrap, [topics.stored, dlq_topic(topics.stored), topics.audit])
-    tls = tls13_server_context(cfg.tls_cert_file, cfg.tls_key_file)
+    https_context = tls13_server_context(cfg.tls_cert_file, cfg.tls_key_file)
     producer = new_producer(cfg.kafka_bootstrap, "dicomsafe-gateway")
     consumer = new_consumer(cfg.kafka_bootstrap, cfg.index_group_id, [topics.stored], "dicomsafe-gateway-index")
-    authz_channel = insecure_channel(cfg.authz_target)
-    crypto_channel = insecure_channel(cfg.crypto_target)
-    ingest_channel = insecure_channel(cfg.ingest_target)
+    authz_channel = new_channel(cfg.authz_target, cfg.tls)
+    crypto_channel = new_channel(cfg.crypto_target, cfg.tls)
+    ingest_channel = new_channel(cfg.ingest_target, cfg.tls)
     mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
     await producer.start()
     try:
@@ -70,6 +70,8 @@ async def run(cfg: GatewayConfig, stop: asyncio.Event) -> None:
                 [lambda s: retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(servicer, s)],
                 [SERVICE_NAME],
                 cfg.grpc_bind,
+                tls=cfg.tls,
+                allow=cfg.grpc_allow,
             )
             indexing = consume_forever(
                 consumer,
@@ -78,7 +80,7 @@ async def run(cfg: GatewayConfig, stop: asyncio.Event) -> None:
                 stop,
                 log,
             )
-            https = serve_https(create_app(backends), cfg.http_bind, tls, stop)
+            https = serve_https(create_app(backends), cfg.http_bind, https_context, stop)
             await run_until_stopped(server, health, [SERVICE_NAME], stop, log, background=[indexing, https])
         finally:
             await consumer.stop()

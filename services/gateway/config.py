@@ -3,6 +3,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dicomsafe.common.config import ConfigError, env_int, env_opt, env_secret, env_str
+from dicomsafe.common.peer_auth import PeerAllowlist
+from dicomsafe.common.tls import TlsConfig, tls_from_env
+
+# Retrieval is for the trusted front ends (viewer back-ends) holding a "viewer" certificate;
+# the user's own rights come from the access token, checked by authz.
+DEFAULT_GRPC_ALLOW = "Retrieve=viewer"
+DEFAULT_ALLOWLIST = PeerAllowlist.parse(DEFAULT_GRPC_ALLOW)
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,9 @@ class GatewayConfig:
     max_instance_bytes: int
     # Keys the pseudonymous UIDs of de-identified releases (PS3.15 Annex E).
     deid_uid_key: bytes = field(repr=False)
+    # None only under the explicit development opt-out (dicomsafe.common.tls).
+    tls: TlsConfig | None = None
+    grpc_allow: PeerAllowlist = DEFAULT_ALLOWLIST
 
     @classmethod
     def from_env(cls) -> GatewayConfig:
@@ -51,4 +61,6 @@ class GatewayConfig:
             index_group_id=env_str("GATEWAY_INDEX_GROUP_ID", "dicomsafe-gateway-index"),
             max_instance_bytes=env_int("GATEWAY_MAX_INSTANCE_BYTES", 256 * 1024 * 1024),
             deid_uid_key=deid.encode(),
+            tls=tls_from_env(),
+            grpc_allow=PeerAllowlist.parse(env_str("GATEWAY_GRPC_ALLOW", DEFAULT_GRPC_ALLOW)),
         )

@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from dicomsafe.common.audit_emitter import AuditEmitter
-from dicomsafe.common.grpc_runtime import insecure_channel, new_server, run_until_stopped, service_main
+from dicomsafe.common.grpc_runtime import new_channel, new_server, run_until_stopped, service_main
 from dicomsafe.common.kafka import (
     DeadLetterPublisher,
     Topics,
@@ -32,7 +32,7 @@ async def run(cfg: IngestConfig, stop: asyncio.Event) -> None:
     await require_topics(cfg.kafka_bootstrap, [topics.ingest, dlq_topic(topics.ingest), topics.stored, topics.audit])
     producer = new_producer(cfg.kafka_bootstrap, "dicomsafe-ingest")
     consumer = new_consumer(cfg.kafka_bootstrap, cfg.group_id, [topics.ingest], "dicomsafe-ingest")
-    channel = insecure_channel(cfg.crypto_target)
+    channel = new_channel(cfg.crypto_target, cfg.tls)
     await producer.start()
     try:
         await consumer.start()
@@ -47,7 +47,11 @@ async def run(cfg: IngestConfig, stop: asyncio.Event) -> None:
             store = StoreServicer(pipeline, cfg.store_max_bytes)
             names = [SERVICE_NAME, STORE_SERVICE]
             server, health = new_server(
-                [lambda s: ingest_pb2_grpc.add_IngestServiceServicer_to_server(store, s)], names, cfg.grpc_bind
+                [lambda s: ingest_pb2_grpc.add_IngestServiceServicer_to_server(store, s)],
+                names,
+                cfg.grpc_bind,
+                tls=cfg.tls,
+                allow=cfg.grpc_allow,
             )
             loop = consume_forever(consumer, pipeline.handle, DeadLetterPublisher(producer, "ingest"), stop, log)
             await run_until_stopped(server, health, names, stop, log, background=[loop])

@@ -4,6 +4,12 @@ from dataclasses import dataclass
 
 from dicomsafe.common.config import env_int, env_opt, env_str
 from dicomsafe.common.kafka import DEFAULT_MAX_RECORD_BYTES
+from dicomsafe.common.peer_auth import PeerAllowlist
+from dicomsafe.common.tls import TlsConfig, tls_from_env
+
+# Store (the STOW-RS path) only for the gateway.
+DEFAULT_GRPC_ALLOW = "Store=gateway"
+DEFAULT_ALLOWLIST = PeerAllowlist.parse(DEFAULT_GRPC_ALLOW)
 
 
 @dataclass(frozen=True)
@@ -17,6 +23,9 @@ class IngestConfig:
     store_max_bytes: int
     seal_piece_bytes: int
     seal_deadline_s: int
+    # None only under the explicit development opt-out (dicomsafe.common.tls).
+    tls: TlsConfig | None = None
+    grpc_allow: PeerAllowlist = DEFAULT_ALLOWLIST
 
     @classmethod
     def from_env(cls) -> IngestConfig:
@@ -31,4 +40,6 @@ class IngestConfig:
             store_max_bytes=env_int("INGEST_STORE_MAX_BYTES", 256 * 1024 * 1024),
             seal_piece_bytes=env_int("INGEST_SEAL_PIECE_BYTES", 256 * 1024),
             seal_deadline_s=env_int("INGEST_SEAL_DEADLINE_S", 120),
+            tls=tls_from_env(),
+            grpc_allow=PeerAllowlist.parse(env_str("INGEST_GRPC_ALLOW", DEFAULT_GRPC_ALLOW)),
         )

@@ -18,7 +18,6 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import grpc
 import pydicom
 import pytest
 import requests
@@ -29,6 +28,7 @@ from pydicom.dataset import FileDataset
 from pydicom.encaps import generate_fragments
 from pydicom.uid import generate_uid
 
+from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics
 from dicomsafe.v1 import audit_pb2, authz_pb2, authz_pb2_grpc
 from tools import dicom_samples
@@ -302,7 +302,8 @@ def test_time_limited_grant_expires(stack: Stack, idp: LocalIssuer, upload: Uplo
     )
 
     async def create() -> None:
-        async with grpc.aio.insecure_channel(stack.settings.target("authz")) as channel:
+        # Grant management by operator tooling (authz admits "ops" and the gateway to CreateGrant).
+        async with new_channel(stack.settings.target("authz"), stack.settings.client_tls("ops")) as channel:
             await authz_pb2_grpc.AuthzServiceStub(channel).CreateGrant(
                 authz_pb2.CreateGrantRequest(caller=authz_pb2.Subject(access_token=idp.token("reg.omar")), grant=grant),
                 timeout=10,

@@ -19,6 +19,7 @@ import pydicom
 import pytest
 from aiokafka import AIOKafkaConsumer
 
+from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, dlq_topic, headers_for, new_producer
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc, events_pb2, retrieval_pb2, retrieval_pb2_grpc
 from tests.audit_trail import verify_directly
@@ -61,7 +62,7 @@ async def _collect(
 
 
 async def _retrieve(stack: Stack, token: str, object_id: str) -> bytes:
-    async with grpc.aio.insecure_channel(stack.settings.target("gateway")) as channel:
+    async with new_channel(stack.settings.target("gateway"), stack.settings.client_tls("viewer")) as channel:
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
         request = retrieval_pb2.RetrieveRequest(access_token=token, object_id=object_id, purpose="treatment")
         return b"".join([p.data async for p in stub.Retrieve(request, timeout=60)])
@@ -142,7 +143,7 @@ async def test_slice_end_to_end(stack: Stack, idp: LocalIssuer) -> None:
     assert stored_verdict.ok, stored_verdict.breaks
     assert stored_verdict.records == want
     auditor = idp.token("aud.ito")
-    async with grpc.aio.insecure_channel(stack.settings.target("audit")) as channel:
+    async with new_channel(stack.settings.target("audit"), stack.settings.client_tls("ops")) as channel:
         audit = audit_pb2_grpc.AuditServiceStub(channel)
         verdict = await audit.Verify(audit_pb2.VerifyRequest(access_token=auditor))
         while verdict.checkpoints_checked == 0 and time.monotonic() < deadline:
@@ -162,6 +163,11 @@ async def test_slice_end_to_end(stack: Stack, idp: LocalIssuer) -> None:
     assert (A.AUDIT_ACTION_ACCESS_DECISION, Out.AUDIT_OUTCOME_DENIED) in actions
     assert (A.AUDIT_ACTION_INSTANCE_RETRIEVED, Out.AUDIT_OUTCOME_DENIED) in actions
     assert actions.count((A.AUDIT_ACTION_INSTANCE_RETRIEVED, Out.AUDIT_OUTCOME_SUCCESS)) == len(good)
+    # crypto names its callers by the identity in their client certificates (mutual TLS).
+    seals = [r.event for r in records if r.event.action == A.AUDIT_ACTION_OBJECT_SEALED]
+    opens = [r.event for r in records if r.event.action == A.AUDIT_ACTION_OBJECT_OPENED]
+    assert seals and {e.actor for e in seals} == {"service:ingest"}
+    assert opens and {e.details["caller"] for e in opens} == {"service:gateway"}
     # SRE view: the ingest consumer's counters agree with what happened.
     metrics = await asyncio.to_thread(_scrape, stack.settings.metrics_url("ingest"))
     topic = _topics(stack).ingest

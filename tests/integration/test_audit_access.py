@@ -14,6 +14,7 @@ import grpc
 import pytest
 from aiokafka import AIOKafkaConsumer
 
+from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, new_producer, topic_specs
 from dicomsafe.common.mongo_users import user_uri
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc
@@ -22,8 +23,9 @@ from services.audit.config import AuditConfig
 from services.audit.provision import provision
 from services.authz.app import run as run_authz
 from tests.servers import Servers
-from tests.service_runner import authz_config, free_port, running
+from tests.service_runner import TEST_CLIENT, authz_config, free_port, running, with_tls
 from tools.oidc_issuer import LocalIssuer
+from tools.pki import Pki
 
 REPO = Path(__file__).resolve().parents[2]
 A, Out = audit_pb2.AuditAction, audit_pb2.AuditOutcome
@@ -45,21 +47,25 @@ async def _refusal(call: object) -> grpc.StatusCode:
 
 
 async def test_only_auditors_read_and_every_attempt_is_recorded(
-    servers: Servers, unique: str, idp: LocalIssuer
+    pki: Pki, servers: Servers, unique: str, idp: LocalIssuer
 ) -> None:
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
     database = f"audit_acc_{unique}"
     user, password = await provision(servers.mongodb_uri, database)
-    authz = authz_config(servers.kafka_bootstrap, topics.prefix, idp)
-    cfg = AuditConfig(
-        grpc_bind=f"127.0.0.1:{free_port()}",
-        kafka_bootstrap=servers.kafka_bootstrap,
-        topic_prefix=topics.prefix,
-        group_id=f"audit-{unique}",
-        mongodb_uri=user_uri(servers.mongodb_uri, database, user, password),
-        database=database,
-        authz_target=authz.grpc_bind,
+    authz = with_tls(authz_config(servers.kafka_bootstrap, topics.prefix, idp), pki, "authz")
+    cfg = with_tls(
+        AuditConfig(
+            grpc_bind=f"127.0.0.1:{free_port()}",
+            kafka_bootstrap=servers.kafka_bootstrap,
+            topic_prefix=topics.prefix,
+            group_id=f"audit-{unique}",
+            mongodb_uri=user_uri(servers.mongodb_uri, database, user, password),
+            database=database,
+            authz_target=authz.grpc_bind,
+        ),
+        pki,
+        "audit",
     )
     producer = new_producer(servers.kafka_bootstrap, "test")
     await producer.start()
@@ -78,9 +84,9 @@ async def test_only_auditors_read_and_every_attempt_is_recorded(
 
     auditor, physician, officer = idp.token("aud.ito"), idp.token("dr.house"), idp.token("dpo.lee")
     async with (
-        running(lambda stop: run_authz(authz, stop), authz.grpc_bind),
-        running(lambda stop: run_audit(cfg, stop), cfg.grpc_bind),
-        grpc.aio.insecure_channel(cfg.grpc_bind) as ch,
+        running(lambda stop: run_authz(authz, stop), authz.grpc_bind, pki.tls(TEST_CLIENT)),
+        running(lambda stop: run_audit(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)),
+        new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as ch,
     ):
         stub = audit_pb2_grpc.AuditServiceStub(ch)
         deadline = time.monotonic() + 60
@@ -111,8 +117,8 @@ async def test_only_auditors_read_and_every_attempt_is_recorded(
         assert await _refusal(stub.Query(forged)) == grpc.StatusCode.PERMISSION_DENIED
 
         # The CLI goes through the same door; the token comes from the environment, never argv.
-        cli_ok = await asyncio.to_thread(_cli_query, cfg.grpc_bind, auditor)
-        cli_refused = await asyncio.to_thread(_cli_query, cfg.grpc_bind, physician)
+        cli_ok = await asyncio.to_thread(_cli_query, cfg.grpc_bind, auditor, pki)
+        cli_refused = await asyncio.to_thread(_cli_query, cfg.grpc_bind, physician, pki)
         assert cli_ok.returncode == 0, cli_ok.stderr
         assert seeded.event_id in cli_ok.stdout
         assert cli_refused.returncode == 3 and "PERMISSION_DENIED" in cli_refused.stderr
@@ -146,8 +152,9 @@ async def test_only_auditors_read_and_every_attempt_is_recorded(
     assert {e.reason for e in forged_attempts} == {"subject does not match the token"}
 
 
-def _cli_query(target: str, token: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "AUDIT_ACCESS_TOKEN": token}
+def _cli_query(target: str, token: str, pki: Pki) -> subprocess.CompletedProcess[str]:
+    # The CLI reaches the service with an operator's certificate, the user's token inside.
+    env = {**os.environ, **pki.env("ops"), "AUDIT_ACCESS_TOKEN": token}
     return subprocess.run(
         [sys.executable, "-m", "services.audit", "query", "--target", target, "--study", STUDY],
         cwd=REPO,
@@ -158,25 +165,29 @@ def _cli_query(target: str, token: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-async def test_no_decision_no_answer(servers: Servers, unique: str) -> None:
+async def test_no_decision_no_answer(pki: Pki, servers: Servers, unique: str) -> None:
     """authz unreachable: the read is refused (fail closed) and the failed attempt still recorded."""
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
     database = f"audit_acc_{unique}"
     user, password = await provision(servers.mongodb_uri, database)
-    cfg = AuditConfig(
-        grpc_bind=f"127.0.0.1:{free_port()}",
-        kafka_bootstrap=servers.kafka_bootstrap,
-        topic_prefix=topics.prefix,
-        group_id=f"audit-{unique}",
-        mongodb_uri=user_uri(servers.mongodb_uri, database, user, password),
-        database=database,
-        authz_target=f"127.0.0.1:{free_port()}",  # nothing listens there
-        authz_deadline_s=2.0,
+    cfg = with_tls(
+        AuditConfig(
+            grpc_bind=f"127.0.0.1:{free_port()}",
+            kafka_bootstrap=servers.kafka_bootstrap,
+            topic_prefix=topics.prefix,
+            group_id=f"audit-{unique}",
+            mongodb_uri=user_uri(servers.mongodb_uri, database, user, password),
+            database=database,
+            authz_target=f"127.0.0.1:{free_port()}",  # nothing listens there
+            authz_deadline_s=2.0,
+        ),
+        pki,
+        "audit",
     )
     async with (
-        running(lambda stop: run_audit(cfg, stop), cfg.grpc_bind),
-        grpc.aio.insecure_channel(cfg.grpc_bind) as ch,
+        running(lambda stop: run_audit(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)),
+        new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as ch,
     ):
         stub = audit_pb2_grpc.AuditServiceStub(ch)
         code = await _refusal(stub.Verify(audit_pb2.VerifyRequest(subject_id="aud.ito"), timeout=30))

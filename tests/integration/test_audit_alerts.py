@@ -16,7 +16,8 @@ from services.audit.app import run
 from services.audit.config import AuditConfig
 from services.audit.provision import provision
 from tests.servers import Servers
-from tests.service_runner import free_port, running
+from tests.service_runner import TEST_CLIENT, free_port, running, with_tls
+from tools.pki import Pki
 
 A, Out = audit_pb2.AuditAction, audit_pb2.AuditOutcome
 SECOND = dt.timedelta(seconds=1)
@@ -51,19 +52,23 @@ async def _alerts_until(
         seen += [alerts_pb2.SecurityAlert.FromString(r.value or b"") for rs in batch.values() for r in rs]
 
 
-async def test_alerts_carry_their_evidence_and_survive_a_restart_once(servers: Servers, unique: str) -> None:
+async def test_alerts_carry_their_evidence_and_survive_a_restart_once(pki: Pki, servers: Servers, unique: str) -> None:
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=2))
     database = f"audit_al_{unique}"
     user, password = await provision(servers.mongodb_uri, database)
-    cfg = AuditConfig(
-        grpc_bind=f"127.0.0.1:{free_port()}",
-        kafka_bootstrap=servers.kafka_bootstrap,
-        topic_prefix=topics.prefix,
-        group_id=f"audit-{unique}",
-        mongodb_uri=user_uri(servers.mongodb_uri, database, user, password),
-        database=database,
-        alert_interval_s=1,
+    cfg = with_tls(
+        AuditConfig(
+            grpc_bind=f"127.0.0.1:{free_port()}",
+            kafka_bootstrap=servers.kafka_bootstrap,
+            topic_prefix=topics.prefix,
+            group_id=f"audit-{unique}",
+            mongodb_uri=user_uri(servers.mongodb_uri, database, user, password),
+            database=database,
+            alert_interval_s=1,
+        ),
+        pki,
+        "audit",
     )
     now = dt.datetime.now(dt.UTC)
     producer = new_producer(servers.kafka_bootstrap, "test")
@@ -93,7 +98,7 @@ async def test_alerts_carry_their_evidence_and_survive_a_restart_once(servers: S
             _event(A.AUDIT_ACTION_EMERGENCY_OVERRIDE, Out.AUDIT_OUTCOME_SUCCESS, "dr.er", now, "cardiac arrest"),
         )
         first: list[alerts_pb2.SecurityAlert] = []
-        async with running(lambda stop: run(cfg, stop), cfg.grpc_bind):
+        async with running(lambda stop: run(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)):
             await _alerts_until(consumer, first, override.event_id)
             await _alerts_until(consumer, first, burst[0].event_id)
 
@@ -101,7 +106,7 @@ async def test_alerts_carry_their_evidence_and_survive_a_restart_once(servers: S
         # evidence is. Two sentinels in turn: when the second arrives, the run that raised the
         # first (and looked at every old finding too) is complete.
         again: list[alerts_pb2.SecurityAlert] = []
-        async with running(lambda stop: run(cfg, stop), cfg.grpc_bind):
+        async with running(lambda stop: run(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)):
             sentinels = []
             for reason in ("stroke", "trauma"):
                 sentinels.append(

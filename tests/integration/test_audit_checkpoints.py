@@ -19,8 +19,9 @@ from services.audit.config import AuditConfig
 from services.audit.provision import provision
 from services.audit.store import CHECKPOINTS, COLLECTION, AuditStore, Verdict
 from tests.servers import Servers
-from tests.service_runner import free_port, running
+from tests.service_runner import TEST_CLIENT, free_port, running, with_tls
 from tools import vault_setup
+from tools.pki import Pki
 
 EVENTS = 40
 
@@ -32,21 +33,25 @@ async def _verify(store: AuditStore, vault_addr: str, vault_token: str) -> Verdi
     return await store.verify("", keys)
 
 
-async def test_truncation_and_forged_checkpoints_are_detected(servers: Servers, unique: str) -> None:
+async def test_truncation_and_forged_checkpoints_are_detected(pki: Pki, servers: Servers, unique: str) -> None:
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
     database = f"audit_cp_{unique}"
     user, password = await provision(servers.mongodb_uri, database)
     creds = vault_setup.provision_audit(servers.vault_addr, servers.vault_token)
-    cfg = AuditConfig(
-        grpc_bind=f"127.0.0.1:{free_port()}",
-        kafka_bootstrap=servers.kafka_bootstrap,
-        topic_prefix=topics.prefix,
-        group_id=f"audit-{unique}",
-        mongodb_uri=user_uri(servers.mongodb_uri, database, user, password),
-        database=database,
-        vault=VaultAuth(addr=servers.vault_addr, role_id=creds.role_id, secret_id=creds.secret_id),
-        checkpoint_interval_s=1,
+    cfg = with_tls(
+        AuditConfig(
+            grpc_bind=f"127.0.0.1:{free_port()}",
+            kafka_bootstrap=servers.kafka_bootstrap,
+            topic_prefix=topics.prefix,
+            group_id=f"audit-{unique}",
+            mongodb_uri=user_uri(servers.mongodb_uri, database, user, password),
+            database=database,
+            vault=VaultAuth(addr=servers.vault_addr, role_id=creds.role_id, secret_id=creds.secret_id),
+            checkpoint_interval_s=1,
+        ),
+        pki,
+        "audit",
     )
     producer = new_producer(servers.kafka_bootstrap, "test")
     await producer.start()
@@ -70,7 +75,7 @@ async def test_truncation_and_forged_checkpoints_are_detected(servers: Servers, 
         async def verify() -> Verdict:
             return await _verify(store, servers.vault_addr, servers.vault_token)
 
-        async with running(lambda stop: run(cfg, stop), cfg.grpc_bind):
+        async with running(lambda stop: run(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)):
             deadline = time.monotonic() + 60
             verdict = await verify()
             while (verdict.records < EVENTS or verdict.checkpoints == 0) and time.monotonic() < deadline:

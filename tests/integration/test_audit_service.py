@@ -6,9 +6,9 @@ import asyncio
 import time
 import uuid
 
-import grpc
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
+from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, dlq_topic, ensure_topics, headers_for, new_producer, topic_specs
 from dicomsafe.common.mongo_users import user_uri
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc, events_pb2
@@ -17,23 +17,28 @@ from services.audit.config import AuditConfig
 from services.audit.provision import provision
 from services.authz.app import run as run_authz
 from tests.servers import Servers
-from tests.service_runner import authz_config, free_port, running
+from tests.service_runner import TEST_CLIENT, authz_config, free_port, running, with_tls
+from tools.pki import Pki
 
 
-async def test_events_are_chained_and_garbage_dead_lettered(servers: Servers, unique: str) -> None:
+async def test_events_are_chained_and_garbage_dead_lettered(pki: Pki, servers: Servers, unique: str) -> None:
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=2))
     user, password = await provision(servers.mongodb_uri, f"audit_{unique}")
-    authz = authz_config(servers.kafka_bootstrap, topics.prefix)
-    cfg = AuditConfig(
-        grpc_bind=f"127.0.0.1:{free_port()}",
-        kafka_bootstrap=servers.kafka_bootstrap,
-        topic_prefix=topics.prefix,
-        group_id=f"audit-{unique}",
-        # The service runs as the insert/find-only writer, as in production.
-        mongodb_uri=user_uri(servers.mongodb_uri, f"audit_{unique}", user, password),
-        database=f"audit_{unique}",
-        authz_target=authz.grpc_bind,
+    authz = with_tls(authz_config(servers.kafka_bootstrap, topics.prefix), pki, "authz")
+    cfg = with_tls(
+        AuditConfig(
+            grpc_bind=f"127.0.0.1:{free_port()}",
+            kafka_bootstrap=servers.kafka_bootstrap,
+            topic_prefix=topics.prefix,
+            group_id=f"audit-{unique}",
+            # The service runs as the insert/find-only writer, as in production.
+            mongodb_uri=user_uri(servers.mongodb_uri, f"audit_{unique}", user, password),
+            database=f"audit_{unique}",
+            authz_target=authz.grpc_bind,
+        ),
+        pki,
+        "audit",
     )
     producer = new_producer(servers.kafka_bootstrap, "test")
     await producer.start()
@@ -83,9 +88,9 @@ async def test_events_are_chained_and_garbage_dead_lettered(servers: Servers, un
         return [r async for r in stub.Query(request) if r.event.service == "test"]
 
     async with (
-        running(lambda stop: run_authz(authz, stop), authz.grpc_bind),
-        running(lambda stop: run(cfg, stop), cfg.grpc_bind),
-        grpc.aio.insecure_channel(cfg.grpc_bind) as ch,
+        running(lambda stop: run_authz(authz, stop), authz.grpc_bind, pki.tls(TEST_CLIENT)),
+        running(lambda stop: run(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)),
+        new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as ch,
     ):
         stub = audit_pb2_grpc.AuditServiceStub(ch)
         deadline = time.monotonic() + 60

@@ -32,7 +32,8 @@ from services.audit.provision import provision
 from services.audit.store import AuditStore
 from services.audit.syslog_forward import SyslogForwarder, SyslogTarget
 from tests.servers import Servers
-from tests.service_runner import free_port, running
+from tests.service_runner import TEST_CLIENT, free_port, running, with_tls
+from tools.pki import Pki
 
 A, Out = audit_pb2.AuditAction, audit_pb2.AuditOutcome
 MESSAGE = re.compile(
@@ -180,7 +181,7 @@ async def test_records_reach_the_repository_once_over_tls13(servers: Servers, un
         await client.close()
 
 
-async def test_the_service_forwards_what_it_records(servers: Servers, unique: str, tmp_path: Path) -> None:
+async def test_the_service_forwards_what_it_records(pki: Pki, servers: Servers, unique: str, tmp_path: Path) -> None:
     ca, cert, key = _authority(tmp_path, "repo")
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
@@ -195,18 +196,22 @@ async def test_the_service_forwards_what_it_records(servers: Servers, unique: st
     finally:
         await producer.stop()
     async with _repository(cert, key) as (port, received):
-        cfg = AuditConfig(
-            grpc_bind=f"127.0.0.1:{free_port()}",
-            kafka_bootstrap=servers.kafka_bootstrap,
-            topic_prefix=topics.prefix,
-            group_id=f"audit-{unique}",
-            mongodb_uri=user_uri(servers.mongodb_uri, database, user, password),
-            database=database,
-            syslog_target=f"127.0.0.1:{port}",
-            syslog_ca_file=str(ca),
-            syslog_interval_s=1,
+        cfg = with_tls(
+            AuditConfig(
+                grpc_bind=f"127.0.0.1:{free_port()}",
+                kafka_bootstrap=servers.kafka_bootstrap,
+                topic_prefix=topics.prefix,
+                group_id=f"audit-{unique}",
+                mongodb_uri=user_uri(servers.mongodb_uri, database, user, password),
+                database=database,
+                syslog_target=f"127.0.0.1:{port}",
+                syslog_ca_file=str(ca),
+                syslog_interval_s=1,
+            ),
+            pki,
+            "audit",
         )
-        async with running(lambda stop: run(cfg, stop), cfg.grpc_bind):
+        async with running(lambda stop: run(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)):
             await _until(received, 3)
     parsed = [p for p in (MESSAGE.match(m.decode()) for m in received) if p]
     assert sorted(int(p[5]) for p in parsed) == [1, 2, 3]

@@ -12,9 +12,9 @@ import datetime as dt
 import time
 from typing import Any
 
-import grpc
 from pymongo import AsyncMongoClient
 
+from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
 from dicomsafe.v1 import alerts_pb2, audit_pb2, authz_pb2, authz_pb2_grpc
 from services.authz.app import run
@@ -22,9 +22,10 @@ from services.authz.break_glass import started_event_id, stopped_event_id
 from services.authz.config import AuthzConfig
 from services.authz.grants import COLLECTION
 from tests.servers import Servers
-from tests.service_runner import free_port, running
+from tests.service_runner import TEST_CLIENT, free_port, running, with_tls
 from tests.topic_reader import read_to_end
 from tools.oidc_issuer import LocalIssuer
+from tools.pki import Pki
 from tools.stack import POLICY_FILE
 
 STUDIES = {"revoked": "1.2.840.10008.31", "expired_down": "1.2.840.10008.32", "expired_later": "1.2.840.10008.33"}
@@ -42,20 +43,24 @@ async def _wait_marked(grants: Any, grant_id: str, timeout_s: float = 30.0) -> N
 
 
 async def test_override_started_and_stopped_once_across_restarts(
-    servers: Servers, idp: LocalIssuer, unique: str
+    pki: Pki, servers: Servers, idp: LocalIssuer, unique: str
 ) -> None:
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
-    cfg = AuthzConfig(
-        grpc_bind=f"127.0.0.1:{free_port()}",
-        policy_file=POLICY_FILE,
-        kafka_bootstrap=servers.kafka_bootstrap,
-        topic_prefix=topics.prefix,
-        oidc_issuer=idp.url,
-        oidc_jwks_url=idp.jwks_url,
-        mongodb_uri=servers.mongodb_uri,
-        mongodb_db=f"authz_{unique}",
-        break_glass_sweep_s=1.0,
+    cfg = with_tls(
+        AuthzConfig(
+            grpc_bind=f"127.0.0.1:{free_port()}",
+            policy_file=POLICY_FILE,
+            kafka_bootstrap=servers.kafka_bootstrap,
+            topic_prefix=topics.prefix,
+            oidc_issuer=idp.url,
+            oidc_jwks_url=idp.jwks_url,
+            mongodb_uri=servers.mongodb_uri,
+            mongodb_db=f"authz_{unique}",
+            break_glass_sweep_s=1.0,
+        ),
+        pki,
+        "authz",
     )
     er = authz_pb2.Subject(access_token=idp.token("dr.er", amr=["pwd", "otp"]))
     admin = authz_pb2.Subject(access_token=idp.token("reg.omar"))
@@ -74,7 +79,10 @@ async def test_override_started_and_stopped_once_across_restarts(
 
     ids: dict[str, str] = {}
     try:
-        async with running(lambda stop: run(cfg, stop), cfg.grpc_bind), grpc.aio.insecure_channel(cfg.grpc_bind) as ch:
+        async with (
+            running(lambda stop: run(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)),
+            new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as ch,
+        ):
             stub = authz_pb2_grpc.AuthzServiceStub(ch)
             for name, study in STUDIES.items():
                 grant = await stub.BreakGlass(
@@ -89,7 +97,10 @@ async def test_override_started_and_stopped_once_across_restarts(
             await _wait_marked(grants, ids["revoked"])
         await end_while_down(ids["expired_down"])
 
-        async with running(lambda stop: run(cfg, stop), cfg.grpc_bind), grpc.aio.insecure_channel(cfg.grpc_bind) as ch:
+        async with (
+            running(lambda stop: run(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)),
+            new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as ch,
+        ):
             stub = authz_pb2_grpc.AuthzServiceStub(ch)
             await _wait_marked(grants, ids["expired_down"])
             assert not await can_read(stub, STUDIES["expired_down"])
@@ -98,7 +109,7 @@ async def test_override_started_and_stopped_once_across_restarts(
 
         # The third start's sweep finds only the grant that ended since; the two announced
         # before are not announced again (the marker), which the exact counts below prove.
-        async with running(lambda stop: run(cfg, stop), cfg.grpc_bind):
+        async with running(lambda stop: run(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)):
             await _wait_marked(grants, ids["expired_later"])
     finally:
         await mongo.drop_database(cfg.mongodb_db)

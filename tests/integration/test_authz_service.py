@@ -12,13 +12,15 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
 from dicomsafe.v1 import audit_pb2, authz_pb2, authz_pb2_grpc
 from services.authz.app import run
 from services.authz.config import AuthzConfig
 from services.authz.service import SERVICE_NAME
 from tests.servers import Servers
-from tests.service_runner import free_port, running
+from tests.service_runner import TEST_CLIENT, free_port, running, with_tls
+from tools.pki import Pki
 from tools.stack import POLICY_FILE
 
 
@@ -31,11 +33,16 @@ def _check(subject: str, action: str = "instance.read") -> authz_pb2.CheckReques
     )
 
 
-async def test_decisions_are_answered_and_audited(servers: Servers, unique: str) -> None:
+async def test_decisions_are_answered_and_audited(pki: Pki, servers: Servers, unique: str) -> None:
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
-    cfg = AuthzConfig(f"127.0.0.1:{free_port()}", POLICY_FILE, servers.kafka_bootstrap, topics.prefix)
-    async with running(lambda stop: run(cfg, stop), cfg.grpc_bind), grpc.aio.insecure_channel(cfg.grpc_bind) as ch:
+    cfg = with_tls(
+        AuthzConfig(f"127.0.0.1:{free_port()}", POLICY_FILE, servers.kafka_bootstrap, topics.prefix), pki, "authz"
+    )
+    async with (
+        running(lambda stop: run(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)),
+        new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as ch,
+    ):
         stub = authz_pb2_grpc.AuthzServiceStub(ch)
         allowed = await stub.Check(_check("dr.house"))
         denied = await stub.Check(_check("res.rao"))
@@ -89,11 +96,16 @@ async def test_decisions_are_answered_and_audited(servers: Servers, unique: str)
     assert by_decision[deidentified.decision_id].outcome == audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS
 
 
-async def test_no_audit_trail_means_no_answer(servers: Servers, unique: str) -> None:
+async def test_no_audit_trail_means_no_answer(pki: Pki, servers: Servers, unique: str) -> None:
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
-    cfg = AuthzConfig(f"127.0.0.1:{free_port()}", POLICY_FILE, servers.kafka_bootstrap, topics.prefix)
-    async with running(lambda stop: run(cfg, stop), cfg.grpc_bind), grpc.aio.insecure_channel(cfg.grpc_bind) as ch:
+    cfg = with_tls(
+        AuthzConfig(f"127.0.0.1:{free_port()}", POLICY_FILE, servers.kafka_bootstrap, topics.prefix), pki, "authz"
+    )
+    async with (
+        running(lambda stop: run(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)),
+        new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as ch,
+    ):
         stub = authz_pb2_grpc.AuthzServiceStub(ch)
         assert (await stub.Check(_check("dr.house"))).allow
         # The audit topic disappears under the running service: decisions can no longer be recorded.
@@ -115,9 +127,9 @@ async def test_no_audit_trail_means_no_answer(servers: Servers, unique: str) -> 
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-async def _wait_listening(target: str, task: asyncio.Task[None]) -> None:
+async def _wait_listening(pki: Pki, target: str, task: asyncio.Task[None]) -> None:
     """The gRPC port answers (health may say NOT_SERVING); re-raises if the service died."""
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with new_channel(target, pki.tls(TEST_CLIENT)) as channel:
         ready = asyncio.ensure_future(channel.channel_ready())
         try:
             done, _ = await asyncio.wait([ready, task], timeout=60, return_when=asyncio.FIRST_COMPLETED)
@@ -129,14 +141,18 @@ async def _wait_listening(target: str, task: asyncio.Task[None]) -> None:
     assert ready in done, f"authz at {target} not listening"
 
 
-async def test_without_kafka_no_check_is_answered(unique: str) -> None:
+async def test_without_kafka_no_check_is_answered(pki: Pki, unique: str) -> None:
     """Nothing listens at the bootstrap address: authz serves, but fails closed on every call."""
-    cfg = AuthzConfig(f"127.0.0.1:{free_port()}", POLICY_FILE, "127.0.0.1:1", f"t{unique}.", audit_timeout_s=2.0)
+    cfg = with_tls(
+        AuthzConfig(f"127.0.0.1:{free_port()}", POLICY_FILE, "127.0.0.1:1", f"t{unique}.", audit_timeout_s=2.0),
+        pki,
+        "authz",
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(run(cfg, stop))
     try:
-        await _wait_listening(cfg.grpc_bind, task)
-        async with grpc.aio.insecure_channel(cfg.grpc_bind) as ch:
+        await _wait_listening(pki, cfg.grpc_bind, task)
+        async with new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as ch:
             stub = authz_pb2_grpc.AuthzServiceStub(ch)
             for subject in ("dr.house", "res.rao"):  # an allow and a deny alike
                 with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -154,15 +170,22 @@ async def test_without_kafka_no_check_is_answered(unique: str) -> None:
 
 
 async def test_policy_reloads_without_restart_and_a_bad_file_changes_nothing(
-    servers: Servers, unique: str, tmp_path: Path
+    pki: Pki, servers: Servers, unique: str, tmp_path: Path
 ) -> None:
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
     policy = tmp_path / "policy.toml"
     original = POLICY_FILE.read_text(encoding="utf-8")
     policy.write_text(original, encoding="utf-8")
-    cfg = AuthzConfig(f"127.0.0.1:{free_port()}", policy, servers.kafka_bootstrap, topics.prefix, policy_reload_s=1)
-    async with running(lambda stop: run(cfg, stop), cfg.grpc_bind), grpc.aio.insecure_channel(cfg.grpc_bind) as ch:
+    cfg = with_tls(
+        AuthzConfig(f"127.0.0.1:{free_port()}", policy, servers.kafka_bootstrap, topics.prefix, policy_reload_s=1),
+        pki,
+        "authz",
+    )
+    async with (
+        running(lambda stop: run(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)),
+        new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as ch,
+    ):
         stub = authz_pb2_grpc.AuthzServiceStub(ch)
         assert (await stub.Check(_check("dr.wilson"))).allow
         # The hospital withdraws image access from referring physicians.

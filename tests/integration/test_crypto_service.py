@@ -13,6 +13,7 @@ import hvac
 import hvac.exceptions
 import pytest
 
+from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
 from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc
 from services.crypto import sealed_format as fmt
@@ -20,23 +21,28 @@ from services.crypto.app import run
 from services.crypto.config import CryptoConfig
 from services.ingest.sealing import Sealer, SealFailure, object_id_for
 from tests.servers import Servers
-from tests.service_runner import crypto_config, running
+from tests.service_runner import TEST_CLIENT, crypto_config, running, with_tls
 from tools import dicom_samples, vault_setup
+from tools.pki import Pki
 
 CHUNK = 64 * 1024  # small chunks so a few-MB instance spans many of them
 
 
 def _config(
-    servers: Servers, tmp_path: Path, creds: vault_setup.AppRoleCredentials, unique: str, vault_addr: str = ""
+    pki: Pki, servers: Servers, tmp_path: Path, creds: vault_setup.AppRoleCredentials, unique: str, vault_addr: str = ""
 ) -> CryptoConfig:
-    return crypto_config(
-        servers.kafka_bootstrap,
-        vault_addr or servers.vault_addr,
-        creds,
-        tmp_path / "store",
-        f"t{unique}.",
-        chunk_size=CHUNK,
-        vault_timeout_s=3.0,
+    return with_tls(
+        crypto_config(
+            servers.kafka_bootstrap,
+            vault_addr or servers.vault_addr,
+            creds,
+            tmp_path / "store",
+            f"t{unique}.",
+            chunk_size=CHUNK,
+            vault_timeout_s=3.0,
+        ),
+        pki,
+        "crypto",
     )
 
 
@@ -47,11 +53,14 @@ def creds(servers: Servers) -> vault_setup.AppRoleCredentials:
 
 @pytest.fixture
 async def crypto(
-    servers: Servers, tmp_path: Path, creds: vault_setup.AppRoleCredentials, unique: str
+    pki: Pki, servers: Servers, tmp_path: Path, creds: vault_setup.AppRoleCredentials, unique: str
 ) -> AsyncIterator[tuple[crypto_pb2_grpc.CryptoServiceAsyncStub, CryptoConfig]]:
-    cfg = _config(servers, tmp_path, creds, unique)
+    cfg = _config(pki, servers, tmp_path, creds, unique)
     await ensure_topics(servers.kafka_bootstrap, topic_specs(Topics(cfg.topic_prefix), partitions=1))
-    async with running(lambda stop: run(cfg, stop), cfg.grpc_bind), grpc.aio.insecure_channel(cfg.grpc_bind) as channel:
+    async with (
+        running(lambda stop: run(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)),
+        new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as channel,
+    ):
         yield crypto_pb2_grpc.CryptoServiceStub(channel), cfg
 
 
@@ -163,12 +172,15 @@ async def test_large_object_in_odd_pieces_round_trips_through_the_seal_pipeline(
 
 
 async def test_seal_over_the_size_limit_mid_stream_leaves_nothing(
-    servers: Servers, tmp_path: Path, creds: vault_setup.AppRoleCredentials, unique: str
+    pki: Pki, servers: Servers, tmp_path: Path, creds: vault_setup.AppRoleCredentials, unique: str
 ) -> None:
     # No expected_size, so the limit is only found out while batches are being sealed.
-    cfg = dataclasses.replace(_config(servers, tmp_path, creds, unique), max_object_bytes=3 * 1024 * 1024)
+    cfg = dataclasses.replace(_config(pki, servers, tmp_path, creds, unique), max_object_bytes=3 * 1024 * 1024)
     await ensure_topics(servers.kafka_bootstrap, topic_specs(Topics(cfg.topic_prefix), partitions=1))
-    async with running(lambda stop: run(cfg, stop), cfg.grpc_bind), grpc.aio.insecure_channel(cfg.grpc_bind) as channel:
+    async with (
+        running(lambda stop: run(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)),
+        new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as channel,
+    ):
         stub = crypto_pb2_grpc.CryptoServiceStub(channel)
         data = os.urandom(5 * 1024 * 1024)
         meta = crypto_pb2.SealMetadata(object_id="ab" * 32, sop_instance_uid="1.2.3.4", study_instance_uid="1.2.3")
@@ -209,10 +221,13 @@ async def test_tampered_ciphertext_fails_with_data_loss(crypto) -> None:  # type
     assert err.value.code() == grpc.StatusCode.DATA_LOSS
 
 
-async def test_vault_unreachable_fails_closed(servers: Servers, tmp_path: Path, creds, unique: str) -> None:  # type: ignore[no-untyped-def]
-    cfg = _config(servers, tmp_path, creds, unique, vault_addr="http://127.0.0.1:1")
+async def test_vault_unreachable_fails_closed(pki: Pki, servers: Servers, tmp_path: Path, creds, unique: str) -> None:  # type: ignore[no-untyped-def]
+    cfg = _config(pki, servers, tmp_path, creds, unique, vault_addr="http://127.0.0.1:1")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(Topics(cfg.topic_prefix), partitions=1))
-    async with running(lambda stop: run(cfg, stop), cfg.grpc_bind), grpc.aio.insecure_channel(cfg.grpc_bind) as channel:
+    async with (
+        running(lambda stop: run(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)),
+        new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as channel,
+    ):
         stub = crypto_pb2_grpc.CryptoServiceStub(channel)
         data = _samples()[0][1]
         with pytest.raises(SealFailure) as info:

@@ -13,6 +13,7 @@ import hvac
 import hvac.exceptions
 import pytest
 
+from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
 from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc
 from services.authz.app import run as run_authz
@@ -21,9 +22,10 @@ from services.crypto.app import run as run_crypto
 from services.crypto.config import CryptoConfig
 from services.ingest.sealing import Sealer, object_id_for
 from tests.servers import Servers
-from tests.service_runner import crypto_config, free_port, running
+from tests.service_runner import TEST_CLIENT, crypto_config, free_port, running, with_tls
 from tools import dicom_samples, vault_setup
 from tools.erase_patient import ErasureRefused, ErasureRequest, erase_patient
+from tools.pki import Pki
 from tools.stack import POLICY_FILE
 
 if TYPE_CHECKING:
@@ -31,18 +33,26 @@ if TYPE_CHECKING:
 
 
 @pytest.fixture
-async def stack(servers: Servers, tmp_path: Path, unique: str) -> AsyncIterator[tuple[Stub, CryptoConfig, str]]:
+async def stack(
+    pki: Pki, servers: Servers, tmp_path: Path, unique: str
+) -> AsyncIterator[tuple[Stub, CryptoConfig, str]]:
     creds = vault_setup.provision(servers.vault_addr, servers.vault_token)
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
-    crypto_cfg = crypto_config(
-        servers.kafka_bootstrap, servers.vault_addr, creds, tmp_path / "store", topics.prefix, chunk_size=16 * 1024
+    crypto_cfg = with_tls(
+        crypto_config(
+            servers.kafka_bootstrap, servers.vault_addr, creds, tmp_path / "store", topics.prefix, chunk_size=16 * 1024
+        ),
+        pki,
+        "crypto",
     )
-    authz_cfg = AuthzConfig(f"127.0.0.1:{free_port()}", POLICY_FILE, servers.kafka_bootstrap, topics.prefix)
+    authz_cfg = with_tls(
+        AuthzConfig(f"127.0.0.1:{free_port()}", POLICY_FILE, servers.kafka_bootstrap, topics.prefix), pki, "authz"
+    )
     async with (
-        running(lambda stop: run_crypto(crypto_cfg, stop), crypto_cfg.grpc_bind),
-        running(lambda stop: run_authz(authz_cfg, stop), authz_cfg.grpc_bind),
-        grpc.aio.insecure_channel(crypto_cfg.grpc_bind) as channel,
+        running(lambda stop: run_crypto(crypto_cfg, stop), crypto_cfg.grpc_bind, pki.tls(TEST_CLIENT)),
+        running(lambda stop: run_authz(authz_cfg, stop), authz_cfg.grpc_bind, pki.tls(TEST_CLIENT)),
+        new_channel(crypto_cfg.grpc_bind, pki.tls(TEST_CLIENT)) as channel,
     ):
         yield crypto_pb2_grpc.CryptoServiceStub(channel), crypto_cfg, authz_cfg.grpc_bind
 
@@ -67,7 +77,7 @@ async def _open(stub: Stub, object_id: str) -> bytes:
     return b"".join([p.data async for p in stub.Open(crypto_pb2.OpenRequest(object_id=object_id))])
 
 
-async def test_erasing_one_patient_shreds_only_their_objects(stack, servers: Servers, unique: str) -> None:  # type: ignore[no-untyped-def]
+async def test_erasing_one_patient_shreds_only_their_objects(pki: Pki, stack, servers: Servers, unique: str) -> None:  # type: ignore[no-untyped-def]
     stub, cfg, authz_target = stack
     alice = [await _seal(stub, f"ALICE-{unique}", seed) for seed in (1, 2)]
     bob = [await _seal(stub, f"BOB-{unique}", 3)]
@@ -91,14 +101,14 @@ async def test_erasing_one_patient_shreds_only_their_objects(stack, servers: Ser
     with pytest.raises(ErasureRefused, match=r"no role of the subject grants patient\.erase"):
         await erase_patient(
             ErasureRequest("dr.house", f"ALICE-{unique}", "HOSP-A", "curious"),
-            servers.vault_addr, officer, authz_target, servers.kafka_bootstrap, topics,
+            servers.vault_addr, officer, authz_target, pki.tls("ops"), servers.kafka_bootstrap, topics,
         )  # fmt: skip
     for object_id, data in alice + bob:
         assert await _open(stub, object_id) == data  # a refused erasure changed nothing
 
     ref = await erase_patient(
         ErasureRequest("dpo.lee", f"ALICE-{unique}", "HOSP-A", "GDPR art. 17 request #42"),
-        servers.vault_addr, officer, authz_target, servers.kafka_bootstrap, topics,
+        servers.vault_addr, officer, authz_target, pki.tls("ops"), servers.kafka_bootstrap, topics,
     )  # fmt: skip
     assert ref == desc.erasure_key_ref
     for object_id, _ in alice:

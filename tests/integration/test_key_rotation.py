@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
+from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
 from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc
 from services.crypto import sealed_format as fmt
@@ -18,28 +19,36 @@ from services.crypto.app import run
 from services.crypto.config import CryptoConfig
 from services.ingest.sealing import Sealer, object_id_for
 from tests.servers import Servers
-from tests.service_runner import crypto_config, running
+from tests.service_runner import TEST_CLIENT, crypto_config, running, with_tls
 from tools import dicom_samples, vault_setup
+from tools.pki import Pki
 
 if TYPE_CHECKING:
     Stub = crypto_pb2_grpc.CryptoServiceAsyncStub
 
 
 @pytest.fixture
-async def crypto(servers: Servers, tmp_path: Path, unique: str) -> AsyncIterator[tuple[Stub, CryptoConfig]]:
+async def crypto(pki: Pki, servers: Servers, tmp_path: Path, unique: str) -> AsyncIterator[tuple[Stub, CryptoConfig]]:
     key = f"rot-{unique}"  # its own key: rotating must not disturb other tests sharing the Vault
     creds = vault_setup.provision(servers.vault_addr, servers.vault_token, key_name=key)
-    cfg = crypto_config(
-        servers.kafka_bootstrap,
-        servers.vault_addr,
-        creds,
-        tmp_path / "store",
-        f"t{unique}.",
-        key_name=key,
-        chunk_size=16 * 1024,
+    cfg = with_tls(
+        crypto_config(
+            servers.kafka_bootstrap,
+            servers.vault_addr,
+            creds,
+            tmp_path / "store",
+            f"t{unique}.",
+            key_name=key,
+            chunk_size=16 * 1024,
+        ),
+        pki,
+        "crypto",
     )
     await ensure_topics(servers.kafka_bootstrap, topic_specs(Topics(cfg.topic_prefix), partitions=1))
-    async with running(lambda stop: run(cfg, stop), cfg.grpc_bind), grpc.aio.insecure_channel(cfg.grpc_bind) as ch:
+    async with (
+        running(lambda stop: run(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)),
+        new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as ch,
+    ):
         yield crypto_pb2_grpc.CryptoServiceStub(ch), cfg
 
 

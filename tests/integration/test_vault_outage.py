@@ -19,14 +19,16 @@ import hvac
 import pytest
 from aiokafka import AIOKafkaConsumer
 
+from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, dlq_topic, ensure_topics, headers_for, new_producer, topic_specs
 from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc, events_pb2
 from services.crypto.app import run as run_crypto
 from services.ingest.app import run as run_ingest
 from services.ingest.config import IngestConfig
 from tests.servers import Servers
-from tests.service_runner import crypto_config, free_port, running
+from tests.service_runner import TEST_CLIENT, crypto_config, free_port, running, with_tls
 from tools import dicom_samples, infra, vault_setup
+from tools.pki import Pki
 
 
 class PersistentBao:
@@ -109,24 +111,30 @@ async def _stored(bootstrap: str, topic: str, want: int, timeout_s: float) -> li
 
 
 async def test_vault_outage_mid_ingest_loses_nothing(
-    servers: Servers, bao: PersistentBao, tmp_path: Path, unique: str
+    pki: Pki, servers: Servers, bao: PersistentBao, tmp_path: Path, unique: str
 ) -> None:
     creds = vault_setup.provision(bao.addr, bao.root_token)
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=2))
-    crypto_cfg = crypto_config(
-        servers.kafka_bootstrap, bao.addr, creds, tmp_path / "store", topics.prefix, vault_timeout_s=2.0
+    crypto_cfg = with_tls(
+        crypto_config(servers.kafka_bootstrap, bao.addr, creds, tmp_path / "store", topics.prefix, vault_timeout_s=2.0),
+        pki,
+        "crypto",
     )
-    ingest_cfg = IngestConfig(
-        kafka_bootstrap=servers.kafka_bootstrap,
-        topic_prefix=topics.prefix,
-        group_id=f"ingest-{unique}",
-        crypto_target=crypto_cfg.grpc_bind,
-        grpc_bind=f"127.0.0.1:{free_port()}",
-        max_instance_bytes=16 * 1024 * 1024,
-        store_max_bytes=16 * 1024 * 1024,
-        seal_piece_bytes=256 * 1024,
-        seal_deadline_s=30,
+    ingest_cfg = with_tls(
+        IngestConfig(
+            kafka_bootstrap=servers.kafka_bootstrap,
+            topic_prefix=topics.prefix,
+            group_id=f"ingest-{unique}",
+            crypto_target=crypto_cfg.grpc_bind,
+            grpc_bind=f"127.0.0.1:{free_port()}",
+            max_instance_bytes=16 * 1024 * 1024,
+            store_max_bytes=16 * 1024 * 1024,
+            seal_piece_bytes=256 * 1024,
+            seal_deadline_s=30,
+        ),
+        pki,
+        "ingest",
     )
     instances = [
         dicom_samples.to_bytes(dicom_samples.ct_image(study_uid=None, seed=s, rows=256, columns=256)) for s in range(8)
@@ -145,8 +153,8 @@ async def test_vault_outage_mid_ingest_loses_nothing(
     store = crypto_cfg.store_dir
     try:
         async with (
-            running(lambda stop: run_crypto(crypto_cfg, stop), crypto_cfg.grpc_bind),
-            running(lambda stop: run_ingest(ingest_cfg, stop), ingest_cfg.grpc_bind),
+            running(lambda stop: run_crypto(crypto_cfg, stop), crypto_cfg.grpc_bind, pki.tls(TEST_CLIENT)),
+            running(lambda stop: run_ingest(ingest_cfg, stop), ingest_cfg.grpc_bind, pki.tls(TEST_CLIENT)),
         ):
             await publish(instances[:3])
             assert len(await _stored(servers.kafka_bootstrap, topics.stored, 3, 60)) == 3
@@ -171,9 +179,7 @@ async def test_vault_outage_mid_ingest_loses_nothing(
             dead = await _stored(servers.kafka_bootstrap, dlq_topic(topics.ingest), 1, 3)
             assert dead == [], "an outage must never dead-letter input"
 
-            import grpc
-
-            async with grpc.aio.insecure_channel(crypto_cfg.grpc_bind) as channel:
+            async with new_channel(crypto_cfg.grpc_bind, pki.tls(TEST_CLIENT)) as channel:
                 stub = crypto_pb2_grpc.CryptoServiceStub(channel)
                 for event in stored:
                     parts = [p.data async for p in stub.Open(crypto_pb2.OpenRequest(object_id=event.object_id))]

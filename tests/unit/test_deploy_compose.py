@@ -104,9 +104,14 @@ def test_environment_matches_what_the_service_reads(name: str, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("name", SERVICES)
-def test_health_check_asks_the_grpc_health_service_on_the_bind_port(name: str) -> None:
+def test_health_check_asks_the_grpc_health_service_on_the_health_port(name: str) -> None:
     svc = service(name)
-    port = str(svc["environment"][BIND[name]]).rpartition(":")[2]
+    # The service's own port wants a client certificate; the plaintext health-only port is
+    # for the health check, on loopback only.
+    assert str(svc["environment"][BIND[name]]).startswith("0.0.0.0:")
+    health_bind = str(svc["environment"]["GRPC_HEALTH_BIND"])
+    assert health_bind.startswith("127.0.0.1:")
+    port = health_bind.rpartition(":")[2]
     test = svc["healthcheck"]["test"]
     assert test[:3] == ["CMD", "python", "-c"]
     code = test[3]
@@ -150,15 +155,15 @@ def test_files_named_by_the_environment_are_provisioned_and_mounted() -> None:
             assert written, f"{name}: nothing provisions {key}={value}"
 
 
-def test_setup_job_creates_topics_vault_identities_and_the_audit_user() -> None:
+def test_setup_job_creates_topics_certificates_vault_identities_and_the_audit_user() -> None:
     script = setup_script()
     modules = re.findall(r"python -m ([\w.]+)", script)
     assert modules == [
         "tools.topics",
+        "tools.pki",
         "tools.vault_setup",
         "services.audit",
         "services.gateway.provision",
-        "tools.dev_pki",
     ]
     for module in modules:
         path = REPO / Path(*module.split("."))
@@ -215,3 +220,18 @@ def test_every_dependency_exists() -> None:
             assert source in volumes or source.startswith("./"), f"{name}: {volume}"
             if source.startswith("./"):
                 assert (REPO / source).exists(), f"{name}: {source}"
+
+
+def test_every_service_serves_with_its_own_certificate_from_the_setup_job() -> None:
+    script = setup_script()
+    for name in SERVICES:
+        svc = service(name)
+        env = {k: str(v) for k, v in svc["environment"].items()}
+        targets = [v.split(":")[1] for v in svc.get("volumes", [])]
+        paths = [Path(env[k]) for k in ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CA_FILE")]
+        for path in paths:
+            assert any(str(path).startswith(t + "/") for t in targets), f"{name}: {path} is not on a volume"
+            assert f"python -m tools.pki {path.parent} " in script, f"{name}: nothing issues {path}"
+        # its own identity (tools.pki names files after the identity), never a peer's
+        assert [p.name for p in paths] == [f"{name}.crt", f"{name}.key", "ca.crt"]
+        assert "DICOMSAFE_INSECURE_DEV" not in env

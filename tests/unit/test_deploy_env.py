@@ -20,8 +20,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 SERVICES = ("ingest", "crypto", "authz", "audit", "gateway")
 _READERS = {"env_str", "env_int", "env_opt", "env_secret"}
-# Shared plumbing every service runs through (logging, metrics, topic names).
-_COMMON_MODULES = ("dicomsafe/common/logs.py", "dicomsafe/common/metrics.py", "dicomsafe/common/kafka.py")
+# Shared plumbing every service runs through (logging, metrics, topic names, gRPC servers).
+_COMMON_MODULES = (
+    "dicomsafe/common/logs.py",
+    "dicomsafe/common/metrics.py",
+    "dicomsafe/common/kafka.py",
+    "dicomsafe/common/grpc_runtime.py",
+)
 
 
 @dataclass(frozen=True)

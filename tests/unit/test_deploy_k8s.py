@@ -165,7 +165,14 @@ def test_custom_resources_are_well_formed() -> None:
     for cert in of_kind(objs, "Certificate"):
         assert cert["spec"]["issuerRef"]["name"] in {o["metadata"]["name"] for o in of_kind(objs, "Issuer")}
         assert cert["spec"]["privateKey"]["rotationPolicy"] == "Always"
-        assert cert["spec"]["secretName"] and cert["spec"]["dnsNames"]
+        assert cert["spec"]["secretName"]
+        identity = cert["metadata"]["labels"]["app.kubernetes.io/name"]
+        if cert["metadata"]["name"] != f"{identity}-tls":
+            assert "uris" not in cert["spec"]  # a listener's certificate for users (gateway-https)
+            continue
+        # one workload identity per certificate, the one the peer allowlists name
+        assert cert["spec"]["uris"] == [f"spiffe://dicomsafe/{identity}"]
+        assert bool(cert["spec"].get("dnsNames")) == (identity in SERVICES), identity
     for obj in [*of_kind(objs, "KafkaTopic"), *of_kind(objs, "KafkaUser")]:
         assert obj["metadata"]["labels"]["strimzi.io/cluster"] == "dicomsafe"
 
@@ -222,10 +229,15 @@ def test_long_running_containers_have_grpc_probes_on_their_port(objects: tuple[O
         name = deployment["metadata"]["name"]
         pod = deployment["spec"]["template"]
         app = main_container(name, pod)
-        port = int(container_env(app, objects)[GRPC_BIND[name]].rpartition(":")[2])
+        env = container_env(app, objects)
+        port = int(env[GRPC_BIND[name]].rpartition(":")[2])
+        # The service port wants a client certificate, which the kubelet's gRPC probe cannot
+        # present: probes ask the plaintext health-only port.
+        probe_port = int(env["GRPC_HEALTH_BIND"].rpartition(":")[2])
+        assert probe_port != port, name
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-            assert app[probe]["grpc"]["port"] == port, f"{name}: {probe}"
-        assert port in {p["containerPort"] for p in app["ports"]}, name
+            assert app[probe]["grpc"]["port"] == probe_port, f"{name}: {probe}"
+        assert {port, probe_port} <= {p["containerPort"] for p in app["ports"]}, name
         for sidecar in pod["spec"].get("initContainers", []):
             # native sidecars: the app starts only once the sidecar is up
             assert sidecar["restartPolicy"] == "Always", f"{name}/{sidecar['name']}"
@@ -399,7 +411,10 @@ def test_environment_matches_what_each_service_reads(objects: tuple[Obj, ...], t
         assert set(env) <= spec.readable, f"{name} sets variables {service} never reads: {set(env) - spec.readable}"
         assert spec.required <= set(env), f"{name} lacks required {spec.required - set(env)}"
         with environment(env, tmp_path):
-            config_class(service).from_env()  # raises on a missing or malformed setting
+            if app["args"][1:]:  # a command-line tool of the service (audit verify): serves nothing
+                config_class(service).from_env(serving=False)
+            else:
+                config_class(service).from_env()  # raises on a missing or malformed setting
         assert app["args"][0] == f"services.{service}"
         assert (REPO / "services" / service / "__main__.py").exists()
 
@@ -528,3 +543,22 @@ def test_services_route_to_named_container_ports(objects: tuple[Obj, ...]) -> No
         assert _selects({"matchLabels": svc["spec"]["selector"]}, pod["metadata"]["labels"])
         ports = {p["name"] for p in main_container(name, pod)["ports"]}
         assert {p["targetPort"] for p in svc["spec"]["ports"]} <= ports, name
+
+
+def test_each_service_serves_mutual_tls_with_its_own_certificate() -> None:
+    objs = render("production")
+    certs = {c["spec"]["secretName"]: c for c in of_kind(objs, "Certificate")}
+    for deployment in of_kind(objs, "Deployment"):
+        name = deployment["metadata"]["name"]
+        pod = deployment["spec"]["template"]
+        env = container_env(main_container(name, pod), objs)
+        assert "DICOMSAFE_INSECURE_DEV" not in env, name
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        mount = next(m for m in main_container(name, pod)["volumeMounts"] if m["name"] == "tls")
+        assert {env[k].rpartition("/")[0] for k in ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CA_FILE")} == {
+            mount["mountPath"]
+        }, name
+        secret = volumes["tls"]["secret"]
+        assert not secret.get("optional"), f"{name}: a missing certificate must stop the pod"
+        assert certs[secret["secretName"]]["spec"]["uris"] == [f"spiffe://dicomsafe/{name}"], name
+        assert "server auth" in certs[secret["secretName"]]["spec"]["usages"], name

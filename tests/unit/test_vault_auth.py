@@ -32,6 +32,10 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("VAULT_ADDR", "https://vault.example:8200")
     monkeypatch.setenv("KAFKA_BOOTSTRAP", "kafka:9092")
+    # CryptoConfig.from_env wants TLS material; these tests are about Vault, not transport.
+    for name in ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CA_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DICOMSAFE_INSECURE_DEV", "1")
     return monkeypatch
 
 

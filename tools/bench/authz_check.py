@@ -31,11 +31,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pymongo import AsyncMongoClient
 
+from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, new_producer, topic_specs
+from dicomsafe.common.tls import TlsConfig
 from dicomsafe.v1 import audit_pb2, authz_pb2, authz_pb2_grpc
 from services.authz.policy import RequestContext, ResourceRef, decide, load_policy
 from tools.bench.results import Result, ratio
 from tools.oidc_issuer import LocalIssuer, running_issuer
+from tools.pki import make_pki
 from tools.stack import POLICY_FILE, REPO
 
 TARGET_P99_MS = 2.0
@@ -98,9 +101,9 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _wait_serving(target: str, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
+async def _wait_serving(target: str, tls: TlsConfig, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with new_channel(target, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if proc.poll() is not None:
@@ -131,8 +134,10 @@ def _requests(issuer: LocalIssuer | None) -> list[authz_pb2.CheckRequest]:
     return out
 
 
-async def _drive(target: str, requests: list[authz_pb2.CheckRequest], n: int, concurrency: int, pid: int) -> Measured:
-    async with grpc.aio.insecure_channel(target) as channel:
+async def _drive(
+    target: str, tls: TlsConfig, requests: list[authz_pb2.CheckRequest], n: int, concurrency: int, pid: int
+) -> Measured:
+    async with new_channel(target, tls) as channel:
         stub = authz_pb2_grpc.AuthzServiceStub(channel)
         for r in requests:  # warm up (JWKS fetch, connections)
             await stub.Check(r, timeout=10)
@@ -159,9 +164,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _health_floor(target: str, n: int, concurrency: int, pid: int) -> float:
+async def _health_floor(target: str, tls: TlsConfig, n: int, concurrency: int, pid: int) -> float:
     """gRPC health checks per core-second of the same process: the transport's own cost."""
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with new_channel(target, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         counter = iter(range(n))
 
@@ -203,12 +208,16 @@ def _measure(kafka: str, mongo: str, mode: str, n: int) -> ModeFigures:
     asyncio.run(ensure_topics(kafka, topic_specs(topics, partitions=1)))
     with tempfile.TemporaryDirectory() as tmp, running_issuer() as issuer:
         port = _free_port()
+        # Mutual TLS as deployed; the load comes from the gateway's identity (allowed to Check).
+        pki = make_pki(Path(tmp) / "pki", ["authz", "gateway"])
+        client = pki.tls("gateway")
         env = {
             **{k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR", "PYTHONPATH")},
             "KAFKA_BOOTSTRAP": kafka,
             "KAFKA_TOPIC_PREFIX": topics.prefix,
             "AUTHZ_GRPC_BIND": f"127.0.0.1:{port}",
             "AUTHZ_POLICY_FILE": str(POLICY_FILE),
+            **pki.env("authz"),
         }
         if mode in ("tokens", "grants"):
             env |= {"AUTHZ_OIDC_ISSUER": issuer.url, "AUTHZ_OIDC_JWKS_URL": issuer.jwks_url}
@@ -222,11 +231,11 @@ def _measure(kafka: str, mongo: str, mode: str, n: int) -> ModeFigures:
             # The target is per core: the service gets one, the load generator the rest.
             os.sched_setaffinity(proc.pid, {0})
             target = f"127.0.0.1:{port}"
-            asyncio.run(_wait_serving(target, proc))
+            asyncio.run(_wait_serving(target, client, proc))
             requests = _requests(issuer if mode != "ids" else None)
-            loaded = asyncio.run(_drive(target, requests, n, CONCURRENCY, proc.pid))
-            single = asyncio.run(_drive(target, requests, max(100, n // 10), 1, proc.pid))
-            floor = asyncio.run(_health_floor(target, n, CONCURRENCY, proc.pid))
+            loaded = asyncio.run(_drive(target, client, requests, n, CONCURRENCY, proc.pid))
+            single = asyncio.run(_drive(target, client, requests, max(100, n // 10), 1, proc.pid))
+            floor = asyncio.run(_health_floor(target, client, n, CONCURRENCY, proc.pid))
             return ModeFigures(loaded, single, floor)
         finally:
             proc.terminate()

@@ -27,12 +27,14 @@ from pathlib import Path
 import grpc
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
 from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc
 from services.crypto.sealed_format import DEFAULT_CHUNK_SIZE
 from services.ingest.sealing import Sealer
 from tools import infra
 from tools.bench.results import Result, ratio
+from tools.pki import Pki
 from tools.stack import REPO, Stack, StackSettings, serving
 
 MIB = 1024 * 1024
@@ -116,11 +118,11 @@ def durable_write(data: bytes, directory: Path, chunk: int = DEFAULT_CHUNK_SIZE)
 
 
 class GrpcClient:
-    """Seal and open through one channel, as ingest and the gateway do."""
+    """Seal as ingest and open as the gateway, each over its own mutual-TLS channel, as deployed."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self._stub = crypto_pb2_grpc.CryptoServiceStub(channel)
-        self._sealer = Sealer(self._stub, PIECE_BYTES, 600)
+    def __init__(self, seal_channel: grpc.aio.Channel, open_channel: grpc.aio.Channel) -> None:
+        self._stub = crypto_pb2_grpc.CryptoServiceStub(open_channel)
+        self._sealer = Sealer(crypto_pb2_grpc.CryptoServiceStub(seal_channel), PIECE_BYTES, 600)
 
     async def round(self, data: bytes, sha: str) -> tuple[float, float]:
         """Seconds to seal ``data`` as a new object, seconds to open it again."""
@@ -139,13 +141,7 @@ class GrpcClient:
         return t1 - t0, t2 - t1
 
 
-def _channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(
-        target, options=[("grpc.max_receive_message_length", 8 * MIB), ("grpc.max_send_message_length", 8 * MIB)]
-    )
-
-
-async def measure(service: str, floor: str, store_fs: Path, data: bytes, rounds: int) -> dict[str, float]:
+async def measure(service: str, floor: str, pki: Pki, store_fs: Path, data: bytes, rounds: int) -> dict[str, float]:
     """Best rates (MiB/s) of every path over the same bytes. The paths take turns within each
     round, so a burst of load from elsewhere on the machine hits them alike."""
     sha = hashlib.sha256(data).hexdigest()
@@ -155,8 +151,14 @@ async def measure(service: str, floor: str, store_fs: Path, data: bytes, rounds:
     def add(name: str, seconds: float) -> None:
         times.setdefault(name, []).append(seconds)
 
-    async with _channel(service) as service_channel, _channel(floor) as floor_channel:
-        real, transport = GrpcClient(service_channel), GrpcClient(floor_channel)
+    ingest, gateway = pki.tls("ingest"), pki.tls("gateway")
+    async with (
+        new_channel(service, ingest) as service_seal,
+        new_channel(service, gateway) as service_open,
+        new_channel(floor, ingest) as floor_seal,
+        new_channel(floor, gateway) as floor_open,
+    ):
+        real, transport = GrpcClient(service_seal, service_open), GrpcClient(floor_seal, floor_open)
         # One untimed round each: connections, first allocations and code paths warm up.
         await real.round(data[: 64 * 1024], hashlib.sha256(data[: 64 * 1024]).hexdigest())
         await transport.round(data[: 64 * 1024], "")
@@ -173,16 +175,17 @@ async def measure(service: str, floor: str, store_fs: Path, data: bytes, rounds:
     return {name: _best_rate(len(data), seconds) for name, seconds in times.items()}
 
 
-def _start_floor(port: int, log: Path) -> subprocess.Popen[bytes]:
+def _start_floor(port: int, log: Path, pki: Pki) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tools.bench.grpc_floor", "--bind", f"127.0.0.1:{port}"],
             cwd=REPO,
+            env={**os.environ, **pki.env("crypto")},
             stdout=out,
             stderr=subprocess.STDOUT,
         )
     deadline = time.monotonic() + 30
-    while not asyncio.run(serving(f"127.0.0.1:{port}")):
+    while not asyncio.run(serving(f"127.0.0.1:{port}", pki.tls("ops"))):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             raise RuntimeError(f"gRPC floor server did not start; see {log}")
@@ -221,7 +224,7 @@ def run(kafka: str, vault_addr: str, vault_token: str, sizes: list[int], rounds:
         )
         stack.start(("crypto",))
         floor_port = stack.settings.base_port + 50
-        floor = _start_floor(floor_port, stack.log_file("grpc-floor"))
+        floor = _start_floor(floor_port, stack.log_file("grpc-floor"), stack.settings.pki)
         try:
             pid = stack.processes["crypto"].pid
             peaks: list[tuple[int, float]] = []
@@ -229,7 +232,8 @@ def run(kafka: str, vault_addr: str, vault_token: str, sizes: list[int], rounds:
                 data = os.urandom(size * MIB)
                 n = rounds if size <= 16 else max(2, rounds // 2)
                 _reset_peak_rss(pid)
-                rate = asyncio.run(measure(stack.settings.target("crypto"), f"127.0.0.1:{floor_port}", work, data, n))
+                crypto, floor_target = stack.settings.target("crypto"), f"127.0.0.1:{floor_port}"
+                rate = asyncio.run(measure(crypto, floor_target, stack.settings.pki, work, data, n))
                 peaks.append((size, _peak_rss_mib(pid)))
                 results += [
                     _throughput("crypto_seal_grpc", size, rate["seal"], rate["raw_enc"], TARGET_RATIO),

@@ -20,7 +20,9 @@ from collections.abc import AsyncIterator
 import grpc
 
 from dicomsafe.common.grpc_runtime import new_server, run_until_stopped, service_main
+from dicomsafe.common.tls import tls_from_env
 from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc
+from services.crypto.config import DEFAULT_ALLOWLIST
 from services.crypto.sealed_format import DEFAULT_CHUNK_SIZE
 from services.crypto.service import SERVICE_NAME
 
@@ -83,8 +85,14 @@ def main() -> None:
 
     async def run(stop: asyncio.Event) -> None:
         servicer = TransportOnly()
+        # Mutual TLS and the peer allowlist as the real crypto service has them (TLS_* from the
+        # environment), so the floor pays the same transport costs.
         server, health = new_server(
-            [lambda s: crypto_pb2_grpc.add_CryptoServiceServicer_to_server(servicer, s)], [SERVICE_NAME], args.bind
+            [lambda s: crypto_pb2_grpc.add_CryptoServiceServicer_to_server(servicer, s)],
+            [SERVICE_NAME],
+            args.bind,
+            tls=tls_from_env(),
+            allow=DEFAULT_ALLOWLIST,
         )
         await run_until_stopped(server, health, [SERVICE_NAME], stop, logging.getLogger("bench"))
 
