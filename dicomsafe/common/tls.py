@@ -113,9 +113,7 @@ class TlsConfig:
     def server_ssl_context(self, *, require_client_cert: bool) -> ssl.SSLContext:
         """A TLS 1.3-only server context (HTTPS listeners); client certificates verified
         against our CA, and required when ``require_client_cert``."""
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.load_cert_chain(self.cert_file, self.key_file)
+        ctx = tls13_server_context(self.cert_file, self.key_file)
         ctx.load_verify_locations(cafile=self.ca_file)
         ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
         return ctx
@@ -128,6 +126,15 @@ class TlsConfig:
         ctx.load_verify_locations(cafile=self.ca_file)
         ctx.load_cert_chain(self.cert_file, self.key_file)
         return ctx
+
+
+def tls13_server_context(cert_file: Path | str, key_file: Path | str) -> ssl.SSLContext:
+    """A server context that refuses TLS 1.2 and older at the handshake; no client certificates
+    (a user-facing listener such as DICOMweb authenticates its callers with tokens)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(cert_file, key_file)
+    return ctx
 
 
 def insecure_dev_allowed() -> bool:

@@ -19,13 +19,14 @@ from dicomsafe.common.kafka import (
     new_producer,
     require_topics,
 )
+from dicomsafe.common.tls import tls13_server_context
 from dicomsafe.v1 import authz_pb2_grpc, crypto_pb2_grpc, ingest_pb2_grpc, retrieval_pb2_grpc
 from services.gateway.access import AccessChecker
 from services.gateway.config import GatewayConfig
 from services.gateway.deidentify import Deidentifier
 from services.gateway.dicomweb_app import create_app
 from services.gateway.dicomweb_common import Backends
-from services.gateway.https import serve_https, tls13_server_context
+from services.gateway.https import serve_https
 from services.gateway.indexer import Indexer
 from services.gateway.service import SERVICE_NAME, RetrievalServicer
 from services.gateway.study_index import StudyIndex

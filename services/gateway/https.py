@@ -1,4 +1,5 @@
-"""The DICOMweb listener: uvicorn on a TLS 1.3-only context, stopped by the service's stop event."""
+"""The DICOMweb listener: uvicorn on a TLS 1.3-only context (dicomsafe.common.tls), stopped by the
+service's stop event."""
 
 from __future__ import annotations
 
@@ -7,14 +8,6 @@ import ssl
 
 import uvicorn
 from starlette.types import ASGIApp
-
-
-def tls13_server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    # TLS 1.2 and older are refused at the handshake, not merely discouraged.
-    context.minimum_version = ssl.TLSVersion.TLSv1_3
-    context.load_cert_chain(cert_file, key_file)
-    return context
 
 
 async def serve_https(app: ASGIApp, bind: str, context: ssl.SSLContext, stop: asyncio.Event) -> None:
