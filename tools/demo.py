@@ -3,7 +3,8 @@
 Starts Kafka, Vault (OpenBao) and a MongoDB-wire server unless KAFKA_BOOTSTRAP /
 VAULT_ADDR+VAULT_TOKEN / MONGODB_URI name existing ones; provisions Vault; starts the
 services as processes; publishes sample studies; shows them sealed on disk, retrieved by
-an authorised user and refused to others; verifies the audit chain; stops everything.
+an authorised user and refused to others; stores, finds and reads a study over DICOMweb;
+verifies the audit chain; stops everything.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from pathlib import Path
 
 import grpc
 import pydicom
+import requests
 from aiokafka import AIOKafkaConsumer
+from dicomweb_client.api import DICOMwebClient
+from pydicom import dcmread
+from pydicom.uid import generate_uid
 
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, dlq_topic, ensure_topics, headers_for, new_producer, topic_specs
@@ -187,8 +192,10 @@ async def story(stack: Stack, servers: Servers, topics: Topics, idp: LocalIssuer
         ok &= refused is None
         say(f"   {label:<32} → {status}")
 
+    ok &= dicomweb_tour(stack, idp)
+
     # Per instance: sealed + stored; the rejection; the allowed read: decision + open +
-    # retrieval; each refused read: decision + retrieval.
+    # retrieval; each refused read: decision + retrieval. (The DICOMweb tour adds more.)
     want = 2 * len(samples) + 1 + 3 + 2 * len(refused_cases)
     verdict, records = await audit_trail(
         stack.settings.target("audit"), stack.settings.client_tls("ops"), idp.token("aud.ito"), want, timeout_s=60
@@ -205,6 +212,56 @@ async def story(stack: Stack, servers: Servers, topics: Topics, idp: LocalIssuer
         )
     say(f"   verify: {'OK — every chain intact' if verdict.ok else 'BROKEN: ' + str(list(verdict.broken))}")
     ok &= verdict.ok and verdict.records_checked >= want
+    return ok
+
+
+def dicomweb_tour(stack: Stack, idp: LocalIssuer) -> bool:
+    """DICOMweb as a viewer speaks it, through a real client (dicomweb-client) over HTTPS."""
+
+    def client(token: str | None) -> DICOMwebClient:
+        session = requests.Session()
+        session.trust_env = False  # REQUESTS_CA_BUNDLE would override the pinned CA
+        session.verify = str(stack.settings.ca_file)
+        if token:
+            session.headers["Authorization"] = f"Bearer {token}"
+        return DICOMwebClient(stack.settings.dicomweb_url, session=session)
+
+    study = generate_uid()
+    patient = dicom_samples.synthetic_patient("dicomweb-demo")
+    cine = dicom_samples.us_multiframe(study_uid=study, patient=patient, frames=6, rows=120, columns=160)
+    slices = [dicom_samples.ct_image(study_uid=study, patient=patient, seed=i, rows=128, columns=128) for i in (1, 2)]
+    sent = [dcmread(io.BytesIO(dicom_samples.to_bytes(ds))) for ds in (*slices, cine)]
+    say(f"\n④b DICOMweb at {stack.settings.dicomweb_url} (TLS 1.3 only; every call: token → authz → crypto → audit)")
+    ok = True
+    reply = client(idp.token("tech.jane")).store_instances(sent)
+    stored = len(reply.get("ReferencedSOPSequence", []))
+    ok &= stored == len(sent)
+    say(f"   STOW-RS  tech.jane (technologist) stores {len(sent)} instances of a new study → {stored} stored")
+    found = client(idp.token("dr.house")).search_for_studies(search_filters={"PatientID": str(patient.patient_id)})
+    ok &= [s["0020000D"]["Value"][0] for s in found] == [study]
+    count = found[0]["00201208"]["Value"][0] if found else 0
+    say(f"   QIDO-RS  dr.house searches by patient ID → {len(found)} study, {count} instances")
+    size = int(cine.Rows) * int(cine.Columns) * 3
+    frame = client(idp.token("dr.house")).retrieve_instance_frames(
+        study, str(cine.SeriesInstanceUID), str(cine.SOPInstanceUID), [3]
+    )[0]
+    same = frame == cine.PixelData[2 * size : 3 * size]
+    ok &= same
+    say(f"   WADO-RS  dr.house reads frame 3 of the cine only → {len(frame)} bytes, byte-identical: {same}")
+    research = client(idp.token("res.rao")).retrieve_instance(
+        study, str(slices[0].SeriesInstanceUID), str(slices[0].SOPInstanceUID)
+    )
+    anonymous = str(research.PatientName) != str(slices[0].PatientName) and research.PatientIdentityRemoved == "YES"
+    ok &= anonymous
+    say(f"   WADO-RS  res.rao (researcher) → de-identified (PS3.15 Annex E): name and IDs removed: {anonymous}")
+    try:
+        client(None).retrieve_study(study)
+        ok = False
+        say("   WADO-RS  without a token → served (WRONG)")
+    except requests.HTTPError as exc:
+        code = exc.response.status_code if exc.response is not None else 0
+        ok &= code == 401
+        say(f"   WADO-RS  without a token → {code}")
     return ok
 
 
