@@ -43,7 +43,11 @@ class AlertEmitter:
             source=self._service,
         )
         alert.raised_at.GetCurrentTime()
+        return await self.publish(alert)
+
+    async def publish(self, alert: alerts_pb2.SecurityAlert) -> alerts_pb2.SecurityAlert:
+        """Publish an alert built elsewhere (e.g. from an audit finding); waits for the broker."""
         await self._producer.send_and_wait(
-            self._topic, alert.SerializeToString(), key=alert_id.encode(), headers=headers_for(alert)
+            self._topic, alert.SerializeToString(), key=alert.alert_id.encode(), headers=headers_for(alert)
         )
         return alert

@@ -18,11 +18,10 @@ import datetime as dt
 import logging
 import uuid
 
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from pymongo.errors import PyMongoError
 
-from dicomsafe.common.kafka import headers_for
+from dicomsafe.common.alert_emitter import AlertEmitter
 from dicomsafe.v1 import alerts_pb2
 from services.audit.patterns import Finding, Rules, find_patterns
 from services.audit.store import AuditStore
@@ -64,12 +63,9 @@ def to_alert(finding: Finding, raised_at: dt.datetime) -> alerts_pb2.SecurityAle
 
 
 class AlertRaiser:
-    def __init__(
-        self, store: AuditStore, producer: AIOKafkaProducer, topic: str, rules: Rules, window: dt.timedelta
-    ) -> None:
+    def __init__(self, store: AuditStore, alerts: AlertEmitter, rules: Rules, window: dt.timedelta) -> None:
         self._store = store
-        self._producer = producer
-        self._topic = topic
+        self._alerts = alerts
         self._rules = rules
         self._window = window
 
@@ -84,9 +80,7 @@ class AlertRaiser:
             if set(finding.evidence) <= await self._store.alerted_evidence(finding.rule, finding.actor):
                 continue
             alert = to_alert(finding, now)
-            await self._producer.send_and_wait(
-                self._topic, alert.SerializeToString(), key=alert.alert_id.encode(), headers=headers_for(alert)
-            )
+            await self._alerts.publish(alert)
             await self._store.mark_alerted(alert.alert_id, finding.rule, finding.actor, finding.evidence, now)
             raised.append(alert)
         return raised

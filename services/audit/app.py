@@ -12,6 +12,7 @@ from typing import Any
 from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
 
+from dicomsafe.common.alert_emitter import AlertEmitter
 from dicomsafe.common.audit_emitter import AuditEmitter
 from dicomsafe.common.grpc_runtime import new_channel, new_server, run_until_stopped, service_main
 from dicomsafe.common.kafka import (
@@ -26,7 +27,7 @@ from dicomsafe.common.kafka import (
 from dicomsafe.common.vault import VaultSession, VaultUnavailable
 from dicomsafe.v1 import audit_pb2_grpc, authz_pb2_grpc
 from services.audit.access import AuditAccess
-from services.audit.alerts import AlertRaiser, alert_forever
+from services.audit.alerts import SOURCE, AlertRaiser, alert_forever
 from services.audit.checkpoints import CheckpointSigner
 from services.audit.config import AuditConfig
 from services.audit.consumer import AuditConsumer
@@ -84,8 +85,7 @@ async def run(cfg: AuditConfig, stop: asyncio.Event) -> None:
             if cfg.alert_interval_s > 0:
                 raiser = AlertRaiser(
                     store,
-                    producer,
-                    topics.alerts,
+                    AlertEmitter(producer, SOURCE, topics.alerts),
                     Rules(timezone=cfg.alert_timezone),
                     dt.timedelta(seconds=cfg.alert_window_s),
                 )

@@ -20,6 +20,7 @@ import pydicom
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from dicomsafe.v1 import audit_pb2
 from services.gateway.access import Verdict, Where
 from services.gateway.dicomweb_common import (
     DICOM_JSON,
@@ -272,17 +273,25 @@ def _accepted(request: Request, types: Sequence[str], ts: str = "") -> dict[str,
     raise HttpError(406, f'acceptable: multipart/related; type="{types[0]}"')
 
 
-async def _audit_release(backends: Backends, release: Release, located: Located, part: str) -> None:
+async def _audit_release(
+    backends: Backends,
+    release: Release,
+    located: Located,
+    part: str,
+    outcome: audit_pb2.AuditOutcome.ValueType = Outcome.AUDIT_OUTCOME_SUCCESS,
+    reason: str = "",
+) -> None:
     await record(
         backends,
         Action.AUDIT_ACTION_INSTANCE_RETRIEVED,
-        Outcome.AUDIT_OUTCOME_SUCCESS,
+        outcome,
         release.verdict.subject,
         verdict=release.verdict,
         study_uid=located.study_uid,
         sop_uid=located.sop_uid,
         object_id=located.object_id,
         patient_ref=located.patient_ref,
+        reason=reason,
         details={"route": "wado-rs", "part": part, "deidentified": str(release.deidentified).lower()},
     )
 
@@ -291,14 +300,5 @@ async def _audit_failure(backends: Backends, release: Release, located: Located,
     log.error("instance stream failed", extra={"object_id": located.object_id, "code": exc.code().name})
     # Already streaming: the status line is gone, so a failed audit write is only logged.
     with contextlib.suppress(HttpError):
-        await record(
-            backends,
-            Action.AUDIT_ACTION_INSTANCE_RETRIEVED,
-            Outcome.AUDIT_OUTCOME_FAILURE,
-            release.verdict.subject,
-            verdict=release.verdict,
-            study_uid=located.study_uid,
-            sop_uid=located.sop_uid,
-            object_id=located.object_id,
-            reason=f"open failed ({exc.code().name})",
-        )
+        failure = Outcome.AUDIT_OUTCOME_FAILURE
+        await _audit_release(backends, release, located, "instance", failure, f"open failed ({exc.code().name})")
