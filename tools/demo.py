@@ -176,6 +176,8 @@ async def story(stack: Stack, servers: Servers, topics: Topics, idp: LocalIssuer
     # The demo calls the gateway as a trusted viewer back-end would, with its own certificate.
     viewer = stack.settings.client_tls("viewer")
     first = stored[0]
+    # Retrieval fails closed until the gateway's study index knows a study's sensitivity labels.
+    await stack.wait_indexed({e.study_instance_uid for e in stored})
     say(f"\n④ retrieval of {by_sha[first.plaintext_sha256][0]} through the gateway (authz → crypto → audit):")
     say(f"   (users sign in at a local OpenID Connect issuer, {idp.url}; authz checks each token)")
     released, status = await retrieve(target, viewer, idp.token("dr.house"), first.object_id)

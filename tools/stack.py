@@ -221,6 +221,25 @@ class Stack:
         self._secret("gateway-mongodb-uri", user_uri(s.mongodb_uri, s.index_db, user, password))
         self._secret("gateway-deid-uid-key", secrets.token_urlsafe(32))
 
+    async def wait_indexed(self, study_uids: set[str], timeout_s: float = 60.0) -> None:
+        """Until the gateway's indexer has every study: retrieval fails closed on unindexed studies
+        (their sensitivity labels are not known yet). Reads the index with the admin connection."""
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            self.settings.mongodb_uri, serverSelectionTimeoutMS=10000
+        )
+        deadline = time.monotonic() + timeout_s
+        try:
+            studies = client[self.settings.index_db]["studies"]
+            while True:
+                found = {str(d["_id"]) async for d in studies.find({"_id": {"$in": sorted(study_uids)}}, {"_id": 1})}
+                if found >= study_uids:
+                    return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{len(study_uids - found)} studies not indexed after {timeout_s:.0f}s")
+                await asyncio.sleep(0.3)
+        finally:
+            await client.close()
+
     def wait_healthy(self, service: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while True:

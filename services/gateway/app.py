@@ -66,7 +66,7 @@ async def run(cfg: GatewayConfig, stop: asyncio.Event) -> None:
                 root=DICOMWEB_ROOT,
                 public_url=cfg.public_url,
             )
-            servicer = RetrievalServicer(authz, crypto, audit, cfg.call_deadline_s)
+            servicer = RetrievalServicer(authz, crypto, audit, cfg.call_deadline_s, index)
             server, health = new_server(
                 [lambda s: retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(servicer, s)],
                 [SERVICE_NAME],

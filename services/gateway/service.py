@@ -17,6 +17,8 @@ from dicomsafe.v1 import (
     retrieval_pb2,
     retrieval_pb2_grpc,
 )
+from services.gateway.access import Where, resource
+from services.gateway.study_index import StudyIndex
 
 log = logging.getLogger("dicomsafe.gateway")
 
@@ -36,11 +38,13 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         crypto: crypto_pb2_grpc.CryptoServiceAsyncStub,
         audit: AuditEmitter,
         deadline_s: float,
+        index: StudyIndex,
     ) -> None:
         self._authz = authz
         self._crypto = crypto
         self._audit = audit
         self._deadline = deadline_s
+        self._index = index
 
     async def Retrieve(
         self, request: retrieval_pb2.RetrieveRequest, context: grpc.aio.ServicerContext[object, object]
@@ -59,11 +63,25 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, NOT_PERMITTED)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"crypto unavailable ({exc.code().name})")
 
+        # The study's sensitivity labels and scope come from the index. Until the indexer has seen
+        # the study they are unknown, and an unknown study might be a sensitive one: fail closed.
+        try:
+            known = await self._index.study_context(desc.study_instance_uid)
+        except Exception as exc:  # noqa: BLE001 - MongoDB down
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"study index unavailable ({type(exc).__name__})")
+        if known is None:
+            await self._record(request, desc, Outcome.AUDIT_OUTCOME_FAILURE, "study not indexed yet")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "study not indexed yet, retry shortly")
+        labels, site, department, _ = known
         check = authz_pb2.CheckRequest(
             subject=authz_pb2.Subject(id=request.subject_id, access_token=request.access_token),
             action=READ_ACTION,
-            resource=authz_pb2.Resource(
-                type="instance", study_instance_uid=desc.study_instance_uid, object_id=desc.object_id
+            resource=resource(
+                "instance",
+                desc.study_instance_uid,
+                object_id=desc.object_id,
+                labels=labels,
+                where=Where(site, department, desc.erasure_key_ref),
             ),
             context={"purpose": request.purpose} if request.purpose else {},
         )

@@ -188,6 +188,18 @@ class StudyIndex:
             upsert=True,
         )
 
+    async def study_context(self, study_uid: str) -> tuple[tuple[str, ...], str, str, str] | None:
+        """(labels, site, department, patient_ref) of an indexed study; None while it is not indexed."""
+        doc = await self._studies.find_one({"_id": study_uid})
+        if doc is None:
+            return None
+        return (
+            tuple(doc.get("labels", [])),
+            str(doc.get("site", "")),
+            str(doc.get("department", "")),
+            str(doc.get("patient_ref", "")),
+        )
+
     async def has(self, sop_uid: str, object_id: str) -> bool:
         """Whether exactly this stored object is indexed already (e.g. by the STOW-RS request)."""
         return await self._instances.find_one({"_id": sop_uid, "object_id": object_id}, {"_id": 1}) is not None

@@ -113,6 +113,7 @@ async def test_slice_end_to_end(stack: Stack, idp: LocalIssuer) -> None:
 
     by_sha = {hashlib.sha256(d).hexdigest(): d for _, d in good}
     assert set(by_sha) == {e.plaintext_sha256 for e in stored}
+    await stack.wait_indexed({e.study_instance_uid for e in stored})
     store = stack.settings.work_dir / "store"
     for event in stored:
         original = by_sha[event.plaintext_sha256]
