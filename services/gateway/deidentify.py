@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pydicom
+from dicomanonymizer import simpledicomanonymizer
 from dicomanonymizer.dicom_anonymization_databases import dicomfields_2026c as annex_e
 from dicomanonymizer.simpledicomanonymizer import anonymize_dataset, initialize_actions
 from pydicom.dataset import Dataset
@@ -45,12 +46,17 @@ class Deidentifier:
 
     def dataset(self, ds: Dataset) -> Dataset:
         """De-identify in place (and return) a dataset, file meta included."""
-        anonymize_dataset(
-            ds,
-            extra_anonymization_rules=self._rules,
-            delete_private_tags=True,
-            base_rules_gen=lambda: initialize_actions(ANNEX_E_VERSION),
-        )
+        try:
+            anonymize_dataset(
+                ds,
+                extra_anonymization_rules=self._rules,
+                delete_private_tags=True,
+                base_rules_gen=lambda: initialize_actions(ANNEX_E_VERSION),
+            )
+        finally:
+            # The package remembers every UID it replaced (a process-wide map, for its own "D" rules on
+            # UI elements): forgotten after each dataset, so a long-running gateway does not grow it.
+            simpledicomanonymizer.dictionary.clear()
         if "SOPInstanceUID" in ds and hasattr(ds, "file_meta"):
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.PatientIdentityRemoved = "YES"
