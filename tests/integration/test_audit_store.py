@@ -321,3 +321,15 @@ async def test_version_1_records_still_verify_and_the_chain_goes_on(
     assert verdict.ok and verdict.records == 3
     await client[f"audit_{unique}"][COLLECTION].update_one({"seq": 2}, {"$set": {"event.actor": "mallory"}})
     assert [(b.seq, b.reason) for b in (await store.verify()).breaks] == [(2, "content does not match its hash")]
+
+
+async def test_an_untouched_chain_of_100000_events_verifies_clean(store: AuditStore) -> None:
+    """The issue's scale check: 100,000 chained events, appended in consumer-sized batches by the
+    store's own code, verify with no break and the exact count."""
+    total, batch = 100_000, 1_000
+    for start in range(0, total, batch):
+        seqs = await store.append_many("big:0", [_event(actor=f"user-{(start + i) % 97}") for i in range(batch)])
+        assert seqs == list(range(start + 1, start + batch + 1))
+    verdict = await store.verify()
+    assert verdict.ok, verdict.breaks
+    assert verdict.records == total
