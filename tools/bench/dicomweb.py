@@ -63,12 +63,18 @@ def ensure_orthanc() -> None:
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         raise OrthancMissing("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)")
-    subprocess.run(
-        ["apt-get", "install", "-y", "--no-install-recommends", "orthanc", "orthanc-dicomweb"],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-    )
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "--no-install-recommends", "orthanc", "orthanc-dicomweb"]
+    # A fresh machine has empty package lists: the first install fails until they are read.
+    if subprocess.run(install, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env).returncode != 0:
+        subprocess.run(["apt-get", "update", "-qq"], stdout=subprocess.DEVNULL, env=env, check=False)
+        failed = subprocess.run(install, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+        if failed.returncode != 0:
+            raise OrthancMissing(f"apt-get could not install Orthanc: {failed.stderr.strip()[-300:]}")
+    if not (ORTHANC.exists() and ORTHANC_DICOMWEB.exists()):
+        raise OrthancMissing(f"Orthanc packages installed but {ORTHANC} or {ORTHANC_DICOMWEB} is missing")
+    # The package's maintainer script may start a system Orthanc; it would compete for CPU.
+    subprocess.run(["pkill", "-x", "Orthanc"], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _free_port() -> int:
