@@ -14,10 +14,12 @@ Failures are never remembered.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import jwt
 from jwt import PyJWKClient
@@ -36,6 +38,23 @@ from jwt.exceptions import (
 ALGORITHMS = ("RS256", "ES256")
 # RFC 8176 authentication method references that mean a second factor was used.
 MFA_METHODS = frozenset({"mfa", "otp", "hwk", "sc", "fpt", "face", "iris", "retina", "vbm"})
+
+
+def require_secure_jwks_url(url: str) -> str:
+    """The signing keys decide who is who: fetch them over HTTPS. Plain HTTP only on loopback
+    (the local issuer of tests and the demo), where no one else is on the path."""
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return url
+    if parts.scheme == "http" and parts.hostname:
+        if parts.hostname == "localhost":
+            return url
+        try:
+            if ipaddress.ip_address(parts.hostname).is_loopback:
+                return url
+        except ValueError:
+            pass
+    raise ValueError(f"JWKS URL must be https:// (plain http only on loopback): {parts.scheme}://{parts.hostname}")
 
 
 class TokenRejected(Exception):
@@ -72,7 +91,7 @@ class TokenVerifier:
         self._leeway = leeway_s
         self._mfa_acr = mfa_acr
         # Keys are cached and refetched when an unknown kid shows up (the IdP rotated).
-        self._jwks = PyJWKClient(jwks_url, cache_keys=True, lifespan=300, timeout=5)
+        self._jwks = PyJWKClient(require_secure_jwks_url(jwks_url), cache_keys=True, lifespan=300, timeout=5)
 
     def remembered(self, token: str) -> Identity | None:
         """The identity of a token verified earlier and still within its validity; no I/O."""
