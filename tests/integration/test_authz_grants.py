@@ -67,6 +67,24 @@ async def _can_read(stub: Stub, idp: LocalIssuer, subject: str, study: str) -> a
     return response
 
 
+async def _audited(
+    servers: Servers, topics: Topics, action: audit_pb2.AuditAction.ValueType, expected: int
+) -> list[audit_pb2.AuditEvent]:
+    """The events of one action on the run's audit topic, once `expected` arrived (or 20 s)."""
+    consumer = AIOKafkaConsumer(topics.audit, bootstrap_servers=servers.kafka_bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    found: list[audit_pb2.AuditEvent] = []
+    deadline = time.monotonic() + 20
+    try:
+        while len(found) < expected and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                events = [audit_pb2.AuditEvent.FromString(r.value) for r in records]
+                found += [e for e in events if e.action == action]
+    finally:
+        await consumer.stop()
+    return found
+
+
 def _grant(subject: str, study: str, start: dt.datetime, end: dt.datetime) -> authz_pb2.Grant:
     grant = authz_pb2.Grant(subject=subject, role="radiologist", study_instance_uid=study, reason="locum cover")
     grant.not_before.FromDatetime(start)
@@ -74,8 +92,8 @@ def _grant(subject: str, study: str, start: dt.datetime, end: dt.datetime) -> au
     return grant
 
 
-async def test_time_limited_grants(authz, idp: LocalIssuer) -> None:  # type: ignore[no-untyped-def]
-    stub, _ = authz
+async def test_time_limited_grants(authz, idp: LocalIssuer, servers: Servers) -> None:  # type: ignore[no-untyped-def]
+    stub, topics = authz
     now = dt.datetime.now(dt.UTC)
     assert (await _can_read(stub, idp, "dr.locum", S1)).reason == "unknown subject"
 
@@ -123,6 +141,21 @@ async def test_time_limited_grants(authz, idp: LocalIssuer) -> None:  # type: ig
     assert revoked.HasField("revoked_at")
     assert not (await _can_read(stub, idp, "dr.locum", S1)).allow  # takes effect at once
 
+    # Every change, and the refused attempt, is on the trail with who, whom, what and when.
+    changes = await _audited(servers, topics, audit_pb2.AuditAction.AUDIT_ACTION_GRANT_CHANGED, 4)
+    success = audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS
+    done = [(e.actor, e.details["grant_id"], e.reason) for e in changes if e.outcome == success]
+    assert done == [
+        ("reg.omar", created.grant_id, "grant created: locum cover"),
+        ("reg.omar", later.grant_id, "grant created: locum cover"),
+        ("reg.omar", created.grant_id, "grant revoked: left"),
+    ]
+    first = next(e for e in changes if e.outcome == success)
+    assert first.details["grantee"] == "dr.locum" and first.details["role"] == "radiologist"
+    assert first.study_instance_uid == S1 and first.details["scope"] == "study"
+    denied = [e for e in changes if e.outcome == audit_pb2.AuditOutcome.AUDIT_OUTCOME_DENIED]
+    assert [e.actor for e in denied] == ["dr.house"]
+
 
 async def test_break_glass(authz, idp: LocalIssuer, servers: Servers) -> None:  # type: ignore[no-untyped-def]
     stub, topics = authz
@@ -155,17 +188,7 @@ async def test_break_glass(authz, idp: LocalIssuer, servers: Servers) -> None:  
         await glass("dr.er", True, "still in theatre")
     assert "not renewable" in (again.value.details() or "")
 
-    consumer = AIOKafkaConsumer(topics.audit, bootstrap_servers=servers.kafka_bootstrap, auto_offset_reset="earliest")
-    await consumer.start()
-    overrides: list[audit_pb2.AuditEvent] = []
-    deadline = time.monotonic() + 20
-    try:
-        while len(overrides) < 5 and time.monotonic() < deadline:
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                events = [audit_pb2.AuditEvent.FromString(r.value) for r in records]
-                overrides += [e for e in events if e.action == audit_pb2.AuditAction.AUDIT_ACTION_EMERGENCY_OVERRIDE]
-    finally:
-        await consumer.stop()
+    overrides = await _audited(servers, topics, audit_pb2.AuditAction.AUDIT_ACTION_EMERGENCY_OVERRIDE, 5)
     outcomes = [e.outcome for e in overrides]
     assert outcomes.count(audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS) == 1
     assert outcomes.count(audit_pb2.AuditOutcome.AUDIT_OUTCOME_DENIED) == 4
