@@ -141,3 +141,20 @@ def test_a_remembered_token_ends_with_its_expiry(idp: LocalIssuer) -> None:
     fresh = idp.token("dr.house")
     off.verify(fresh)
     assert off.remembered(fresh) is None
+
+
+def test_mfa_comes_from_a_second_factor_in_amr_or_a_configured_acr(idp: LocalIssuer) -> None:
+    """Identity providers say "second factor" either with RFC 8176 `amr` values or with an
+    assurance level in `acr`; only levels the deployment names count, and a password is never MFA."""
+    strong = "urn:hospital:loa:mfa"
+    verifier = TokenVerifier(idp.url, "dicomsafe", idp.jwks_url, mfa_acr=frozenset({strong}), remember_s=0)
+    plain = TokenVerifier(idp.url, "dicomsafe", idp.jwks_url, remember_s=0)
+
+    def mfa(v: TokenVerifier, amr: list[str], acr: str | None = None) -> bool:
+        return v.verify(idp.token("dr.house", amr=amr, extra={"acr": acr} if acr else None)).mfa
+
+    assert mfa(verifier, ["pwd"], strong)
+    assert not mfa(plain, ["pwd"], strong)  # an acr nobody configured means nothing
+    assert not mfa(verifier, ["pwd"], "urn:hospital:loa:pwd")
+    assert not mfa(verifier, ["pwd"])
+    assert mfa(plain, ["pwd", "hwk"])
