@@ -15,6 +15,7 @@ import grpc
 from pymongo.errors import PyMongoError
 
 from dicomsafe.common.metrics import DECISIONS, DURATION
+from dicomsafe.common.token_fingerprint import token_fingerprint
 from dicomsafe.v1 import audit_pb2, authz_pb2, authz_pb2_grpc
 from services.authz.break_glass import OverrideAnnouncer
 from services.authz.grants import GrantStore, StoredGrant
@@ -186,6 +187,9 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
                     "authenticated": "token" if self._verifier else "none",
                     "mfa": str(mfa).lower(),
                     "labels": ",".join(request.resource.labels),
+                    # "break-glass" here flags every access made under an emergency override.
+                    "obligations": ",".join(decision.obligations),
+                    "token_fingerprint": token_fingerprint(request.subject.access_token),
                 },
             )
         except AuditUnavailable as exc:

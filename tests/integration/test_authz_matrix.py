@@ -25,6 +25,7 @@ import pytest
 
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
+from dicomsafe.common.token_fingerprint import token_fingerprint
 from dicomsafe.v1 import audit_pb2, authz_pb2, authz_pb2_grpc
 from services.authz.app import run
 from services.authz.config import AuthzConfig
@@ -313,3 +314,6 @@ async def test_decision_matrix(authz: tuple[Stub, Topics], idp: LocalIssuer, ser
         assert event.details["mfa"] == str(case.mfa).lower()
         assert event.patient_ref == case.place.patient_ref and event.study_instance_uid == case.place.study
         assert event.details["department"] == case.place.department
+        # Accesses under an emergency override are flagged on the trail, not only in the reply.
+        assert event.details["obligations"] == ",".join(reply.obligations)
+        assert event.details["token_fingerprint"] == token_fingerprint(tokens[case.subject, case.mfa])
