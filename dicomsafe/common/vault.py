@@ -91,9 +91,10 @@ class VaultSession:
         self._clock = clock
         self._lock = threading.Lock()
         self.client = hvac.Client(url=auth.addr, token=auth.token, verify=auth.ca_cert or True, timeout=auth.timeout_s)
-        # The login token's lease; None = log in before the next call (never for a static token).
-        self._lease: _Lease | None = None
-        self._needs_login = auth.login_method is not None and not auth.token
+        # The token's lease. A static token's lifetime is its issuer's business: used until
+        # refused, then (if this session can log in) replaced by a login token.
+        self._lease: _Lease | None = _Lease(0.0, math.inf, renewable=False) if auth.token else None
+        self._needs_login = self._lease is None
         # Counters for operators' logs and tests: how the token was kept current.
         self.logins = 0
         self.renewals = 0
