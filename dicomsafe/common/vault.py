@@ -1,15 +1,19 @@
 """A Vault (or OpenBao) session for a service's own narrow identity.
 
 A static token (e.g. the one a Vault/OpenBao proxy sidecar keeps current), AppRole login, or
-Kubernetes auth with the pod's projected service-account token; one re-login when a token has
-expired; every failure to reach or use Vault becomes ``VaultUnavailable`` so callers fail
-closed and retry. Blocking: call it from a worker thread.
+Kubernetes auth with the pod's projected service-account token. A login token is renewed before
+it runs out (a fresh login when it cannot be), and a refused token triggers one re-login. Every
+failure to reach or use Vault, login included, becomes ``VaultUnavailable`` so callers fail
+closed and retry; only answers a caller declares ``expected`` pass through. Blocking: call it
+from a worker thread.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,25 +76,86 @@ def vault_auth_from_env() -> VaultAuth:
 
 
 class VaultSession:
-    def __init__(self, auth: VaultAuth) -> None:
+    """Thread-safe: worker threads share one client and one login.
+
+    A token this session logged in for is renewed (``renew-self``) before a call once less than
+    a third of its TTL remains, and replaced by a fresh login when renewal fails or the token
+    has reached its maximum TTL. A static token is never renewed here: whoever issued it (e.g.
+    a proxy sidecar) keeps it current.
+    """
+
+    def __init__(self, auth: VaultAuth, clock: Callable[[], float] = time.monotonic) -> None:
         if not auth.token and auth.login_method is None:
             raise ValueError("Vault needs VAULT_TOKEN, VAULT_ROLE_ID + VAULT_SECRET_ID, or VAULT_K8S_ROLE")
         self._auth = auth
+        self._clock = clock
         self._lock = threading.Lock()
         self.client = hvac.Client(url=auth.addr, token=auth.token, verify=auth.ca_cert or True, timeout=auth.timeout_s)
-        self._logged_in = bool(auth.token)
+        # The token's lease. A static token's lifetime is its issuer's business: used until
+        # refused, then (if this session can log in) replaced by a login token.
+        self._lease: _Lease | None = _Lease(0.0, math.inf, renewable=False) if auth.token else None
+        self._needs_login = self._lease is None
+        # Counters for operators' logs and tests: how the token was kept current.
+        self.logins = 0
+        self.renewals = 0
 
-    def _login(self) -> None:
+    # -- keeping the token current ------------------------------------------------------------
+
+    def _login_locked(self) -> None:
         auth = self._auth
-        with self._lock:
+        try:
             if auth.login_method == "kubernetes":
-                self.client.auth.kubernetes.login(
+                response = self.client.auth.kubernetes.login(
                     role=auth.k8s_role, jwt=self._service_account_token(), mount_point=auth.k8s_mount
                 )
             else:
-                self.client.auth.approle.login(role_id=auth.role_id, secret_id=auth.secret_id)
-            self._logged_in = True
-            log.info("logged in to Vault", extra={"method": auth.login_method})
+                response = self.client.auth.approle.login(role_id=auth.role_id, secret_id=auth.secret_id)
+        except (requests.exceptions.RequestException, hvac.exceptions.VaultError) as exc:
+            # Whatever Vault answers to a login (400 for an expired secret-id, 403, 5xx) it is
+            # about this identity or Vault, never about the data a caller asked for.
+            raise _unavailable("login", exc) from None
+        self._lease = _Lease.of(response, self._clock())
+        self._needs_login = False
+        self.logins += 1
+        log.info("logged in to Vault", extra={"method": auth.login_method, "ttl_s": self._lease.ttl_s})
+
+    def _renew_locked(self, lease: _Lease) -> bool:
+        """True if the token now has enough time left; False = log in again instead."""
+        try:
+            response = self.client.auth.token.renew_self()
+        except (requests.exceptions.RequestException, hvac.exceptions.VaultError) as exc:
+            log.warning("Vault token renewal failed; logging in again", extra={"error": type(exc).__name__})
+            return False
+        renewed = _Lease.of(response, self._clock(), period_s=lease.ttl_s)
+        self.renewals += 1
+        if renewed.due(self._clock()):
+            # Capped by the token's maximum TTL: renewing again would not help.
+            return False
+        self._lease = renewed
+        return True
+
+    def _token_usable_locked(self) -> bool:
+        """False if a login is needed: none yet, refused, or near its end and not renewable."""
+        lease = self._lease
+        if self._needs_login or lease is None:
+            return False
+        if not lease.due(self._clock()):
+            return True
+        return lease.renewable and self._renew_locked(lease)
+
+    def _current_token(self) -> str | None:
+        """Logs in or renews as needed; returns the token the next request will use."""
+        with self._lock:
+            if self._auth.login_method is not None and not self._token_usable_locked():
+                self._login_locked()
+            token = self.client.token
+            return str(token) if token else None
+
+    def _invalidate(self, token: str | None) -> None:
+        """The token was refused: log in again, unless another thread already did."""
+        with self._lock:
+            if self.client.token == token:
+                self._needs_login = True
 
     def _service_account_token(self) -> str:
         try:
@@ -102,31 +167,74 @@ class VaultSession:
             raise VaultUnavailable("the service-account token file is empty")
         return jwt
 
-    def call(self, what: str, request: Callable[[hvac.Client], Any]) -> dict[str, object]:
-        """One request with re-login and error mapping; returns the response's ``data``.
+    # -- requests -----------------------------------------------------------------------------
 
-        Vault's 400/404 answers (``InvalidRequest``, ``InvalidPath``) pass through: they are
-        about the request, not about Vault being unavailable.
+    def call(
+        self,
+        what: str,
+        request: Callable[[hvac.Client], Any],
+        *,
+        expected: tuple[type[hvac.exceptions.VaultError], ...] = (),
+    ) -> dict[str, object]:
+        """One request with login, renewal and error mapping; returns the response's ``data``.
+
+        The one place Vault errors are mapped: the answers listed in ``expected`` (e.g.
+        ``InvalidRequest`` from ``decrypt``: the ciphertext did not authenticate) pass through
+        for the caller to interpret; anything else Vault says or fails to say, at login or in
+        the request, is ``VaultUnavailable`` (fail closed, retry later).
         """
         for attempt in (1, 2):
+            token = self._current_token()
             try:
-                if not self._logged_in:
-                    self._login()
                 result = request(self.client)
-                # Writes and deletes answer 204 with no body: hvac hands back the bare response.
-                return dict(result["data"]) if isinstance(result, dict) else {}
+            except expected:
+                raise
             except (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized) as exc:
-                # An expired login token: log in again once; a static token cannot recover.
+                # An expired or revoked login token: log in again once; a static token cannot recover.
                 if attempt == 1 and self._auth.login_method is not None:
-                    self._logged_in = False
+                    self._invalidate(token)
                     continue
-                raise VaultUnavailable(f"Vault refused {what} ({type(exc).__name__})") from None
-            except (
-                requests.exceptions.RequestException,
-                hvac.exceptions.VaultDown,
-                hvac.exceptions.InternalServerError,
-                hvac.exceptions.BadGateway,
-                hvac.exceptions.RateLimitExceeded,
-            ) as exc:
-                raise VaultUnavailable(f"Vault unavailable during {what} ({type(exc).__name__})") from None
+                raise _unavailable(what, exc) from None
+            except (requests.exceptions.RequestException, hvac.exceptions.VaultError) as exc:
+                raise _unavailable(what, exc) from None
+            # Writes and deletes answer 204 with no body: hvac hands back the bare response.
+            return dict(result["data"]) if isinstance(result, dict) else {}
         raise VaultUnavailable(f"Vault refused {what}")
+
+
+# Vault answers that mean it is there but says no (to this identity or this request).
+_REFUSALS = (
+    hvac.exceptions.Forbidden,
+    hvac.exceptions.Unauthorized,
+    hvac.exceptions.InvalidRequest,
+    hvac.exceptions.InvalidPath,
+    hvac.exceptions.PreconditionFailed,
+    hvac.exceptions.UnsupportedOperation,
+)
+
+
+def _unavailable(what: str, exc: BaseException) -> VaultUnavailable:
+    # Only the exception's type: Vault's message may echo what was sent.
+    verb = "refused" if isinstance(exc, _REFUSALS) else "unavailable during"
+    return VaultUnavailable(f"Vault {verb} {what} ({type(exc).__name__})")
+
+
+@dataclass(frozen=True)
+class _Lease:
+    """A login token's lifetime as granted by Vault."""
+
+    ttl_s: float  # the TTL granted at login: renewal starts when a third of it is left
+    expires_at: float  # on the session's clock; inf = no expiry
+    renewable: bool
+
+    @classmethod
+    def of(cls, response: object, now: float, period_s: float | None = None) -> _Lease:
+        auth = response.get("auth") if isinstance(response, dict) else None
+        auth = auth if isinstance(auth, dict) else {}
+        ttl = float(auth.get("lease_duration") or 0)
+        if ttl <= 0:
+            return cls(period_s or 0.0, math.inf, False)
+        return cls(period_s or ttl, now + ttl, bool(auth.get("renewable")))
+
+    def due(self, now: float) -> bool:
+        return self.expires_at - now < self.ttl_s / 3

@@ -34,6 +34,7 @@ EVENTS: dict[int, DicomEvent] = {
     A.AUDIT_ACTION_KEY_ROTATED: DicomEvent("110113", "Security Alert", "E"),
     A.AUDIT_ACTION_OBJECT_REWRAPPED: DicomEvent("110103", "DICOM Instances Accessed", "U"),
     A.AUDIT_ACTION_PATIENT_ERASED: DicomEvent("110105", "DICOM Study Deleted", "D"),
+    A.AUDIT_ACTION_PATIENT_ERASURE_REQUESTED: DicomEvent("110105", "DICOM Study Deleted", "D"),
     A.AUDIT_ACTION_ACCESS_DECISION: DicomEvent("110113", "Security Alert", "E"),
     A.AUDIT_ACTION_GRANT_CHANGED: DicomEvent("110113", "Security Alert", "U"),
     A.AUDIT_ACTION_EMERGENCY_OVERRIDE: DicomEvent("110113", "Security Alert", "E"),

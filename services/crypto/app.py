@@ -23,6 +23,18 @@ async def run(cfg: CryptoConfig, stop: asyncio.Event) -> None:
         # Seals interrupted by a crash: never committed, never acknowledged, safe to drop.
         leftover.unlink(missing_ok=True)
     keys = TransitKeys(cfg.vault)
+    # Expired data keys are zeroed on a timer, not only when the next read happens to come,
+    # and every cached key is zeroed when the service stops.
+    sweeper_stop = asyncio.Event()
+    sweeper = asyncio.create_task(keys.dek_cache.sweep_until(sweeper_stop))
+    try:
+        await _serve(cfg, store, keys, stop)
+    finally:
+        sweeper_stop.set()
+        await sweeper
+
+
+async def _serve(cfg: CryptoConfig, store: HotStore, keys: TransitKeys, stop: asyncio.Event) -> None:
     producer = new_producer(cfg.kafka_bootstrap, "dicomsafe-crypto")
     await producer.start()
     try:

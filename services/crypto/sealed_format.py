@@ -9,19 +9,22 @@ Object layout::
 
     header (see SealedHeader.encode) || chunk 0 || chunk 1 || ... || chunk n-1
 
-Every chunk is ``AES-256-GCM(DEK, nonce_i, plaintext_i, AD)`` (ciphertext with
-the 16-byte tag appended).  ``nonce_i`` is the STREAM nonce (Hoang, Reyhanitabar,
-Rogaway, Vizar 2015)::
+Every chunk is ``AES-256-GCM(K, nonce_i, plaintext_i, AD)`` (ciphertext with
+the 16-byte tag appended).  ``K`` is the DEK, or for an object with an erasure key
+reference (a patient's object) the key :func:`content_key` derives from the DEK and
+the patient's erasure key (HKDF-SHA256, salt = erasure key, info = domain || object
+id), so destroying the erasure key makes the object unreadable even with the DEK.
+``nonce_i`` is the STREAM nonce (Hoang, Reyhanitabar, Rogaway, Vizar 2015)::
 
     nonce_prefix (7 bytes) || u32 big-endian chunk index || last-chunk flag (1 byte)
 
 ``AD`` is SHA-256 over a domain-separated canonical encoding of the *immutable*
 header fields only (magic, format version, nonce prefix, chunk size, object id,
-SOP Instance UID, Study Instance UID).  The key name, key version and wrapped DEK
-are deliberately not bound, so :func:`rewrap_header` can replace them after a
-Vault key rotation without touching a single ciphertext byte.  Substituting a
-wrapped DEK from another object still fails: it unwraps to a different DEK and
-every chunk fails authentication.
+SOP Instance UID, Study Instance UID, erasure key reference).  The key name, key
+version and wrapped DEK are deliberately not bound, so :func:`rewrap_header` can
+replace them after a Vault key rotation without touching a single ciphertext byte.
+Substituting a wrapped DEK from another object still fails: it unwraps to a
+different DEK and every chunk fails authentication.
 
 Every object has at least one chunk.  All chunks but the last hold exactly
 ``chunk_size`` plaintext bytes; the last (final-flag) chunk holds
@@ -32,7 +35,8 @@ plaintext as soon as *that chunk* is authenticated, before the end of the object
 has been seen.  Truncation (a missing final chunk) and trailing data are only
 detected at the end, by an exception from ``finalize()`` / the iterator.  A
 consumer must treat everything it received as untrusted-and-incomplete unless
-the stream finished without raising.
+the stream finished without raising.  (:func:`iter_range` authenticates the final
+chunk before it yields anything, so a truncated object fails a range read at once.)
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ __all__ = [
     "SealedObjectCorrupt",
     "SealedRangeError",
     "UnsupportedFormatVersion",
+    "iter_range",
     "new_nonce_prefix",
     "open_bytes",
     "open_range",
@@ -698,7 +703,7 @@ def plaintext_length(header: SealedHeader, header_len: int, file_size: int) -> i
     return _layout(header, header_len, file_size)[1]
 
 
-def open_range(
+def iter_range(
     dek: BytesLike,
     header: SealedHeader,
     header_len: int,
@@ -707,20 +712,20 @@ def open_range(
     length: int,
     *,
     verify_end: bool = True,
-) -> bytes:
-    """Decrypt plaintext bytes [offset, offset+length) reading only the chunks
-    that cover them (plus the final chunk when ``verify_end``).
+) -> Iterator[bytes]:
+    """Yield the verified plaintext bytes [offset, offset+length) one chunk at a time,
+    reading only the chunks that cover them (plus the final chunk when ``verify_end``).
 
-    Guarantees: every returned byte is authentic plaintext of this object at
-    that position (chunk index and object binding are authenticated).  With
-    ``verify_end`` (default) the last chunk of the file is also authenticated as
-    the final chunk, so the object length derived from the file size is
-    authentic: truncation/extension anywhere is detected, and a range past the
-    real end raises SealedRangeError.  With ``verify_end=False`` truncation at a
-    chunk boundary outside the range is not detected; a range that reaches the
-    last stored chunk is still checked against the final flag.  A range past
-    the stored end always triggers the final-chunk check first, so a truncated
-    object raises SealedObjectCorrupt rather than SealedRangeError.
+    Memory stays at about one chunk whatever the range.  Guarantees: every yielded byte is
+    authentic plaintext of this object at that position (chunk index and object binding are
+    authenticated).  With ``verify_end`` (default) the last chunk of the file is authenticated
+    as the final chunk *before* anything is yielded, so the object length derived from the
+    file size is authentic: truncation/extension anywhere is detected, and a range past the
+    real end raises SealedRangeError.  With ``verify_end=False`` truncation at a chunk boundary
+    outside the range is not detected; a range that reaches the last stored chunk is still
+    checked against the final flag.  A range past the stored end always triggers the
+    final-chunk check first, so a truncated object raises SealedObjectCorrupt rather than
+    SealedRangeError.  Errors are raised by the iterator, as it reaches them.
     """
     if offset < 0 or length < 0:
         raise ValueError("offset and length must be non-negative")
@@ -732,36 +737,41 @@ def open_range(
     seg = cs + TAG_SIZE
     end = offset + length
 
-    def chunk_bytes(first: int, last: int) -> bytes:
-        start = header_len + first * seg
-        size = min(file_size, header_len + (last + 1) * seg) - start
+    def open_chunk(i: int) -> bytes:
+        start = header_len + i * seg
+        size = min(file_size, start + seg) - start
         fileobj.seek(start)
         data = _read_exact(fileobj, size)
         if len(data) != size:
             raise SealedObjectCorrupt("object changed while reading")
-        return data
-
-    def verify_final() -> None:
-        _open_chunk(aead, prefix, ad, n - 1, True, chunk_bytes(n - 1, n - 1))
+        return _open_chunk(aead, prefix, ad, i, i == n - 1, data)
 
     if end > total or length == 0:
         if verify_end or end > total:
-            verify_final()
+            open_chunk(n - 1)
         if end > total:
             raise SealedRangeError("requested range extends past end of object")
-        return b""
+        return
 
     first, last = offset // cs, (end - 1) // cs
-    data = memoryview(chunk_bytes(first, last))
-    parts: list[bytes] = []
-    for i in range(first, last + 1):
-        rel = (i - first) * seg
-        parts.append(_open_chunk(aead, prefix, ad, i, i == n - 1, data[rel : rel + seg]))
     if verify_end and last != n - 1:
-        verify_final()
-    head = offset - first * cs
-    if len(parts) == 1:
-        return parts[0][head : head + length]
-    parts[0] = parts[0][head:]
-    parts[-1] = parts[-1][: end - last * cs]
-    return b"".join(parts)
+        open_chunk(n - 1)
+    for i in range(first, last + 1):
+        plain = open_chunk(i)
+        lo = offset - i * cs if i == first else 0
+        hi = end - i * cs if i == last else len(plain)
+        yield plain if (lo, hi) == (0, len(plain)) else plain[lo:hi]
+
+
+def open_range(
+    dek: BytesLike,
+    header: SealedHeader,
+    header_len: int,
+    fileobj: SeekableReadable,
+    offset: int,
+    length: int,
+    *,
+    verify_end: bool = True,
+) -> bytes:
+    """:func:`iter_range` joined: the whole range in memory (for small ranges and tests)."""
+    return b"".join(iter_range(dek, header, header_len, fileobj, offset, length, verify_end=verify_end))

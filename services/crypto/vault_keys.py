@@ -67,7 +67,7 @@ class VaultSettings:
     timeout_s: float = 10.0
     pseudonym_key: str = "dicomsafe-pseudonym"
     # 0 disables the cache. Kept short: a retired key version or revoked token takes effect
-    # on cached DEKs only after this long.
+    # on cached DEKs only after this long (a timer zeroes expired keys even when idle).
     dek_cache_ttl_s: float = 30.0
     erasure_mount: str = "dicomsafe-erasure"
     # Kubernetes auth instead of AppRole (see dicomsafe.common.vault.VaultAuth).
@@ -107,6 +107,37 @@ class DekCache:
         for k in [k for k, (expiry, _) in self._entries.items() if expiry <= now]:
             zero(self._entries.pop(k)[1])
 
+    @property
+    def sweep_interval_s(self) -> float:
+        """How often ``sweep`` should run so no key outlives its TTL by more than a fifth."""
+        return min(max(self._ttl / 5, 0.05), 5.0)
+
+    def sweep(self) -> int:
+        """Zeroes and drops expired keys; returns how many. get/put expire too, but an idle
+        service calls neither, so a timer calls this."""
+        with self._lock:
+            before = len(self._entries)
+            self._expire(time.monotonic())
+            return before - len(self._entries)
+
+    def clear(self) -> None:
+        """Zeroes every key (at shutdown)."""
+        with self._lock:
+            for _, dek in self._entries.values():
+                zero(dek)
+            self._entries.clear()
+
+    async def sweep_until(self, stop: asyncio.Event) -> None:
+        """Sweeps every ``sweep_interval_s`` until ``stop`` is set, then zeroes everything."""
+        try:
+            while self._ttl > 0 and not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.sweep_interval_s)
+                self.sweep()
+            await stop.wait()
+        finally:
+            self.clear()
+
 
 def key_version_of(wrapped: str) -> int:
     match = _WRAPPED.match(wrapped)
@@ -141,9 +172,17 @@ class TransitKeys:
     def key_name(self) -> str:
         return self._s.key_name
 
-    def _call(self, fn_name: str, **kwargs: object) -> dict[str, object]:
+    @property
+    def dek_cache(self) -> DekCache:
+        return self._dek_cache
+
+    def _call(
+        self, fn_name: str, *, expected: tuple[type[hvac.exceptions.VaultError], ...] = (), **kwargs: object
+    ) -> dict[str, object]:
         mount = self._s.transit_mount
-        return self._session.call(fn_name, lambda c: getattr(c.secrets.transit, fn_name)(mount_point=mount, **kwargs))
+        return self._session.call(
+            fn_name, lambda c: getattr(c.secrets.transit, fn_name)(mount_point=mount, **kwargs), expected=expected
+        )
 
     # -- per-patient erasure keys -------------------------------------------------------------
 
@@ -163,6 +202,7 @@ class TransitKeys:
             data = self._session.call(
                 "erasure key read",
                 lambda c: c.secrets.kv.v2.read_secret_version(ref, mount_point=mount, raise_on_deleted_version=True),
+                expected=(hvac.exceptions.InvalidPath,),
             )
         except hvac.exceptions.InvalidPath:
             return None  # never created, or destroyed by an erasure
@@ -180,6 +220,7 @@ class TransitKeys:
             self._session.call(
                 "erasure key create",
                 lambda c: c.secrets.kv.v2.create_or_update_secret(ref, secret={"key": fresh}, cas=0, mount_point=mount),
+                expected=(hvac.exceptions.InvalidRequest,),
             )
         created = self._read_erasure_key(ref)
         if created is None:
@@ -234,7 +275,9 @@ class TransitKeys:
     def _unwrap(self, key_name: str, wrapped: str) -> bytearray:
         key_version_of(wrapped)
         try:
-            data = self._call("decrypt_data", name=key_name, ciphertext=wrapped)
+            data = self._call(
+                "decrypt_data", name=key_name, ciphertext=wrapped, expected=(hvac.exceptions.InvalidRequest,)
+            )
         except hvac.exceptions.InvalidRequest:
             # Vault answers 400 when the wrapped key fails authentication or its version
             # is below min_decryption_version: the object cannot be opened as it is.
@@ -244,7 +287,9 @@ class TransitKeys:
     def _rewrap(self, wrapped: str) -> str:
         key_version_of(wrapped)
         try:
-            data = self._call("rewrap_data", name=self._s.key_name, ciphertext=wrapped)
+            data = self._call(
+                "rewrap_data", name=self._s.key_name, ciphertext=wrapped, expected=(hvac.exceptions.InvalidRequest,)
+            )
         except hvac.exceptions.InvalidRequest:
             raise WrappedKeyRejected("Vault rejected the wrapped data key") from None
         return str(data["ciphertext"])

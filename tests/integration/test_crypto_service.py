@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -65,8 +66,6 @@ async def crypto(
 
 
 def _meta(data: bytes) -> crypto_pb2.SealMetadata:
-    import io
-
     import pydicom
 
     ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
@@ -219,6 +218,65 @@ async def test_tampered_ciphertext_fails_with_data_loss(crypto) -> None:  # type
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await _open(stub, meta.object_id)
     assert err.value.code() == grpc.StatusCode.DATA_LOSS
+
+
+async def _sealed_path(
+    stub: crypto_pb2_grpc.CryptoServiceAsyncStub, cfg: CryptoConfig, seed: int
+) -> tuple[str, Path, bytes]:
+    data = dicom_samples.to_bytes(dicom_samples.us_multiframe(study_uid=None, seed=seed, frames=6))
+    meta = _meta(data)
+    await Sealer(stub, 64 * 1024, 60).seal(data, meta)
+    return meta.object_id, next(cfg.store_dir.rglob(f"{meta.object_id}.dso")), data
+
+
+async def _open_code(
+    stub: crypto_pb2_grpc.CryptoServiceAsyncStub, object_id: str, offset: int = 0, length: int = 0
+) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _open(stub, object_id, offset, length)
+    return err.value.code()
+
+
+async def test_swapped_or_truncated_object_files_fail_with_data_loss(crypto) -> None:  # type: ignore[no-untyped-def]
+    stub, cfg = crypto
+    a_id, a_path, _ = await _sealed_path(stub, cfg, 21)
+    b_id, b_path, _ = await _sealed_path(stub, cfg, 22)
+    c_id, c_path, c_data = await _sealed_path(stub, cfg, 23)
+    # Two objects' files swapped on disk: each file now sits under the other's id.
+    a_raw, b_raw = a_path.read_bytes(), b_path.read_bytes()
+    a_path.write_bytes(b_raw)
+    b_path.write_bytes(a_raw)
+    for object_id in (a_id, b_id):
+        assert await _open_code(stub, object_id) == grpc.StatusCode.DATA_LOSS
+        assert await _open_code(stub, object_id, 0, 100) == grpc.StatusCode.DATA_LOSS
+    # B's chunks behind A's header: every chunk fails authentication under A's key and binding.
+    header_len = fmt.read_header(io.BytesIO(a_raw))[1]
+    b_header_len = fmt.read_header(io.BytesIO(b_raw))[1]
+    a_path.write_bytes(a_raw[:header_len] + b_raw[b_header_len:])
+    assert await _open_code(stub, a_id) == grpc.StatusCode.DATA_LOSS
+    assert await _open_code(stub, a_id, 0, 100) == grpc.StatusCode.DATA_LOSS
+    # Truncated: at a chunk boundary (the file size alone looks like a shorter object), inside
+    # a chunk, and inside the header.
+    c_raw = c_path.read_bytes()
+    c_header_len = fmt.read_header(io.BytesIO(c_raw))[1]
+    assert len(c_data) > 3 * CHUNK
+    for cut in (c_header_len + 2 * (CHUNK + 16), len(c_raw) - 5, c_header_len - 3):
+        c_path.write_bytes(c_raw[:cut])
+        assert await _open_code(stub, c_id) == grpc.StatusCode.DATA_LOSS, cut
+        assert await _open_code(stub, c_id, 0, 100) == grpc.StatusCode.DATA_LOSS, cut
+    c_path.write_bytes(c_raw)
+    assert await _open(stub, c_id) == c_data  # the untouched bytes still open
+
+
+async def test_range_open_streams_one_chunk_per_message(crypto) -> None:  # type: ignore[no-untyped-def]
+    stub, cfg = crypto
+    object_id, _, data = await _sealed_path(stub, cfg, 24)
+    offset, length = CHUNK // 2, 3 * CHUNK
+    pieces = [
+        p.data async for p in stub.Open(crypto_pb2.OpenRequest(object_id=object_id, offset=offset, length=length))
+    ]
+    assert b"".join(pieces) == data[offset : offset + length]
+    assert [len(p) for p in pieces] == [CHUNK // 2, CHUNK, CHUNK, CHUNK // 2]
 
 
 async def test_vault_unreachable_fails_closed(pki: Pki, servers: Servers, tmp_path: Path, creds, unique: str) -> None:  # type: ignore[no-untyped-def]

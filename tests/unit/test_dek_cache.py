@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import time
 
 from services.crypto.vault_keys import DekCache
@@ -36,3 +37,39 @@ def test_bounded_and_disabled() -> None:
     off = DekCache(ttl_s=0)
     off.put("k", "w", bytearray(32))
     assert off.get("k", "w") is None
+
+
+def test_sweep_zeroes_expired_keys_without_any_get_or_put() -> None:
+    cache = DekCache(ttl_s=0.05)
+    cache.put("k", "old", bytearray(b"\x03" * 32))
+    old = cache._entries[("k", "old")][1]
+    time.sleep(0.1)
+    assert old == bytearray(b"\x03" * 32)  # nothing has looked at the cache since
+    assert cache.sweep() == 1
+    assert old == bytearray(32) and not cache._entries
+    assert cache.sweep() == 0
+
+
+async def test_the_sweeper_runs_while_idle_and_zeroes_everything_at_shutdown() -> None:
+    cache = DekCache(ttl_s=0.1)
+    stop = asyncio.Event()
+    sweeper = asyncio.create_task(cache.sweep_until(stop))
+    cache.put("k", "short", bytearray(b"\x05" * 32))
+    short = cache._entries[("k", "short")][1]
+    await asyncio.sleep(0.3)  # idle: nothing calls get or put
+    assert short == bytearray(32) and not cache._entries
+    cache.put("k", "live", bytearray(b"\x06" * 32))
+    live = cache._entries[("k", "live")][1]
+    stop.set()
+    await asyncio.wait_for(sweeper, 5)
+    assert live == bytearray(32) and not cache._entries  # not yet expired, zeroed at shutdown
+
+
+async def test_a_disabled_cache_has_an_idle_sweeper_that_stops() -> None:
+    cache = DekCache(ttl_s=0)
+    stop = asyncio.Event()
+    sweeper = asyncio.create_task(cache.sweep_until(stop))
+    await asyncio.sleep(0.05)
+    assert not sweeper.done()
+    stop.set()
+    await asyncio.wait_for(sweeper, 5)

@@ -695,3 +695,36 @@ def test_erasure_key_ref_is_bound_to_the_chunks() -> None:
         open_bytes(dek, swapped)
     with pytest.raises(ValueError):
         make_header(erasure_key_ref="NOT-HEX")
+
+
+def test_iter_range_yields_one_chunk_at_a_time_and_checks_the_end_first() -> None:
+    pt = data_of(8 * CS + 123)
+    header = make_header()
+    dek, blob, hl = seal(pt, header)
+    pieces = list(sf.iter_range(dek, header, hl, io.BytesIO(blob), CS + 7, 3 * CS))
+    assert [len(p) for p in pieces] == [CS - 7, CS, CS, 7]
+    assert b"".join(pieces) == pt[CS + 7 : 4 * CS + 7]
+    # A tampered final chunk stops the range before its first byte is released.
+    bad = bytearray(blob)
+    bad[-1] ^= 1
+    released = sf.iter_range(dek, header, hl, io.BytesIO(bytes(bad)), 0, 3 * CS)
+    with pytest.raises(SealedObjectCorrupt, match="final chunk 8"):
+        next(released)
+
+
+def test_iter_range_memory_does_not_grow_with_the_range() -> None:
+    cs = 64 * 1024
+    pt = os.urandom(16 * 1024 * 1024)
+    header = make_header(chunk_size=cs)
+    dek, blob, hl = seal(pt, header)
+    f = io.BytesIO(blob)
+    tracemalloc.start()
+    try:
+        seen = 0
+        for piece in sf.iter_range(dek, header, hl, f, 5, len(pt) - 10):
+            seen += len(piece)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert seen == len(pt) - 10
+    assert peak < 8 * cs  # a few chunks, not the 16 MiB range

@@ -16,6 +16,7 @@ from dicomsafe.common.vault import (
     VaultAuth,
     VaultSession,
     VaultUnavailable,
+    _Lease,
     vault_auth_from_env,
 )
 from services.crypto.config import CryptoConfig
@@ -102,3 +103,24 @@ def test_login_failure_never_echoes_the_token(tmp_path: Path) -> None:
         session.call("datakey", lambda c: c.secrets.transit.read_key("dicomsafe-dek"))
     assert jwt not in str(info.value)
     assert "unavailable" in str(info.value)
+
+
+def test_a_static_token_is_used_before_any_login() -> None:
+    # With both a (sidecar) token and a login method, the token is tried first: no request to
+    # the closed port happens before the call itself.
+    session = VaultSession(VaultAuth(addr=_NO_VAULT, token="s.sidecar", role_id="role", secret_id="secret"))
+    assert session._current_token() == "s.sidecar"
+    assert session.logins == 0
+
+
+def test_a_lease_is_due_for_renewal_once_a_third_of_its_ttl_is_left() -> None:
+    session = VaultSession(VaultAuth(addr=_NO_VAULT, role_id="role", secret_id="secret"), clock=lambda: 100.0)
+    lease = _Lease.of({"auth": {"lease_duration": 30, "renewable": True}}, 100.0)
+    assert (lease.ttl_s, lease.expires_at, lease.renewable) == (30.0, 130.0, True)
+    assert not lease.due(119.9) and lease.due(120.1)
+    capped = _Lease.of({"auth": {"lease_duration": 5, "renewable": True}}, 125.0, period_s=lease.ttl_s)
+    assert capped.due(125.0)  # a renewal capped by the maximum TTL leaves less than a third: log in
+    forever = _Lease.of({"auth": {"lease_duration": 0}}, 100.0)
+    assert not forever.due(1e12)
+    with pytest.raises(VaultUnavailable, match="unavailable during login"):
+        session._current_token()  # a login that cannot reach Vault fails closed
