@@ -8,13 +8,14 @@ import itertools
 import os
 import random
 import struct
+import tempfile
 import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from services.crypto import sealed_format as sf
@@ -302,6 +303,88 @@ def test_64mib_streaming_bounded_memory() -> None:
     assert n == total
     assert h_in.digest() == h_out.digest()
     assert peak < 4 * 1024 * 1024, peak  # vs 64 MiB of data
+
+
+MIB = 1024 * 1024
+_PATTERN = random.Random(2026).randbytes(1_000_003)  # prime length: no alignment with chunks
+
+
+def _plain(offset: int, length: int) -> bytes:
+    """Bytes [offset, offset+length) of a deterministic plaintext of any size, in O(length)."""
+    start = offset % len(_PATTERN)
+    reps = (start + length) // len(_PATTERN) + 1
+    return (_PATTERN * reps)[start : start + length] if reps > 1 else _PATTERN[start : start + length]
+
+
+def _sizes(chunk_sizes: tuple[int, ...]) -> st.SearchStrategy[tuple[int, int]]:
+    """(size, chunk size) over 0 B to 64 MiB, half of them within a byte of a chunk boundary."""
+    chunk = st.sampled_from(chunk_sizes)
+    anywhere = st.tuples(st.integers(0, 64 * MIB), chunk)
+    boundary = chunk.flatmap(
+        lambda cs: st.tuples(
+            st.builds(
+                lambda k, d: min(64 * MIB, max(0, k * cs + d)), st.integers(0, 64 * MIB // cs), st.integers(-1, 1)
+            ),
+            st.just(cs),
+        )
+    )
+    return st.one_of(anywhere, boundary)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sized=_sizes((sf.DEFAULT_CHUNK_SIZE, 65536, 1 * MIB)),
+    piece=st.integers(1, 3 * MIB),
+    at=st.integers(0, 2**32),
+    span=st.integers(0, 2**32),
+    flip=st.integers(0, 2**32),
+    mask=st.integers(1, 255),
+)
+# Hypothesis starts small; the top of the range and its chunk boundaries always run.
+@example(sized=(64 * MIB, sf.DEFAULT_CHUNK_SIZE), piece=100_003, at=7, span=2**31, flip=2**31, mask=1)
+@example(sized=(64 * MIB - 1, 65536), piece=3 * MIB, at=2**32, span=2**32, flip=2**32, mask=128)
+@example(sized=(0, 65536), piece=1, at=0, span=0, flip=0, mask=255)
+def test_objects_of_any_size_up_to_64mib_stream_range_and_detect_a_flipped_byte(
+    sized: tuple[int, int], piece: int, at: int, span: int, flip: int, mask: int
+) -> None:
+    """The issue's property range: sealed to a file and opened again by streaming, in bounded
+    memory; any byte range reads back exactly; one flipped byte anywhere fails."""
+    size, chunk_size = sized
+    dek, header = os.urandom(32), make_header(chunk_size=chunk_size)
+    with tempfile.TemporaryFile() as f:
+        w = SealWriter(dek, header)
+        f.write(w.header_bytes())
+        for start in range(0, size, piece):
+            for sealed in w.update_chunks(_plain(start, min(piece, size - start))):
+                f.write(sealed)
+            assert w.buffered <= chunk_size
+        f.write(w.finalize())
+        f.flush()
+
+        f.seek(0)
+        got_header, header_len = read_header(f)
+        digest, n = hashlib.sha256(), 0
+        for plain in open_stream(dek, got_header, iter(lambda: f.read(piece), b"")):
+            digest.update(plain)
+            n += len(plain)
+        assert n == size
+        assert digest.digest() == hashlib.sha256(_plain(0, size)).digest()
+
+        offset = at % (size + 1)
+        length = span % (min(size - offset, 2 * chunk_size + 3) + 1)
+        assert b"".join(sf.iter_range(dek, got_header, header_len, f, offset, length)) == _plain(offset, length)
+
+        file_size = f.seek(0, io.SEEK_END)
+        pos = header_len + flip % (file_size - header_len)
+        f.seek(pos)
+        original = f.read(1)[0]
+        f.seek(pos)
+        f.write(bytes([original ^ mask]))
+        f.flush()
+        f.seek(header_len)
+        with pytest.raises(SealedObjectCorrupt):
+            for _ in open_stream(dek, got_header, iter(lambda: f.read(piece), b"")):
+                pass
 
 
 # ---------------------------------------------------------------- tampering
