@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pydicom
 import pytest
@@ -27,10 +28,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pydicom.dataset import FileDataset
 from pydicom.encaps import generate_fragments
 from pydicom.uid import generate_uid
+from pymongo import AsyncMongoClient
 
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics
-from dicomsafe.v1 import audit_pb2, authz_pb2, authz_pb2_grpc
+from dicomsafe.v1 import audit_pb2, audit_pb2_grpc, authz_pb2, authz_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 from tools import dicom_samples
 from tools.oidc_issuer import LocalIssuer
 from tools.stack import Stack
@@ -321,6 +323,105 @@ def test_time_limited_grant_expires(stack: Stack, idp: LocalIssuer, upload: Uplo
     with pytest.raises(requests.HTTPError) as after:
         _client(stack, idp.token(locum)).retrieve_instance(*path)
     assert _status(after) == 403
+
+
+def _break_glass(stack: Stack, study: str, token: str | None, body: object) -> requests.Response:
+    api = stack.settings.dicomweb_url.removesuffix("/dicomweb") + "/api/v1"
+    return requests.post(
+        f"{api}/studies/{study}/break-glass",
+        json=body,
+        headers={"Authorization": f"Bearer {token}"} if token else {},
+        verify=str(stack.settings.ca_file),
+        timeout=30,
+    )
+
+
+def test_break_glass_through_the_gateway(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
+    """dr.er (emergency physician, no standing image access) is refused, breaks glass, reads; flagged."""
+    us = next(d for d in upload.datasets.values() if d.Modality == "US")
+    path = (str(us.StudyInstanceUID), str(us.SeriesInstanceUID), str(us.SOPInstanceUID))
+    er = idp.token("dr.er", amr=MFA)
+    with pytest.raises(requests.HTTPError) as before:
+        _client(stack, er).retrieve_instance(*path)
+    assert _status(before) == 403
+
+    reason = {"reason": "unconscious patient, trauma bay 2"}
+    anonymous = _break_glass(stack, upload.us_study, None, reason)
+    assert anonymous.status_code == 401 and anonymous.headers["Content-Type"] == "application/problem+json"
+    no_reason = _break_glass(stack, upload.us_study, er, {"reason": "  "})
+    assert no_reason.status_code == 400 and no_reason.json()["title"] == "a stated reason is required"
+    no_mfa = _break_glass(stack, upload.us_study, idp.token("dr.er"), reason)
+    assert no_mfa.status_code == 403 and "multi-factor" in no_mfa.json()["detail"]
+    unprivileged = _break_glass(stack, upload.us_study, idp.token("tech.jane", amr=MFA), reason)
+    assert unprivileged.status_code == 403 and "emergency.access" in unprivileged.json()["detail"]
+
+    granted = _break_glass(stack, upload.us_study, er, reason)
+    assert granted.status_code == 201, granted.text
+    grant = granted.json()
+    assert grant["subject"] == "dr.er" and grant["study_instance_uid"] == upload.us_study
+    expires = dt.datetime.fromisoformat(grant["expires_at"])
+    assert dt.timedelta(minutes=25) < expires - dt.datetime.now(dt.UTC) <= dt.timedelta(minutes=30)
+    again = _break_glass(stack, upload.us_study, er, reason)
+    assert again.status_code == 403 and "not renewable" in again.json()["detail"]
+
+    retrieved = _client(stack, er).retrieve_instance(*path)
+    assert retrieved == pydicom.dcmread(io.BytesIO(upload.originals[path[2]]))
+    # The gRPC retrieve path honours the override as well (the stored object, byte for byte).
+    assert asyncio.run(_grpc_retrieve(stack, er, path[2])) == upload.originals[path[2]]
+    # The override covers that one study only.
+    with pytest.raises(requests.HTTPError) as other:
+        _client(stack, er).retrieve_study(upload.ct_study)
+    assert _status(other) == 403
+
+    records = asyncio.run(_trail(stack, idp, upload.us_study, "dr.er"))
+    A, Out = audit_pb2.AuditAction, audit_pb2.AuditOutcome
+    releases = [
+        e for e in records if e.action == A.AUDIT_ACTION_INSTANCE_RETRIEVED and e.outcome == Out.AUDIT_OUTCOME_SUCCESS
+    ]
+    assert [e.sop_instance_uid for e in releases] == [path[2], path[2]]  # WADO-RS, then gRPC Retrieve
+    assert all(e.details["break_glass"] == "true" and e.details["purpose"] == "emergency" for e in releases)
+    # The refusal before the override is not flagged: only releases under it are.
+    refused = [e for e in records if e.action == A.AUDIT_ACTION_INSTANCE_RETRIEVED and e not in releases]
+    assert refused and all("break_glass" not in e.details for e in refused)
+    overrides = [e for e in records if e.action == A.AUDIT_ACTION_EMERGENCY_OVERRIDE]
+    assert any(e.outcome == Out.AUDIT_OUTCOME_SUCCESS and e.details.get("override") == "started" for e in overrides)
+
+
+async def _grpc_retrieve(stack: Stack, token: str, sop_uid: str) -> bytes:
+    # The object id of the instance, from the gateway's own index (a viewer would have it from QIDO's
+    # back end); Retrieve is for front ends holding the "viewer" certificate.
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(stack.settings.mongodb_uri)
+    try:
+        doc = await mongo[stack.settings.index_db]["instances"].find_one({"_id": sop_uid})
+    finally:
+        await mongo.close()
+    assert doc is not None
+    async with new_channel(stack.settings.target("gateway"), stack.settings.client_tls("viewer")) as channel:
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        request = retrieval_pb2.RetrieveRequest(
+            access_token=token, object_id=str(doc["object_id"]), purpose="treatment"
+        )
+        return b"".join([p.data async for p in stub.Retrieve(request, timeout=60)])
+
+
+async def _trail(stack: Stack, idp: LocalIssuer, study: str, actor: str) -> list[audit_pb2.AuditEvent]:
+    """The stored audit trail (MongoDB, through audit.Query) of one actor and study, once it holds both releases."""
+    auditor = idp.token("aud.ito")
+    query = audit_pb2.QueryRequest(study_instance_uid=study, actor=actor, limit=500, access_token=auditor)
+    deadline = time.monotonic() + 60
+    async with new_channel(stack.settings.target("audit"), stack.settings.client_tls("ops")) as channel:
+        audit = audit_pb2_grpc.AuditServiceStub(channel)
+        while True:
+            events = [r.event async for r in audit.Query(query)]
+            released = [
+                e
+                for e in events
+                if e.action == audit_pb2.AuditAction.AUDIT_ACTION_INSTANCE_RETRIEVED
+                and e.outcome == audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS
+            ]
+            if len(released) >= 2 or time.monotonic() > deadline:
+                return events
+            await asyncio.sleep(0.5)
 
 
 def test_tls_is_13_only(stack: Stack) -> None:
