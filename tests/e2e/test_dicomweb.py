@@ -183,9 +183,17 @@ def test_qido_matches_pages_and_hides_sensitive_studies(stack: Stack, idp: Local
     with_mfa = _client(stack, idp.token("dr.house", amr=MFA)).search_for_studies(search_filters=vip_filter)
     assert [s["0020000D"]["Value"][0] for s in with_mfa] == [upload.vip_study]
 
-    # A researcher finds studies without the identifying attributes.
-    research = _client(stack, idp.token("res.rao")).search_for_studies(search_filters={"PatientID": patient_id})
-    assert research and all("00100010" not in s and "00100020" not in s for s in research)
+    # A researcher may not match on a patient's identifiers: a 400 with a DICOM JSON error.
+    for key, value in (("PatientID", patient_id), ("PatientName", name[:3] + "*"), ("StudyDate", "19000101-")):
+        refused = requests.get(
+            f"{stack.settings.dicomweb_url}/studies",
+            params={key: value},
+            headers={"Authorization": f"Bearer {idp.token('res.rao')}", "Accept": "application/dicom+json"},
+            verify=str(stack.settings.ca_file),
+            timeout=30,
+        )
+        assert refused.status_code == 400 and refused.headers["Content-Type"] == "application/dicom+json"
+        assert refused.json()["00000902"]["Value"] == [f"{key} is not matchable in de-identified queries"]
 
 
 def test_wado_returns_exact_instances_metadata_and_frames(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
@@ -267,14 +275,74 @@ def test_wado_refusals(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
     assert "insufficient_user_authentication" in no_mfa.value.response.headers["WWW-Authenticate"]
     assert _client(stack, idp.token("dr.house", amr=MFA)).retrieve_instance(*vip_path).SOPInstanceUID == vip_path[2]
 
-    # The researcher gets the de-identified instance (Annex E), same pixels, new UIDs.
-    released = _client(stack, idp.token("res.rao")).retrieve_instance(*path)
-    assert str(released.PatientName) != str(ct.PatientName) and str(released.PatientID) != str(ct.PatientID)
-    assert released.SOPInstanceUID != ct.SOPInstanceUID and released.PatientIdentityRemoved == "YES"
-    assert released.PixelData == ct.PixelData
+    # A researcher addressing the original UIDs finds nothing there (they would link the originals
+    # to their pseudonyms); de-identified releases are addressed by the UIDs QIDO gave them.
+    with pytest.raises(requests.HTTPError) as original_uids:
+        _client(stack, idp.token("res.rao")).retrieve_instance(*path)
+    assert _status(original_uids) == 404
+
+
+def _values(attrs: object) -> list[str]:
+    """Every value in DICOM JSON, nested sequences and person-name groups included, as strings."""
+    if isinstance(attrs, dict):
+        return [v for key, item in attrs.items() if key != "vr" for v in _values(item)]
+    if isinstance(attrs, list):
+        return [v for item in attrs for v in _values(item)]
+    return [str(attrs)]
+
+
+def test_researcher_qido_is_deidentified_and_retrievable(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
+    """What a researcher finds holds no original UID nor identifying value, and retrieves what it names."""
+    research = _client(stack, idp.token("res.rao"))
+    ours = [d for d in upload.datasets.values() if str(d.StudyInstanceUID) != upload.vip_study]
+    studies = research.search_for_studies()
+    series = [se for st in studies for se in research.search_for_series(st["0020000D"]["Value"][0])]
+    instances = [i for st in studies for i in research.search_for_instances(st["0020000D"]["Value"][0])]
+    assert len(instances) >= len(ours)
+    found = _values([*studies, *series, *instances])
+    text = repr(found)
+    for ds in upload.datasets.values():
+        for uid in (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID):
+            assert str(uid) not in text
+        for keyword in (
+            "PatientName",
+            "PatientID",
+            "PatientBirthDate",
+            "StudyDate",
+            "StudyTime",
+            "AccessionNumber",
+            "StudyDescription",
+            "SeriesDescription",
+            "ReferringPhysicianName",
+            "StudyID",
+        ):
+            value = str(ds.get(keyword, "") or "")
+            assert not value or value not in found, keyword
+        assert str(ds.PatientName) not in text and str(ds.PatientID) not in text
+    assert all("Value" not in s.get("00100040", {}) for s in studies)  # PatientSex emptied
+    assert all(s["00120062"]["Value"] == ["YES"] for s in studies)  # Patient Identity Removed
+
+    # Pseudonymous UIDs work as query keys too, and what QIDO names is what WADO-RS releases.
+    first = studies[0]["0020000D"]["Value"][0]
+    assert [
+        s["0020000D"]["Value"][0] for s in research.search_for_studies(search_filters={"StudyInstanceUID": first})
+    ] == [first]
+    released: dict[bytes, str] = {}
+    for item in instances:
+        study, serie, sop = (item[tag]["Value"][0] for tag in ("0020000D", "0020000E", "00080018"))
+        assert item["00081190"]["Value"][0].endswith(f"/studies/{study}/series/{serie}/instances/{sop}")
+        got = research.retrieve_instance(study, serie, sop)
+        assert (got.StudyInstanceUID, got.SeriesInstanceUID, got.SOPInstanceUID) == (study, serie, sop)
+        assert got.PatientIdentityRemoved == "YES" and str(got.PatientID) != str(ours[0].PatientID)
+        released[bytes(got.PixelData)] = sop
+    assert all(bytes(ds.PixelData) in released for ds in ours)  # every study of ours, pixels unchanged
     with pytest.raises(requests.HTTPError) as frames:
-        _client(stack, idp.token("res.rao")).retrieve_instance_frames(*path, [1])
+        research.retrieve_instance_frames(study, serie, sop, [1])
     assert _status(frames) == 403
+    # A clinician holding a pseudonymous UID gets no identified data through it.
+    with pytest.raises(requests.HTTPError) as clinician:
+        _client(stack, idp.token("dr.house")).retrieve_instance(study, serie, sop)
+    assert _status(clinician) == 403
 
 
 def test_department_scope_follows_the_study(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
