@@ -8,7 +8,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from services.gateway import break_glass, qido, stow, wado
 from services.gateway.dicomweb_common import Backends, HttpError, error_response, log
@@ -58,11 +58,16 @@ def create_app(backends: Backends) -> Starlette:
         # of their root, instead of Starlette's plain text.
         assert isinstance(exc, HTTPException)
         comment = "no such resource" if exc.status_code == 404 else str(exc.detail)
+        headers = dict(exc.headers or {})
         if exc.status_code == 405:
             comment = "method not allowed"
+            # Starlette names the methods of the first route on the path only; one path can have
+            # several (STOW-RS POST and WADO-RS GET on /studies/{study}).
+            matching = [r for r in routes if r.matches(request.scope)[0] != Match.NONE]
+            headers["Allow"] = ", ".join(sorted({m for r in matching for m in r.methods or ()}))
         if request.url.path.startswith(API_ROOT + "/"):
-            return break_glass.problem(exc.status_code, comment, headers=dict(exc.headers or {}))
-        return error_response(HttpError(exc.status_code, comment, exc.headers))
+            return break_glass.problem(exc.status_code, comment, headers=headers)
+        return error_response(HttpError(exc.status_code, comment, headers))
 
     async def on_unexpected(_request: Request, exc: Exception) -> Response:
         # The type only: messages of parsing errors can quote DICOM values.

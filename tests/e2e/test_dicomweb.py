@@ -393,6 +393,66 @@ def test_time_limited_grant_expires(stack: Stack, idp: LocalIssuer, upload: Uplo
     assert _status(after) == 403
 
 
+def _dicom_error(response: requests.Response, status: int, comment: str) -> None:
+    """A DICOMweb error: the status, a DICOM JSON body whose ErrorComment says what went wrong."""
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers["Content-Type"] == "application/dicom+json"
+    assert comment in response.json()["00000902"]["Value"][0]
+
+
+def test_http_errors_are_dicom_json(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
+    root, ca = stack.settings.dicomweb_url, str(stack.settings.ca_file)
+    auth = {"Authorization": f"Bearer {idp.token('dr.house')}"}
+    ct_uid = next(u for u, d in upload.datasets.items() if str(d.StudyInstanceUID) == upload.ct_study)
+    ct = upload.datasets[ct_uid]
+    instance = f"{root}/studies/{ct.StudyInstanceUID}/series/{ct.SeriesInstanceUID}/instances/{ct_uid}"
+
+    def get(url: str, **headers: str) -> requests.Response:
+        return requests.get(url, headers={**auth, **headers}, verify=ca, timeout=30)
+
+    # 400: a query or a frame list that cannot be understood.
+    _dicom_error(get(f"{root}/studies?limit=many"), 400, "limit and offset must be integers")
+    _dicom_error(get(f"{root}/studies?Manufacturer=ACME"), 400, "Manufacturer is not a supported matching key")
+    _dicom_error(get(f"{instance}/frames/one"), 400, "frame numbers must be integers")
+    # 404: nothing there (the caller may ask), a frame past the end, a path that is no route.
+    _dicom_error(get(f"{root}/studies/{generate_uid()}"), 404, "no such study, series or instance")
+    us = next(d for d in upload.datasets.values() if d.Modality == "US")
+    frames = f"{root}/studies/{us.StudyInstanceUID}/series/{us.SeriesInstanceUID}/instances/{us.SOPInstanceUID}/frames"
+    _dicom_error(get(f"{frames}/99"), 404, "no such frame")
+    _dicom_error(get(f"{root}/workitems"), 404, "no such resource")
+    # 405 with Allow, in the same body, instead of the framework's plain text.
+    wrong = requests.delete(f"{root}/studies/{ct.StudyInstanceUID}", headers=auth, verify=ca, timeout=30)
+    _dicom_error(wrong, 405, "method not allowed")
+    assert wrong.headers["Allow"] == "GET, HEAD, POST"
+    # 406: another transfer syntax than the stored one (no transcoding), or no acceptable type.
+    jpeg = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50'
+    _dicom_error(get(instance, Accept=jpeg), 406, "stored transfer syntax")
+    _dicom_error(get(instance, Accept="image/png"), 406, "acceptable")
+    # 413: a STOW-RS part over the limit (2 MiB in this stack), refused while it streams in.
+    boundary = "b" + uuid.uuid4().hex
+    body = (
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + b"\0" * (stack.settings.gateway_max_instance_bytes + 65536)
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    too_large = requests.post(
+        f"{root}/studies",
+        data=body,
+        headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Authorization": f"Bearer {idp.token('tech.jane')}",
+        },
+        verify=ca,
+        timeout=60,
+    )
+    _dicom_error(too_large, 413, f"an instance exceeds {stack.settings.gateway_max_instance_bytes} bytes")
+    # The gateway's own API answers in problem details, its unknown paths too.
+    api = root.removesuffix("/dicomweb") + "/api/v1"
+    missing = requests.get(f"{api}/studies/{ct.StudyInstanceUID}/break-glass", headers=auth, verify=ca, timeout=30)
+    assert missing.status_code == 405 and missing.headers["Content-Type"] == "application/problem+json"
+    assert missing.json()["status"] == 405
+
+
 def _break_glass(stack: Stack, study: str, token: str | None, body: object) -> requests.Response:
     api = stack.settings.dicomweb_url.removesuffix("/dicomweb") + "/api/v1"
     return requests.post(
