@@ -162,7 +162,8 @@ async def _real_query(
         level = UID_LEVEL.get(keyword)
         if level is None or matching_treatment(keyword) != PSEUDONYMOUS or not value.strip():
             continue
-        uids = await backends.index.real_uids(level, [u.strip() for u in value.replace("\\", ",").split(",")])
+        pseudonyms = [u.strip() for u in value.replace("\\", ",").split(",") if u.strip()]
+        uids = await backends.index.real_uids(level, pseudonyms)
         if not uids:
             return None
         real[keyword] = ",".join(uids)

@@ -218,7 +218,10 @@ async def _release(request: Request, backends: Backends, part: str, study: str, 
     located = await backends.index.locate(study, series, sop)
     # Not an indexed UID: maybe the pseudonymous one of a de-identified release (what QIDO gave a
     # researcher). Those are only ever served de-identified, whoever asks.
-    pseudonymous = not located and bool(located := await backends.index.locate_pseudonymous(study, series, sop))
+    pseudonymous = False
+    if not located:
+        located = await backends.index.locate_pseudonymous(study, series, sop)
+        pseudonymous = bool(located)
     labels = located[0].labels if located else ()
     where = Where(located[0].site, located[0].department, located[0].patient_ref) if located else Where()
     real_study = located[0].study_uid if located else study
