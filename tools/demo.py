@@ -250,12 +250,31 @@ def dicomweb_tour(stack: Stack, idp: LocalIssuer) -> bool:
     same = frame == cine.PixelData[2 * size : 3 * size]
     ok &= same
     say(f"   WADO-RS  dr.house reads frame 3 of the cine only → {len(frame)} bytes, byte-identical: {same}")
-    research = client(idp.token("res.rao")).retrieve_instance(
-        study, str(slices[0].SeriesInstanceUID), str(slices[0].SOPInstanceUID)
+    researcher = client(idp.token("res.rao"))
+    try:
+        researcher.search_for_studies(search_filters={"PatientID": str(patient.patient_id)})
+        ok = False
+        say("   QIDO-RS  res.rao (researcher) matched on a patient ID (WRONG)")
+    except requests.HTTPError as exc:
+        code = exc.response.status_code if exc.response is not None else 0
+        ok &= code == 400
+        say(f"   QIDO-RS  res.rao (researcher) searches by patient ID → {code} (not matchable when de-identified)")
+    # What a researcher finds carries pseudonymous UIDs only, and those are what they retrieve.
+    listed = researcher.search_for_instances(limit=1)
+    uids = tuple(listed[0][tag]["Value"][0] for tag in ("0020000D", "0020000E", "00080018")) if listed else ()
+    research = researcher.retrieve_instance(*uids) if len(uids) == 3 else None
+    anonymous = (
+        research is not None
+        and research.PatientIdentityRemoved == "YES"
+        and str(research.PatientName) != str(slices[0].PatientName)
+        and (research.StudyInstanceUID, research.SeriesInstanceUID, research.SOPInstanceUID) == uids
+        and study not in uids
     )
-    anonymous = str(research.PatientName) != str(slices[0].PatientName) and research.PatientIdentityRemoved == "YES"
     ok &= anonymous
-    say(f"   WADO-RS  res.rao (researcher) → de-identified (PS3.15 Annex E): name and IDs removed: {anonymous}")
+    say(
+        "   QIDO+WADO res.rao (researcher) → de-identified (PS3.15 Annex E), pseudonymous UIDs, "
+        f"name and IDs removed: {anonymous}"
+    )
     try:
         client(None).retrieve_study(study)
         ok = False

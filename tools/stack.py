@@ -54,6 +54,8 @@ class StackSettings:
 
     index_db: str = "dicomsafe_index"
     authz_db: str = "dicomsafe_authz"
+    # Largest STOW-RS part (the gateway's default; tests lower it to provoke 413 cheaply).
+    gateway_max_instance_bytes: int = 256 * 1024 * 1024
 
     @property
     def https_port(self) -> int:
@@ -148,6 +150,7 @@ def service_env(s: StackSettings, service: str) -> dict[str, str]:
             "GATEWAY_INDEX_DATABASE": s.index_db,
             "GATEWAY_INDEX_GROUP_ID": f"{s.topic_prefix}dicomsafe-gateway-index",
             "GATEWAY_DEID_UID_KEY_FILE": str(secrets_dir / "gateway-deid-uid-key"),
+            "GATEWAY_MAX_INSTANCE_BYTES": str(s.gateway_max_instance_bytes),
         },
         "ingest": {
             "INGEST_GRPC_BIND": bind,

@@ -11,7 +11,11 @@ from dicomsafe.v1 import authz_pb2, authz_pb2_grpc
 
 # Obligations this gateway knows how to honour; any other one means the data is not released.
 DEIDENTIFY = "deidentify"
-HONOURED = frozenset({DEIDENTIFY})
+# Allowed only by an emergency override: released, and every release flagged for review.
+BREAK_GLASS = "break-glass"
+HONOURED = frozenset({DEIDENTIFY, BREAK_GLASS})
+# The audit trail's purpose of use for a break-glass release (exported as HL7 ActReason ETREAT).
+EMERGENCY_PURPOSE = "emergency"
 
 
 class AuthzUnavailable(Exception):
@@ -34,11 +38,22 @@ class Verdict:
         return DEIDENTIFY in self.obligations
 
     @property
+    def break_glass(self) -> bool:
+        return BREAK_GLASS in self.obligations
+
+    @property
     def unhonourable(self) -> frozenset[str]:
         return self.obligations - HONOURED
 
     def audit_details(self) -> dict[str, str]:
-        return {"decision_id": self.decision_id, "policy_version": self.policy_version}
+        details = {"decision_id": self.decision_id, "policy_version": self.policy_version}
+        details.update(break_glass_details(self.obligations))
+        return details
+
+
+def break_glass_details(obligations: Iterable[str]) -> dict[str, str]:
+    """What flags a record as made under an emergency override (for review and the exports)."""
+    return {"break_glass": "true", "purpose": EMERGENCY_PURPOSE} if BREAK_GLASS in obligations else {}
 
 
 @dataclass(frozen=True)
@@ -104,3 +119,25 @@ class AccessChecker:
             decision_id=answer.decision_id,
             policy_version=answer.policy_version,
         )
+
+    async def break_glass(self, access_token: str, study_uid: str, reason: str) -> authz_pb2.Grant:
+        """Ask authz for an emergency override on one study, on behalf of the token's user."""
+        request = authz_pb2.BreakGlassRequest(
+            caller=authz_pb2.Subject(access_token=access_token), study_instance_uid=study_uid, reason=reason
+        )
+        try:
+            return await self._stub.BreakGlass(request, timeout=self._deadline)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+                # authz's refusal names the rule that failed (no privilege, no MFA, already active),
+                # never the patient: safe to hand back to the user.
+                raise BreakGlassRefused(exc.details() or "not permitted") from None
+            raise AuthzUnavailable(exc.code().name) from None
+
+
+class BreakGlassRefused(Exception):
+    """authz refused the override; the message is its PHI-free reason."""
+
+    @property
+    def unauthenticated(self) -> bool:
+        return str(self).startswith("unauthenticated")

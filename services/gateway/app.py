@@ -52,15 +52,18 @@ async def run(cfg: GatewayConfig, stop: asyncio.Event) -> None:
             audit = AuditEmitter(producer, "gateway", topics.audit)
             crypto = crypto_pb2_grpc.CryptoServiceStub(crypto_channel)
             authz = authz_pb2_grpc.AuthzServiceStub(authz_channel)
-            index = StudyIndex(mongo, cfg.index_database)
+            deidentifier = Deidentifier(cfg.deid_uid_key)
+            index = StudyIndex(mongo, cfg.index_database, deidentifier)
             await index.ensure_indexes()
+            if backfilled := await index.backfill_pseudonyms():
+                log.info("pseudonymous UIDs added to index entries", extra={"count": backfilled})
             backends = Backends(
                 access=AccessChecker(authz, cfg.call_deadline_s),
                 crypto=crypto,
                 ingest=ingest_pb2_grpc.IngestServiceStub(ingest_channel),
                 index=index,
                 audit=audit,
-                deidentifier=Deidentifier(cfg.deid_uid_key),
+                deidentifier=deidentifier,
                 max_instance_bytes=cfg.max_instance_bytes,
                 deadline_s=cfg.call_deadline_s,
                 root=DICOMWEB_ROOT,

@@ -5,6 +5,11 @@ package (its 2026c database). UIDs are replaced deterministically with a keyed h
 gateway secret), not the package's process-local random map: the same study keeps the same
 pseudonymous UIDs across requests and restarts, so a researcher can reassemble series, and nobody
 without the key can map them back.
+
+QIDO-RS results for de-identified callers go through the same treatment (`query_result`), so the
+UIDs a researcher finds are the UIDs of the instances they then retrieve. Matching is allowed only
+on attributes the profile keeps (and on the pseudonymous UIDs): matching on one it removes or
+replaces would reveal its value by bisection (PatientBirthDate ranges, PatientName wildcards).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import pydicom
 from dicomanonymizer import simpledicomanonymizer
 from dicomanonymizer.dicom_anonymization_databases import dicomfields_2026c as annex_e
 from dicomanonymizer.simpledicomanonymizer import anonymize_dataset, initialize_actions
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
@@ -27,6 +33,21 @@ ANNEX_E_VERSION = "dicomfields_2026c"
 BASIC_PROFILE_CODE = ("113100", "DCM", "Basic Application Confidentiality Profile")
 
 TagAction = Callable[[Dataset, Any], None]
+# Every attribute the profile acts on (removes, empties, replaces) and the UIDs it maps.
+_TREATED = frozenset(annex_e.ALL_TAGS)
+_MAPPED_UIDS = frozenset(annex_e.U_TAGS)
+KEPT, PSEUDONYMOUS, WITHHELD = "kept", "pseudonymous", "withheld"
+
+
+def matching_treatment(keyword: str) -> str:
+    """How a de-identified query may match on an attribute: as is, by pseudonymous UID, or not at all."""
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        return WITHHELD  # not a standard attribute: nothing to say it is harmless
+    pair = (tag >> 16, tag & 0xFFFF)
+    if pair in _MAPPED_UIDS:
+        return PSEUDONYMOUS
+    return WITHHELD if pair in _TREATED else KEPT
 
 
 class Deidentifier:
@@ -38,6 +59,11 @@ class Deidentifier:
         for tag in (*annex_e.U_TAGS, *annex_e.X_Z_U_STAR_TAGS):
             rules[tag] = self._replace_uids
         self._rules = rules
+
+    @property
+    def key_id(self) -> str:
+        """Names the UID key without revealing it: stored pseudonyms made with another key are stale."""
+        return hmac.new(self._key, b"dicomsafe pseudonymous UID key id", hashlib.sha256).hexdigest()[:16]
 
     def pseudonymous_uid(self, uid: str) -> str:
         """A valid UID under the 2.25 root (ITU-T X.667), derived from the original with the key."""
@@ -64,6 +90,13 @@ class Deidentifier:
         method.CodeValue, method.CodingSchemeDesignator, method.CodeMeaning = BASIC_PROFILE_CODE
         ds.DeidentificationMethodCodeSequence = [method]
         return ds
+
+    def query_result(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        """A QIDO-RS result (DICOM JSON) through the same profile as a released instance."""
+        ds = Dataset.from_json(attrs)
+        self.dataset(ds)
+        out: dict[str, Any] = ds.to_json_dict()
+        return out
 
     def instance(self, data: bytes) -> bytes:
         """De-identify a Part 10 instance; the transfer syntax (and so the pixel data) is unchanged."""

@@ -37,10 +37,6 @@ INSTANCE_KEYS = (
     "BitsAllocated",
     "NumberOfFrames",
 )
-# Identifying study attributes withheld from de-identified query results (PS3.15 E.1 basic profile).
-IDENTIFYING_KEYS = frozenset(
-    {"PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "ReferringPhysicianName", "StudyID"}
-)
 # (0040,3001) Confidentiality Constraint on Patient Data Description: how a sending system flags
 # a study as sensitive. Known words map to policy labels; any other constraint means "restricted".
 CONFIDENTIALITY_WORDS = {"vip": "vip", "mental": "mental_health", "psych": "mental_health"}

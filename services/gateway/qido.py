@@ -2,18 +2,23 @@
 
 The query itself needs `study.query`; every study in the answer is then checked on its own
 (its sensitivity labels, grants scoped to it), and studies the caller may not see are left out.
-Under a "deidentify" obligation the identifying attributes are withheld.
+
+Under a "deidentify" obligation the query is a de-identified one: it may match only on attributes
+the Annex E basic profile keeps, UIDs are the pseudonymous ones of de-identified releases (mapped
+back through the index), and every result goes through the profile as a released instance does —
+so what a researcher finds is what they can retrieve, and nothing in it leads back to the patient.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydicom.datadict import keyword_for_tag, tag_for_keyword
+from pydicom.datadict import keyword_for_tag
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from services.gateway.access import Verdict, Where
+from services.gateway.deidentify import PSEUDONYMOUS, WITHHELD, Deidentifier, matching_treatment
 from services.gateway.dicomweb_common import (
     DICOM_JSON,
     NO_TOKEN,
@@ -27,14 +32,13 @@ from services.gateway.dicomweb_common import (
     record,
     refusal,
 )
-from services.gateway.index_entry import IDENTIFYING_KEYS
 from services.gateway.study_index import Found, Level, QueryError
 
 QUERY_ACTION = "study.query"
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 CONTROL = frozenset({"limit", "offset", "includefield", "fuzzymatching"})
-IDENTIFYING_TAGS = frozenset(f"{tag_for_keyword(k):08X}" for k in IDENTIFYING_KEYS)
+UID_LEVEL = {"StudyInstanceUID": "study", "SeriesInstanceUID": "series", "SOPInstanceUID": "instance"}
 
 
 async def search(
@@ -69,15 +73,27 @@ async def search(
             details=details,
         )
         raise refusal(gate)
-    try:
-        hits = await backends.index.search(
-            level, params, study_uid=study_uid, series_uid=series_uid, offset=offset, limit=limit
-        )
-    except QueryError as exc:
-        raise HttpError(400, str(exc)) from None
-    visible = await _visible(backends, token, hits)
+    deidentified = gate.allow and gate.deidentify
+    query: tuple[dict[str, str], str, str] | None = (params, study_uid, series_uid)
+    if deidentified:
+        try:
+            query = await _real_query(backends, params, study_uid, series_uid)
+        except HttpError as exc:
+            # A researcher matching on a patient's identifiers is worth a privacy officer's look.
+            await record(
+                backends,
+                Action.AUDIT_ACTION_STUDY_QUERIED,
+                Outcome.AUDIT_OUTCOME_DENIED,
+                gate.subject,
+                verdict=gate,
+                reason="withheld matching key",
+                details={**details, "keys": ",".join(sorted(params)), "deidentified": "true"},
+            )
+            raise exc from None
+    hits = [] if query is None else await _search(backends, level, *query, offset, limit)
+    visible = await _visible(backends, token, hits, deidentified)
     base = base_url(request, backends)
-    results = [_shaped(level, hit, verdict, base) for hit, verdict in visible]
+    results = [_shaped(level, hit, base, backends.deidentifier if deidentified else None) for hit, _ in visible]
     await record(
         backends,
         Action.AUDIT_ACTION_STUDY_QUERIED,
@@ -91,6 +107,7 @@ async def search(
             "keys": ",".join(sorted(params)),
             "results": str(len(results)),
             "withheld": str(len(hits) - len(results)),
+            "deidentified": str(deidentified).lower(),
             "studies": ",".join(sorted({hit.study_uid for hit, _ in visible}))[:4000],
         },
     )
@@ -118,8 +135,55 @@ def _parameters(request: Request) -> tuple[dict[str, str], int, int]:
     return params, offset, limit
 
 
-async def _visible(backends: Backends, token: str, hits: list[Found]) -> list[tuple[Found, Verdict]]:
-    """Each study decided once, with its own labels: grants and sensitivity are per study."""
+async def _search(
+    backends: Backends, level: Level, params: dict[str, str], study_uid: str, series_uid: str, offset: int, limit: int
+) -> list[Found]:
+    try:
+        return await backends.index.search(
+            level, params, study_uid=study_uid, series_uid=series_uid, offset=offset, limit=limit
+        )
+    except QueryError as exc:
+        raise HttpError(400, str(exc)) from None
+
+
+async def _real_query(
+    backends: Backends, params: dict[str, str], study_uid: str, series_uid: str
+) -> tuple[dict[str, str], str, str] | None:
+    """A de-identified query in terms of the index: refused keys (400), pseudonymous UIDs mapped back.
+
+    None when a pseudonymous UID names nothing indexed: the answer is empty (never "match all").
+    """
+    for keyword, value in sorted(params.items()):
+        # An empty value only asks for the attribute to be returned (de-identified like the rest).
+        if value.strip() and matching_treatment(keyword) == WITHHELD:
+            raise HttpError(400, f"{keyword} is not matchable in de-identified queries")
+    real = dict(params)
+    for keyword, value in params.items():
+        level = UID_LEVEL.get(keyword)
+        if level is None or matching_treatment(keyword) != PSEUDONYMOUS or not value.strip():
+            continue
+        pseudonyms = [u.strip() for u in value.replace("\\", ",").split(",") if u.strip()]
+        uids = await backends.index.real_uids(level, pseudonyms)
+        if not uids:
+            return None
+        real[keyword] = ",".join(uids)
+    paths: list[str] = []
+    for level, uid in (("study", study_uid), ("series", series_uid)):
+        found = await backends.index.real_uids(level, [uid]) if uid else [""]
+        if not found:
+            return None
+        paths.append(found[0])
+    return real, paths[0], paths[1]
+
+
+async def _visible(
+    backends: Backends, token: str, hits: list[Found], deidentified: bool
+) -> list[tuple[Found, Verdict]]:
+    """Each study decided once, with its own labels: grants and sensitivity are per study.
+
+    A study the caller may see only de-identified is left out of an identified query: its keys
+    (patient name, real UIDs) would have matched on what the caller must not learn.
+    """
     verdicts: dict[str, Verdict] = {}
     for hit in hits:
         if hit.study_uid not in verdicts:
@@ -127,15 +191,20 @@ async def _visible(backends: Backends, token: str, hits: list[Found]) -> list[tu
             verdicts[hit.study_uid] = await authorise(
                 backends, token, QUERY_ACTION, "study", hit.study_uid, hit.labels, where
             )
-    return [(hit, verdicts[hit.study_uid]) for hit in hits if verdicts[hit.study_uid].allow]
+    return [
+        (hit, verdict)
+        for hit in hits
+        if (verdict := verdicts[hit.study_uid]).allow and (deidentified or not verdict.deidentify)
+    ]
 
 
-def _shaped(level: Level, hit: Found, verdict: Verdict, base: str) -> dict[str, Any]:
+def _shaped(level: Level, hit: Found, base: str, deidentifier: Deidentifier | None) -> dict[str, Any]:
     attrs = dict(hit.attrs)
-    if verdict.deidentify:
-        for tag in IDENTIFYING_TAGS:
-            attrs.pop(tag, None)
-    url = f"{base}/studies/{hit.study_uid}"
+    study_uid = hit.study_uid
+    if deidentifier is not None:
+        attrs = deidentifier.query_result(attrs)
+        study_uid = deidentifier.pseudonymous_uid(study_uid)
+    url = f"{base}/studies/{study_uid}"
     if level in ("series", "instance") and "0020000E" in attrs:
         url += f"/series/{attrs['0020000E']['Value'][0]}"
     if level == "instance" and "00080018" in attrs:

@@ -17,7 +17,7 @@ from dicomsafe.v1 import (
     retrieval_pb2,
     retrieval_pb2_grpc,
 )
-from services.gateway.access import Where, resource
+from services.gateway.access import BREAK_GLASS, Where, break_glass_details, resource
 from services.gateway.study_index import StudyIndex
 
 log = logging.getLogger("dicomsafe.gateway")
@@ -26,6 +26,9 @@ SERVICE_NAME = "dicomsafe.v1.RetrievalService"
 READ_ACTION = "instance.read"
 # One answer for "no such object" and "not yours": a caller must not learn which objects exist.
 NOT_PERMITTED = "not found or not permitted"
+# What Retrieve can honour: it streams the stored object as is, so an emergency override (released
+# and flagged) but not de-identification (that is DICOMweb's, which re-encodes the instance).
+HONOURED = frozenset({BREAK_GLASS})
 
 Action = audit_pb2.AuditAction
 Outcome = audit_pb2.AuditOutcome
@@ -96,8 +99,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                 # The user holds a role for this; tell the client to step up and retry.
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, "mfa-required")
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, NOT_PERMITTED)
-        if decision.obligations:
-            # Obligations this gateway cannot honour yet (e.g. de-identification) mean no release.
+        if set(decision.obligations) - HONOURED:
+            # Any other obligation (e.g. de-identification) means no release here.
             await self._record(request, desc, Outcome.AUDIT_OUTCOME_DENIED, "unsupported obligation", decision)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, NOT_PERMITTED)
 
@@ -133,6 +136,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         if decision is not None:
             details["decision_id"] = decision.decision_id
             details["policy_version"] = decision.policy_version
+            # Under an emergency override the purpose of use is the emergency, whatever was asked.
+            details.update(break_glass_details(decision.obligations))
         # The verified subject when authz saw a token; otherwise what the caller claimed.
         actor = (decision.subject if decision is not None else "") or request.subject_id or "unauthenticated"
         await self._audit.emit(

@@ -12,9 +12,9 @@ import datetime as dt
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from pymongo import ASCENDING, AsyncMongoClient
+from pymongo import ASCENDING, AsyncMongoClient, UpdateOne
 from pymongo.write_concern import WriteConcern
 
 from services.gateway.index_entry import IndexEntry
@@ -46,6 +46,20 @@ MATCHABLE: Mapping[Level, frozenset[str]] = {
     "series": frozenset({"Modality", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription"}),
     "instance": frozenset({"SOPClassUID", "SOPInstanceUID", "InstanceNumber"}),
 }
+
+
+class Pseudonymiser(Protocol):
+    """The keyed UID mapping of de-identified releases (deidentify.Deidentifier)."""
+
+    @property
+    def key_id(self) -> str: ...
+
+    def pseudonymous_uid(self, uid: str) -> str: ...
+
+
+# Each entry also keeps its pseudonymous UID (and which key made it): the keyed hash cannot be
+# inverted, and a researcher addresses studies, series and instances by the UIDs they were given.
+PSEUDO_UID, PSEUDO_KEY = "pseudo_uid", "pseudo_key"
 
 
 class QueryError(ValueError):
@@ -126,7 +140,10 @@ def _range(keyword: str, value: str) -> Any:
 
 
 class StudyIndex:
-    def __init__(self, client: AsyncMongoClient[dict[str, Any]], database: str) -> None:
+    def __init__(
+        self, client: AsyncMongoClient[dict[str, Any]], database: str, pseudonyms: Pseudonymiser | None = None
+    ) -> None:
+        self._pseudonyms = pseudonyms
         db = client[database]
         durable = WriteConcern(w="majority", j=True)
         self._studies = db.get_collection("studies", write_concern=durable)
@@ -140,6 +157,44 @@ class StudyIndex:
         await self._instances.create_index([("series_uid", ASCENDING)], name="series")
         await self._studies.create_index([("match.PatientID", ASCENDING)], name="patient_id")
         await self._studies.create_index([("match.StudyDate", ASCENDING)], name="study_date")
+        for collection in (self._studies, self._series, self._instances):
+            await collection.create_index([(PSEUDO_UID, ASCENDING)], name=PSEUDO_UID)
+
+    def _pseudo(self, uid: str) -> dict[str, str]:
+        if self._pseudonyms is None:
+            return {}
+        return {PSEUDO_UID: self._pseudonyms.pseudonymous_uid(uid), PSEUDO_KEY: self._pseudonyms.key_id}
+
+    async def backfill_pseudonyms(self, batch: int = 1000) -> int:
+        """Give entries indexed before pseudonyms were kept, or under another key, the current ones."""
+        if self._pseudonyms is None:
+            return 0
+        done = 0
+        for collection in (self._studies, self._series, self._instances):
+            stale = {PSEUDO_KEY: {"$ne": self._pseudonyms.key_id}}
+            while ids := [str(d["_id"]) async for d in collection.find(stale, {"_id": 1}).limit(batch)]:
+                await collection.bulk_write([UpdateOne({"_id": uid}, {"$set": self._pseudo(uid)}) for uid in ids])
+                done += len(ids)
+        return done
+
+    async def real_uids(self, level: Level, pseudonymous: Sequence[str]) -> list[str]:
+        """The indexed UIDs behind pseudonymous ones of one level (unknown ones are left out)."""
+        collection = {"study": self._studies, "series": self._series, "instance": self._instances}[level]
+        wanted = sorted(set(pseudonymous))
+        return [str(d["_id"]) async for d in collection.find({PSEUDO_UID: {"$in": wanted}}, {"_id": 1})]
+
+    async def locate_pseudonymous(self, study_uid: str, series_uid: str = "", sop_uid: str = "") -> list[Located]:
+        """locate() addressed by the pseudonymous UIDs of a de-identified release."""
+        real: list[str] = []
+        for level, uid in (("study", study_uid), ("series", series_uid), ("instance", sop_uid)):
+            if not uid:
+                real.append("")
+                continue
+            found = await self.real_uids(level, [uid])
+            if not found:
+                return []
+            real.append(found[0])
+        return await self.locate(*real)
 
     async def add(self, entry: IndexEntry) -> None:
         now = dt.datetime.now(dt.UTC)
@@ -157,13 +212,21 @@ class StudyIndex:
                     "size": entry.size,
                     "layout": entry.layout.as_document(),
                     "indexed_at": now,
+                    **self._pseudo(entry.sop_uid),
                 }
             },
             upsert=True,
         )
         await self._series.update_one(
             {"_id": series_uid},
-            {"$set": {"study_uid": study_uid, "attrs": entry.series["json"], "match": entry.series["match"]}},
+            {
+                "$set": {
+                    "study_uid": study_uid,
+                    "attrs": entry.series["json"],
+                    "match": entry.series["match"],
+                    **self._pseudo(series_uid),
+                }
+            },
             upsert=True,
         )
         modality = str(entry.series["match"].get("Modality", ""))
@@ -182,6 +245,7 @@ class StudyIndex:
                     "site": entry.site,
                     "patient_ref": entry.patient_ref,
                     "updated_at": now,
+                    **self._pseudo(study_uid),
                 },
                 "$addToSet": grow,
             },

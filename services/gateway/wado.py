@@ -3,7 +3,8 @@
 One authz decision per request (the study, with its sensitivity labels), then crypto opens only
 the byte ranges the answer needs: the header for metadata, a frame's fragments for frames.
 Every instance released is audited before its first byte leaves; a researcher's identified read
-is refused and the de-identified read (Annex E basic profile) is offered in its place.
+is refused and the de-identified read (Annex E basic profile) is offered in its place, addressed
+by the pseudonymous UIDs of the release (those QIDO-RS gives a researcher), never the originals.
 Instances are served in their stored transfer syntax: no transcoding (406 if another is demanded).
 """
 
@@ -215,14 +216,39 @@ async def _release(request: Request, backends: Backends, part: str, study: str, 
         )
         raise NO_TOKEN
     located = await backends.index.locate(study, series, sop)
+    # Not an indexed UID: maybe the pseudonymous one of a de-identified release (what QIDO gave a
+    # researcher). Those are only ever served de-identified, whoever asks.
+    pseudonymous = False
+    if not located:
+        located = await backends.index.locate_pseudonymous(study, series, sop)
+        pseudonymous = bool(located)
     labels = located[0].labels if located else ()
     where = Where(located[0].site, located[0].department, located[0].patient_ref) if located else Where()
-    verdict = await authorise(backends, token, READ, "study", study, labels, where)
-    if not verdict.allow and verdict.reason_code not in ("unauthenticated", "mfa_required"):
-        # Researchers hold only the de-identified read: offer it in place of the identified one.
-        fallback = await authorise(backends, token, READ_DEIDENTIFIED, "study", study, labels, where)
-        if fallback.allow:
-            verdict = fallback
+    real_study = located[0].study_uid if located else study
+    if pseudonymous:
+        verdict = await authorise(backends, token, READ_DEIDENTIFIED, "study", real_study, labels, where)
+    else:
+        verdict = await authorise(backends, token, READ, "study", study, labels, where)
+        if not verdict.allow and verdict.reason_code not in ("unauthenticated", "mfa_required"):
+            # Researchers hold only the de-identified read: offer it in place of the identified one.
+            fallback = await authorise(backends, token, READ_DEIDENTIFIED, "study", study, labels, where)
+            if fallback.allow:
+                verdict = fallback
+    if verdict.allow and verdict.deidentify and located and not pseudonymous:
+        # A de-identified caller addresses only pseudonymous UIDs: an original UID answered would
+        # link it to its pseudonym. Answered as if there were nothing there.
+        await record(
+            backends,
+            Action.AUDIT_ACTION_INSTANCE_RETRIEVED,
+            Outcome.AUDIT_OUTCOME_DENIED,
+            verdict.subject,
+            verdict=verdict,
+            study_uid=study,
+            sop_uid=sop,
+            reason="original UIDs under de-identification",
+            details=details,
+        )
+        raise HttpError(404, "no such study, series or instance")
     if verdict.allow and verdict.unhonourable:
         await record(
             backends,

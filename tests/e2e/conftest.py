@@ -50,6 +50,8 @@ def stack(servers: Servers, idp: LocalIssuer, tmp_path_factory: pytest.TempPathF
         index_db=f"e2e_index_{unique}",
         oidc_issuer=idp.url,
         oidc_jwks_url=idp.jwks_url,
+        # Every e2e instance is far smaller; low enough that a 413 costs a few MiB, not 256.
+        gateway_max_instance_bytes=2 * 1024 * 1024,
     )
     running = Stack(settings)
     try:

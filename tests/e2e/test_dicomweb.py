@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pydicom
 import pytest
@@ -27,10 +28,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pydicom.dataset import FileDataset
 from pydicom.encaps import generate_fragments
 from pydicom.uid import generate_uid
+from pymongo import AsyncMongoClient
 
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics
-from dicomsafe.v1 import audit_pb2, authz_pb2, authz_pb2_grpc
+from dicomsafe.v1 import audit_pb2, audit_pb2_grpc, authz_pb2, authz_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 from tools import dicom_samples
 from tools.oidc_issuer import LocalIssuer
 from tools.stack import Stack
@@ -181,9 +183,17 @@ def test_qido_matches_pages_and_hides_sensitive_studies(stack: Stack, idp: Local
     with_mfa = _client(stack, idp.token("dr.house", amr=MFA)).search_for_studies(search_filters=vip_filter)
     assert [s["0020000D"]["Value"][0] for s in with_mfa] == [upload.vip_study]
 
-    # A researcher finds studies without the identifying attributes.
-    research = _client(stack, idp.token("res.rao")).search_for_studies(search_filters={"PatientID": patient_id})
-    assert research and all("00100010" not in s and "00100020" not in s for s in research)
+    # A researcher may not match on a patient's identifiers: a 400 with a DICOM JSON error.
+    for key, value in (("PatientID", patient_id), ("PatientName", name[:3] + "*"), ("StudyDate", "19000101-")):
+        refused = requests.get(
+            f"{stack.settings.dicomweb_url}/studies",
+            params={key: value},
+            headers={"Authorization": f"Bearer {idp.token('res.rao')}", "Accept": "application/dicom+json"},
+            verify=str(stack.settings.ca_file),
+            timeout=30,
+        )
+        assert refused.status_code == 400 and refused.headers["Content-Type"] == "application/dicom+json"
+        assert refused.json()["00000902"]["Value"] == [f"{key} is not matchable in de-identified queries"]
 
 
 def test_wado_returns_exact_instances_metadata_and_frames(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
@@ -265,14 +275,74 @@ def test_wado_refusals(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
     assert "insufficient_user_authentication" in no_mfa.value.response.headers["WWW-Authenticate"]
     assert _client(stack, idp.token("dr.house", amr=MFA)).retrieve_instance(*vip_path).SOPInstanceUID == vip_path[2]
 
-    # The researcher gets the de-identified instance (Annex E), same pixels, new UIDs.
-    released = _client(stack, idp.token("res.rao")).retrieve_instance(*path)
-    assert str(released.PatientName) != str(ct.PatientName) and str(released.PatientID) != str(ct.PatientID)
-    assert released.SOPInstanceUID != ct.SOPInstanceUID and released.PatientIdentityRemoved == "YES"
-    assert released.PixelData == ct.PixelData
+    # A researcher addressing the original UIDs finds nothing there (they would link the originals
+    # to their pseudonyms); de-identified releases are addressed by the UIDs QIDO gave them.
+    with pytest.raises(requests.HTTPError) as original_uids:
+        _client(stack, idp.token("res.rao")).retrieve_instance(*path)
+    assert _status(original_uids) == 404
+
+
+def _values(attrs: object) -> list[str]:
+    """Every value in DICOM JSON, nested sequences and person-name groups included, as strings."""
+    if isinstance(attrs, dict):
+        return [v for key, item in attrs.items() if key != "vr" for v in _values(item)]
+    if isinstance(attrs, list):
+        return [v for item in attrs for v in _values(item)]
+    return [str(attrs)]
+
+
+def test_researcher_qido_is_deidentified_and_retrievable(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
+    """What a researcher finds holds no original UID nor identifying value, and retrieves what it names."""
+    research = _client(stack, idp.token("res.rao"))
+    ours = [d for d in upload.datasets.values() if str(d.StudyInstanceUID) != upload.vip_study]
+    studies = research.search_for_studies()
+    series = [se for st in studies for se in research.search_for_series(st["0020000D"]["Value"][0])]
+    instances = [i for st in studies for i in research.search_for_instances(st["0020000D"]["Value"][0])]
+    assert len(instances) >= len(ours)
+    found = _values([*studies, *series, *instances])
+    text = repr(found)
+    for ds in upload.datasets.values():
+        for uid in (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID):
+            assert str(uid) not in text
+        for keyword in (
+            "PatientName",
+            "PatientID",
+            "PatientBirthDate",
+            "StudyDate",
+            "StudyTime",
+            "AccessionNumber",
+            "StudyDescription",
+            "SeriesDescription",
+            "ReferringPhysicianName",
+            "StudyID",
+        ):
+            value = str(ds.get(keyword, "") or "")
+            assert not value or value not in found, keyword
+        assert str(ds.PatientName) not in text and str(ds.PatientID) not in text
+    assert all("Value" not in s.get("00100040", {}) for s in studies)  # PatientSex emptied
+    assert all(s["00120062"]["Value"] == ["YES"] for s in studies)  # Patient Identity Removed
+
+    # Pseudonymous UIDs work as query keys too, and what QIDO names is what WADO-RS releases.
+    first = studies[0]["0020000D"]["Value"][0]
+    assert [
+        s["0020000D"]["Value"][0] for s in research.search_for_studies(search_filters={"StudyInstanceUID": first})
+    ] == [first]
+    released: dict[bytes, str] = {}
+    for item in instances:
+        study, serie, sop = (item[tag]["Value"][0] for tag in ("0020000D", "0020000E", "00080018"))
+        assert item["00081190"]["Value"][0].endswith(f"/studies/{study}/series/{serie}/instances/{sop}")
+        got = research.retrieve_instance(study, serie, sop)
+        assert (got.StudyInstanceUID, got.SeriesInstanceUID, got.SOPInstanceUID) == (study, serie, sop)
+        assert got.PatientIdentityRemoved == "YES" and str(got.PatientID) != str(ours[0].PatientID)
+        released[bytes(got.PixelData)] = sop
+    assert all(bytes(ds.PixelData) in released for ds in ours)  # every study of ours, pixels unchanged
     with pytest.raises(requests.HTTPError) as frames:
-        _client(stack, idp.token("res.rao")).retrieve_instance_frames(*path, [1])
+        research.retrieve_instance_frames(study, serie, sop, [1])
     assert _status(frames) == 403
+    # A clinician holding a pseudonymous UID gets no identified data through it.
+    with pytest.raises(requests.HTTPError) as clinician:
+        _client(stack, idp.token("dr.house")).retrieve_instance(study, serie, sop)
+    assert _status(clinician) == 403
 
 
 def test_department_scope_follows_the_study(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
@@ -321,6 +391,165 @@ def test_time_limited_grant_expires(stack: Stack, idp: LocalIssuer, upload: Uplo
     with pytest.raises(requests.HTTPError) as after:
         _client(stack, idp.token(locum)).retrieve_instance(*path)
     assert _status(after) == 403
+
+
+def _dicom_error(response: requests.Response, status: int, comment: str) -> None:
+    """A DICOMweb error: the status, a DICOM JSON body whose ErrorComment says what went wrong."""
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers["Content-Type"] == "application/dicom+json"
+    assert comment in response.json()["00000902"]["Value"][0]
+
+
+def test_http_errors_are_dicom_json(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
+    root, ca = stack.settings.dicomweb_url, str(stack.settings.ca_file)
+    auth = {"Authorization": f"Bearer {idp.token('dr.house')}"}
+    ct_uid = next(u for u, d in upload.datasets.items() if str(d.StudyInstanceUID) == upload.ct_study)
+    ct = upload.datasets[ct_uid]
+    instance = f"{root}/studies/{ct.StudyInstanceUID}/series/{ct.SeriesInstanceUID}/instances/{ct_uid}"
+
+    def get(url: str, **headers: str) -> requests.Response:
+        return requests.get(url, headers={**auth, **headers}, verify=ca, timeout=30)
+
+    # 400: a query or a frame list that cannot be understood.
+    _dicom_error(get(f"{root}/studies?limit=many"), 400, "limit and offset must be integers")
+    _dicom_error(get(f"{root}/studies?Manufacturer=ACME"), 400, "Manufacturer is not a supported matching key")
+    _dicom_error(get(f"{instance}/frames/one"), 400, "frame numbers must be integers")
+    # 404: nothing there (the caller may ask), a frame past the end, a path that is no route.
+    _dicom_error(get(f"{root}/studies/{generate_uid()}"), 404, "no such study, series or instance")
+    us = next(d for d in upload.datasets.values() if d.Modality == "US")
+    frames = f"{root}/studies/{us.StudyInstanceUID}/series/{us.SeriesInstanceUID}/instances/{us.SOPInstanceUID}/frames"
+    _dicom_error(get(f"{frames}/99"), 404, "no such frame")
+    _dicom_error(get(f"{root}/workitems"), 404, "no such resource")
+    # 405 with Allow, in the same body, instead of the framework's plain text.
+    wrong = requests.delete(f"{root}/studies/{ct.StudyInstanceUID}", headers=auth, verify=ca, timeout=30)
+    _dicom_error(wrong, 405, "method not allowed")
+    assert wrong.headers["Allow"] == "GET, HEAD, POST"
+    # 406: another transfer syntax than the stored one (no transcoding), or no acceptable type.
+    jpeg = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50'
+    _dicom_error(get(instance, Accept=jpeg), 406, "stored transfer syntax")
+    _dicom_error(get(instance, Accept="image/png"), 406, "acceptable")
+    # 413: a STOW-RS part over the limit (2 MiB in this stack), refused while it streams in.
+    boundary = "b" + uuid.uuid4().hex
+    body = (
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + b"\0" * (stack.settings.gateway_max_instance_bytes + 65536)
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    too_large = requests.post(
+        f"{root}/studies",
+        data=body,
+        headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Authorization": f"Bearer {idp.token('tech.jane')}",
+        },
+        verify=ca,
+        timeout=60,
+    )
+    _dicom_error(too_large, 413, f"an instance exceeds {stack.settings.gateway_max_instance_bytes} bytes")
+    # The gateway's own API answers in problem details, its unknown paths too.
+    api = root.removesuffix("/dicomweb") + "/api/v1"
+    missing = requests.get(f"{api}/studies/{ct.StudyInstanceUID}/break-glass", headers=auth, verify=ca, timeout=30)
+    assert missing.status_code == 405 and missing.headers["Content-Type"] == "application/problem+json"
+    assert missing.json()["status"] == 405
+
+
+def _break_glass(stack: Stack, study: str, token: str | None, body: object) -> requests.Response:
+    api = stack.settings.dicomweb_url.removesuffix("/dicomweb") + "/api/v1"
+    return requests.post(
+        f"{api}/studies/{study}/break-glass",
+        json=body,
+        headers={"Authorization": f"Bearer {token}"} if token else {},
+        verify=str(stack.settings.ca_file),
+        timeout=30,
+    )
+
+
+def test_break_glass_through_the_gateway(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
+    """dr.er (emergency physician, no standing image access) is refused, breaks glass, reads; flagged."""
+    us = next(d for d in upload.datasets.values() if d.Modality == "US")
+    path = (str(us.StudyInstanceUID), str(us.SeriesInstanceUID), str(us.SOPInstanceUID))
+    er = idp.token("dr.er", amr=MFA)
+    with pytest.raises(requests.HTTPError) as before:
+        _client(stack, er).retrieve_instance(*path)
+    assert _status(before) == 403
+
+    reason = {"reason": "unconscious patient, trauma bay 2"}
+    anonymous = _break_glass(stack, upload.us_study, None, reason)
+    assert anonymous.status_code == 401 and anonymous.headers["Content-Type"] == "application/problem+json"
+    no_reason = _break_glass(stack, upload.us_study, er, {"reason": "  "})
+    assert no_reason.status_code == 400 and no_reason.json()["title"] == "a stated reason is required"
+    no_mfa = _break_glass(stack, upload.us_study, idp.token("dr.er"), reason)
+    assert no_mfa.status_code == 403 and "multi-factor" in no_mfa.json()["detail"]
+    unprivileged = _break_glass(stack, upload.us_study, idp.token("tech.jane", amr=MFA), reason)
+    assert unprivileged.status_code == 403 and "emergency.access" in unprivileged.json()["detail"]
+
+    granted = _break_glass(stack, upload.us_study, er, reason)
+    assert granted.status_code == 201, granted.text
+    grant = granted.json()
+    assert grant["subject"] == "dr.er" and grant["study_instance_uid"] == upload.us_study
+    expires = dt.datetime.fromisoformat(grant["expires_at"])
+    assert dt.timedelta(minutes=25) < expires - dt.datetime.now(dt.UTC) <= dt.timedelta(minutes=30)
+    again = _break_glass(stack, upload.us_study, er, reason)
+    assert again.status_code == 403 and "not renewable" in again.json()["detail"]
+
+    retrieved = _client(stack, er).retrieve_instance(*path)
+    assert retrieved == pydicom.dcmread(io.BytesIO(upload.originals[path[2]]))
+    # The gRPC retrieve path honours the override as well (the stored object, byte for byte).
+    assert asyncio.run(_grpc_retrieve(stack, er, path[2])) == upload.originals[path[2]]
+    # The override covers that one study only.
+    with pytest.raises(requests.HTTPError) as other:
+        _client(stack, er).retrieve_study(upload.ct_study)
+    assert _status(other) == 403
+
+    records = asyncio.run(_trail(stack, idp, upload.us_study, "dr.er"))
+    A, Out = audit_pb2.AuditAction, audit_pb2.AuditOutcome
+    releases = [
+        e for e in records if e.action == A.AUDIT_ACTION_INSTANCE_RETRIEVED and e.outcome == Out.AUDIT_OUTCOME_SUCCESS
+    ]
+    assert [e.sop_instance_uid for e in releases] == [path[2], path[2]]  # WADO-RS, then gRPC Retrieve
+    assert all(e.details["break_glass"] == "true" and e.details["purpose"] == "emergency" for e in releases)
+    # The refusal before the override is not flagged: only releases under it are.
+    refused = [e for e in records if e.action == A.AUDIT_ACTION_INSTANCE_RETRIEVED and e not in releases]
+    assert refused and all("break_glass" not in e.details for e in refused)
+    overrides = [e for e in records if e.action == A.AUDIT_ACTION_EMERGENCY_OVERRIDE]
+    assert any(e.outcome == Out.AUDIT_OUTCOME_SUCCESS and e.details.get("override") == "started" for e in overrides)
+
+
+async def _grpc_retrieve(stack: Stack, token: str, sop_uid: str) -> bytes:
+    # The object id of the instance, from the gateway's own index (a viewer would have it from QIDO's
+    # back end); Retrieve is for front ends holding the "viewer" certificate.
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(stack.settings.mongodb_uri)
+    try:
+        doc = await mongo[stack.settings.index_db]["instances"].find_one({"_id": sop_uid})
+    finally:
+        await mongo.close()
+    assert doc is not None
+    async with new_channel(stack.settings.target("gateway"), stack.settings.client_tls("viewer")) as channel:
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        request = retrieval_pb2.RetrieveRequest(
+            access_token=token, object_id=str(doc["object_id"]), purpose="treatment"
+        )
+        return b"".join([p.data async for p in stub.Retrieve(request, timeout=60)])
+
+
+async def _trail(stack: Stack, idp: LocalIssuer, study: str, actor: str) -> list[audit_pb2.AuditEvent]:
+    """The stored audit trail (MongoDB, through audit.Query) of one actor and study, once it holds both releases."""
+    auditor = idp.token("aud.ito")
+    query = audit_pb2.QueryRequest(study_instance_uid=study, actor=actor, limit=500, access_token=auditor)
+    deadline = time.monotonic() + 60
+    async with new_channel(stack.settings.target("audit"), stack.settings.client_tls("ops")) as channel:
+        audit = audit_pb2_grpc.AuditServiceStub(channel)
+        while True:
+            events = [r.event async for r in audit.Query(query)]
+            released = [
+                e
+                for e in events
+                if e.action == audit_pb2.AuditAction.AUDIT_ACTION_INSTANCE_RETRIEVED
+                and e.outcome == audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS
+            ]
+            if len(released) >= 2 or time.monotonic() > deadline:
+                return events
+            await asyncio.sleep(0.5)
 
 
 def test_tls_is_13_only(stack: Stack) -> None:

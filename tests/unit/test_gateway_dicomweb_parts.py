@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from pydicom.encaps import generate_fragments
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from services.gateway.deidentify import Deidentifier
+from services.gateway.deidentify import KEPT, PSEUDONYMOUS, WITHHELD, Deidentifier, matching_treatment
 from services.gateway.index_entry import entry_for, sensitivity_labels
 from services.gateway.instance_layout import layout_of
 from services.gateway.multipart import (
@@ -24,7 +24,7 @@ from services.gateway.multipart import (
     parse_parts,
     part_header,
 )
-from services.gateway.study_index import QueryError, matching_filter
+from services.gateway.study_index import MATCHABLE, QueryError, matching_filter
 from tools import dicom_samples
 
 
@@ -153,3 +153,40 @@ def test_deidentification_is_annex_e_and_stable() -> None:
     assert first.PixelData == ct.PixelData
     with pytest.raises(ValueError):
         Deidentifier(b"short")
+
+
+def test_deidentified_query_results_and_matching_follow_annex_e() -> None:
+    ct = dicom_samples.ct_image(rows=16, columns=16, seed=5)
+    _, layout = layout_of(dicom_samples.to_bytes(ct))
+    entry = entry_for(ct, layout, "cd" * 32, 99)
+    attrs = {**entry.study["json"], **entry.series["json"], **entry.instance["json"]}
+    deid = Deidentifier(b"k" * 32)
+    result = deid.query_result(attrs)
+    released = pydicom.dcmread(io.BytesIO(deid.instance(dicom_samples.to_bytes(ct))))
+    # The UIDs a researcher finds are those of the instance they retrieve.
+    for tag, keyword in (
+        ("0020000D", "StudyInstanceUID"),
+        ("0020000E", "SeriesInstanceUID"),
+        ("00080018", "SOPInstanceUID"),
+    ):
+        assert result[tag]["Value"] == [str(released[keyword].value)] != [str(ct[keyword].value)]
+    text = repr(result)
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "StudyDate", "AccessionNumber", "StudyDescription"):
+        assert str(ct[keyword].value) not in text, keyword
+    assert result["00080060"]["Value"] == [ct.Modality] and result["00120062"]["Value"] == ["YES"]
+    # Matching: only what the profile keeps, UIDs as pseudonyms, anything else (even unknown) refused.
+    every_key = set().union(*MATCHABLE.values())
+    assert {k for k in every_key if matching_treatment(k) == KEPT} == {
+        "ModalitiesInStudy",
+        "Modality",
+        "SeriesNumber",
+        "SOPClassUID",
+        "InstanceNumber",
+    }
+    assert {k for k in every_key if matching_treatment(k) == PSEUDONYMOUS} == {
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+    }
+    for key in ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "AccessionNumber", "NoSuchKey"):
+        assert matching_treatment(key) == WITHHELD

@@ -1,0 +1,57 @@
+"""The study index keeps each entry's pseudonymous UID, so a researcher's UIDs lead back to the
+study — on a real MongoDB-wire server: entries indexed before (or under another key) are backfilled."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pymongo import AsyncMongoClient
+
+from services.gateway.deidentify import Deidentifier
+from services.gateway.index_entry import entry_for
+from services.gateway.instance_layout import layout_of
+from services.gateway.study_index import StudyIndex
+from tests.servers import Servers
+from tools import dicom_samples
+
+
+async def test_pseudonymous_uids_resolve_and_follow_the_key(servers: Servers, unique: str) -> None:
+    ct = dicom_samples.ct_image(rows=16, columns=16, seed=9)
+    ds, layout = layout_of(dicom_samples.to_bytes(ct))
+    entry = entry_for(ds, layout, "ef" * 32, 123)
+    study, series, sop = str(ct.StudyInstanceUID), str(ct.SeriesInstanceUID), str(ct.SOPInstanceUID)
+    first, second = Deidentifier(b"a" * 32), Deidentifier(b"b" * 32)
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(servers.mongodb_uri)
+    database = f"index_{unique}"
+    try:
+        # Indexed by a gateway that kept no pseudonyms: nothing resolves until the backfill.
+        await StudyIndex(client, database).add(entry)
+        index = StudyIndex(client, database, first)
+        await index.ensure_indexes()
+        pseudo = [first.pseudonymous_uid(u) for u in (study, series, sop)]
+        assert await index.locate_pseudonymous(*pseudo) == []
+        assert await index.backfill_pseudonyms() == 3
+        assert await index.backfill_pseudonyms() == 0  # idempotent
+        [located] = await index.locate_pseudonymous(*pseudo)
+        assert (located.study_uid, located.series_uid, located.sop_uid) == (study, series, sop)
+        assert await index.real_uids("study", [pseudo[0], "2.25.1"]) == [study]
+        # A pseudonymous series under another study, or a real UID, is not a pseudonym.
+        assert await index.locate_pseudonymous(pseudo[0], first.pseudonymous_uid("1.2.3")) == []
+        assert await index.locate_pseudonymous(study) == []
+
+        # After a key change the stored pseudonyms are stale: replaced, the old ones lead nowhere.
+        rotated = StudyIndex(client, database, second)
+        assert await rotated.backfill_pseudonyms() == 3
+        assert await rotated.locate_pseudonymous(*pseudo) == []
+        assert len(await rotated.locate_pseudonymous(*(second.pseudonymous_uid(u) for u in (study, series, sop)))) == 1
+        # New entries carry the pseudonym when written.
+        other = dicom_samples.ct_image(rows=16, columns=16, seed=10)
+        ods, olayout = layout_of(dicom_samples.to_bytes(other))
+        await rotated.add(entry_for(ods, olayout, "0f" * 32, 45))
+        assert await rotated.real_uids("instance", [second.pseudonymous_uid(str(other.SOPInstanceUID))]) == [
+            str(other.SOPInstanceUID)
+        ]
+        assert await rotated.backfill_pseudonyms() == 0
+    finally:
+        await client.drop_database(database)
+        await client.close()
