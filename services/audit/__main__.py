@@ -1,7 +1,7 @@
 """`python -m services.audit` runs the service.
 
 python -m services.audit verify [--chain C]       recompute the chains; exit 1 if broken
-python -m services.audit query --target HOST:PORT [filters]
+python -m services.audit query --target HOST:PORT [filters] [--page-size N [--page-token T | --all-pages]]
                                                   records through the service (token in
                                                   AUDIT_ACCESS_TOKEN[_FILE]; audited, auditors only)
 python -m services.audit provision --password-file F
@@ -27,10 +27,11 @@ from services.audit.app import main as serve
 from services.audit.checkpoints import CheckpointSigner
 from services.audit.config import AuditConfig
 from services.audit.exports import NotExportable, to_dicom_xml, to_fhir
+from services.audit.paging import Filters
 from services.audit.patterns import Rules, find_patterns
 from services.audit.progress import ProgressBar
 from services.audit.provision import provision
-from services.audit.remote_cli import query_via_service, verify_via_service
+from services.audit.remote_cli import query_pages_via_service, query_via_service, verify_via_service
 from services.audit.store import AuditStore
 
 
@@ -79,13 +80,13 @@ async def _export(fmt: str, actor: str, patient_ref: str, since: str, until: str
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
     skipped = 0
     try:
-        records = AuditStore(client, cfg.database).query(
+        filters = Filters(
             actor=actor,
             patient_ref=patient_ref,
             since=_when(since) if since else None,
             until=_when(until) if until else None,
-            limit=limit,
         )
+        records = AuditStore(client, cfg.database).query(filters, limit)
         async for record in records:
             try:
                 print(to_dicom_xml(record) if fmt == "dicom" else json.dumps(to_fhir(record), separators=(",", ":")))
@@ -113,6 +114,18 @@ async def _report(since: str, until: str, rules: Rules) -> int:
     for f in findings:
         print(f"{f.rule:<14} {f.actor:<20} {f.explanation}")
     return 0
+
+
+def _enum_values(names: list[str], enum: Any, prefix: str) -> list[int]:
+    """``retrieved``-style short names or full enum names, case-insensitive."""
+    values = []
+    for name in names:
+        full = name.upper() if name.upper().startswith(prefix) else prefix + name.upper()
+        try:
+            values.append(int(enum.Value(full)))
+        except ValueError:
+            raise SystemExit(f"unknown value {name!r} (one of {', '.join(enum.keys()[1:])})") from None
+    return values
 
 
 def _when(text: str) -> dt.datetime:
@@ -158,7 +171,12 @@ if len(sys.argv) > 1:
     query.add_argument("--object-id", default="")
     query.add_argument("--since", default="", help="ISO 8601, UTC if no offset")
     query.add_argument("--until", default="")
-    query.add_argument("--limit", type=int, default=100)
+    query.add_argument("--limit", type=int, default=100, help="without --page-size: at most this many records")
+    query.add_argument("--action", action="append", default=[], help="e.g. INSTANCE_RETRIEVED (repeatable)")
+    query.add_argument("--outcome", action="append", default=[], help="SUCCESS, DENIED or FAILURE (repeatable)")
+    query.add_argument("--page-size", type=int, default=0, help="page through the result (next token on stderr)")
+    query.add_argument("--page-token", default="", help="continue after the page that printed this token")
+    query.add_argument("--all-pages", action="store_true", help="with --page-size: walk every page")
     prov = sub.add_parser("provision", help="admin: create indexes and the insert/find-only writer")
     prov.add_argument("--password-file", type=Path, required=True, help="read if present, else generated and written")
     exposure = sub.add_parser(
@@ -199,11 +217,17 @@ if len(sys.argv) > 1:
             study_instance_uid=args.study,
             object_id=args.object_id,
             limit=args.limit,
+            actions=_enum_values(args.action, audit_pb2.AuditAction, "AUDIT_ACTION_"),  # type: ignore[arg-type]
+            outcomes=_enum_values(args.outcome, audit_pb2.AuditOutcome, "AUDIT_OUTCOME_"),  # type: ignore[arg-type]
+            page_size=args.page_size,
+            page_token=args.page_token,
         )
         if args.since:
             request.since.FromDatetime(_when(args.since))
         if args.until:
             request.until.FromDatetime(_when(args.until))
+        if args.page_size or args.page_token:
+            sys.exit(asyncio.run(query_pages_via_service(args.target, args.subject, request, args.all_pages)))
         sys.exit(asyncio.run(query_via_service(args.target, args.subject, request)))
     if args.command == "exposure":
         sys.exit(asyncio.run(_exposure(args.actor, args.since, args.until)))
