@@ -200,9 +200,17 @@ if len(sys.argv) > 1:
     report.add_argument("--timezone", default="UTC", help="the hospital's time zone, for working hours")
     report.add_argument("--many-patients", type=int, default=20)
     report.add_argument("--denial-burst", type=int, default=5)
+    report.add_argument(
+        "--sensitive-label", action="append", default=None, help="labels that make a study sensitive (default: any)"
+    )
     args = parser.parse_args()
     if args.command == "report":
-        rules = Rules(timezone=args.timezone, many_patients=args.many_patients, denial_burst=args.denial_burst)
+        rules = Rules(
+            timezone=args.timezone,
+            many_patients=args.many_patients,
+            denial_burst=args.denial_burst,
+            sensitive_labels=frozenset(args.sensitive_label) if args.sensitive_label else None,
+        )
         sys.exit(asyncio.run(_report(args.since, args.until, rules)))
     if args.command == "export":
         sys.exit(asyncio.run(_export(args.format, args.actor, args.patient_ref, args.since, args.until, args.limit)))
