@@ -1,6 +1,7 @@
 """`python -m services.audit` runs the service.
 
-python -m services.audit verify [--chain C]       recompute the chains; exit 1 if broken
+python -m services.audit verify [--chain C] [--published-checkpoints]
+                                                  recompute the chains; exit 1 if broken
 python -m services.audit query --target HOST:PORT [filters] [--page-size N [--page-token T | --all-pages]]
                                                   records through the service (token in
                                                   AUDIT_ACCESS_TOKEN[_FILE]; audited, auditors only)
@@ -21,9 +22,11 @@ from typing import Any
 
 from pymongo import AsyncMongoClient
 
+from dicomsafe.common.kafka import Topics
 from dicomsafe.common.vault import VaultSession
 from dicomsafe.v1 import audit_pb2
 from services.audit.app import main as serve
+from services.audit.checkpoint_topic import Published, read_published
 from services.audit.checkpoints import CheckpointSigner
 from services.audit.config import AuditConfig
 from services.audit.exports import NotExportable, to_dicom_xml, to_fhir
@@ -35,24 +38,33 @@ from services.audit.remote_cli import query_pages_via_service, query_via_service
 from services.audit.store import AuditStore
 
 
-async def _verify(chain: str, show_progress: bool) -> int:
+async def _verify(chain: str, show_progress: bool, use_published: bool) -> int:
     cfg = AuditConfig.from_env(serving=False)
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
     try:
         signer = CheckpointSigner(VaultSession(cfg.vault)) if cfg.vault else None
         keys = await asyncio.to_thread(signer.public_keys) if signer else None
+        found = Published()
+        if use_published:
+            if keys is None:
+                print("--published-checkpoints needs the checkpoint key (VAULT_*)", file=sys.stderr)
+                return 2
+            found = await read_published(cfg.kafka_bootstrap, Topics(cfg.topic_prefix).checkpoints, keys)
+            print(f"{found.read} published checkpoints read, {len(found.newest)} chains")
+        newest = {c: cp for c, cp in found.newest.items() if not chain or c == chain}
         store = AuditStore(client, cfg.database)
         bar = ProgressBar(await store.estimated_records()) if show_progress else None
-        verdict = await store.verify(chain, keys, bar.advance if bar else None)
+        verdict = await store.verify(chain, keys, bar.advance if bar else None, published=newest)
         if bar:
             bar.finish()
     finally:
         await client.close()
+    breaks = [*(b for b in found.breaks if not chain or b.chain == chain), *verdict.breaks]
     print(f"{verdict.records} records in {verdict.chains} chains, {verdict.checkpoints} signed checkpoints")
-    for b in verdict.breaks:
+    for b in breaks:
         print(f"BROKEN {b.chain} at seq {b.seq}: {b.reason}")
-    print("OK" if verdict.ok else "TAMPERING OR LOSS DETECTED")
-    return 0 if verdict.ok else 1
+    print("OK" if not breaks else "TAMPERING OR LOSS DETECTED")
+    return 0 if not breaks else 1
 
 
 async def _exposure(actor: str, since: str, until: str) -> int:
@@ -162,6 +174,11 @@ if len(sys.argv) > 1:
         "--target", default="", help="ask the running service (token in AUDIT_ACCESS_TOKEN[_FILE]) instead of MongoDB"
     )
     verify.add_argument("--subject", default="", help="subject id (only where authz runs without an identity provider)")
+    verify.add_argument(
+        "--published-checkpoints",
+        action="store_true",
+        help="also check the newest checkpoint per chain published on audit.checkpoints (KAFKA_BOOTSTRAP)",
+    )
     query = sub.add_parser("query", help="records through the running service: authorised by authz, itself audited")
     query.add_argument("--target", required=True, help="the audit service, host:port")
     query.add_argument("--subject", default="", help="subject id (only where authz runs without an identity provider)")
@@ -215,9 +232,9 @@ if len(sys.argv) > 1:
     if args.command == "export":
         sys.exit(asyncio.run(_export(args.format, args.actor, args.patient_ref, args.since, args.until, args.limit)))
     if args.command == "verify" and args.target:
-        sys.exit(asyncio.run(verify_via_service(args.target, args.subject, args.chain)))
+        sys.exit(asyncio.run(verify_via_service(args.target, args.subject, args.chain, args.published_checkpoints)))
     if args.command == "verify":
-        sys.exit(asyncio.run(_verify(args.chain, args.progress or sys.stderr.isatty())))
+        sys.exit(asyncio.run(_verify(args.chain, args.progress or sys.stderr.isatty(), args.published_checkpoints)))
     if args.command == "query":
         request = audit_pb2.QueryRequest(
             actor=args.actor,

@@ -57,8 +57,10 @@ async def query_pages_via_service(target: str, subject: str, request: audit_pb2.
             request.page_token = page.next_page_token
 
 
-async def verify_via_service(target: str, subject: str, chain: str) -> int:
-    request = audit_pb2.VerifyRequest(chain=chain, subject_id=subject, access_token=caller_token())
+async def verify_via_service(target: str, subject: str, chain: str, published_checkpoints: bool = False) -> int:
+    request = audit_pb2.VerifyRequest(
+        chain=chain, subject_id=subject, access_token=caller_token(), published_checkpoints=published_checkpoints
+    )
     async with new_channel(target, tls_from_env()) as channel:  # the operator's certificate ("ops")
         try:
             verdict = await audit_pb2_grpc.AuditServiceStub(channel).Verify(request, timeout=3600)

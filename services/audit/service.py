@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
+from aiokafka.errors import KafkaError
 from pymongo.errors import PyMongoError
 
 from dicomsafe.common.vault import VaultUnavailable
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc
 from services.audit.access import READ, VERIFY, AuditAccess, Refused, Request
+from services.audit.checkpoint_topic import Published, read_published
 from services.audit.checkpoints import CheckpointSigner
 from services.audit.paging import DEFAULT_PAGE_SIZE, BadPageToken, Filters, decode_token
 from services.audit.store import AuditStore
@@ -18,11 +21,26 @@ from services.audit.store import AuditStore
 SERVICE_NAME = "dicomsafe.v1.AuditService"
 
 
+@dataclass(frozen=True)
+class PublishedSource:
+    """Where signed checkpoints are published (Verify with published_checkpoints reads it)."""
+
+    bootstrap: str
+    topic: str
+
+
 class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
-    def __init__(self, store: AuditStore, signer: CheckpointSigner | None, access: AuditAccess) -> None:
+    def __init__(
+        self,
+        store: AuditStore,
+        signer: CheckpointSigner | None,
+        access: AuditAccess,
+        published: PublishedSource | None = None,
+    ) -> None:
         self._store = store
         self._signer = signer
         self._access = access
+        self._published = published
 
     async def _authorize(
         self, action: str, request: Request, context: grpc.aio.ServicerContext[object, object]
@@ -39,21 +57,33 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             "verify",
             request.subject_id,
             request.access_token,
-            filters={"chain": request.chain} if request.chain else {},
+            filters=({"chain": request.chain} if request.chain else {})
+            | ({"published_checkpoints": "true"} if request.published_checkpoints else {}),
         )
         await self._authorize(VERIFY, asked, context)
+        if request.published_checkpoints and (self._signer is None or self._published is None):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "checkpoints are disabled")
         try:
             keys = await asyncio.to_thread(self._signer.public_keys) if self._signer else None
-            verdict = await self._store.verify(request.chain, keys)
+            found = Published()
+            if request.published_checkpoints and keys is not None and self._published is not None:
+                found = await read_published(self._published.bootstrap, self._published.topic, keys)
+            newest = {c: cp for c, cp in found.newest.items() if not request.chain or c == request.chain}
+            verdict = await self._store.verify(request.chain, keys, published=newest)
         except PyMongoError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"audit store unavailable ({type(exc).__name__})")
         except VaultUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"checkpoint keys unavailable: {exc}")
+        except (KafkaError, TimeoutError, RuntimeError) as exc:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"published checkpoints unavailable ({type(exc).__name__})"
+            )
+        breaks = [*(b for b in found.breaks if not request.chain or b.chain == request.chain), *verdict.breaks]
         return audit_pb2.VerifyResponse(
-            ok=verdict.ok,
+            ok=not breaks,
             chains_checked=verdict.chains,
             records_checked=verdict.records,
-            broken=[audit_pb2.BrokenLink(chain=b.chain, seq=b.seq, reason=b.reason) for b in verdict.breaks],
+            broken=[audit_pb2.BrokenLink(chain=b.chain, seq=b.seq, reason=b.reason) for b in breaks],
             checkpoints_checked=verdict.checkpoints,
         )
 

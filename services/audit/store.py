@@ -290,25 +290,30 @@ class AuditStore:
         chain: str = "",
         public_keys: dict[int, Ed25519PublicKey] | None = None,
         progress: Callable[[int], None] | None = None,
+        published: Mapping[str, Checkpoint] | None = None,
     ) -> Verdict:
         """Recompute every chain; with ``public_keys``, also check every signed checkpoint:
         its signature, that the record at its seq has its hash, and that the chain still
         reaches it (a shorter chain was truncated — even to nothing). Records and checkpoints
         are both streamed in seq order, so memory stays bounded whatever the length.
-        ``progress`` is told how many records each step checked."""
+        ``progress`` is told how many records each step checked. ``published``: the newest
+        signed checkpoint of each chain from outside the database (checkpoint_topic.py, its
+        signature already checked), checked like the stored ones — so deleting the newest
+        stored checkpoints with a chain's tail does not hide the truncation."""
         if chain:
             chains = [chain]
         else:
             names = set(await self._events.distinct("chain"))
             if public_keys is not None:  # a chain whose every record is gone still has checkpoints
                 names |= set(await self._checkpoints.distinct("chain"))
+            names |= set(published or ())
             chains = sorted(names)
         # A few chains at once: while one waits for the server's next batch, another is hashed.
         limit = asyncio.Semaphore(VERIFY_PARALLEL_CHAINS)
 
         async def one(name: str) -> tuple[int, int, list[Break]]:
             async with limit:
-                return await self._verify_one(name, public_keys, progress)
+                return await self._verify_one(name, public_keys, progress, (published or {}).get(name))
 
         results = await asyncio.gather(*(one(name) for name in chains))
         breaks = [b for _, _, chain_breaks in results for b in chain_breaks]
@@ -333,12 +338,33 @@ class AuditStore:
             await cursor.close()
 
     async def _verify_one(
-        self, name: str, public_keys: dict[int, Ed25519PublicKey] | None, progress: Callable[[int], None] | None
+        self,
+        name: str,
+        public_keys: dict[int, Ed25519PublicKey] | None,
+        progress: Callable[[int], None] | None,
+        published: Checkpoint | None = None,
     ) -> tuple[int, int, list[Break]]:
         breaks: list[Break] = []
         checked_cps = 0
 
         async def signed_checkpoints() -> AsyncGenerator[Checkpoint, None]:
+            """The stored checkpoints in seq order, the published one merged in at its place."""
+            nonlocal checked_cps, published
+            stored = stored_checkpoints()
+            try:
+                async for cp in stored:
+                    if published is not None and published.seq <= cp.seq:
+                        checked_cps += 1
+                        yield published
+                        published = None
+                    yield cp
+            finally:
+                await stored.aclose()
+            if published is not None:
+                checked_cps += 1
+                yield published
+
+        async def stored_checkpoints() -> AsyncGenerator[Checkpoint, None]:
             nonlocal checked_cps
             if public_keys is None:
                 return

@@ -106,6 +106,9 @@ async def test_only_auditors_read_and_every_attempt_is_recorded(
         assert await _query(stub, access_token=officer, study_instance_uid=STUDY)
         verdict = await stub.Verify(audit_pb2.VerifyRequest(access_token=auditor), timeout=30)
         assert verdict.ok and verdict.records_checked >= 1
+        # Without checkpoints there is nothing published to check against: said, not skipped.
+        published = audit_pb2.VerifyRequest(access_token=auditor, published_checkpoints=True)
+        assert await _refusal(stub.Verify(published, timeout=30)) == grpc.StatusCode.FAILED_PRECONDITION
         q = audit_pb2.QueryRequest(access_token=physician, study_instance_uid=STUDY)
         assert await _refusal(stub.Query(q)) == grpc.StatusCode.PERMISSION_DENIED
         v = audit_pb2.VerifyRequest(access_token=officer)
