@@ -65,6 +65,7 @@ class _Grant:
 
     grant_id: str
     grantee: str
+    role: str
     not_before: dt.datetime | None
     not_after: dt.datetime | None
     event_ids: list[str]
@@ -98,7 +99,14 @@ def _note_grant(grants: dict[str, _Grant], event: Mapping[str, Any], when: dt.da
     grantee = str(details.get("grantee") or event.get("actor", ""))
     grant = grants.setdefault(
         grant_id,
-        _Grant(grant_id, grantee, _time(details.get("not_before")), _time(details.get("not_after")), []),
+        _Grant(
+            grant_id,
+            grantee,
+            str(details.get("role", "")),
+            _time(details.get("not_before")),
+            _time(details.get("not_after")),
+            [],
+        ),
     )
     grant.event_ids.append(str(event.get("event_id", "")))
     reason = str(event.get("reason", ""))
@@ -221,7 +229,11 @@ def _ended_grant_findings(
 ) -> list[Finding]:
     """Access attempts by a subject after a grant of theirs ended (expired or revoked) while no
     grant of theirs seen in the window was in force: someone still using access taken away.
-    The grant's own events are evidence too, so a reviewer sees which grant and why it ended."""
+    Counted: refusals, and allowed decisions that name the ended grant's role (authz no longer
+    loads an ended grant, so those came from a standing binding of the same role — or from a
+    grant authz should not have honoured; either way worth a look). An allowance by another
+    role is the subject's standing right and not counted. The grant's own events are evidence
+    too, so a reviewer sees which grant and why it ended."""
     by_grantee: dict[str, list[_Grant]] = defaultdict(list)
     for grant in grants.values():
         by_grantee[grant.grantee].append(grant)
@@ -234,7 +246,9 @@ def _ended_grant_findings(
             late = [
                 event
                 for when, event in decisions.get(grantee, [])
-                if when >= end and not any(g.in_force(when) for g in theirs)
+                if when >= end
+                and not any(g.in_force(when) for g in theirs)
+                and (event.get("outcome") != SUCCESS or (grant.role and grant.role in event.get("actor_roles", ())))
             ]
             if not late:
                 continue
@@ -246,7 +260,7 @@ def _ended_grant_findings(
                     grantee,
                     len(late),
                     f"{len(late)} access attempts ({refused} refused) after grant {grant.grant_id} "
-                    f"{how} at {end.isoformat()}",
+                    f"(role {grant.role or '?'}) {how} at {end.isoformat()}",
                     (*grant.event_ids, *_ids(late)),
                     _refs(late),
                 )

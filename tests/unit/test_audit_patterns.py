@@ -132,13 +132,22 @@ def _grant(event_id: str, at: dt.datetime, reason: str, **details: str) -> dict[
 
 
 def test_access_attempts_after_a_grant_expired_or_was_revoked() -> None:
-    window = {"not_before": T0.isoformat(), "not_after": (T0 + dt.timedelta(hours=1)).isoformat()}
+    window = {
+        "not_before": T0.isoformat(),
+        "not_after": (T0 + dt.timedelta(hours=1)).isoformat(),
+        "role": "radiologist",
+    }
     events = [
         _grant("g-new", T0, "grant created: locum cover", grant_id="G1", grantee="dr.locum", **window),
         _decision("dr.locum", T0 + dt.timedelta(minutes=30), Out.AUDIT_OUTCOME_SUCCESS, "in-time"),
         # After not_after: refused, and once more later.
         _decision("dr.locum", T0 + dt.timedelta(minutes=61), Out.AUDIT_OUTCOME_DENIED, "late-1"),
         _decision("dr.locum", T0 + dt.timedelta(hours=3), Out.AUDIT_OUTCOME_DENIED, "late-2"),
+        # Allowed afterwards: by another (standing) role it is not counted, by the grant's role it is.
+        _decision("dr.locum", T0 + dt.timedelta(hours=4), Out.AUDIT_OUTCOME_SUCCESS, "standing")
+        | {"actor_roles": ["teaching"]},
+        _decision("dr.locum", T0 + dt.timedelta(hours=5), Out.AUDIT_OUTCOME_SUCCESS, "same-role")
+        | {"actor_roles": ["radiologist"]},
         _grant("g2-new", T0, "grant created: consult", grant_id="G2", grantee="dr.consult", **window),
         _grant(
             "g2-rev",
@@ -156,12 +165,13 @@ def test_access_attempts_after_a_grant_expired_or_was_revoked() -> None:
     findings = [f for f in find_patterns(events, Rules()) if f.rule == "after_grant_end"]
     assert [(f.actor, f.count, f.evidence) for f in findings] == [
         ("dr.consult", 1, ("g2-new", "g2-rev", "after-revocation")),
-        ("dr.locum", 2, ("g-new", "late-1", "late-2")),
+        ("dr.locum", 3, ("g-new", "late-1", "late-2", "same-role")),
     ]
     assert findings[0].explanation == (
-        f"1 access attempts (1 refused) after grant G2 revoked at {(T0 + dt.timedelta(minutes=10)).isoformat()}"
+        "1 access attempts (1 refused) after grant G2 (role radiologist) revoked at "
+        f"{(T0 + dt.timedelta(minutes=10)).isoformat()}"
     )
-    assert "after grant G1 expired at" in findings[1].explanation
+    assert "after grant G1 (role radiologist) expired at" in findings[1].explanation
 
 
 def test_a_renewed_grant_is_not_an_ended_one() -> None:
