@@ -64,6 +64,10 @@ class Topics:
     def alerts(self) -> str:
         return f"{self.prefix}security.alerts"
 
+    @property
+    def checkpoints(self) -> str:
+        return f"{self.prefix}audit.checkpoints"
+
 
 @dataclass(frozen=True)
 class TopicSpec:
@@ -84,6 +88,8 @@ def topic_specs(topics: Topics, partitions: int = 6) -> list[TopicSpec]:
         TopicSpec(topics.audit, partitions, keep),
         TopicSpec(dlq_topic(topics.audit), 1, {**keep, "retention.ms": "-1"}),
         TopicSpec(topics.alerts, 1, {**keep, "retention.ms": "-1"}),
+        # Signed audit chain heads, kept forever: the copy a database administrator cannot delete.
+        TopicSpec(topics.checkpoints, 1, {**keep, "retention.ms": "-1"}),
     ]
 
 

@@ -1,7 +1,8 @@
 """`python -m services.audit` runs the service.
 
-python -m services.audit verify [--chain C]       recompute the chains; exit 1 if broken
-python -m services.audit query --target HOST:PORT [filters]
+python -m services.audit verify [--chain C] [--published-checkpoints]
+                                                  recompute the chains; exit 1 if broken
+python -m services.audit query --target HOST:PORT [filters] [--page-size N [--page-token T | --all-pages]]
                                                   records through the service (token in
                                                   AUDIT_ACCESS_TOKEN[_FILE]; audited, auditors only)
 python -m services.audit provision --password-file F
@@ -21,37 +22,49 @@ from typing import Any
 
 from pymongo import AsyncMongoClient
 
+from dicomsafe.common.kafka import Topics
 from dicomsafe.common.vault import VaultSession
 from dicomsafe.v1 import audit_pb2
 from services.audit.app import main as serve
+from services.audit.checkpoint_topic import Published, read_published
 from services.audit.checkpoints import CheckpointSigner
 from services.audit.config import AuditConfig
 from services.audit.exports import NotExportable, to_dicom_xml, to_fhir
+from services.audit.paging import Filters
 from services.audit.patterns import Rules, find_patterns
 from services.audit.progress import ProgressBar
 from services.audit.provision import provision
-from services.audit.remote_cli import query_via_service, verify_via_service
+from services.audit.remote_cli import query_pages_via_service, query_via_service, verify_via_service
 from services.audit.store import AuditStore
 
 
-async def _verify(chain: str, show_progress: bool) -> int:
+async def _verify(chain: str, show_progress: bool, use_published: bool) -> int:
     cfg = AuditConfig.from_env(serving=False)
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
     try:
         signer = CheckpointSigner(VaultSession(cfg.vault)) if cfg.vault else None
         keys = await asyncio.to_thread(signer.public_keys) if signer else None
+        found = Published()
+        if use_published:
+            if keys is None:
+                print("--published-checkpoints needs the checkpoint key (VAULT_*)", file=sys.stderr)
+                return 2
+            found = await read_published(cfg.kafka_bootstrap, Topics(cfg.topic_prefix).checkpoints, keys)
+            print(f"{found.read} published checkpoints read, {len(found.newest)} chains")
+        newest = {c: cp for c, cp in found.newest.items() if not chain or c == chain}
         store = AuditStore(client, cfg.database)
         bar = ProgressBar(await store.estimated_records()) if show_progress else None
-        verdict = await store.verify(chain, keys, bar.advance if bar else None)
+        verdict = await store.verify(chain, keys, bar.advance if bar else None, published=newest)
         if bar:
             bar.finish()
     finally:
         await client.close()
+    breaks = [*(b for b in found.breaks if not chain or b.chain == chain), *verdict.breaks]
     print(f"{verdict.records} records in {verdict.chains} chains, {verdict.checkpoints} signed checkpoints")
-    for b in verdict.breaks:
+    for b in breaks:
         print(f"BROKEN {b.chain} at seq {b.seq}: {b.reason}")
-    print("OK" if verdict.ok else "TAMPERING OR LOSS DETECTED")
-    return 0 if verdict.ok else 1
+    print("OK" if not breaks else "TAMPERING OR LOSS DETECTED")
+    return 0 if not breaks else 1
 
 
 async def _exposure(actor: str, since: str, until: str) -> int:
@@ -79,13 +92,13 @@ async def _export(fmt: str, actor: str, patient_ref: str, since: str, until: str
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
     skipped = 0
     try:
-        records = AuditStore(client, cfg.database).query(
+        filters = Filters(
             actor=actor,
             patient_ref=patient_ref,
             since=_when(since) if since else None,
             until=_when(until) if until else None,
-            limit=limit,
         )
+        records = AuditStore(client, cfg.database).query(filters, limit)
         async for record in records:
             try:
                 print(to_dicom_xml(record) if fmt == "dicom" else json.dumps(to_fhir(record), separators=(",", ":")))
@@ -113,6 +126,18 @@ async def _report(since: str, until: str, rules: Rules) -> int:
     for f in findings:
         print(f"{f.rule:<14} {f.actor:<20} {f.explanation}")
     return 0
+
+
+def _enum_values(names: list[str], enum: Any, prefix: str) -> list[int]:
+    """``retrieved``-style short names or full enum names, case-insensitive."""
+    values = []
+    for name in names:
+        full = name.upper() if name.upper().startswith(prefix) else prefix + name.upper()
+        try:
+            values.append(int(enum.Value(full)))
+        except ValueError:
+            raise SystemExit(f"unknown value {name!r} (one of {', '.join(enum.keys()[1:])})") from None
+    return values
 
 
 def _when(text: str) -> dt.datetime:
@@ -149,6 +174,11 @@ if len(sys.argv) > 1:
         "--target", default="", help="ask the running service (token in AUDIT_ACCESS_TOKEN[_FILE]) instead of MongoDB"
     )
     verify.add_argument("--subject", default="", help="subject id (only where authz runs without an identity provider)")
+    verify.add_argument(
+        "--published-checkpoints",
+        action="store_true",
+        help="also check the newest checkpoint per chain published on audit.checkpoints (KAFKA_BOOTSTRAP)",
+    )
     query = sub.add_parser("query", help="records through the running service: authorised by authz, itself audited")
     query.add_argument("--target", required=True, help="the audit service, host:port")
     query.add_argument("--subject", default="", help="subject id (only where authz runs without an identity provider)")
@@ -158,7 +188,12 @@ if len(sys.argv) > 1:
     query.add_argument("--object-id", default="")
     query.add_argument("--since", default="", help="ISO 8601, UTC if no offset")
     query.add_argument("--until", default="")
-    query.add_argument("--limit", type=int, default=100)
+    query.add_argument("--limit", type=int, default=100, help="without --page-size: at most this many records")
+    query.add_argument("--action", action="append", default=[], help="e.g. INSTANCE_RETRIEVED (repeatable)")
+    query.add_argument("--outcome", action="append", default=[], help="SUCCESS, DENIED or FAILURE (repeatable)")
+    query.add_argument("--page-size", type=int, default=0, help="page through the result (next token on stderr)")
+    query.add_argument("--page-token", default="", help="continue after the page that printed this token")
+    query.add_argument("--all-pages", action="store_true", help="with --page-size: walk every page")
     prov = sub.add_parser("provision", help="admin: create indexes and the insert/find-only writer")
     prov.add_argument("--password-file", type=Path, required=True, help="read if present, else generated and written")
     exposure = sub.add_parser(
@@ -182,16 +217,24 @@ if len(sys.argv) > 1:
     report.add_argument("--timezone", default="UTC", help="the hospital's time zone, for working hours")
     report.add_argument("--many-patients", type=int, default=20)
     report.add_argument("--denial-burst", type=int, default=5)
+    report.add_argument(
+        "--sensitive-label", action="append", default=None, help="labels that make a study sensitive (default: any)"
+    )
     args = parser.parse_args()
     if args.command == "report":
-        rules = Rules(timezone=args.timezone, many_patients=args.many_patients, denial_burst=args.denial_burst)
+        rules = Rules(
+            timezone=args.timezone,
+            many_patients=args.many_patients,
+            denial_burst=args.denial_burst,
+            sensitive_labels=frozenset(args.sensitive_label) if args.sensitive_label else None,
+        )
         sys.exit(asyncio.run(_report(args.since, args.until, rules)))
     if args.command == "export":
         sys.exit(asyncio.run(_export(args.format, args.actor, args.patient_ref, args.since, args.until, args.limit)))
     if args.command == "verify" and args.target:
-        sys.exit(asyncio.run(verify_via_service(args.target, args.subject, args.chain)))
+        sys.exit(asyncio.run(verify_via_service(args.target, args.subject, args.chain, args.published_checkpoints)))
     if args.command == "verify":
-        sys.exit(asyncio.run(_verify(args.chain, args.progress or sys.stderr.isatty())))
+        sys.exit(asyncio.run(_verify(args.chain, args.progress or sys.stderr.isatty(), args.published_checkpoints)))
     if args.command == "query":
         request = audit_pb2.QueryRequest(
             actor=args.actor,
@@ -199,11 +242,17 @@ if len(sys.argv) > 1:
             study_instance_uid=args.study,
             object_id=args.object_id,
             limit=args.limit,
+            actions=_enum_values(args.action, audit_pb2.AuditAction, "AUDIT_ACTION_"),  # type: ignore[arg-type]
+            outcomes=_enum_values(args.outcome, audit_pb2.AuditOutcome, "AUDIT_OUTCOME_"),  # type: ignore[arg-type]
+            page_size=args.page_size,
+            page_token=args.page_token,
         )
         if args.since:
             request.since.FromDatetime(_when(args.since))
         if args.until:
             request.until.FromDatetime(_when(args.until))
+        if args.page_size or args.page_token:
+            sys.exit(asyncio.run(query_pages_via_service(args.target, args.subject, request, args.all_pages)))
         sys.exit(asyncio.run(query_via_service(args.target, args.subject, request)))
     if args.command == "exposure":
         sys.exit(asyncio.run(_exposure(args.actor, args.since, args.until)))

@@ -29,12 +29,15 @@ from services.audit.store import AuditStore
 log = logging.getLogger("dicomsafe.audit.alerts")
 
 SOURCE = "audit"
-# Refusal bursts and unusual disclosure volume need a look soon; break-glass (authz already
-# raised it when it started) and erasures are listed for the routine review.
+# Refusal bursts, unusual disclosure volume and use of ended grants need a look soon; access to
+# sensitive studies, break-glass (authz already raised it when it started) and erasures are
+# listed for the routine review.
 SEVERITY = {
     "denial_burst": "warning",
     "many_patients": "warning",
     "off_hours": "warning",
+    "after_grant_end": "warning",
+    "sensitive_access": "info",
     "break_glass": "info",
     "erasure": "info",
 }

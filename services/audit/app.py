@@ -9,6 +9,8 @@ import logging
 from collections.abc import Awaitable
 from typing import Any
 
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
 
@@ -28,11 +30,12 @@ from dicomsafe.common.vault import VaultSession, VaultUnavailable
 from dicomsafe.v1 import audit_pb2_grpc, authz_pb2_grpc
 from services.audit.access import AuditAccess
 from services.audit.alerts import SOURCE, AlertRaiser, alert_forever
+from services.audit.checkpoint_topic import publish
 from services.audit.checkpoints import CheckpointSigner
 from services.audit.config import AuditConfig
 from services.audit.consumer import AuditConsumer
 from services.audit.patterns import Rules
-from services.audit.service import SERVICE_NAME, AuditServicer
+from services.audit.service import SERVICE_NAME, AuditServicer, PublishedSource
 from services.audit.store import AuditStore
 from services.audit.syslog_forward import SyslogForwarder, SyslogTarget, forward_forever
 
@@ -42,6 +45,8 @@ log = logging.getLogger("dicomsafe.audit")
 async def run(cfg: AuditConfig, stop: asyncio.Event) -> None:
     topics = Topics(cfg.topic_prefix)
     required = [topics.audit, dlq_topic(topics.audit)] + ([topics.alerts] if cfg.alert_interval_s > 0 else [])
+    if cfg.vault:  # checkpoints are signed: they are published too
+        required.append(topics.checkpoints)
     await require_topics(cfg.kafka_bootstrap, required)
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
     store = AuditStore(client, cfg.database)
@@ -61,7 +66,7 @@ async def run(cfg: AuditConfig, stop: asyncio.Event) -> None:
                 AuditEmitter(producer, "audit", topics.audit),
                 cfg.authz_deadline_s,
             )
-            servicer = AuditServicer(store, signer, access)
+            servicer = AuditServicer(store, signer, access, PublishedSource(cfg.kafka_bootstrap, topics.checkpoints))
             server, health = new_server(
                 [lambda s: audit_pb2_grpc.add_AuditServiceServicer_to_server(servicer, s)],
                 [SERVICE_NAME],
@@ -81,7 +86,9 @@ async def run(cfg: AuditConfig, stop: asyncio.Event) -> None:
             )
             background: list[Awaitable[None]] = [loop]
             if signer is not None:
-                background.append(checkpoint_forever(store, signer, cfg.checkpoint_interval_s, stop))
+                background.append(
+                    checkpoint_forever(store, signer, cfg.checkpoint_interval_s, stop, producer, topics.checkpoints)
+                )
             if cfg.alert_interval_s > 0:
                 raiser = AlertRaiser(
                     store,
@@ -104,8 +111,18 @@ async def run(cfg: AuditConfig, stop: asyncio.Event) -> None:
         await client.close()
 
 
-async def checkpoint_forever(store: AuditStore, signer: CheckpointSigner, interval_s: int, stop: asyncio.Event) -> None:
-    """Sign the head of every chain this replica advanced; once more on the way out."""
+async def checkpoint_forever(
+    store: AuditStore,
+    signer: CheckpointSigner,
+    interval_s: int,
+    stop: asyncio.Event,
+    producer: AIOKafkaProducer | None = None,
+    topic: str = "",
+) -> None:
+    """Sign the head of every chain this replica advanced, store it and publish it on ``topic``
+    (outside the database); once more on the way out. A head counts as signed only when both
+    copies are acknowledged; a retry stores nothing twice (unique (chain, seq)), and a verifier
+    takes the newest published checkpoint per chain, so a republished one is harmless."""
     signed: dict[str, int] = {}
     while True:
         stopping = stop.is_set()
@@ -114,7 +131,9 @@ async def checkpoint_forever(store: AuditStore, signer: CheckpointSigner, interv
                 try:
                     checkpoint = await asyncio.to_thread(signer.sign, chain, head.seq, head.hash)
                     await store.add_checkpoint(checkpoint)
-                except (VaultUnavailable, PyMongoError) as exc:
+                    if producer is not None:
+                        await publish(producer, topic, checkpoint)
+                except (VaultUnavailable, PyMongoError, KafkaError) as exc:
                     log.warning(
                         "checkpoint not written; will retry", extra={"chain": chain, "error": type(exc).__name__}
                     )

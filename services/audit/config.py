@@ -8,7 +8,7 @@ from dicomsafe.common.tls import TlsConfig, tls_from_env
 from dicomsafe.common.vault import VaultAuth, vault_auth_from_env
 
 # The trail is read by the gateway (on behalf of auditors) and by ops tooling.
-DEFAULT_GRPC_ALLOW = "Verify,Query=gateway,ops"
+DEFAULT_GRPC_ALLOW = "Verify,Query,QueryPage=gateway,ops"
 DEFAULT_ALLOWLIST = PeerAllowlist.parse(DEFAULT_GRPC_ALLOW)
 
 

@@ -21,6 +21,7 @@ DISCLOSURES = {_name(audit_pb2.AuditAction.AUDIT_ACTION_INSTANCE_RETRIEVED)}
 DECISION = _name(audit_pb2.AuditAction.AUDIT_ACTION_ACCESS_DECISION)
 OVERRIDE = _name(audit_pb2.AuditAction.AUDIT_ACTION_EMERGENCY_OVERRIDE)
 ERASURE = _name(audit_pb2.AuditAction.AUDIT_ACTION_PATIENT_ERASED)
+GRANT = _name(audit_pb2.AuditAction.AUDIT_ACTION_GRANT_CHANGED)
 SUCCESS = audit_pb2.AuditOutcome.Name(audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS)
 DENIED = audit_pb2.AuditOutcome.Name(audit_pb2.AuditOutcome.AUDIT_OUTCOME_DENIED)
 
@@ -34,6 +35,9 @@ class Rules:
     many_patients: int = 20
     denial_burst: int = 5
     denial_window: dt.timedelta = dt.timedelta(minutes=10)
+    # Labels (authz's access decisions carry the resource's in details["labels"]) that make a
+    # study sensitive; None = any label does (the gateway labels only restricted studies).
+    sensitive_labels: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,64 @@ def _when(event: Mapping[str, Any]) -> dt.datetime | None:
         return None
 
 
+@dataclass
+class _Grant:
+    """A time-limited grant as authz recorded it (GRANT_CHANGED, or an emergency override)."""
+
+    grant_id: str
+    grantee: str
+    role: str
+    not_before: dt.datetime | None
+    not_after: dt.datetime | None
+    event_ids: list[str]
+    revoked_at: dt.datetime | None = None
+
+    def ended(self) -> dt.datetime | None:
+        ends = [t for t in (self.not_after, self.revoked_at) if t is not None]
+        return min(ends) if ends else None
+
+    def in_force(self, at: dt.datetime) -> bool:
+        end = self.ended()
+        return (self.not_before is None or self.not_before <= at) and (end is None or at < end)
+
+
+def _time(text: object) -> dt.datetime | None:
+    try:
+        value = dt.datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+def _note_grant(grants: dict[str, _Grant], event: Mapping[str, Any], when: dt.datetime | None) -> None:
+    """Track a grant's window and revocation from authz's events about it."""
+    details = event.get("details") or {}
+    grant_id = str(details.get("grant_id", ""))
+    if not grant_id or event.get("outcome") != SUCCESS:
+        return
+    # GRANT_CHANGED is recorded with the manager as actor and the grantee in details; an
+    # override is its grantee's own act.
+    grantee = str(details.get("grantee") or event.get("actor", ""))
+    grant = grants.setdefault(
+        grant_id,
+        _Grant(
+            grant_id,
+            grantee,
+            str(details.get("role", "")),
+            _time(details.get("not_before")),
+            _time(details.get("not_after")),
+            [],
+        ),
+    )
+    grant.event_ids.append(str(event.get("event_id", "")))
+    reason = str(event.get("reason", ""))
+    revoked = reason.startswith("grant revoked") or (
+        details.get("override") == "stopped" and reason.endswith("revoked")
+    )
+    if revoked and when is not None:
+        grant.revoked_at = min(grant.revoked_at or when, when)
+
+
 def find_patterns(events: Iterable[Mapping[str, Any]], rules: Rules) -> list[Finding]:
     zone = ZoneInfo(rules.timezone)
     off_hours: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
@@ -62,11 +124,22 @@ def find_patterns(events: Iterable[Mapping[str, Any]], rules: Rules) -> list[Fin
     patients: dict[str, set[str]] = defaultdict(set)
     denials: dict[str, deque[tuple[dt.datetime, str]]] = defaultdict(deque)
     worst_burst: dict[str, list[str]] = {}
+    sensitive: dict[str, list[tuple[Mapping[str, Any], tuple[str, ...]]]] = defaultdict(list)
+    grants: dict[str, _Grant] = {}
+    decisions: dict[str, list[tuple[dt.datetime, Mapping[str, Any]]]] = defaultdict(list)
     findings: list[Finding] = []
     for event in events:
         actor, action, outcome = str(event.get("actor", "")), event.get("action"), event.get("outcome")
         event_id = str(event.get("event_id", ""))
         when = _when(event)
+        if action in (GRANT, OVERRIDE):
+            _note_grant(grants, event, when)
+        if action == DECISION:
+            labels = _labels(event, rules)
+            if labels:
+                sensitive[actor].append((event, labels))
+            if when is not None:
+                decisions[actor].append((when, event))
         if action in DISCLOSURES and outcome == SUCCESS:
             if when is not None and not rules.work_start_hour <= when.astimezone(zone).hour < rules.work_end_hour:
                 off_hours[actor].append(event)
@@ -120,7 +193,79 @@ def find_patterns(events: Iterable[Mapping[str, Any]], rules: Rules) -> list[Fin
         for actor, ids in worst_burst.items()
         if len(ids) >= rules.denial_burst
     ]
+    findings += [_sensitive_finding(actor, seen) for actor, seen in sensitive.items()]
+    findings += _ended_grant_findings(grants, decisions)
     return sorted(findings, key=lambda f: (f.rule, f.actor))
+
+
+def _labels(event: Mapping[str, Any], rules: Rules) -> tuple[str, ...]:
+    """The sensitive labels of the resource an access decision was about."""
+    raw = str((event.get("details") or {}).get("labels", ""))
+    labels = {label.strip() for label in raw.split(",") if label.strip()}
+    if rules.sensitive_labels is not None:
+        labels &= rules.sensitive_labels
+    return tuple(sorted(labels))
+
+
+def _sensitive_finding(actor: str, seen: list[tuple[Mapping[str, Any], tuple[str, ...]]]) -> Finding:
+    """Every access decision on a sensitive study, allowed or refused, for the routine review:
+    these are the studies whose readers a privacy officer is expected to look at."""
+    labels = sorted({label for _, ls in seen for label in ls})
+    allowed = sum(1 for e, _ in seen if e.get("outcome") == SUCCESS)
+    events = [e for e, _ in seen]
+    return Finding(
+        "sensitive_access",
+        actor,
+        len(seen),
+        f"{len(seen)} access decisions on sensitive studies ({', '.join(labels)}): "
+        f"{allowed} allowed, {len(seen) - allowed} refused",
+        _ids(events),
+        _refs(events),
+    )
+
+
+def _ended_grant_findings(
+    grants: dict[str, _Grant], decisions: dict[str, list[tuple[dt.datetime, Mapping[str, Any]]]]
+) -> list[Finding]:
+    """Access attempts by a subject after a grant of theirs ended (expired or revoked) while no
+    grant of theirs seen in the window was in force: someone still using access taken away.
+    Counted: refusals, and allowed decisions that name the ended grant's role (authz no longer
+    loads an ended grant, so those came from a standing binding of the same role — or from a
+    grant authz should not have honoured; either way worth a look). An allowance by another
+    role is the subject's standing right and not counted. The grant's own events are evidence
+    too, so a reviewer sees which grant and why it ended."""
+    by_grantee: dict[str, list[_Grant]] = defaultdict(list)
+    for grant in grants.values():
+        by_grantee[grant.grantee].append(grant)
+    findings = []
+    for grantee, theirs in by_grantee.items():
+        for grant in theirs:
+            end = grant.ended()
+            if end is None:
+                continue
+            late = [
+                event
+                for when, event in decisions.get(grantee, [])
+                if when >= end
+                and not any(g.in_force(when) for g in theirs)
+                and (event.get("outcome") != SUCCESS or (grant.role and grant.role in event.get("actor_roles", ())))
+            ]
+            if not late:
+                continue
+            how = "revoked" if grant.revoked_at is not None and grant.revoked_at <= end else "expired"
+            refused = sum(1 for e in late if e.get("outcome") != SUCCESS)
+            findings.append(
+                Finding(
+                    "after_grant_end",
+                    grantee,
+                    len(late),
+                    f"{len(late)} access attempts ({refused} refused) after grant {grant.grant_id} "
+                    f"(role {grant.role or '?'}) {how} at {end.isoformat()}",
+                    (*grant.event_ids, *_ids(late)),
+                    _refs(late),
+                )
+            )
+    return findings
 
 
 def _ids(events: Iterable[Mapping[str, Any]]) -> tuple[str, ...]:

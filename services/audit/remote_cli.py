@@ -37,8 +37,30 @@ async def query_via_service(target: str, subject: str, request: audit_pb2.QueryR
     return 0
 
 
-async def verify_via_service(target: str, subject: str, chain: str) -> int:
-    request = audit_pb2.VerifyRequest(chain=chain, subject_id=subject, access_token=caller_token())
+async def query_pages_via_service(target: str, subject: str, request: audit_pb2.QueryRequest, all_pages: bool) -> int:
+    """One page (its next token on stderr as `next_page_token: T`), or every page in turn."""
+    request.subject_id, request.access_token = subject, caller_token()
+    async with new_channel(target, tls_from_env()) as channel:  # the operator's certificate ("ops")
+        stub = audit_pb2_grpc.AuditServiceStub(channel)
+        while True:
+            try:
+                page = await stub.QueryPage(request, timeout=120)
+            except grpc.aio.AioRpcError as exc:
+                return _refused(exc)
+            for record in page.records:
+                print(json.dumps(MessageToDict(record, preserving_proto_field_name=True), separators=(",", ":")))
+            if not page.next_page_token:
+                return 0
+            if not all_pages:
+                print(f"next_page_token: {page.next_page_token}", file=sys.stderr)
+                return 0
+            request.page_token = page.next_page_token
+
+
+async def verify_via_service(target: str, subject: str, chain: str, published_checkpoints: bool = False) -> int:
+    request = audit_pb2.VerifyRequest(
+        chain=chain, subject_id=subject, access_token=caller_token(), published_checkpoints=published_checkpoints
+    )
     async with new_channel(target, tls_from_env()) as channel:  # the operator's certificate ("ops")
         try:
             verdict = await audit_pb2_grpc.AuditServiceStub(channel).Verify(request, timeout=3600)

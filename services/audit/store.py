@@ -38,6 +38,16 @@ from services.audit.chain import (
     link_hash_v2,
 )
 from services.audit.checkpoints import Checkpoint, signature_valid
+from services.audit.paging import (
+    MAX_LIMIT,
+    MAX_PAGE_SIZE,
+    ORDER,
+    ORDERED_INDEXES,
+    Filters,
+    Position,
+    encode_token,
+    position_of,
+)
 
 log = logging.getLogger("dicomsafe.audit.store")
 
@@ -54,6 +64,8 @@ VERIFY_PARALLEL_CHAINS = 4
 _DUPLICATE_KEY = frozenset({11000, 11001, 12582})
 # Per-document write errors that a retry can clear (write conflict, time limit, failover).
 _TRANSIENT_WRITE_CODES = frozenset({50, 91, 112, 189, 262, 10107, 11600, 11602, 13435, 13436})
+_ORDER = [(key, ASCENDING) for key, _ in ORDER]
+_LEGACY_INDEXES = frozenset({"study", "actor", "object", "patient", "recorded_at"})
 
 
 @dataclass
@@ -112,11 +124,16 @@ class AuditStore:
     async def ensure_indexes(self) -> None:
         await self._events.create_index([("chain", ASCENDING), ("seq", ASCENDING)], unique=True, name="chain_seq")
         await self._events.create_index("event_id", unique=True, name="event_id")
-        await self._events.create_index("event.study_instance_uid", name="study")
-        await self._events.create_index("event.actor", name="actor")
-        await self._events.create_index("event.object_id", name="object")
-        await self._events.create_index("event.patient_ref", name="patient")
-        await self._events.create_index("recorded_at", name="recorded_at")
+        # One index per identifier filter and one for time, each ending in the query order, so
+        # any of them walks its records already sorted and a page resumes by a seek, not a sort.
+        # Action and outcome get none: ~20 and 3 values select too little to pay an index on
+        # every append; they filter the walk one of these chooses.
+        existing = {ix["name"] async for ix in await self._events.list_indexes()}
+        for name, field in ORDERED_INDEXES.items():
+            keys = ([(field, ASCENDING)] if field else []) + _ORDER
+            await self._events.create_index(keys, name=name)
+        for legacy in _LEGACY_INDEXES & existing:  # single-field forms, superseded by the above
+            await self._events.drop_index(legacy)
         await self._checkpoints.create_index([("chain", ASCENDING), ("seq", ASCENDING)], unique=True, name="chain_seq")
         # Also creates the collection, which the insert/find-only writer may not do itself everywhere.
         await self._alerts.create_index([("rule", ASCENDING), ("actor", ASCENDING)], name="rule_actor")
@@ -273,25 +290,30 @@ class AuditStore:
         chain: str = "",
         public_keys: dict[int, Ed25519PublicKey] | None = None,
         progress: Callable[[int], None] | None = None,
+        published: Mapping[str, Checkpoint] | None = None,
     ) -> Verdict:
         """Recompute every chain; with ``public_keys``, also check every signed checkpoint:
         its signature, that the record at its seq has its hash, and that the chain still
         reaches it (a shorter chain was truncated — even to nothing). Records and checkpoints
         are both streamed in seq order, so memory stays bounded whatever the length.
-        ``progress`` is told how many records each step checked."""
+        ``progress`` is told how many records each step checked. ``published``: the newest
+        signed checkpoint of each chain from outside the database (checkpoint_topic.py, its
+        signature already checked), checked like the stored ones — so deleting the newest
+        stored checkpoints with a chain's tail does not hide the truncation."""
         if chain:
             chains = [chain]
         else:
             names = set(await self._events.distinct("chain"))
             if public_keys is not None:  # a chain whose every record is gone still has checkpoints
                 names |= set(await self._checkpoints.distinct("chain"))
+            names |= set(published or ())
             chains = sorted(names)
         # A few chains at once: while one waits for the server's next batch, another is hashed.
         limit = asyncio.Semaphore(VERIFY_PARALLEL_CHAINS)
 
         async def one(name: str) -> tuple[int, int, list[Break]]:
             async with limit:
-                return await self._verify_one(name, public_keys, progress)
+                return await self._verify_one(name, public_keys, progress, (published or {}).get(name))
 
         results = await asyncio.gather(*(one(name) for name in chains))
         breaks = [b for _, _, chain_breaks in results for b in chain_breaks]
@@ -316,12 +338,33 @@ class AuditStore:
             await cursor.close()
 
     async def _verify_one(
-        self, name: str, public_keys: dict[int, Ed25519PublicKey] | None, progress: Callable[[int], None] | None
+        self,
+        name: str,
+        public_keys: dict[int, Ed25519PublicKey] | None,
+        progress: Callable[[int], None] | None,
+        published: Checkpoint | None = None,
     ) -> tuple[int, int, list[Break]]:
         breaks: list[Break] = []
         checked_cps = 0
 
         async def signed_checkpoints() -> AsyncGenerator[Checkpoint, None]:
+            """The stored checkpoints in seq order, the published one merged in at its place."""
+            nonlocal checked_cps, published
+            stored = stored_checkpoints()
+            try:
+                async for cp in stored:
+                    if published is not None and published.seq <= cp.seq:
+                        checked_cps += 1
+                        yield published
+                        published = None
+                    yield cp
+            finally:
+                await stored.aclose()
+            if published is not None:
+                checked_cps += 1
+                yield published
+
+        async def stored_checkpoints() -> AsyncGenerator[Checkpoint, None]:
             nonlocal checked_cps
             if public_keys is None:
                 return
@@ -408,31 +451,27 @@ class AuditStore:
         ):
             yield doc["event"]
 
-    async def query(
-        self,
-        *,
-        patient_ref: str = "",
-        study_instance_uid: str = "",
-        actor: str = "",
-        object_id: str = "",
-        since: dt.datetime | None = None,
-        until: dt.datetime | None = None,
-        limit: int = 100,
-    ) -> AsyncIterator[audit_pb2.AuditRecord]:
-        flt: dict[str, Any] = {}
-        if patient_ref:
-            flt["event.patient_ref"] = patient_ref
-        if study_instance_uid:
-            flt["event.study_instance_uid"] = study_instance_uid
-        if actor:
-            flt["event.actor"] = actor
-        if object_id:
-            flt["event.object_id"] = object_id
-        if since or until:
-            flt["recorded_at"] = {k: v for k, v in (("$gte", since), ("$lt", until)) if v}
-        cursor = self._events.find(flt, sort=[("recorded_at", ASCENDING)], limit=max(1, min(limit, 10_000)))
+    async def query(self, filters: Filters, limit: int = 100) -> AsyncIterator[audit_pb2.AuditRecord]:
+        """Matching records in query order (recorded_at, chain, seq), at most ``limit``."""
+        cursor = self._events.find(
+            filters.mongo(), sort=_ORDER, limit=max(1, min(limit, MAX_LIMIT)), hint=filters.index()
+        )
         async for doc in cursor:
             yield to_record(doc)
+
+    async def query_page(
+        self, filters: Filters, page_size: int, after: Position | None = None
+    ) -> tuple[list[audit_pb2.AuditRecord], str]:
+        """One page after ``after`` (None = from the start) and the token of the next page
+        ("" when none). One record more than the page is read to know whether another follows."""
+        size = max(1, min(page_size, MAX_PAGE_SIZE))
+        flt = filters.mongo() if after is None else after.continue_after(filters.mongo())
+        docs = [doc async for doc in self._events.find(flt, sort=_ORDER, limit=size + 1, hint=filters.index())]
+        records = [to_record(doc) for doc in docs[:size]]
+        if len(docs) <= size:
+            return records, ""
+        last = docs[size - 1]
+        return records, encode_token(position_of(last["recorded_at"], str(last["chain"]), int(last["seq"])), filters)
 
 
 @dataclass(frozen=True)

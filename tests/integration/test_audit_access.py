@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -105,6 +106,9 @@ async def test_only_auditors_read_and_every_attempt_is_recorded(
         assert await _query(stub, access_token=officer, study_instance_uid=STUDY)
         verdict = await stub.Verify(audit_pb2.VerifyRequest(access_token=auditor), timeout=30)
         assert verdict.ok and verdict.records_checked >= 1
+        # Without checkpoints there is nothing published to check against: said, not skipped.
+        published = audit_pb2.VerifyRequest(access_token=auditor, published_checkpoints=True)
+        assert await _refusal(stub.Verify(published, timeout=30)) == grpc.StatusCode.FAILED_PRECONDITION
         q = audit_pb2.QueryRequest(access_token=physician, study_instance_uid=STUDY)
         assert await _refusal(stub.Query(q)) == grpc.StatusCode.PERMISSION_DENIED
         v = audit_pb2.VerifyRequest(access_token=officer)
@@ -209,3 +213,120 @@ async def test_no_decision_no_answer(pki: Pki, servers: Servers, unique: str) ->
         ("aud.ito", A.AUDIT_ACTION_AUDIT_QUERIED, Out.AUDIT_OUTCOME_FAILURE, "verify")
     ]
     assert events[0].reason.startswith("authz unavailable")
+
+
+async def test_paging_through_the_service_with_action_and_outcome_filters(
+    pki: Pki, servers: Servers, unique: str, idp: LocalIssuer
+) -> None:
+    """QueryPage over gRPC (and the CLI's --all-pages): walking every page of a filtered result
+    yields exactly what one Query returns — no record twice, none missed — while the service's
+    own access records for the same study are appended between the pages."""
+    topics = Topics(f"t{unique}.")
+    await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
+    database = f"audit_page_{unique}"
+    user, password = await provision(servers.mongodb_uri, database)
+    authz = with_tls(authz_config(servers.kafka_bootstrap, topics.prefix, idp), pki, "authz")
+    cfg = with_tls(
+        AuditConfig(
+            grpc_bind=f"127.0.0.1:{free_port()}",
+            kafka_bootstrap=servers.kafka_bootstrap,
+            topic_prefix=topics.prefix,
+            group_id=f"audit-{unique}",
+            mongodb_uri=user_uri(servers.mongodb_uri, database, user, password),
+            database=database,
+            authz_target=authz.grpc_bind,
+        ),
+        pki,
+        "audit",
+    )
+    study = "1.2.840.99.7"
+    actions = (A.AUDIT_ACTION_INSTANCE_RETRIEVED, A.AUDIT_ACTION_ACCESS_DECISION, A.AUDIT_ACTION_OBJECT_OPENED)
+    seeded = [
+        audit_pb2.AuditEvent(
+            event_id=str(uuid.uuid4()),
+            service="test",
+            action=actions[i % 3],
+            outcome=Out.AUDIT_OUTCOME_DENIED if i % 5 == 0 else Out.AUDIT_OUTCOME_SUCCESS,
+            actor=f"user{i % 4}",
+            study_instance_uid=study,
+        )
+        for i in range(40)
+    ]
+    producer = new_producer(servers.kafka_bootstrap, "test")
+    await producer.start()
+    try:
+        for event in seeded:
+            await producer.send(topics.audit, event.SerializeToString(), key=event.actor.encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+    auditor = idp.token("aud.ito")
+    wanted_actions = [A.AUDIT_ACTION_INSTANCE_RETRIEVED, A.AUDIT_ACTION_ACCESS_DECISION]
+    expected_ids = [e.event_id for e in seeded if e.action in wanted_actions]
+    async with (
+        running(lambda stop: run_authz(authz, stop), authz.grpc_bind, pki.tls(TEST_CLIENT)),
+        running(lambda stop: run_audit(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)),
+        new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as ch,
+    ):
+        stub = audit_pb2_grpc.AuditServiceStub(ch)
+        deadline = time.monotonic() + 60
+        while len(await _query(stub, access_token=auditor, study_instance_uid=study)) < len(seeded):
+            assert time.monotonic() < deadline, "seeded events never became queryable"
+            await asyncio.sleep(0.3)
+
+        request = audit_pb2.QueryRequest(
+            access_token=auditor, study_instance_uid=study, actions=wanted_actions, page_size=4
+        )
+        pages: list[list[str]] = []
+        while True:
+            page = await stub.QueryPage(request, timeout=30)
+            pages.append([r.event.event_id for r in page.records])
+            if not page.next_page_token:
+                break
+            request.page_token = page.next_page_token
+        walked = [i for p in pages for i in p]
+        assert walked == expected_ids and len(set(walked)) == len(walked) == 27
+        assert [len(p) for p in pages] == [4] * 6 + [3]
+        # Both filters together; the same result as one Query with them.
+        denied = audit_pb2.QueryRequest(
+            access_token=auditor, study_instance_uid=study, outcomes=[Out.AUDIT_OUTCOME_DENIED], page_size=100
+        )
+        page = await stub.QueryPage(denied, timeout=30)
+        denied_ids = [e.event_id for e in seeded if e.outcome == Out.AUDIT_OUTCOME_DENIED]
+        assert [r.event.event_id for r in page.records] == denied_ids and page.next_page_token == ""
+        streamed = await _query(stub, access_token=auditor, study_instance_uid=study)
+        assert [r.event.event_id for r in streamed if r.event.outcome == Out.AUDIT_OUTCOME_DENIED] == denied_ids
+
+        # A token continues only its own query; a physician gets no page at all.
+        other = audit_pb2.QueryRequest(access_token=auditor, actor="user1", page_token=request.page_token)
+        assert await _refusal(stub.QueryPage(other, timeout=30)) == grpc.StatusCode.INVALID_ARGUMENT
+        unspecified = audit_pb2.QueryRequest(access_token=auditor, actions=[A.AUDIT_ACTION_UNSPECIFIED])
+        assert await _refusal(stub.QueryPage(unspecified, timeout=30)) == grpc.StatusCode.INVALID_ARGUMENT
+        physician = audit_pb2.QueryRequest(access_token=idp.token("dr.house"), study_instance_uid=study)
+        assert await _refusal(stub.QueryPage(physician, timeout=30)) == grpc.StatusCode.PERMISSION_DENIED
+
+        cli = await asyncio.to_thread(
+            _cli,
+            cfg.grpc_bind,
+            auditor,
+            pki,
+            ["--study", study, "--action", "INSTANCE_RETRIEVED", "--action", "access_decision"],
+            ["--page-size", "5", "--all-pages"],
+        )
+        assert cli.returncode == 0, cli.stderr
+        assert [json.loads(line)["event"]["event_id"] for line in cli.stdout.splitlines()] == expected_ids
+        one = await asyncio.to_thread(_cli, cfg.grpc_bind, auditor, pki, ["--study", study], ["--page-size", "5"])
+        assert one.returncode == 0 and len(one.stdout.splitlines()) == 5
+        assert "next_page_token: " in one.stderr
+
+
+def _cli(target: str, token: str, pki: Pki, *args: list[str]) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **pki.env("ops"), "AUDIT_ACCESS_TOKEN": token}
+    return subprocess.run(
+        [sys.executable, "-m", "services.audit", "query", "--target", target, *(a for group in args for a in group)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

@@ -6,7 +6,7 @@ import asyncio
 import base64
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import bson
@@ -14,6 +14,7 @@ import pytest
 from bson.codec_options import CodecOptions
 from bson.raw_bson import RawBSONDocument
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from google.protobuf.json_format import ParseDict
 from pymongo import AsyncMongoClient
 
 from dicomsafe.common.kafka import PermanentError
@@ -21,7 +22,8 @@ from dicomsafe.v1 import audit_pb2
 from services.audit.chain import GENESIS, ChainVerifier, event_document, link_hash, link_hash_v2
 from services.audit.checkpoints import Checkpoint
 from services.audit.checkpoints import message as checkpoint_message
-from services.audit.store import COLLECTION, AuditStore
+from services.audit.paging import BadPageToken, Filters, decode_token
+from services.audit.store import COLLECTION, AuditStore, Head, chained_records
 from tests.servers import Servers
 
 
@@ -59,12 +61,12 @@ async def test_append_verify_and_query(store: AuditStore) -> None:
     await store.append("c:1", _event(actor="tech.jane", study="9.9"))
     verdict = await store.verify()
     assert verdict.ok and verdict.chains == 2 and verdict.records == 11
-    house = [r async for r in store.query(actor="dr.house")]
+    house = [r async for r in store.query(Filters(actor="dr.house"))]
     assert len(house) == 5 and all(r.event.actor == "dr.house" for r in house)
     assert [r.seq for r in house] == [2, 4, 6, 8, 10]
-    assert len([r async for r in store.query(study_instance_uid="9.9")]) == 1
+    assert len([r async for r in store.query(Filters(study_instance_uid="9.9"))]) == 1
     future = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
-    assert [r async for r in store.query(since=future)] == []
+    assert [r async for r in store.query(Filters(since=future))] == []
 
 
 async def test_redelivered_event_is_recorded_once(store: AuditStore) -> None:
@@ -168,7 +170,7 @@ async def test_exposure_report_lists_what_a_subject_received(store: AuditStore) 
     assert report.studies == {"1.1", "1.2", "2.1"}
     future = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
     assert (await store.exposure("dr.evil", future, None)).events == 0
-    assert len([r async for r in store.query(patient_ref="aa" * 16)]) == 2
+    assert len([r async for r in store.query(Filters(patient_ref="aa" * 16))]) == 2
 
 
 def _rich_event() -> audit_pb2.AuditEvent:
@@ -212,7 +214,7 @@ async def test_stored_event_round_trips_exactly(
     assert raw["hash"] == link_hash_v2(GENESIS, bytes(stored.raw)[4:-76])
     assert ChainVerifier("c:0").feed_bson(bytes(stored.raw)) is None
     assert raw["event_id"] == event.event_id
-    (record,) = [r async for r in store.query(object_id="obj-1")]
+    (record,) = [r async for r in store.query(Filters(object_id="obj-1"))]
     assert record.event == event
     assert (record.chain, record.seq, record.prev_hash, record.hash) == ("c:0", 1, GENESIS, raw["hash"])
     assert (await store.verify()).ok
@@ -333,3 +335,211 @@ async def test_an_untouched_chain_of_100000_events_verifies_clean(store: AuditSt
     verdict = await store.verify()
     assert verdict.ok, verdict.breaks
     assert verdict.records == total
+
+
+def _forged(seq: int, prev_hash: str, event: audit_pb2.AuditEvent | None = None) -> dict[str, Any]:
+    """A record in the current format (version 2), correctly hashed over its own content and
+    linked to ``prev_hash``: anyone can compute SHA-256, no key is needed for that."""
+    event = event or _event(actor="mallory")
+    (record,) = chained_records("c:0", Head(seq - 1, prev_hash), [(event.event_id, bson.encode(event_document(event)))])
+    return record
+
+
+def _signer() -> tuple[Ed25519PrivateKey, Callable[[str, int, str], Checkpoint]]:
+    key = Ed25519PrivateKey.generate()
+
+    def sign(chain: str, seq: int, head: str) -> Checkpoint:
+        signature = base64.b64encode(key.sign(checkpoint_message(chain, seq, head))).decode()
+        return Checkpoint(chain, seq, head, f"vault:v1:{signature}")
+
+    return key, sign
+
+
+async def test_inserted_record_with_shifted_seqs_is_named(
+    store: AuditStore, client: AsyncMongoClient[dict[str, Any]], unique: str
+) -> None:
+    """A forged record put between seq 3 and 4, the later records' seq shifted up by one to make
+    room. The forgery links to 3 (it is well formed); the real record after it no longer does."""
+    for _ in range(6):
+        await store.append("c:0", _event())
+    raw = client[f"audit_{unique}"][COLLECTION]
+    third = await raw.find_one({"chain": "c:0", "seq": 3})
+    assert third is not None
+    for seq in (6, 5, 4):  # from the end, so the unique (chain, seq) index never collides
+        await raw.update_one({"chain": "c:0", "seq": seq}, {"$set": {"seq": seq + 1}})
+    await raw.insert_one(_forged(4, str(third["hash"])))
+    verdict = await store.verify()
+    assert [(b.chain, b.seq, b.reason) for b in verdict.breaks] == [
+        ("c:0", 5, "prev_hash does not match the previous record")
+    ]
+
+
+async def test_inserted_record_with_the_tail_rechained_is_caught_by_a_checkpoint(
+    store: AuditStore, client: AsyncMongoClient[dict[str, Any]], unique: str
+) -> None:
+    """The same insertion by someone who also recomputes every later link: the hash chain is
+    consistent again, but the record at the signed head's seq no longer has the signed hash."""
+    key, sign = _signer()
+    for _ in range(6):
+        await store.append("c:0", _event())
+    head = store.heads()["c:0"]
+    await store.add_checkpoint(sign("c:0", head.seq, head.hash))
+    raw = client[f"audit_{unique}"][COLLECTION]
+    later = [doc async for doc in raw.find({"chain": "c:0", "seq": {"$gte": 4}}, sort=[("seq", 1)])]
+    third = await raw.find_one({"chain": "c:0", "seq": 3})
+    assert third is not None and len(later) == 3
+    await raw.delete_many({"chain": "c:0", "seq": {"$gte": 4}})
+    forged = [_forged(4, str(third["hash"]))]
+    for doc in later:
+        event = audit_pb2.AuditEvent()
+        ParseDict(doc["event"], event)
+        forged.append(_forged(len(forged) + 4, str(forged[-1]["hash"]), event))
+    await raw.insert_many(forged)
+    assert (await store.verify()).ok  # the hash chain alone cannot tell
+    verdict = await store.verify(public_keys={1: key.public_key()})
+    assert [(b.chain, b.seq, b.reason) for b in verdict.breaks] == [
+        ("c:0", 6, "record differs from its signed checkpoint")
+    ]
+
+
+async def test_inserted_record_with_a_duplicated_seq_is_named(
+    store: AuditStore, client: AsyncMongoClient[dict[str, Any]], unique: str
+) -> None:
+    """A forged record with the seq of a real one (possible once the unique index is dropped):
+    the chain holds two records at seq 3. Whichever the server returns first links; the other
+    stands where seq 4 is expected."""
+    for _ in range(5):
+        await store.append("c:0", _event())
+    raw = client[f"audit_{unique}"][COLLECTION]
+    await raw.drop_index("chain_seq")
+    second = await raw.find_one({"chain": "c:0", "seq": 2})
+    assert second is not None
+    await raw.insert_one(_forged(3, str(second["hash"])))
+    verdict = await store.verify()
+    assert [(b.chain, b.seq, b.reason) for b in verdict.breaks] == [("c:0", 4, "sequence out of order")]
+
+
+async def test_reordered_records_are_named(
+    store: AuditStore, client: AsyncMongoClient[dict[str, Any]], unique: str
+) -> None:
+    """Two records' seq swapped (3 <-> 4): both are still in the chain, in the wrong order."""
+    for _ in range(6):
+        await store.append("c:0", _event())
+    raw = client[f"audit_{unique}"][COLLECTION]
+    await raw.update_one({"chain": "c:0", "seq": 3}, {"$set": {"seq": -3}})
+    await raw.update_one({"chain": "c:0", "seq": 4}, {"$set": {"seq": 3}})
+    await raw.update_one({"chain": "c:0", "seq": -3}, {"$set": {"seq": 4}})
+    verdict = await store.verify()
+    assert [(b.chain, b.seq, b.reason) for b in verdict.breaks] == [
+        ("c:0", 3, "prev_hash does not match the previous record")
+    ]
+
+
+async def test_query_filters_by_action_and_outcome(store: AuditStore) -> None:
+    A, Out = audit_pb2.AuditAction, audit_pb2.AuditOutcome
+    events = []
+    for i in range(12):
+        event = _event(actor="dr.house")
+        event.action = (A.AUDIT_ACTION_INSTANCE_RETRIEVED, A.AUDIT_ACTION_ACCESS_DECISION, A.AUDIT_ACTION_KEY_ROTATED)[
+            i % 3
+        ]
+        event.outcome = Out.AUDIT_OUTCOME_DENIED if i % 4 == 0 else Out.AUDIT_OUTCOME_SUCCESS
+        events.append(event)
+    await store.append_many("c:0", events)
+    decisions = Filters(actions=("AUDIT_ACTION_ACCESS_DECISION",))
+    assert [r.seq async for r in store.query(decisions)] == [2, 5, 8, 11]
+    denied = Filters(outcomes=("AUDIT_OUTCOME_DENIED",))
+    assert [r.seq async for r in store.query(denied)] == [1, 5, 9]
+    both = Filters(
+        actor="dr.house",
+        actions=("AUDIT_ACTION_ACCESS_DECISION", "AUDIT_ACTION_KEY_ROTATED"),
+        outcomes=("AUDIT_OUTCOME_DENIED",),
+    )
+    assert [r.seq async for r in store.query(both)] == [5, 9]
+
+
+async def test_walking_every_page_yields_each_record_once(store: AuditStore) -> None:
+    """Records of several chains recorded in the same milliseconds (one batch shares its
+    recorded_at): the pages follow (recorded_at, chain, seq), no record twice, none missed —
+    even with records appended between pages."""
+    for _ in range(4):
+        for chain in ("c:1", "c:0", "c:2"):
+            await store.append_many(chain, [_event(actor="dr.house" if i % 3 else "aud.ito") for i in range(9)])
+    expected = [(r.chain, r.seq) async for r in store.query(Filters(), 10_000)]
+    assert len(expected) == 108
+
+    async def walk(filters: Filters, size: int, appended_midway: bool = False) -> list[tuple[str, int]]:
+        seen: list[tuple[str, int]] = []
+        after, pages = None, 0
+        while True:
+            records, token = await store.query_page(filters, size, after)
+            seen += [(r.chain, r.seq) for r in records]
+            pages += 1
+            if not token:
+                return seen
+            assert len(records) == size
+            after = decode_token(token, filters)
+            if appended_midway and pages == 2:
+                await store.append_many("c:0", [_event() for _ in range(3)])
+
+    assert await walk(Filters(), 7) == expected
+    assert await walk(Filters(), 108) == expected  # one full page, no empty one after it
+    house = [(r.chain, r.seq) async for r in store.query(Filters(actor="dr.house"), 10_000)]
+    assert len(house) == 72 and await walk(Filters(actor="dr.house"), 5) == house
+    walked = await walk(Filters(), 10, appended_midway=True)
+    assert walked[:108] == expected and len(walked) == 111 and len(set(walked)) == 111
+    # A token only continues the query it came from.
+    _, token = await store.query_page(Filters(actor="dr.house"), 5)
+    with pytest.raises(BadPageToken):
+        decode_token(token, Filters(actor="aud.ito"))
+    with pytest.raises(BadPageToken):
+        decode_token("not-a-token", Filters())
+
+
+async def test_every_query_walks_an_index_in_query_order(
+    store: AuditStore, client: AsyncMongoClient[dict[str, Any]], unique: str
+) -> None:
+    """Each filter (and the time range) has an index ending in (recorded_at, chain, seq), so a
+    page is an index walk from the token's position, never a sort of everything matching."""
+    names = {ix["name"]: list(ix["key"]) async for ix in await client[f"audit_{unique}"][COLLECTION].list_indexes()}
+    order = ["recorded_at", "chain", "seq"]
+    assert names["recorded_order"] == order
+    for name, field in (
+        ("actor_order", "event.actor"),
+        ("study_order", "event.study_instance_uid"),
+        ("object_order", "event.object_id"),
+        ("patient_order", "event.patient_ref"),
+    ):
+        assert names[name] == [field, *order]
+    # No index on action or outcome: they filter the walk (append throughput pays per index).
+    assert len(names) == 1 + 7  # _id and the store's seven, as before
+    for _ in range(3):
+        await store.append_many("c:0", [_event(actor=f"u{i}", study=f"1.{i}") for i in range(20)])
+    _, token = await store.query_page(Filters(actor="u1"), 1)
+    after = decode_token(token, Filters(actor="u1"))
+    raw = client[f"audit_{unique}"][COLLECTION]
+    for flt, index in (
+        (Filters(actor="u1"), "actor_order"),
+        (Filters(study_instance_uid="1.2", actions=("AUDIT_ACTION_INSTANCE_RETRIEVED",)), "study_order"),
+        (Filters(since=dt.datetime(2020, 1, 1), outcomes=("AUDIT_OUTCOME_SUCCESS",)), "recorded_order"),
+        (Filters(actor="u1"), "actor_order"),
+    ):
+        query = after.continue_after(flt.mongo()) if flt.actor else flt.mongo()
+        assert flt.index() == index
+        plan = await raw.find(query, hint=index).sort([("recorded_at", 1), ("chain", 1), ("seq", 1)]).explain()
+        assert _index_names(plan["queryPlanner"]["winningPlan"]) == {index}, (flt, plan)
+    # A database provisioned before: the single-field forms are replaced, not kept beside.
+    await raw.drop_index("actor_order")
+    await raw.create_index("event.actor", name="actor")
+    await store.ensure_indexes()
+    again = {ix["name"] async for ix in await raw.list_indexes()}
+    assert again == set(names)
+
+
+def _index_names(stage: dict[str, Any]) -> set[str]:
+    """Every index an explained plan scans (its IXSCAN stages, at any depth)."""
+    names = {str(stage["indexName"])} if stage.get("stage") == "IXSCAN" else set()
+    for child in [stage.get("inputStage"), *stage.get("inputStages", [])]:
+        if isinstance(child, dict):
+            names |= _index_names(child)
+    return names

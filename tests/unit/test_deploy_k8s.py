@@ -518,12 +518,15 @@ def test_kafka_users_have_least_privilege() -> None:
         assert ("audit.events", "Write") in ops or name == "dicomsafe-audit", name
         if name == "dicomsafe-authz":  # emergency override started/stopped alerts
             assert ("security.alerts", "Write") in ops
+        if name == "dicomsafe-audit":  # signed checkpoints, outside the audit database
+            assert ("audit.checkpoints", "Write") in ops
         assert all(a["resource"]["patternType"] == "literal" for a in acls), name
         assert not {op for _, op in ops} & {"All", "Alter", "Delete", "AlterConfigs", "Create"}, name
         readers = {r for r, op in ops if op == "Read"}
         expected = {
             "dicomsafe-ingest": {"dicom.ingest", "dicomsafe-ingest"},
-            "dicomsafe-audit": {"audit.events", "dicomsafe-audit"},
+            # audit.checkpoints: read back by `verify --published-checkpoints`.
+            "dicomsafe-audit": {"audit.events", "dicomsafe-audit", "audit.checkpoints"},
         }
         assert readers == expected.get(name, set()), name
 
