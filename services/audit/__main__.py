@@ -23,6 +23,7 @@ from typing import Any
 from pymongo import AsyncMongoClient
 
 from dicomsafe.common.kafka import Topics
+from dicomsafe.common.token_fingerprint import token_fingerprint
 from dicomsafe.common.vault import VaultSession
 from dicomsafe.v1 import audit_pb2
 from services.audit.app import main as serve
@@ -67,13 +68,27 @@ async def _verify(chain: str, show_progress: bool, use_published: bool) -> int:
     return 0 if not breaks else 1
 
 
-async def _exposure(actor: str, since: str, until: str) -> int:
+def _leaked_token_fingerprint(path: str) -> str:
+    """The leaked token is read from a file or stdin (never argv); only its fingerprint is
+    used, which is all the trail holds of any token."""
+    if not path:
+        return ""
+    token = (sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")).strip()
+    if not token:
+        raise SystemExit("the token file is empty")
+    return token_fingerprint(token)
+
+
+async def _exposure(actor: str, fingerprint: str, since: str, until: str) -> int:
     cfg = AuditConfig.from_env(serving=False)
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
+    start, end = _when(since) if since else None, _when(until) if until else None
     try:
-        report = await AuditStore(client, cfg.database).exposure(
-            actor, _when(since) if since else None, _when(until) if until else None
-        )
+        store = AuditStore(client, cfg.database)
+        if fingerprint:
+            report = await store.exposure_of_token(fingerprint, start, end)
+        else:
+            report = await store.exposure(actor, start, end)
     finally:
         await client.close()
     print(
@@ -199,7 +214,9 @@ if len(sys.argv) > 1:
     exposure = sub.add_parser(
         "exposure", help="which patients and studies a subject received in a time window (breach notices)"
     )
-    exposure.add_argument("--actor", required=True)
+    who = exposure.add_mutually_exclusive_group(required=True)
+    who.add_argument("--actor", default="")
+    who.add_argument("--token-file", default="", help="a leaked access token ('-' = stdin): what was released under it")
     exposure.add_argument("--since", default="", help="ISO 8601, UTC if no offset")
     exposure.add_argument("--until", default="")
     export = sub.add_parser(
@@ -255,6 +272,7 @@ if len(sys.argv) > 1:
             sys.exit(asyncio.run(query_pages_via_service(args.target, args.subject, request, args.all_pages)))
         sys.exit(asyncio.run(query_via_service(args.target, args.subject, request)))
     if args.command == "exposure":
-        sys.exit(asyncio.run(_exposure(args.actor, args.since, args.until)))
+        fingerprint = _leaked_token_fingerprint(args.token_file)
+        sys.exit(asyncio.run(_exposure(args.actor, fingerprint, args.since, args.until)))
     sys.exit(_provision(args.password_file))
 serve()

@@ -420,13 +420,40 @@ class AuditStore:
         return verifier.checked, checked_cps, breaks
 
     async def exposure(self, actor: str, since: dt.datetime | None, until: dt.datetime | None) -> ExposureReport:
+        return await self._disclosed(actor, {"event.actor": actor}, since, until)
+
+    async def exposure_of_token(
+        self, fingerprint: str, since: dt.datetime | None, until: dt.datetime | None
+    ) -> ExposureReport:
+        """What was released under one access token (a leaked credential): the decisions authz
+        recorded for that token's fingerprint, then the releases made under those decisions —
+        not everything its user received with other tokens."""
         flt: dict[str, Any] = {
-            "event.actor": actor,
+            "event.action": audit_pb2.AuditAction.Name(audit_pb2.AuditAction.AUDIT_ACTION_ACCESS_DECISION),
+            "event.details.token_fingerprint": fingerprint,
+        }
+        if window := _window(since, until):
+            flt["recorded_at"] = window
+        decisions = {
+            str(doc["event"]["details"]["decision_id"])
+            async for doc in self._events.find(flt, projection={"event.details.decision_id": 1}, batch_size=1000)
+            if doc["event"].get("details", {}).get("decision_id")
+        }
+        # The window bounds the decisions; a release follows its decision within seconds.
+        return await self._disclosed(
+            f"token {fingerprint}", {"event.details.decision_id": {"$in": sorted(decisions)}}, since, None
+        )
+
+    async def _disclosed(
+        self, who: str, flt: dict[str, Any], since: dt.datetime | None, until: dt.datetime | None
+    ) -> ExposureReport:
+        flt = {
+            **flt,
             "event.action": {"$in": _DISCLOSURES},
             "event.outcome": audit_pb2.AuditOutcome.Name(audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS),
         }
-        if since or until:
-            flt["recorded_at"] = {k: v for k, v in (("$gte", since), ("$lt", until)) if v}
+        if window := _window(since, until):
+            flt["recorded_at"] = window
         patients: set[str] = set()
         studies: set[str] = set()
         objects: set[str] = set()
@@ -437,7 +464,7 @@ class AuditStore:
             for target, field in ((patients, "patient_ref"), (studies, "study_instance_uid"), (objects, "object_id")):
                 if event.get(field):
                     target.add(str(event[field]))
-        return ExposureReport(actor, events, frozenset(patients), frozenset(studies), frozenset(objects))
+        return ExposureReport(who, events, frozenset(patients), frozenset(studies), frozenset(objects))
 
     async def events_between(
         self, since: dt.datetime | None, until: dt.datetime | None
@@ -483,6 +510,10 @@ class ExposureReport:
     patient_refs: frozenset[str]
     studies: frozenset[str]
     objects: frozenset[str]
+
+
+def _window(since: dt.datetime | None, until: dt.datetime | None) -> dict[str, dt.datetime]:
+    return {k: v for k, v in (("$gte", since), ("$lt", until)) if v}
 
 
 # Events that mean plaintext left the system for the actor.

@@ -13,6 +13,7 @@ from typing import Any
 
 from pymongo import AsyncMongoClient
 
+from dicomsafe.common.token_fingerprint import token_fingerprint
 from dicomsafe.v1 import audit_pb2
 from services.audit.store import COLLECTION, AuditStore
 from tests.servers import Servers
@@ -33,7 +34,7 @@ def _cli(servers: Servers, database: str, *args: str) -> subprocess.CompletedPro
     )
 
 
-async def test_verify_export_and_exposure_commands(servers: Servers, unique: str) -> None:
+async def test_verify_export_and_exposure_commands(servers: Servers, unique: str, tmp_path: Path) -> None:
     database = f"audit_cli_{unique}"
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(servers.mongodb_uri)
     try:
@@ -76,6 +77,11 @@ async def test_verify_export_and_exposure_commands(servers: Servers, unique: str
 
         exposure = await asyncio.to_thread(_cli, servers, database, "exposure", "--actor", "dr.house")
         assert "4 disclosures, 4 patients, 4 studies" in exposure.stdout
+        leaked = tmp_path / "leaked-token"
+        leaked.write_text("eyJ.a.token.nobody.used\n")
+        by_token = await asyncio.to_thread(_cli, servers, database, "exposure", "--token-file", str(leaked))
+        assert f"token {token_fingerprint('eyJ.a.token.nobody.used')}: 0 disclosures" in by_token.stdout
+        assert "eyJ" not in by_token.stdout + by_token.stderr
 
         report = await asyncio.to_thread(_cli, servers, database, "report", "--many-patients", "3")
         assert "4 events examined" in report.stdout

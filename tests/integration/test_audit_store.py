@@ -18,6 +18,7 @@ from google.protobuf.json_format import ParseDict
 from pymongo import AsyncMongoClient
 
 from dicomsafe.common.kafka import PermanentError
+from dicomsafe.common.token_fingerprint import token_fingerprint
 from dicomsafe.v1 import audit_pb2
 from services.audit.chain import GENESIS, ChainVerifier, event_document, link_hash, link_hash_v2
 from services.audit.checkpoints import Checkpoint
@@ -171,6 +172,43 @@ async def test_exposure_report_lists_what_a_subject_received(store: AuditStore) 
     future = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
     assert (await store.exposure("dr.evil", future, None)).events == 0
     assert len([r async for r in store.query(Filters(patient_ref="aa" * 16))]) == 2
+
+
+async def test_exposure_of_a_leaked_token_lists_only_what_was_released_under_it(store: AuditStore) -> None:
+    """A breach notice for a stolen token names what that token reached, not everything its
+    user legitimately saw with other tokens."""
+    leaked, other = token_fingerprint("eyJ.leaked.token"), token_fingerprint("eyJ.other.token")
+
+    def decided(fingerprint: str, decision_id: str) -> audit_pb2.AuditEvent:
+        event = _event(actor="dr.house")
+        event.action = audit_pb2.AuditAction.AUDIT_ACTION_ACCESS_DECISION
+        event.details.update({"decision_id": decision_id, "token_fingerprint": fingerprint})
+        return event
+
+    def released(decision_id: str, patient: str, study: str) -> audit_pb2.AuditEvent:
+        event = _event(actor="dr.house", study=study)
+        event.patient_ref = patient
+        event.details["decision_id"] = decision_id
+        return event
+
+    await store.append_many(
+        "t:0",
+        [
+            decided(leaked, "d1"),
+            released("d1", "aa" * 16, "1.1"),
+            decided(other, "d2"),
+            released("d2", "bb" * 16, "2.1"),  # same user, another token: not part of the breach
+            decided(leaked, "d3"),
+            released("d3", "cc" * 16, "3.1"),
+            released("d3", "cc" * 16, "3.1"),
+            decided(leaked, "d4"),  # decided, never released: nothing disclosed
+        ],
+    )
+    report = await store.exposure_of_token(leaked, None, None)
+    assert report.events == 3
+    assert report.patient_refs == {"aa" * 16, "cc" * 16} and report.studies == {"1.1", "3.1"}
+    assert (await store.exposure_of_token(token_fingerprint("never.used"), None, None)).events == 0
+    assert (await store.exposure("dr.house", None, None)).patient_refs == {"aa" * 16, "bb" * 16, "cc" * 16}
 
 
 def _rich_event() -> audit_pb2.AuditEvent:
