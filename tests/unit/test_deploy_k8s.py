@@ -524,6 +524,7 @@ def test_kafka_users_have_least_privilege() -> None:
         expected = {
             "dicomsafe-ingest": {"dicom.ingest", "dicomsafe-ingest"},
             "dicomsafe-audit": {"audit.events", "dicomsafe-audit"},
+            "dicomsafe-gateway": {"dicom.stored", "dicom.erased", "dicomsafe-gateway-index"},
         }
         assert readers == expected.get(name, set()), name
 
