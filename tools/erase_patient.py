@@ -9,9 +9,11 @@ unreadable at once, without touching other patients' data. Two gates, both requi
    deploy/vault/erasure-officer-policy.hcl), never the crypto service's identity.
 
 Audit first: the erasure request is acknowledged by the audit trail (`PATIENT_ERASURE_REQUESTED`)
-before anything is destroyed — if the trail cannot take it, nothing is — and `PATIENT_ERASED`
-records the outcome. Destroying an already destroyed key is harmless, so an erasure whose
-completion event was lost is simply run again.
+before anything is destroyed — if the trail cannot take it, nothing is. Once the key is gone, a
+`PatientErased` event (the pseudonym only, never the Patient ID) goes to `dicom.erased`, so the
+gateway drops the patient's study index entries (names and IDs in clear), and `PATIENT_ERASED`
+records the outcome. Destroying an already destroyed key is harmless and the index deletion is
+idempotent, so an erasure whose event or completion record was lost is simply run again.
 
     VAULT_ADDR=... VAULT_TOKEN=<officer Vault token> KAFKA_BOOTSTRAP=... \\
     TLS_CERT_FILE=... TLS_KEY_FILE=... TLS_CA_FILE=... ERASE_ACCESS_TOKEN_FILE=<officer's OIDC token> \\
@@ -33,10 +35,10 @@ from aiokafka.errors import KafkaError
 
 from dicomsafe.common.audit_emitter import AuditEmitter
 from dicomsafe.common.grpc_runtime import new_channel
-from dicomsafe.common.kafka import Topics, new_producer
+from dicomsafe.common.kafka import Topics, headers_for, new_producer
 from dicomsafe.common.tls import TlsConfig, tls_from_env
 from dicomsafe.common.vault import VaultUnavailable
-from dicomsafe.v1 import audit_pb2, authz_pb2, authz_pb2_grpc
+from dicomsafe.v1 import audit_pb2, authz_pb2, authz_pb2_grpc, events_pb2
 from services.crypto.vault_keys import TransitKeys, VaultSettings
 
 ERASE_ACTION = "patient.erase"
@@ -59,7 +61,7 @@ class ErasureFailed(Exception):
 
 
 class ErasureUnrecorded(Exception):
-    """The key was destroyed but its completion event was not acknowledged: run it again."""
+    """The key was destroyed but its erasure event or completion record was not acknowledged: run it again."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,19 @@ async def _start_producer(kafka_bootstrap: str) -> AIOKafkaProducer:
     return producer
 
 
+async def _announce(producer: AIOKafkaProducer, topic: str, ref: str, request_id: str) -> None:
+    """Tell the holders of derived copies (the gateway's study index) that the patient is erased.
+
+    The producer is acks=all and idempotent: once this returns, every in-sync replica has it.
+    """
+    event = events_pb2.PatientErased(patient_ref=ref, request_id=request_id)
+    event.erased_at.GetCurrentTime()
+    await asyncio.wait_for(
+        producer.send_and_wait(topic, event.SerializeToString(), key=ref.encode(), headers=headers_for(event)),
+        AUDIT_ACK_TIMEOUT_S,
+    )
+
+
 async def erase_patient(
     request: ErasureRequest,
     vault_addr: str,
@@ -112,7 +127,7 @@ async def erase_patient(
     """Returns the destroyed key's pseudonymous reference.
 
     Raises ErasureRefused (nothing destroyed), ErasureFailed (Vault did not destroy; recorded)
-    or ErasureUnrecorded (destroyed; completion not recorded).
+    or ErasureUnrecorded (destroyed; erasure event not published or completion not recorded).
     """
     if not request.reason.strip():
         raise ErasureRefused("an erasure needs a stated reason")
@@ -157,6 +172,13 @@ async def erase_patient(
                     Action.AUDIT_ACTION_PATIENT_ERASED, Outcome.AUDIT_OUTCOME_FAILURE, request_event_id=requested
                 )
             raise failure from None
+        try:
+            await _announce(producer, topics.erased, ref, requested)
+        except _NOT_RECORDED as exc:
+            raise ErasureUnrecorded(
+                f"erasure key {ref} destroyed, but the erasure event was not published ({type(exc).__name__}); "
+                "run the erasure again so the study index drops the patient"
+            ) from None
         try:
             await record(Action.AUDIT_ACTION_PATIENT_ERASED, Outcome.AUDIT_OUTCOME_SUCCESS, request_event_id=requested)
         except _NOT_RECORDED as exc:

@@ -57,6 +57,10 @@ class Topics:
         return f"{self.prefix}dicom.stored"
 
     @property
+    def erased(self) -> str:
+        return f"{self.prefix}dicom.erased"
+
+    @property
     def audit(self) -> str:
         return f"{self.prefix}audit.events"
 
@@ -85,6 +89,10 @@ def topic_specs(topics: Topics, partitions: int = 6) -> list[TopicSpec]:
         TopicSpec(dlq_topic(topics.ingest), 1, {**keep, "retention.ms": "-1", **big}),
         TopicSpec(topics.stored, partitions, keep),
         TopicSpec(dlq_topic(topics.stored), 1, {**keep, "retention.ms": "-1"}),
+        # Kept forever: a consumer down for longer than a retention period must still learn of
+        # every erasure (the records hold pseudonyms only, and there are few).
+        TopicSpec(topics.erased, partitions, {**keep, "retention.ms": "-1"}),
+        TopicSpec(dlq_topic(topics.erased), 1, {**keep, "retention.ms": "-1"}),
         TopicSpec(topics.audit, partitions, keep),
         TopicSpec(dlq_topic(topics.audit), 1, {**keep, "retention.ms": "-1"}),
         TopicSpec(topics.alerts, 1, {**keep, "retention.ms": "-1"}),

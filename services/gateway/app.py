@@ -1,4 +1,5 @@
-"""Wiring of the gateway: gRPC Retrieve, DICOMweb over HTTPS, and the study indexer."""
+"""Wiring of the gateway: gRPC Retrieve, DICOMweb over HTTPS, and the study indexer (which also
+drops erased patients' entries)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import asyncio
 import logging
 from typing import Any
 
+from aiokafka import ConsumerRecord
 from pymongo import AsyncMongoClient
 
 from dicomsafe.common.audit_emitter import AuditEmitter
 from dicomsafe.common.grpc_runtime import new_channel, new_server, run_until_stopped, service_main
 from dicomsafe.common.kafka import (
     DeadLetterPublisher,
+    Handler,
     Topics,
     consume_forever,
     dlq_topic,
@@ -26,6 +29,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.deidentify import Deidentifier
 from services.gateway.dicomweb_app import create_app
 from services.gateway.dicomweb_common import Backends
+from services.gateway.erasure import IndexEraser
 from services.gateway.https import serve_https
 from services.gateway.indexer import Indexer
 from services.gateway.service import SERVICE_NAME, RetrievalServicer
@@ -37,10 +41,11 @@ DICOMWEB_ROOT = "/dicomweb"
 
 async def run(cfg: GatewayConfig, stop: asyncio.Event) -> None:
     topics = Topics(cfg.topic_prefix)
-    await require_topics(cfg.kafka_bootstrap, [topics.stored, dlq_topic(topics.stored), topics.audit])
+    consumed = [topics.stored, topics.erased]
+    await require_topics(cfg.kafka_bootstrap, [*consumed, *map(dlq_topic, consumed), topics.audit])
     https_context = tls13_server_context(cfg.tls_cert_file, cfg.tls_key_file)
     producer = new_producer(cfg.kafka_bootstrap, "dicomsafe-gateway")
-    consumer = new_consumer(cfg.kafka_bootstrap, cfg.index_group_id, [topics.stored], "dicomsafe-gateway-index")
+    consumer = new_consumer(cfg.kafka_bootstrap, cfg.index_group_id, consumed, "dicomsafe-gateway-index")
     authz_channel = new_channel(cfg.authz_target, cfg.tls)
     crypto_channel = new_channel(cfg.crypto_target, cfg.tls)
     ingest_channel = new_channel(cfg.ingest_target, cfg.tls)
@@ -77,9 +82,17 @@ async def run(cfg: GatewayConfig, stop: asyncio.Event) -> None:
                 tls=cfg.tls,
                 allow=cfg.grpc_allow,
             )
+            handlers: dict[str, Handler] = {
+                topics.stored: Indexer(crypto, index, cfg.call_deadline_s).handle,
+                topics.erased: IndexEraser(index).handle,
+            }
+
+            async def index_record(record: ConsumerRecord[bytes, bytes]) -> None:
+                await handlers[record.topic](record)
+
             indexing = consume_forever(
                 consumer,
-                Indexer(crypto, index, cfg.call_deadline_s).handle,
+                index_record,
                 DeadLetterPublisher(producer, "gateway"),
                 stop,
                 log,

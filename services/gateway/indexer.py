@@ -54,8 +54,12 @@ class Indexer:
             data = b"".join([piece.data async for piece in stream])
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
-                # Erased (crypto-shredded) or never stored: nothing to index.
                 log.info("stored object gone", extra={"object_id": event.object_id})
+                return
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                # Crypto-shredded before this event was reached: indexing it would bring the erased
+                # patient's names back (the erasure event may already have been handled).
+                log.info("stored object erased", extra={"object_id": event.object_id})
                 return
             raise TransientError(f"crypto {exc.code().name}") from None
         try:

@@ -1,5 +1,6 @@
 """Set up the study index database with an admin connection: indexes, and the gateway's user,
-which may read and upsert index entries and nothing else (no drop, no user or role admin)."""
+which may read, upsert and delete index entries (deletes: a crypto-shredded patient's entries)
+and nothing else (no drop, no user or role admin)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from services.gateway.study_index import StudyIndex
 
 INDEX_ROLE = "dicomsafe-gateway-index"
 INDEX_USER = "dicomsafe-gateway"
-INDEX_ACTIONS = ["find", "insert", "update", "listIndexes", "listCollections", "createIndex"]
+INDEX_ACTIONS = ["find", "insert", "update", "remove", "listIndexes", "listCollections", "createIndex"]
 
 
 async def provision_index(admin_uri: str, database: str, password: str | None = None) -> tuple[str, str]:

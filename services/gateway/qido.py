@@ -52,6 +52,7 @@ async def search(
             Action.AUDIT_ACTION_STUDY_QUERIED,
             Outcome.AUDIT_OUTCOME_DENIED,
             "",
+            study_uid=study_uid,
             reason="no access token",
             details=details,
         )

@@ -1,4 +1,5 @@
-"""The QIDO-RS index in MongoDB: studies, series and instances, kept in sync from `dicom.stored`.
+"""The QIDO-RS index in MongoDB: studies, series and instances, kept in sync from `dicom.stored`
+(and `dicom.erased`: a crypto-shredded patient's entries are deleted).
 
 Three collections so paging works per level without scanning instances. Upserts are keyed by
 UID, so indexing the same instance twice (redelivery, or STOW plus the stored event) changes
@@ -159,6 +160,8 @@ class StudyIndex:
         await self._studies.create_index([("match.StudyDate", ASCENDING)], name="study_date")
         for collection in (self._studies, self._series, self._instances):
             await collection.create_index([(PSEUDO_UID, ASCENDING)], name=PSEUDO_UID)
+            # Erasure finds a patient's entries by their pseudonym.
+            await collection.create_index([("patient_ref", ASCENDING)], name="patient_ref")
 
     def _pseudo(self, uid: str) -> dict[str, str]:
         if self._pseudonyms is None:
@@ -211,6 +214,7 @@ class StudyIndex:
                     "transfer_syntax_uid": entry.transfer_syntax_uid,
                     "size": entry.size,
                     "layout": entry.layout.as_document(),
+                    "patient_ref": entry.patient_ref,
                     "indexed_at": now,
                     **self._pseudo(entry.sop_uid),
                 }
@@ -224,6 +228,7 @@ class StudyIndex:
                     "study_uid": study_uid,
                     "attrs": entry.series["json"],
                     "match": entry.series["match"],
+                    "patient_ref": entry.patient_ref,
                     **self._pseudo(series_uid),
                 }
             },
@@ -251,6 +256,25 @@ class StudyIndex:
             },
             upsert=True,
         )
+
+    async def remove_patient(self, patient_ref: str) -> int:
+        """Delete every entry of one patient (crypto-shredded: their objects no longer open, and
+        the index must not keep their names and IDs). Returns how many entries went; idempotent.
+
+        Instances and series go first, the studies last: a crash in between leaves the study
+        entries, so the redelivered erasure finds their children again by study UID (entries of
+        every level also carry the patient_ref themselves).
+        """
+        if not patient_ref:
+            # An empty reference would match every entry indexed without a patient.
+            raise ValueError("an erasure needs a patient reference")
+        studies = [str(d["_id"]) async for d in self._studies.find({"patient_ref": patient_ref}, {"_id": 1})]
+        owned = {"$or": [{"patient_ref": patient_ref}, {"study_uid": {"$in": studies}}]}
+        removed = 0
+        for collection in (self._instances, self._series):
+            removed += (await collection.delete_many(owned)).deleted_count
+        removed += (await self._studies.delete_many({"patient_ref": patient_ref})).deleted_count
+        return removed
 
     async def study_context(self, study_uid: str) -> tuple[tuple[str, ...], str, str, str] | None:
         """(labels, site, department, patient_ref) of an indexed study; None while it is not indexed."""

@@ -80,11 +80,14 @@ class Release:
 
 async def instances(request: Request, backends: Backends, study: str, series: str = "", sop: str = "") -> Response:
     release = await _release(request, backends, "instance", study, series, sop)
-    wanted = _accepted(request, ("application/dicom",))
-    for located in release.instances:
-        requested = wanted.get("transfer-syntax", "*")
-        if requested not in ("*", located.transfer_syntax_uid):
-            raise HttpError(406, "instances are served only in their stored transfer syntax")
+    try:
+        wanted = _accepted(request, ("application/dicom",))
+        for located in release.instances:
+            requested = wanted.get("transfer-syntax", "*")
+            if requested not in ("*", located.transfer_syntax_uid):
+                raise HttpError(406, "instances are served only in their stored transfer syntax")
+    except HttpError as exc:
+        raise await _unreleased(backends, release, "instance", exc) from None
     subject = release.verdict.subject
     # The first instance's Open goes in flight while the release is audited (nothing is sent before
     # the audit records are acknowledged); the records go out together, one broker round trip.
@@ -151,17 +154,20 @@ async def frames(request: Request, backends: Backends, study: str, series: str, 
     if not numbers or min(numbers) < 1:
         raise HttpError(400, "frame numbers start at 1")
     release = await _release(request, backends, "frames", study, series, sop)
-    if release.deidentified:
-        raise HttpError(403, "frames are not released under de-identification")
     located = release.instances[0]
     layout = located.layout
-    if not layout.frames:
-        raise HttpError(406, "this instance's frames cannot be served separately")
-    if max(numbers) > len(layout.frames):
-        raise HttpError(404, "no such frame")
     ts = located.transfer_syntax_uid
     media = "application/octet-stream" if ts in NATIVE else FRAME_MEDIA.get(ts, "application/octet-stream")
-    _accepted(request, (media, "application/octet-stream") if ts not in NATIVE else (media,), ts)
+    try:
+        if release.deidentified:
+            raise HttpError(403, "frames are not released under de-identification")
+        if not layout.frames:
+            raise HttpError(406, "this instance's frames cannot be served separately")
+        if max(numbers) > len(layout.frames):
+            raise HttpError(404, "no such frame")
+        _accepted(request, (media, "application/octet-stream") if ts not in NATIVE else (media,), ts)
+    except HttpError as exc:
+        raise await _unreleased(backends, release, f"frames:{frame_list}", exc) from None
     boundary = new_boundary()
     await _audit_release(backends, release, located, f"frames:{frame_list}")
 
@@ -179,11 +185,14 @@ async def frames(request: Request, backends: Backends, study: str, series: str, 
 
 async def pixel_bulkdata(request: Request, backends: Backends, study: str, series: str, sop: str) -> Response:
     release = await _release(request, backends, "bulkdata", study, series, sop)
-    if release.deidentified:
-        raise HttpError(403, "bulk data is not released under de-identification")
     located = release.instances[0]
-    if located.layout.pixel_data is None:
-        raise HttpError(404, "instance has no pixel data served as bulk data")
+    try:
+        if release.deidentified:
+            raise HttpError(403, "bulk data is not released under de-identification")
+        if located.layout.pixel_data is None:
+            raise HttpError(404, "instance has no pixel data served as bulk data")
+    except HttpError as exc:
+        raise await _unreleased(backends, release, "bulkdata", exc) from None
     offset, length = located.layout.pixel_data
     boundary = new_boundary()
     await _audit_release(backends, release, located, "bulkdata")
@@ -277,8 +286,47 @@ async def _release(request: Request, backends: Backends, part: str, study: str, 
         )
         raise refusal(verdict)
     if not located:
+        # Allowed to ask, and nothing there: still an access attempt for the trail.
+        await record(
+            backends,
+            Action.AUDIT_ACTION_INSTANCE_RETRIEVED,
+            Outcome.AUDIT_OUTCOME_FAILURE,
+            verdict.subject,
+            verdict=verdict,
+            study_uid=study,
+            sop_uid=sop,
+            reason="not found",
+            details={**details, "status": "404"},
+        )
         raise HttpError(404, "no such study, series or instance")
     return Release(verdict, located)
+
+
+async def _unreleased(backends: Backends, release: Release, part: str, error: HttpError) -> HttpError:
+    """Audit an allowed request that ends without a release (404, 406, a researcher's frames)."""
+    # A refusal by rule is a denial; a request that cannot be answered (nothing there, a media
+    # type or syntax not served) is a failure. Either way the trail says why, never a value.
+    outcome = Outcome.AUDIT_OUTCOME_DENIED if error.status == 403 else Outcome.AUDIT_OUTCOME_FAILURE
+    located = release.instances[0] if len(release.instances) == 1 else None
+    await record(
+        backends,
+        Action.AUDIT_ACTION_INSTANCE_RETRIEVED,
+        outcome,
+        release.verdict.subject,
+        verdict=release.verdict,
+        study_uid=release.instances[0].study_uid if release.instances else "",
+        sop_uid=located.sop_uid if located else "",
+        object_id=located.object_id if located else "",
+        patient_ref=release.instances[0].patient_ref if release.instances else "",
+        reason=error.comment,
+        details={
+            "route": "wado-rs",
+            "part": part,
+            "status": str(error.status),
+            "deidentified": str(release.deidentified).lower(),
+        },
+    )
+    return error
 
 
 def _accepted(request: Request, types: Sequence[str], ts: str = "") -> dict[str, str]:

@@ -2,8 +2,9 @@
 
 A multi-study STOW-RS upload, QIDO-RS searches, WADO-RS instances, metadata and frames compared
 byte for byte with the originals; refusals without a token, with an expired token or grant,
-and without MFA on a sensitive study; the researcher's de-identified release; every call in the
-audit stream.
+and without MFA on a sensitive study, each audited (on studies of their own, whatever ran before);
+allowed requests that release nothing (404, 406, a researcher's frames) audited too; the
+researcher's de-identified release; every call in the audit stream.
 """
 
 from __future__ import annotations
@@ -552,6 +553,175 @@ async def _trail(stack: Stack, idp: LocalIssuer, study: str, actor: str) -> list
             await asyncio.sleep(0.5)
 
 
+def _fresh_studies(stack: Stack, idp: LocalIssuer) -> tuple[FileDataset, FileDataset]:
+    """A CT study and a VIP MR study of a patient of their own: the audit records about them come
+    from the calling test alone, whatever ran before it."""
+    patient = dicom_samples.synthetic_patient(uuid.uuid4().hex)
+    ct = dicom_samples.ct_image(study_uid=generate_uid(), seed=11, patient=patient, rows=32, columns=32)
+    vip = dicom_samples.mr_image(study_uid=generate_uid(), seed=12, patient=patient, rows=32, columns=32)
+    vip.ConfidentialityConstraintOnPatientDataDescription = "VIP - board member"
+    response = _client(stack, idp.token("tech.jane", amr=MFA)).store_instances([ct, vip])
+    assert "FailedSOPSequence" not in response
+    return ct, vip
+
+
+def _path(ds: FileDataset) -> tuple[str, str, str]:
+    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+
+
+def _grant(stack: Stack, idp: LocalIssuer, subject: str, study: str, seconds: float) -> dt.datetime:
+    """A radiologist grant on one study for ``seconds``, made by a registrar; returns its end."""
+    end = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)
+    not_after = Timestamp()
+    not_after.FromDatetime(end)
+    grant = authz_pb2.Grant(
+        subject=subject, role="radiologist", study_instance_uid=study, not_after=not_after, reason="locum cover"
+    )
+
+    async def create() -> None:
+        async with new_channel(stack.settings.target("authz"), stack.settings.client_tls("ops")) as channel:
+            await authz_pb2_grpc.AuthzServiceStub(channel).CreateGrant(
+                authz_pb2.CreateGrantRequest(caller=authz_pb2.Subject(access_token=idp.token("reg.omar")), grant=grant),
+                timeout=10,
+            )
+
+    asyncio.run(create())
+    return end
+
+
+def _refused(call: Any) -> requests.Response:
+    with pytest.raises(requests.HTTPError) as refused:
+        call()
+    response = refused.value.response
+    assert response is not None
+    return response
+
+
+def test_refusals_through_the_dicomweb_client_are_audited(stack: Stack, idp: LocalIssuer) -> None:
+    """QIDO-RS, WADO-RS metadata and frames without a token, with an expired grant and without MFA
+    on a sensitive study: each refused, and each refusal in the audit trail with its reason."""
+    ct, vip = _fresh_studies(stack, idp)
+    ct_path, vip_path = _path(ct), _path(vip)
+    locum = f"dr.lapsed-{uuid.uuid4().hex[:6]}"
+    expires = _grant(stack, idp, locum, ct_path[0], seconds=5)
+    lapsed = _client(stack, idp.token(locum))
+    assert lapsed.retrieve_instance_metadata(*ct_path)["00080018"]["Value"] == [ct_path[2]]  # in, before expiry
+    assert len(lapsed.search_for_instances(ct_path[0])) == 1
+    time.sleep(max(0.0, (expires - dt.datetime.now(dt.UTC)).total_seconds()) + 1)
+
+    calls = {
+        "qido": lambda c, p: c.search_for_instances(p[0]),
+        "metadata": lambda c, p: c.retrieve_instance_metadata(*p),
+        "frames": lambda c, p: c.retrieve_instance_frames(*p, frame_numbers=[1]),
+    }
+    anonymous, house = _client(stack, None), _client(stack, idp.token("dr.house"))
+    for call in calls.values():
+        response = _refused(lambda call=call: call(anonymous, ct_path))
+        assert response.status_code == 401 and "Bearer" in response.headers["WWW-Authenticate"]
+    for name in ("metadata", "frames"):
+        assert _refused(lambda name=name: calls[name](lapsed, ct_path)).status_code == 403
+        no_mfa = _refused(lambda name=name: calls[name](house, vip_path))
+        # RFC 9470 step-up: 401 asking for MFA, not 403 — the same user with MFA is let in.
+        assert no_mfa.status_code == 401
+        assert "insufficient_user_authentication" in no_mfa.headers["WWW-Authenticate"]
+    # QIDO-RS withholds the studies a caller may not see rather than refusing the whole query.
+    assert lapsed.search_for_instances(ct_path[0]) == []
+    assert house.search_for_instances(vip_path[0]) == []
+    assert len(_client(stack, idp.token("dr.house", amr=MFA)).search_for_instances(vip_path[0])) == 1
+
+    events = [e for e in asyncio.run(_gateway_events(stack)) if e.study_instance_uid in (ct_path[0], vip_path[0])]
+    A, Out = audit_pb2.AuditAction, audit_pb2.AuditOutcome
+
+    def records(actor: str, study: str, outcome: int) -> dict[str, list[audit_pb2.AuditEvent]]:
+        """Records of one actor on one study with one outcome, by route part (QIDO: "qido")."""
+        out: dict[str, list[audit_pb2.AuditEvent]] = {}
+        for e in events:
+            if (e.actor, e.study_instance_uid, e.outcome) == (actor, study, outcome):
+                out.setdefault(
+                    e.details["part"] if e.action == A.AUDIT_ACTION_INSTANCE_RETRIEVED else "qido", []
+                ).append(e)
+        return out
+
+    anonymous_denied = records("unauthenticated", ct_path[0], Out.AUDIT_OUTCOME_DENIED)
+    assert set(anonymous_denied) == {"qido", "metadata", "frames"}
+    assert all(e.reason == "no access token" for part in anonymous_denied.values() for e in part)
+    assert anonymous_denied["qido"][0].action == A.AUDIT_ACTION_STUDY_QUERIED
+
+    # The expired grant: the same locum released the study before the end and was denied after it.
+    released = records(locum, ct_path[0], Out.AUDIT_OUTCOME_SUCCESS)
+    assert [e.occurred_at.ToDatetime(dt.UTC) < expires for e in released["metadata"]] == [True]
+    lapsed_denied = records(locum, ct_path[0], Out.AUDIT_OUTCOME_DENIED)
+    assert set(lapsed_denied) == {"metadata", "frames"}
+    for part in lapsed_denied.values():
+        assert [e.occurred_at.ToDatetime(dt.UTC) > expires for e in part] == [True]
+        assert part[0].reason not in ("unauthenticated", "mfa_required", "no access token")
+    after = [e for e in released["qido"] if e.occurred_at.ToDatetime(dt.UTC) > expires]
+    assert [(e.details["results"], e.details["withheld"]) for e in after] == [("0", "1")]
+
+    house_denied = records("dr.house", vip_path[0], Out.AUDIT_OUTCOME_DENIED)
+    assert set(house_denied) == {"metadata", "frames"}
+    assert all(e.reason == "mfa_required" for part in house_denied.values() for e in part)
+    withheld = records("dr.house", vip_path[0], Out.AUDIT_OUTCOME_SUCCESS)["qido"]
+    assert [(e.details["results"], e.details["withheld"]) for e in withheld][:1] == [("0", "1")]
+
+
+def test_unanswered_wado_requests_are_audited(stack: Stack, idp: LocalIssuer) -> None:
+    """Allowed to ask, yet nothing released — 404, 406, a researcher's frames or bulk data: each
+    leaves a record with the outcome and why."""
+    ct, _ = _fresh_studies(stack, idp)
+    ct_path = _path(ct)
+    house = _client(stack, idp.token("dr.house"))
+    assert _refused(lambda: house.retrieve_instance_frames(*ct_path, frame_numbers=[99])).status_code == 404
+    jpeg = (("application/dicom", "1.2.840.10008.1.2.4.50"),)
+    assert _refused(lambda: house.retrieve_instance(*ct_path, media_types=jpeg)).status_code == 406
+    nowhere = generate_uid()
+    assert _refused(lambda: house.retrieve_study(nowhere)).status_code == 404
+
+    async def pseudonyms() -> tuple[str, str, str]:
+        mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(stack.settings.mongodb_uri)
+        try:
+            db = mongo[stack.settings.index_db]
+            docs = [
+                await db[c].find_one({"_id": u})
+                for c, u in zip(("studies", "series", "instances"), ct_path, strict=True)
+            ]
+        finally:
+            await mongo.close()
+        assert all(docs)
+        return tuple(str(d["pseudo_uid"]) for d in docs if d)  # type: ignore[return-value]
+
+    pseudo = asyncio.run(pseudonyms())
+    research = _client(stack, idp.token("res.rao"))
+    assert research.retrieve_instance(*pseudo).SOPInstanceUID == pseudo[2]  # allowed, de-identified
+    assert _refused(lambda: research.retrieve_instance_frames(*pseudo, frame_numbers=[1])).status_code == 403
+    bulk = (
+        f"{stack.settings.dicomweb_url}/studies/{pseudo[0]}/series/{pseudo[1]}/instances/{pseudo[2]}/bulkdata/7fe00010"
+    )
+    assert _refused(lambda: research.retrieve_bulkdata(bulk)).status_code == 403
+
+    events = [
+        e
+        for e in asyncio.run(_gateway_events(stack))
+        if e.action == audit_pb2.AuditAction.AUDIT_ACTION_INSTANCE_RETRIEVED
+        and e.study_instance_uid in (ct_path[0], nowhere)
+    ]
+    Out = audit_pb2.AuditOutcome
+    got = {(e.actor, e.outcome, e.details["part"], e.details.get("status"), e.reason) for e in events}
+    assert ("dr.house", Out.AUDIT_OUTCOME_FAILURE, "frames:99", "404", "no such frame") in got
+    assert (
+        "dr.house",
+        Out.AUDIT_OUTCOME_FAILURE,
+        "instance",
+        "406",
+        "instances are served only in their stored transfer syntax",
+    ) in got
+    assert ("dr.house", Out.AUDIT_OUTCOME_FAILURE, "instance", "404", "not found") in got
+    refused = "not released under de-identification"
+    assert ("res.rao", Out.AUDIT_OUTCOME_DENIED, "frames:1", "403", f"frames are {refused}") in got
+    assert ("res.rao", Out.AUDIT_OUTCOME_DENIED, "bulkdata", "403", f"bulk data is {refused}") in got
+    assert all(e.sop_instance_uid == ct_path[2] for e in events if e.details.get("status") == "403")
+
+
 def test_tls_is_13_only(stack: Stack) -> None:
     host, port = "127.0.0.1", stack.settings.https_port
     old = ssl.create_default_context(cafile=str(stack.settings.ca_file))
@@ -574,7 +744,8 @@ def test_every_dicomweb_call_is_audited(stack: Stack, upload: Upload) -> None:
     denied = [e for e in retrieved if e.outcome == audit_pb2.AuditOutcome.AUDIT_OUTCOME_DENIED]
     reasons = {e.reason for e in denied}
     assert "no access token" in reasons and "unauthenticated" in reasons and "mfa_required" in reasons
-    assert any(e.actor.startswith("dr.locum-") for e in denied)
+    # The locum's grant covered the CT study alone: a denial there is the expired grant's.
+    assert any(e.actor.startswith("dr.locum-") and e.study_instance_uid == upload.ct_study for e in denied)
     released = [e for e in retrieved if e.outcome == audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS]
     assert {e.sop_instance_uid for e in released} >= {u for u, d in upload.datasets.items() if d.Modality != "MR"}
     assert any(e.details.get("deidentified") == "true" and e.actor == "res.rao" for e in released)

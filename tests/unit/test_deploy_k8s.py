@@ -527,6 +527,7 @@ def test_kafka_users_have_least_privilege() -> None:
             "dicomsafe-ingest": {"dicom.ingest", "dicomsafe-ingest"},
             # audit.checkpoints: read back by `verify --published-checkpoints`.
             "dicomsafe-audit": {"audit.events", "dicomsafe-audit", "audit.checkpoints"},
+            "dicomsafe-gateway": {"dicom.stored", "dicom.erased", "dicomsafe-gateway-index"},
         }
         assert readers == expected.get(name, set()), name
 
