@@ -150,6 +150,9 @@ class StudyIndex:
         self._studies = db.get_collection("studies", write_concern=durable)
         self._series = db.get_collection("series", write_concern=durable)
         self._instances = db.get_collection("instances", write_concern=durable)
+        # Pseudonyms of crypto-shredded patients (no PHI): closes the race in which an entry
+        # described just before the key was destroyed is written just after its erasure ran.
+        self._erased = db.get_collection("erased_patients", write_concern=durable)
 
     async def ensure_indexes(self) -> None:
         # Counts per page are count_documents on these.
@@ -256,18 +259,27 @@ class StudyIndex:
             },
             upsert=True,
         )
+        # Written first, checked after: an erasure whose marker we do not see yet deletes after
+        # our writes; one whose marker we see was (or will be) before them, so we undo them.
+        if entry.patient_ref and await self._erased.find_one({"_id": entry.patient_ref}, {"_id": 1}):
+            await self.remove_patient(entry.patient_ref)
 
     async def remove_patient(self, patient_ref: str) -> int:
         """Delete every entry of one patient (crypto-shredded: their objects no longer open, and
         the index must not keep their names and IDs). Returns how many entries went; idempotent.
 
-        Instances and series go first, the studies last: a crash in between leaves the study
-        entries, so the redelivered erasure finds their children again by study UID (entries of
-        every level also carry the patient_ref themselves).
+        The patient is remembered as erased before anything is deleted, so an entry written
+        concurrently (``add``) removes itself. Instances and series go first, the studies
+        last: a crash in between leaves the study entries, so the redelivered erasure finds
+        their children again by study UID (entries of every level also carry the patient_ref
+        themselves).
         """
         if not patient_ref:
             # An empty reference would match every entry indexed without a patient.
             raise ValueError("an erasure needs a patient reference")
+        await self._erased.update_one(
+            {"_id": patient_ref}, {"$setOnInsert": {"erased_at": dt.datetime.now(dt.UTC)}}, upsert=True
+        )
         studies = [str(d["_id"]) async for d in self._studies.find({"patient_ref": patient_ref}, {"_id": 1})]
         owned = {"$or": [{"patient_ref": patient_ref}, {"study_uid": {"$in": studies}}]}
         removed = 0

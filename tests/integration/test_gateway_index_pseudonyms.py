@@ -3,12 +3,13 @@ study — on a real MongoDB-wire server: entries indexed before (or under anothe
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from pymongo import AsyncMongoClient
 
 from services.gateway.deidentify import Deidentifier
-from services.gateway.index_entry import entry_for
+from services.gateway.index_entry import IndexEntry, entry_for
 from services.gateway.instance_layout import layout_of
 from services.gateway.study_index import StudyIndex
 from tests.servers import Servers
@@ -52,6 +53,35 @@ async def test_pseudonymous_uids_resolve_and_follow_the_key(servers: Servers, un
             str(other.SOPInstanceUID)
         ]
         assert await rotated.backfill_pseudonyms() == 0
+    finally:
+        await client.drop_database(database)
+        await client.close()
+
+
+async def test_an_entry_written_after_its_patients_erasure_removes_itself(servers: Servers, unique: str) -> None:
+    """The race of crypto-shredding and indexing: an object described just before its key was
+    destroyed, written just after the erasure event was handled, must not come back."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(servers.mongodb_uri)
+    database = f"index_{unique}"
+    erased, kept = "ab" * 16, "cd" * 16
+
+    def entry(seed: int, patient_ref: str) -> IndexEntry:
+        ds, layout = layout_of(dicom_samples.to_bytes(dicom_samples.ct_image(rows=16, columns=16, seed=seed)))
+        return replace(entry_for(ds, layout, f"{seed:02x}" * 32, 100), patient_ref=patient_ref)
+
+    try:
+        index = StudyIndex(client, database)
+        await index.ensure_indexes()
+        first, late, other = entry(21, erased), entry(22, erased), entry(23, kept)
+        await index.add(first)
+        await index.add(other)
+        assert await index.remove_patient(erased) == 3  # instance, series, study
+        await index.add(late)  # the late writer
+        assert await index.locate(late.study_uid) == [] and await index.locate(first.study_uid) == []
+        assert len(await index.locate(other.study_uid)) == 1  # another patient is untouched
+        for name in ("studies", "series", "instances"):
+            assert await client[database][name].count_documents({"patient_ref": erased}) == 0
+        assert await index.remove_patient(erased) == 0  # a redelivered erasure is harmless
     finally:
         await client.drop_database(database)
         await client.close()
