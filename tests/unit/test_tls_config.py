@@ -133,7 +133,11 @@ def test_default_allowlists_are_least_privilege() -> None:
     }
     assert AUTHZ_ALLOW.rules["Check"] == {"gateway", "audit", "ops"}
     assert AUTHZ_ALLOW.rules["BreakGlass"] == {"gateway"}
-    assert AUDIT_ALLOW.rules == {"Verify": {"gateway", "ops"}, "Query": {"gateway", "ops"}}
+    assert AUDIT_ALLOW.rules == {
+        "Verify": {"gateway", "ops"},
+        "Query": {"gateway", "ops"},
+        "QueryPage": {"gateway", "ops"},
+    }
     assert GATEWAY_ALLOW.rules == {"Retrieve": {"viewer"}}
     assert INGEST_ALLOW.rules == {"Store": {"gateway"}}
 
