@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 ACTIONS = (
     "instance.read",
     "instance.read_deidentified",
+    "instance.read_metadata",
+    "instance.export",
+    "instance.delete",
     "instance.store",
     "study.query",
     "audit.read",
@@ -57,16 +60,22 @@ ACTIONS = (
 )
 # Job → what the job needs (issue #5 and the authz README), nothing more.
 ROLE_ACTIONS: dict[str, frozenset[str]] = {
-    "radiologist": frozenset({"instance.read", "study.query", "emergency.access"}),
-    "referring_physician": frozenset({"instance.read", "study.query", "emergency.access"}),
-    "technologist": frozenset({"instance.store", "study.query"}),
+    "radiologist": frozenset(
+        {"instance.read", "instance.read_metadata", "instance.export", "study.query", "emergency.access"}
+    ),
+    "referring_physician": frozenset({"instance.read", "instance.read_metadata", "study.query", "emergency.access"}),
+    # checks what was stored: headers, not images
+    "technologist": frozenset({"instance.store", "instance.read_metadata", "study.query"}),
     "registrar": frozenset({"study.query", "grants.manage"}),
     "emergency_physician": frozenset({"study.query", "emergency.access"}),
-    "emergency_reader": frozenset({"instance.read"}),
+    "emergency_reader": frozenset({"instance.read", "instance.read_metadata"}),
     "auditor": frozenset({"audit.read", "audit.verify"}),
     "researcher": frozenset({"instance.read_deidentified", "study.query"}),
     "security_officer": frozenset({"key.rotate"}),
-    "privacy_officer": frozenset({"patient.erase", "audit.read"}),
+    # erasure and data-subject access requests (an export)
+    "privacy_officer": frozenset({"patient.erase", "instance.export", "audit.read"}),
+    # corrects mis-filed studies without viewing them
+    "pacs_admin": frozenset({"study.query", "instance.read_metadata", "instance.delete"}),
     "svc_ingest": frozenset({"instance.store"}),
     "svc_gateway": frozenset({"study.query"}),
 }
@@ -90,6 +99,7 @@ STANDING = {
     "sec.kim": ("security_officer", None),
     "dr.er": ("emergency_physician", None),
     "dpo.lee": ("privacy_officer", None),
+    "pacs.ana": ("pacs_admin", None),
     "svc-ingest": ("svc_ingest", None),
     "svc-gateway": ("svc_gateway", None),
 }

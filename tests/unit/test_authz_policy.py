@@ -34,21 +34,34 @@ POLICY = load_policy(POLICY_FILE)
         ("dr.house", "audit.read", False),
         ("dr.house", "key.rotate", False),
         ("dr.house", "grants.manage", False),
+        ("dr.house", "instance.read_metadata", True),
+        ("dr.house", "instance.export", True),  # to an outside consultant
+        ("dr.house", "instance.delete", False),
         # referring physician: views images of their patients
         ("dr.wilson", "instance.read", True),
         ("dr.wilson", "instance.store", False),
         ("dr.wilson", "audit.verify", False),
+        ("dr.wilson", "instance.read_metadata", True),
+        ("dr.wilson", "instance.export", False),
+        ("dr.wilson", "instance.delete", False),
         # technologist: acquires and stores, does not read
         ("tech.jane", "instance.store", True),
         ("tech.jane", "study.query", True),
         ("tech.jane", "instance.read", False),
         ("tech.jane", "audit.read", False),
+        # ... but checks what was stored: headers, not images
+        ("tech.jane", "instance.read_metadata", True),
+        ("tech.jane", "instance.export", False),
+        ("tech.jane", "instance.delete", False),
         # registrar (admin): patient administration and grants, no image viewing
         ("reg.omar", "study.query", True),
         ("reg.omar", "grants.manage", True),
         ("reg.omar", "instance.read", False),
         ("reg.omar", "instance.read_deidentified", False),
         ("reg.omar", "audit.read", False),
+        ("reg.omar", "instance.read_metadata", False),
+        ("reg.omar", "instance.export", False),
+        ("reg.omar", "instance.delete", False),
         # auditor: the audit trail only
         ("aud.ito", "audit.read", True),
         ("aud.ito", "audit.verify", True),
@@ -62,22 +75,38 @@ POLICY = load_policy(POLICY_FILE)
         ("res.rao", "instance.store", False),
         ("res.rao", "audit.read", False),
         ("res.rao", "emergency.access", False),
+        ("res.rao", "instance.read_metadata", False),  # identified headers: no
+        ("res.rao", "instance.export", False),
         # key custodian
         ("sec.kim", "key.rotate", True),
         ("sec.kim", "instance.read", False),
+        # privacy officer: erasure and data-subject access requests (export), no viewing
+        ("dpo.lee", "patient.erase", True),
+        ("dpo.lee", "instance.export", True),
+        ("dpo.lee", "instance.read", False),
+        ("dpo.lee", "instance.delete", False),
+        # PACS administrator: corrects mis-filed studies, does not view them
+        ("pacs.ana", "instance.delete", True),
+        ("pacs.ana", "instance.read_metadata", True),
+        ("pacs.ana", "study.query", True),
+        ("pacs.ana", "instance.read", False),
+        ("pacs.ana", "instance.export", False),
+        ("pacs.ana", "patient.erase", False),
         # service accounts: exactly their pipeline step
         ("svc-ingest", "instance.store", True),
         ("svc-ingest", "instance.read", False),
         ("svc-ingest", "audit.read", False),
+        ("svc-ingest", "instance.delete", False),
         ("svc-gateway", "study.query", True),
         ("svc-gateway", "instance.read", False),
         ("svc-gateway", "instance.store", False),
+        ("svc-gateway", "instance.read_metadata", False),
     ],
 )
 def test_decision_table(subject: str, action: str, allow: bool) -> None:
     decision = decide(POLICY, subject, action)
     assert decision.allow is allow
-    assert decision.policy_version == POLICY.version == "2026-11-26.1"
+    assert decision.policy_version == POLICY.version == "2026-11-26.2"
     assert decision.code == ("granted" if allow else "no_role")
     assert decision.roles == POLICY.subjects[subject]
 
@@ -99,8 +128,8 @@ def test_no_role_but_the_researcher_s_reads_identified_data() -> None:
     "subject,action,code,reason",
     [
         ("mallory", "instance.read", "unknown_subject", "unknown subject"),
-        ("dr.house", "instance.delete", "unknown_action", "unknown action instance.delete"),
-        ("mallory", "instance.delete", "unknown_action", "unknown action instance.delete"),
+        ("dr.house", "instance.purge", "unknown_action", "unknown action instance.purge"),
+        ("mallory", "instance.purge", "unknown_action", "unknown action instance.purge"),
         ("", "instance.read", "no_subject", "no subject"),
         ("dr.house", "", "no_action", "no action"),
         ("", "", "no_subject", "no subject"),
@@ -437,3 +466,37 @@ def test_a_role_conferred_by_a_grant_makes_no_holder() -> None:
     ctx = RequestContext(grants=(personal, _to_holders("emergency_physician")), at=NOW)
     decision = decide(POLICY, "dr.locum", "instance.read", IN_CARDIOLOGY, ctx)
     assert (decision.allow, decision.code, decision.roles) == (False, "no_role", ("emergency_physician",))
+
+
+def test_every_reader_reads_metadata_and_few_export_or_delete() -> None:
+    """Structural guards on the shipped file: a viewer fetches headers before pixels, so every
+    role that reads identified instances reads their metadata; identified data leaves, or is
+    deleted, only through the roles a hospital gives that to."""
+    readers = {name for name, role in POLICY.roles.items() if "instance.read" in role.actions}
+    with_metadata = {name for name, role in POLICY.roles.items() if "instance.read_metadata" in role.actions}
+    assert readers <= with_metadata
+    assert with_metadata - readers == {"technologist", "pacs_admin"}
+    exporters = {name for name, role in POLICY.roles.items() if "instance.export" in role.actions}
+    assert exporters == {"radiologist", "privacy_officer"}
+    assert {name for name, role in POLICY.roles.items() if "instance.delete" in role.actions} == {"pacs_admin"}
+    # Break-glass reads one study, metadata included; never exports or deletes.
+    assert POLICY.roles["emergency_reader"].actions == {"instance.read", "instance.read_metadata"}
+
+
+@pytest.mark.parametrize("action", ["instance.read_metadata", "instance.export", "instance.delete"])
+def test_new_actions_follow_scope_and_mfa(action: str) -> None:
+    """Nothing special about the newer actions: scopes and sensitivity narrow them like any other."""
+    holder = {
+        "instance.read_metadata": "radiologist",
+        "instance.export": "radiologist",
+        "instance.delete": "pacs_admin",
+    }
+    ctx = RequestContext(
+        grants=(RoleGrant(holder[action], Scope(department="cardiology"), NOW - HOUR, NOW + HOUR),), at=NOW
+    )
+    assert decide(POLICY, "dr.locum", action, IN_CARDIOLOGY, ctx).allow
+    oncology = ResourceRef("instance", department="oncology")
+    assert decide(POLICY, "dr.locum", action, oncology, ctx).code == "out_of_scope"
+    vip = ResourceRef("instance", labels=frozenset({"vip"}), department="cardiology")
+    assert decide(POLICY, "dr.locum", action, vip, ctx).code == "mfa_required"
+    assert decide(POLICY, "dr.locum", action, vip, RequestContext(mfa=True, grants=ctx.grants, at=NOW)).allow
