@@ -349,7 +349,8 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
         elif g.role not in self._policy.roles or g.role in unassignable:
             problem = f"role {g.role} cannot be granted"
         elif g.grantee_role and (g.grantee_role not in self._policy.roles or g.grantee_role in unassignable):
-            # The break-glass role is never a standing one, so its holders are no group to grant to.
+            # The break-glass role is meant to be held only through an announced override: its
+            # holders are no group to widen.
             problem = f"role {g.grantee_role} has no holders to grant to"
         elif not (not_before < not_after and now < not_after and not_after - not_before <= MAX_GRANT):
             problem = f"grant window must end in the future and last at most {MAX_GRANT.days} days"
