@@ -1,8 +1,11 @@
 """Time-limited grants in MongoDB (authz's own database).
 
 Read on every check and never cached, so an expiry or a revocation takes effect on the very
-next decision, on every replica. Window and scope are judged by ``policy.decide``; the store
-only narrows the read to the subject's grants that have not ended.
+next decision, on every replica. Window, holder and scope are judged by ``policy.decide``; the
+store only narrows the read to the grants that have not ended of the subject itself and of the
+roles it holds (a grant names either one ``subject`` or a ``grantee_role``: every holder of
+that role). Each half of the read has its own index (``subject_expiry``,
+``grantee_role_expiry``), so a check never scans the collection.
 
 Break-glass grants also carry the durable markers of their announcements: ``started_announced_at``
 (set once the "Emergency Override Started" audit event and alert were acknowledged; until then
@@ -42,6 +45,8 @@ class StoredGrant:
     patient_ref: str = ""
     started_announced_at: dt.datetime | None = None
     stop_announced_at: dt.datetime | None = None
+    # Set instead of ``subject`` on a grant to every holder of this role.
+    grantee_role: str = ""
 
     @property
     def scope(self) -> Scope:
@@ -53,7 +58,9 @@ class StoredGrant:
         return not self.break_glass or self.started_announced_at is not None
 
     def as_role_grant(self) -> RoleGrant:
-        return RoleGrant(self.role, self.scope, self.not_before, self.not_after, self.break_glass)
+        return RoleGrant(
+            self.role, self.scope, self.not_before, self.not_after, self.break_glass, holder_role=self.grantee_role
+        )
 
     def ended(self, now: dt.datetime) -> bool:
         return self.revoked_at is not None or self.not_after <= now
@@ -69,7 +76,7 @@ def _utc(value: dt.datetime | None) -> dt.datetime | None:
 def _from_doc(doc: dict[str, Any]) -> StoredGrant:
     return StoredGrant(
         grant_id=doc["grant_id"],
-        subject=doc["subject"],
+        subject=doc.get("subject", ""),
         role=doc["role"],
         study_instance_uid=doc.get("study_instance_uid", ""),
         not_before=_utc(doc["not_before"]) or dt.datetime.min.replace(tzinfo=dt.UTC),
@@ -83,6 +90,7 @@ def _from_doc(doc: dict[str, Any]) -> StoredGrant:
         patient_ref=doc.get("patient_ref", ""),
         started_announced_at=_utc(doc.get("started_announced_at")),
         stop_announced_at=_utc(doc.get("stop_announced_at")),
+        grantee_role=doc.get("grantee_role", ""),
     )
 
 
@@ -93,6 +101,9 @@ class GrantStore:
     async def ensure_indexes(self) -> None:
         await self._grants.create_index("grant_id", unique=True, name="grant_id")
         await self._grants.create_index([("subject", ASCENDING), ("not_after", ASCENDING)], name="subject_expiry")
+        await self._grants.create_index(
+            [("grantee_role", ASCENDING), ("not_after", ASCENDING)], name="grantee_role_expiry"
+        )
         await self._grants.create_index(
             [("break_glass", ASCENDING), ("stop_announced_at", ASCENDING)], name="break_glass_open"
         )
@@ -107,7 +118,9 @@ class GrantStore:
         reason: str,
         created_by: str,
         break_glass: bool = False,
+        grantee_role: str = "",
     ) -> StoredGrant:
+        """A grant to ``subject``, or (``subject`` empty) to every holder of ``grantee_role``."""
         grant = StoredGrant(
             grant_id=str(uuid.uuid4()),
             subject=subject,
@@ -121,6 +134,7 @@ class GrantStore:
             site=scope.site,
             department=scope.department,
             patient_ref=scope.patient_ref,
+            grantee_role=grantee_role,
         )
         await self._grants.insert_one({**asdict(grant), "created_at": dt.datetime.now(dt.UTC)})
         return grant
@@ -131,10 +145,16 @@ class GrantStore:
         )
         return _from_doc(doc) if doc else None
 
-    async def active(self, subject: str, now: dt.datetime) -> list[StoredGrant]:
-        """The subject's grants that have not ended (any scope, including not yet started)."""
-        cursor = self._grants.find({"subject": subject, "revoked_at": None, "not_after": {"$gt": now}})
-        return [_from_doc(doc) async for doc in cursor]
+    async def active(self, subject: str, now: dt.datetime, roles: frozenset[str] = frozenset()) -> list[StoredGrant]:
+        """The grants that have not ended (any scope, including not yet started) of the subject
+        and, with ``roles``, of the holders of those roles."""
+        live = {"revoked_at": None, "not_after": {"$gt": now}}
+        who: list[dict[str, Any]] = [{"subject": subject}]
+        if roles:
+            who.append({"grantee_role": {"$in": sorted(roles)}})
+        # One clause per index; the server answers an $or clause by clause, each from its index.
+        query = {**live, "$or": who} if len(who) > 1 else {**live, **who[0]}
+        return [_from_doc(doc) async for doc in self._grants.find(query)]
 
     async def mark_started_announced(self, grant_id: str, now: dt.datetime) -> None:
         await self._grants.update_one({"grant_id": grant_id}, {"$set": {"started_announced_at": now}})

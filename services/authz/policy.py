@@ -4,13 +4,15 @@ A decision allows an action only when one of the subject's roles lists it; every
 — unknown subject, unknown action, empty request — is denied with a reason that names the
 rule, never a patient fact.
 
-Inputs are split so later sources of authority slot in without changing the rules: roles →
-actions is the policy, subject → roles comes from the policy's subjects table *plus* the
-grants of the request context (``RequestContext.grants``). Every binding of a role carries a
-``Scope`` (all, site, department, patient, study) and grants a validity window; only the
-bindings in force that cover the resource count. Facts established by the caller's
-authentication (``RequestContext.mfa``) or the resource (``ResourceRef.labels``) only ever
-narrow what the roles allow.
+Inputs are split so further sources of authority slot in without changing the rules: roles →
+actions is the policy; subject → roles comes from the policy's subjects table, the identity
+provider's role/group claim of the verified token mapped through ``[identity.role_map]``
+(``RequestContext.claim_values``), and the grants of the request context
+(``RequestContext.grants``: the subject's own and those to holders of one of its roles).
+Every binding of a role carries a ``Scope`` (all, site, department, patient, study) and grants
+a validity window; only the bindings in force that cover the resource count. Facts established
+by the caller's authentication (``RequestContext.mfa``) or the resource (``ResourceRef.labels``)
+only ever narrow what the roles allow.
 """
 
 from __future__ import annotations
@@ -100,6 +102,9 @@ class RoleGrant:
     not_before: dt.datetime | None = None
     not_after: dt.datetime | None = None
     break_glass: bool = False
+    # Set on a grant to every holder of this role (from the policy's subjects table or the
+    # token's claims, never from another grant): it counts only for subjects holding it.
+    holder_role: str = ""
 
     def in_force(self, at: dt.datetime | None) -> bool:
         if self.not_before is None and self.not_after is None:
@@ -107,6 +112,18 @@ class RoleGrant:
         if at is None:  # a time-limited grant without a clock proves nothing
             return False
         return (self.not_before is None or self.not_before <= at) and (self.not_after is None or at < self.not_after)
+
+
+@dataclass(frozen=True)
+class IdentityMapping:
+    """Which claim of a verified access token carries the identity provider's groups or roles,
+    and which policy roles (with scopes) each value confers. Values not listed confer nothing."""
+
+    roles_claim: str = ""
+    role_map: Mapping[str, tuple[RoleGrant, ...]] = field(default_factory=dict)
+
+    def bindings(self, claim_values: tuple[str, ...]) -> tuple[RoleGrant, ...]:
+        return tuple(b for value in dict.fromkeys(claim_values) for b in self.role_map.get(value, ()))
 
 
 @dataclass(frozen=True)
@@ -120,10 +137,17 @@ class Policy:
     break_glass_minutes: int = 30
     # Subjects whose standing roles apply only within these sites/departments (absent = everywhere).
     subject_scopes: Mapping[str, tuple[Scope, ...]] = field(default_factory=dict)
+    identity: IdentityMapping = field(default_factory=IdentityMapping)
 
-    def bindings(self, subject: str) -> tuple[RoleGrant, ...]:
+    def bindings(self, subject: str, claim_values: tuple[str, ...] = ()) -> tuple[RoleGrant, ...]:
+        """Standing bindings: the subjects table, then the token's mapped claim values."""
         scopes = self.subject_scopes.get(subject) or (EVERYWHERE,)
-        return tuple(RoleGrant(role, scope) for role in self.subjects.get(subject, ()) for scope in scopes)
+        own = tuple(RoleGrant(role, scope) for role in self.subjects.get(subject, ()) for scope in scopes)
+        return own + self.identity.bindings(claim_values)
+
+    def held_roles(self, subject: str, claim_values: tuple[str, ...] = ()) -> frozenset[str]:
+        """The roles whose holders' grants apply to the subject (any scope of the role counts)."""
+        return frozenset(b.role for b in self.bindings(subject, claim_values))
 
 
 @dataclass(frozen=True)
@@ -131,7 +155,10 @@ class RequestContext:
     """Facts about the request established by the caller of ``decide`` (never PHI).
 
     ``mfa``: the session was authenticated with a second factor (from a verified token).
-    ``grants``: the subject's grants from the grant store (``decide`` checks window and scope).
+    ``claim_values``: the values of the policy's ``roles_claim`` in the *verified* access token
+    (empty without one: a development-mode subject id never carries claims).
+    ``grants``: the subject's grants and those to holders of its roles, from the grant store
+    (``decide`` checks holder, window and scope).
     ``at``: the time of the decision, against which grant windows are checked.
     ``purpose``: stated purpose of use (recorded, not decisive yet).
     """
@@ -140,6 +167,7 @@ class RequestContext:
     mfa: bool = False
     grants: tuple[RoleGrant, ...] = ()
     at: dt.datetime | None = None
+    claim_values: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -155,7 +183,9 @@ class Decision:
     code: str = ""
 
 
-_TOP_KEYS = {"version", "actions", "roles", "subjects", "sensitivity", "break_glass"}
+_TOP_KEYS = {"version", "actions", "roles", "subjects", "sensitivity", "break_glass", "identity"}
+_IDENTITY_KEYS = {"roles_claim", "role_map"}
+_ROLE_MAP_KEYS = {"roles", "scopes"}
 _BREAK_GLASS_KEYS = {"role", "minutes"}
 _SENSITIVITY_KEYS = {"mfa_required"}
 _ROLE_KEYS = {"description", "actions", "obligations"}
@@ -228,7 +258,40 @@ def parse_policy(doc: Mapping[str, Any]) -> Policy:
     minutes = glass.get("minutes", 30)
     if not isinstance(minutes, int) or not 1 <= minutes <= 240:
         raise PolicyError("break_glass.minutes must be an integer in 1..240")
-    return Policy(version.strip(), actions, roles, subjects, mfa_labels, glass_role, minutes, subject_scopes)
+    identity = _identity(_table(doc.get("identity", {}), "identity"), roles, glass_role)
+    return Policy(version.strip(), actions, roles, subjects, mfa_labels, glass_role, minutes, subject_scopes, identity)
+
+
+def _identity(body: dict[str, Any], roles: Mapping[str, Role], glass_role: str) -> IdentityMapping:
+    """``[identity]``: an explicit claim value → roles table; anything not listed confers nothing."""
+    _unknown(set(body), _IDENTITY_KEYS, "identity")
+    claim = body.get("roles_claim", "")
+    if not isinstance(claim, str) or ("roles_claim" in body and not claim.strip()):
+        raise PolicyError("identity.roles_claim must be a non-empty string (the token claim with groups or roles)")
+    raw_map = _table(body.get("role_map", {}), "identity.role_map")
+    if raw_map and not claim:
+        raise PolicyError("identity.role_map needs identity.roles_claim (which token claim holds the values)")
+    role_map: dict[str, tuple[RoleGrant, ...]] = {}
+    for value, entry in raw_map.items():
+        where = f"identity.role_map.{value!r}"
+        if not value.strip():
+            raise PolicyError("identity.role_map: a claim value must be a non-empty string")
+        if isinstance(entry, dict):
+            _unknown(set(entry), _ROLE_MAP_KEYS, where)
+            mapped = _strings(entry.get("roles"), f"{where}.roles")
+            scopes = _scopes(entry["scopes"], f"{where}.scopes") if "scopes" in entry else (EVERYWHERE,)
+        else:
+            mapped, scopes = _strings(entry, where), (EVERYWHERE,)
+        if not mapped:
+            raise PolicyError(f"{where} must name at least one role")
+        for role in mapped:
+            if role not in roles:
+                raise PolicyError(f"{where}: role {role!r} is not defined")
+            if role == glass_role:
+                # An emergency override is announced and time-limited; a group could hold it forever.
+                raise PolicyError(f"{where}: role {role!r} is conferred only by break-glass")
+        role_map[value] = tuple(RoleGrant(role, scope) for role in mapped for scope in scopes)
+    return IdentityMapping(claim.strip(), role_map)
 
 
 def _scopes(value: Any, where: str) -> tuple[Scope, ...]:
@@ -262,8 +325,9 @@ def decide(
     resource: ResourceRef | None = None,
     context: RequestContext | None = None,
 ) -> Decision:
-    """Deny by default: allow only when a role bound to the subject — standing, or by a grant in
-    force at ``context.at`` — lists ``action`` and its scope covers ``resource``."""
+    """Deny by default: allow only when a role bound to the subject — standing (subjects table or
+    mapped token claims), or by a grant in force at ``context.at`` (the subject's own, or one to
+    holders of a standing role) — lists ``action`` and its scope covers ``resource``."""
     resource = resource or ResourceRef()
     context = context or RequestContext()
 
@@ -276,10 +340,16 @@ def decide(
         return deny("no_action", "no action")
     if action not in policy.actions:
         return deny("unknown_action", f"unknown action {action}")
-    in_force = [g for g in context.grants if g.role in policy.roles and g.in_force(context.at)]
-    if subject_id not in policy.subjects and not in_force:
+    standing = policy.bindings(subject_id, context.claim_values)
+    held = {b.role for b in standing}
+    in_force = [
+        g
+        for g in context.grants
+        if g.role in policy.roles and g.in_force(context.at) and (not g.holder_role or g.holder_role in held)
+    ]
+    if not standing and not in_force and subject_id not in policy.subjects:
         return deny("unknown_subject", "unknown subject")
-    bindings = [*policy.bindings(subject_id), *in_force]
+    bindings = [*standing, *in_force]
     applicable = [b for b in bindings if b.scope.covers(resource)]
     roles = tuple(dict.fromkeys(b.role for b in applicable))
     granting = [b for b in applicable if action in policy.roles[b.role].actions]

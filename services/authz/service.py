@@ -9,6 +9,7 @@ import logging
 import re
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -42,6 +43,18 @@ _REPLY_MARGIN_S = 0.2
 # A patient scope names crypto's keyed pseudonym (erasure key reference), never a Patient ID:
 # anything else is refused, so no identifier in clear lands in the grant store.
 _PATIENT_REF = re.compile(r"[0-9a-f]{32}")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a request is about, as authentication established it."""
+
+    subject: str
+    mfa: bool = False
+    # The verified token's values of the policy's roles claim; always empty without a verified
+    # token (a development-mode subject id carries no claims).
+    claim_values: tuple[str, ...] = ()
+    refusal: Decision | None = None
 
 
 class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
@@ -95,10 +108,10 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
         log.info("policy reloaded", extra={"from_version": old, "to_version": new.version})
         return True
 
-    async def _identify(self, subject: authz_pb2.Subject) -> tuple[str, bool, Decision | None]:
-        """(subject id, mfa, refusal): with tokens required, the id is the verified token's."""
+    async def _identify(self, subject: authz_pb2.Subject, policy: Policy) -> Caller:
+        """With tokens required, the caller is the verified token's subject (and its claims)."""
         if self._verifier is None:
-            return subject.id, False, None
+            return Caller(subject.id)
         try:
             identity = self._verifier.remembered(subject.access_token)
             if identity is None:
@@ -107,19 +120,32 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
             refusal = Decision(
                 False, f"unauthenticated: {exc.reason}", policy_version=self._policy.version, code="unauthenticated"
             )
-            return subject.id, False, refusal
+            return Caller(subject.id, refusal=refusal)
         if subject.id and subject.id != identity.subject:
             refusal = Decision(
                 False, "subject does not match the token", policy_version=self._policy.version, code="subject_mismatch"
             )
-            return subject.id, False, refusal
-        return identity.subject, identity.mfa, None
+            return Caller(subject.id, refusal=refusal)
+        claims = identity.claim_values(policy.identity.roles_claim)
+        return Caller(identity.subject, identity.mfa, claims)
 
-    async def _decide(self, request: authz_pb2.CheckRequest) -> tuple[str, bool, Decision]:
-        """(subject, mfa, decision), counting the subject's grants as they stand right now."""
-        subject, mfa, refusal = await self._identify(request.subject)
-        if refusal is not None:
-            return subject, mfa, refusal
+    async def _context(self, caller: Caller, policy: Policy, purpose: str = "") -> RequestContext:
+        """The request facts for ``decide``, with the grants as they stand right now."""
+        now = dt.datetime.now(dt.UTC)
+        grants = await self._grants_of(caller.subject, policy.held_roles(caller.subject, caller.claim_values), now)
+        return RequestContext(
+            purpose=purpose,
+            mfa=caller.mfa,
+            grants=tuple(g.as_role_grant() for g in grants),
+            at=now,
+            claim_values=caller.claim_values,
+        )
+
+    async def _decide(self, request: authz_pb2.CheckRequest) -> tuple[Caller, Decision]:
+        policy = self._policy  # one policy for the whole decision, even across a reload
+        caller = await self._identify(request.subject, policy)
+        if caller.refusal is not None:
+            return caller, caller.refusal
         r = request.resource
         resource = ResourceRef(
             type=r.type,
@@ -130,17 +156,15 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
             department=r.department,
             patient_ref=r.patient_ref,
         )
-        now = dt.datetime.now(dt.UTC)
-        grants = await self._grants_of(subject, now)
-        purpose = request.context.get("purpose", "")
-        ctx = RequestContext(purpose=purpose, mfa=mfa, grants=tuple(g.as_role_grant() for g in grants), at=now)
-        return subject, mfa, decide(self._policy, subject, request.action, resource, ctx)
+        ctx = await self._context(caller, policy, request.context.get("purpose", ""))
+        return caller, decide(policy, caller.subject, request.action, resource, ctx)
 
-    async def _grants_of(self, subject: str, now: dt.datetime) -> list[StoredGrant]:
+    async def _grants_of(self, subject: str, roles: frozenset[str], now: dt.datetime) -> list[StoredGrant]:
+        """The subject's own grants and those to holders of ``roles`` that have not ended."""
         if self._grants is None or not subject:
             return []
         try:
-            return [g for g in await self._grants.active(subject, now) if g.usable]
+            return [g for g in await self._grants.active(subject, now, roles) if g.usable]
         except PyMongoError:
             # Without the grant store, decide on the policy file alone: grants only ever add access.
             log.warning("grant store unavailable; deciding without grants")
@@ -157,7 +181,8 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
             # Refused before any decision, so a Patient ID sent by mistake never reaches the trail.
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "resource.patient_ref must be a patient pseudonym")
         started = time.perf_counter()
-        subject, mfa, decision = await self._decide(request)
+        caller, decision = await self._decide(request)
+        subject, mfa = caller.subject, caller.mfa
         decision_id = str(uuid.uuid4())
         outcome = (
             audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS
@@ -225,16 +250,15 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
         context: grpc.aio.ServicerContext[object, object],
         resource: ResourceRef | None = None,
     ) -> tuple[str, bool, Decision]:
-        """Decided like a check (standing roles and the caller's own grants), for ``resource``."""
+        """Decided like a check (standing roles, token claims and grants), for ``resource``."""
         if self._grants is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "grants need AUTHZ_MONGODB_URI")
-        subject, mfa, refusal = await self._identify(caller)
-        if refusal is not None:
-            return subject, mfa, refusal
-        now = dt.datetime.now(dt.UTC)
-        grants = tuple(g.as_role_grant() for g in await self._grants_of(subject, now))
-        ctx = RequestContext(mfa=mfa, grants=grants, at=now)
-        return subject, mfa, decide(self._policy, subject, action, resource, ctx)
+        policy = self._policy
+        who = await self._identify(caller, policy)
+        if who.refusal is not None:
+            return who.subject, who.mfa, who.refusal
+        ctx = await self._context(who, policy)
+        return who.subject, who.mfa, decide(policy, who.subject, action, resource, ctx)
 
     async def _require_manager(
         self, caller: authz_pb2.Subject, context: grpc.aio.ServicerContext[object, object]
@@ -262,6 +286,7 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
             details |= {
                 "grant_id": grant.grant_id,
                 "grantee": grant.subject,
+                "grantee_role": grant.grantee_role,
                 "role": grant.role,
                 "not_before": grant.not_before.isoformat(),
                 "not_after": grant.not_after.isoformat(),
@@ -300,6 +325,7 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
             site=grant.site,
             department=grant.department,
             patient_ref=grant.patient_ref,
+            grantee_role=grant.grantee_role,
         )
         out.not_before.FromDatetime(grant.not_before)
         out.not_after.FromDatetime(grant.not_after)
@@ -317,10 +343,15 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
         not_before = g.not_before.ToDatetime(tzinfo=dt.UTC) if g.HasField("not_before") else now
         not_after = g.not_after.ToDatetime(tzinfo=dt.UTC)
         problem = ""
-        if not g.subject or not g.role or not g.reason:
-            problem = "grant needs a subject, a role and a reason"
-        elif g.role not in self._policy.roles or g.role == self._policy.break_glass_role:
+        unassignable = ("", self._policy.break_glass_role)
+        if bool(g.subject) == bool(g.grantee_role) or not g.role or not g.reason:
+            problem = "grant needs a subject or a grantee_role (exactly one), a role and a reason"
+        elif g.role not in self._policy.roles or g.role in unassignable:
             problem = f"role {g.role} cannot be granted"
+        elif g.grantee_role and (g.grantee_role not in self._policy.roles or g.grantee_role in unassignable):
+            # The break-glass role is meant to be held only through an announced override: its
+            # holders are no group to widen.
+            problem = f"role {g.grantee_role} has no holders to grant to"
         elif not (not_before < not_after and now < not_after and not_after - not_before <= MAX_GRANT):
             problem = f"grant window must end in the future and last at most {MAX_GRANT.days} days"
         elif g.patient_ref and not _PATIENT_REF.fullmatch(g.patient_ref):
@@ -329,7 +360,7 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         scope = Scope(g.site, g.department, g.patient_ref, g.study_instance_uid)
         grant = await self._grants.create(  # type: ignore[union-attr]
-            g.subject, g.role, scope, not_before, not_after, g.reason, caller
+            g.subject, g.role, scope, not_before, not_after, g.reason, caller, grantee_role=g.grantee_role
         )
         await self._record_grant(changed, True, caller, f"grant created: {g.reason}", context, grant)
         return self._to_proto(grant)

@@ -18,7 +18,10 @@ import ipaddress
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 from urllib.parse import urlsplit
 
 import jwt
@@ -68,6 +71,27 @@ class Identity:
     subject: str
     mfa: bool
     token_id: str
+    # Every claim of the verified token (read-only), for the policy's group/role claim: which
+    # claim counts lives in the reloadable policy, so the choice is made per decision.
+    claims: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
+
+    def claim_values(self, name: str) -> tuple[str, ...]:
+        """The string values of claim ``name``: a top-level claim of that exact name (Entra ID's
+        ``roles``/``groups``, namespaced URIs), else a dot-separated path into nested objects
+        (Keycloak's ``realm_access.roles``). A single string counts as one value; anything that
+        is not a string is ignored (it can match no mapping)."""
+        if not name:
+            return ()
+        value: Any = self.claims.get(name)
+        if value is None and "." in name:
+            value = self.claims
+            for part in name.split("."):
+                value = value.get(part) if isinstance(value, Mapping) else None
+        if isinstance(value, str):
+            return (value,) if value else ()
+        if isinstance(value, list):
+            return tuple(v for v in value if isinstance(v, str) and v)
+        return ()
 
 
 class TokenVerifier:
@@ -160,6 +184,8 @@ class TokenVerifier:
             raise TokenRejected("token invalid") from None
         amr = claims.get("amr", [])
         mfa = bool(MFA_METHODS.intersection(amr if isinstance(amr, list) else [])) or claims.get("acr") in self._mfa_acr
-        identity = Identity(subject=str(claims["sub"]), mfa=mfa, token_id=str(claims.get("jti", "")))
+        identity = Identity(
+            subject=str(claims["sub"]), mfa=mfa, token_id=str(claims.get("jti", "")), claims=MappingProxyType(claims)
+        )
         self._remember(token, identity, float(claims["exp"]))
         return identity

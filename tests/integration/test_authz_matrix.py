@@ -3,8 +3,10 @@ and the audit stream in Kafka.
 
 Dimensions, generated as full products: role x action x scope (all, department, patient, study)
 x time (before, within, after a grant) x resource (inside / outside the scope) x MFA x sensitivity
-label; standing role bindings of the policy file (including a department-bound one) x action x
-resource x MFA x label; and break-glass (none, active, revoked) x action x resource x MFA x label.
+label; standing role bindings of the policy file (including a department-bound one) and of
+identity-provider groups (mapped, unmapped) x action x resource x MFA x label, with grants to
+every holder of one role (before, within, after, revoked); and break-glass (none, active,
+revoked) x action x resource x MFA x label.
 
 Expected answers come from the explicit tables and rules below — written from the job
 descriptions, not computed by ``decide`` — so a regression in the service shows up as a
@@ -44,6 +46,9 @@ if TYPE_CHECKING:
 ACTIONS = (
     "instance.read",
     "instance.read_deidentified",
+    "instance.read_metadata",
+    "instance.export",
+    "instance.delete",
     "instance.store",
     "study.query",
     "audit.read",
@@ -55,16 +60,22 @@ ACTIONS = (
 )
 # Job → what the job needs (issue #5 and the authz README), nothing more.
 ROLE_ACTIONS: dict[str, frozenset[str]] = {
-    "radiologist": frozenset({"instance.read", "study.query", "emergency.access"}),
-    "referring_physician": frozenset({"instance.read", "study.query", "emergency.access"}),
-    "technologist": frozenset({"instance.store", "study.query"}),
+    "radiologist": frozenset(
+        {"instance.read", "instance.read_metadata", "instance.export", "study.query", "emergency.access"}
+    ),
+    "referring_physician": frozenset({"instance.read", "instance.read_metadata", "study.query", "emergency.access"}),
+    # checks what was stored: headers, not images
+    "technologist": frozenset({"instance.store", "instance.read_metadata", "study.query"}),
     "registrar": frozenset({"study.query", "grants.manage"}),
     "emergency_physician": frozenset({"study.query", "emergency.access"}),
-    "emergency_reader": frozenset({"instance.read"}),
+    "emergency_reader": frozenset({"instance.read", "instance.read_metadata"}),
     "auditor": frozenset({"audit.read", "audit.verify"}),
     "researcher": frozenset({"instance.read_deidentified", "study.query"}),
     "security_officer": frozenset({"key.rotate"}),
-    "privacy_officer": frozenset({"patient.erase", "audit.read"}),
+    # erasure and data-subject access requests (an export)
+    "privacy_officer": frozenset({"patient.erase", "instance.export", "audit.read"}),
+    # corrects mis-filed studies without viewing them
+    "pacs_admin": frozenset({"study.query", "instance.read_metadata", "instance.delete"}),
     "svc_ingest": frozenset({"instance.store"}),
     "svc_gateway": frozenset({"study.query"}),
 }
@@ -88,9 +99,17 @@ STANDING = {
     "sec.kim": ("security_officer", None),
     "dr.er": ("emergency_physician", None),
     "dpo.lee": ("privacy_officer", None),
+    "pacs.ana": ("pacs_admin", None),
     "svc-ingest": ("svc_ingest", None),
     "svc-gateway": ("svc_gateway", None),
 }
+
+# Subjects known only by their token's groups claim (the policy's [identity] mapping).
+CLAIMS = {"mx.claim.technologist": ["/radiography/staff"], "mx.claim.unmapped": ["/radiography/visitors"]}
+CLAIM_ROLES = {"mx.claim.technologist": "technologist"}
+# Grants to every technologist (standing or by claim, never by a grant): a referring physician's
+# role in the department, one grant per time plus a revoked one; only "within" counts.
+HOLDERS, HOLDERS_GET, HOLDERS_SCOPE = "technologist", "referring_physician", "department"
 
 DEPARTMENT = "cardiology"
 PATIENT = "5a" * 16  # a patient pseudonym (crypto's erasure key reference shape)
@@ -204,15 +223,20 @@ async def test_decision_matrix(authz: tuple[Stub, Topics], idp: LocalIssuer, ser
 
     def who(subject: str, mfa: bool) -> authz_pb2.Subject:
         if (subject, mfa) not in tokens:
-            tokens[subject, mfa] = idp.token(subject, amr=["pwd", "otp"] if mfa else ["pwd"], lifetime_s=3600)
+            groups = {"groups": CLAIMS[subject]} if subject in CLAIMS else None
+            amr = ["pwd", "otp"] if mfa else ["pwd"]
+            tokens[subject, mfa] = idp.token(subject, amr=amr, lifetime_s=3600, extra=groups)
         return authz_pb2.Subject(access_token=tokens[subject, mfa])
 
     admin = who("reg.omar", False)
 
-    async def grant(subject: str, role: str, start: dt.datetime, end: dt.datetime, scope: str = "all") -> str:
+    async def grant(
+        subject: str, role: str, start: dt.datetime, end: dt.datetime, scope: str = "all", holders: str = ""
+    ) -> str:
         fields = _scope_fields(scope)
         g = authz_pb2.Grant(
             subject=subject,
+            grantee_role=holders,
             role=role,
             reason="matrix",
             department=fields.get("department", ""),
@@ -241,11 +265,22 @@ async def test_decision_matrix(authz: tuple[Stub, Topics], idp: LocalIssuer, ser
             expected = expect(bindings, time_ == "within", action, labels, mfa)
             cases.append(Case(subject, action, place, mfa, labels, expected, f"grant:{scope}:{time_}"))
 
-    for subject, (role, department) in STANDING.items():
+    for time_ in TIMES:
+        await grant("", HOLDERS_GET, *windows[time_], HOLDERS_SCOPE, holders=HOLDERS)
+    revoked_id = await grant("", HOLDERS_GET, *windows["within"], HOLDERS_SCOPE, holders=HOLDERS)
+    await stub.RevokeGrant(authz_pb2.RevokeGrantRequest(caller=admin, grant_id=revoked_id, reason="matrix"))
+
+    people = dict(STANDING) | {s: (r, None) for s, r in CLAIM_ROLES.items()}
+    for subject in [*people, *(s for s in CLAIMS if s not in CLAIM_ROLES)]:
+        role, department = people.get(subject, ("", None))
         scope = "department" if department else "all"
         for action, place, mfa, labels in itertools.product(ACTIONS, (INSIDE, OUTSIDE), (False, True), LABELS):
-            expected = expect([Binding(role, covers(scope, place))], True, action, labels, mfa)
-            cases.append(Case(subject, action, place, mfa, labels, expected, f"standing:{scope}"))
+            bindings = [Binding(role, covers(scope, place))] if role else []
+            if role == HOLDERS:
+                bindings.append(Binding(HOLDERS_GET, covers(HOLDERS_SCOPE, place)))
+            expected = expect(bindings, bool(role), action, labels, mfa)
+            source = "claim" if subject in CLAIMS else "standing"
+            cases.append(Case(subject, action, place, mfa, labels, expected, f"{source}:{scope}"))
 
     # Break-glass: three emergency physicians (role granted for the test), one without an
     # override, one with an active override on the study, one whose override was revoked.
