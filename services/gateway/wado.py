@@ -45,6 +45,8 @@ from services.gateway.multipart import MediaType, between, closing, new_boundary
 from services.gateway.study_index import Located
 
 READ = "instance.read"
+# The header without pixel data: technologists checking what was stored, PACS administrators.
+READ_METADATA = "instance.read_metadata"
 READ_DEIDENTIFIED = "instance.read_deidentified"
 # Media types of compressed frames (PS3.18 table 8.7.3-2); native frames are application/octet-stream.
 FRAME_MEDIA = {
@@ -237,7 +239,8 @@ async def _release(request: Request, backends: Backends, part: str, study: str, 
     if pseudonymous:
         verdict = await authorise(backends, token, READ_DEIDENTIFIED, "study", real_study, labels, where)
     else:
-        verdict = await authorise(backends, token, READ, "study", study, labels, where)
+        identified = READ_METADATA if part == "metadata" else READ
+        verdict = await authorise(backends, token, identified, "study", study, labels, where)
         if not verdict.allow and verdict.reason_code not in ("unauthenticated", "mfa_required"):
             # Researchers hold only the de-identified read: offer it in place of the identified one.
             fallback = await authorise(backends, token, READ_DEIDENTIFIED, "study", study, labels, where)

@@ -232,6 +232,13 @@ def test_wado_returns_exact_instances_metadata_and_frames(stack: Stack, idp: Loc
     metadata = client.retrieve_instance_metadata(str(ct.StudyInstanceUID), str(ct.SeriesInstanceUID), ct_uid)
     assert metadata["00100010"]["Value"][0]["Alphabetic"] == str(ct.PatientName)
     assert metadata["7FE00010"]["BulkDataURI"].endswith("/bulkdata/7fe00010")
+    # A technologist checks what was stored (instance.read_metadata) but does not view images.
+    tech = _client(stack, idp.token("tech.jane"))
+    ct_path = (str(ct.StudyInstanceUID), str(ct.SeriesInstanceUID), ct_uid)
+    assert tech.retrieve_instance_metadata(*ct_path)["00080018"]["Value"] == [ct_uid]
+    with pytest.raises(requests.HTTPError) as refused:
+        tech.retrieve_instance(*ct_path)
+    assert refused.value.response.status_code == 403
 
     us = next(d for d in upload.datasets.values() if d.Modality == "US")
     frame_size = int(us.Rows) * int(us.Columns) * 3
