@@ -8,6 +8,7 @@ crash or a MongoDB outage redelivers the event instead of losing it.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 
 from aiokafka import ConsumerRecord
@@ -32,7 +33,9 @@ class IndexEraser:
         if not event.patient_ref:
             raise PermanentError("bad_envelope", "erasure event without patient reference")
         try:
-            removed = await self._index.remove_patient(event.patient_ref)
+            # Objects sealed up to the key's destruction; an event without the time covers all.
+            erased_at = event.erased_at.ToDatetime(dt.UTC) if event.HasField("erased_at") else dt.datetime.now(dt.UTC)
+            removed = await self._index.remove_patient(event.patient_ref, erased_at)
         except Exception as exc:  # noqa: BLE001 - MongoDB down: keep the offset, retry
             raise TransientError(f"index delete failed ({type(exc).__name__})") from None
         # The pseudonym is no PHI (the audit trail carries it too); it ties this to the erasure.

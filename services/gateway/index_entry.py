@@ -7,6 +7,7 @@ sealed object and is read back through crypto when a user is allowed to see it.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,9 @@ class IndexEntry:
     transfer_syntax_uid: str
     size: int
     layout: InstanceLayout
+    # When the object was sealed (at the latest): an erasure removes what was stored before it,
+    # never what a returning patient stores afterwards under a fresh erasure key.
+    stored_at: dt.datetime | None = None
 
     @property
     def study_uid(self) -> str:
@@ -69,7 +73,14 @@ class IndexEntry:
         return str(self.instance["match"]["SOPInstanceUID"])
 
 
-def entry_for(ds: Dataset, layout: InstanceLayout, object_id: str, size: int, patient_ref: str = "") -> IndexEntry:
+def entry_for(
+    ds: Dataset,
+    layout: InstanceLayout,
+    object_id: str,
+    size: int,
+    patient_ref: str = "",
+    stored_at: dt.datetime | None = None,
+) -> IndexEntry:
     return IndexEntry(
         object_id=object_id,
         study=_level(ds, STUDY_KEYS),
@@ -83,6 +94,7 @@ def entry_for(ds: Dataset, layout: InstanceLayout, object_id: str, size: int, pa
         transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
         size=size,
         layout=layout,
+        stored_at=stored_at,
     )
 
 

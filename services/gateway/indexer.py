@@ -7,6 +7,7 @@ index write; re-indexing is an idempotent upsert.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 
 import grpc
@@ -70,6 +71,8 @@ class Indexer:
         except (InvalidDicomError, EOFError, ValueError) as exc:
             raise PermanentError("unparseable", f"stored instance unreadable ({type(exc).__name__})") from None
         try:
-            await self._index.add(entry_for(ds, layout, event.object_id, len(data), description.erasure_key_ref))
+            stored_at = event.stored_at.ToDatetime(dt.UTC) if event.HasField("stored_at") else None
+            entry = entry_for(ds, layout, event.object_id, len(data), description.erasure_key_ref, stored_at)
+            await self._index.add(entry)
         except Exception as exc:  # noqa: BLE001 - MongoDB down: keep the offset, retry
             raise TransientError(f"index write failed ({type(exc).__name__})") from None

@@ -9,6 +9,7 @@ The response lists every instance as stored (ReferencedSOPSequence) or failed wi
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -51,6 +52,8 @@ OUT_OF_RESOURCES = 0xA700
 # Parts stored at once per request, and the bytes they may hold together.
 IN_FLIGHT_PARTS = 8
 IN_FLIGHT_BYTES = 64 * 1024 * 1024
+# The stored-at of an object that was already stored: sealed at some unknown earlier time.
+_LONG_AGO = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 async def store(request: Request, backends: Backends, study_uid: str = "") -> Response:
@@ -146,6 +149,9 @@ class StowUpload:
         if not verdict.allow:
             self._fail(sop_class, sop_uid, NOT_AUTHORISED)
             return
+        # Taken before the call, so never later than the seal: an erasure racing this store errs
+        # toward removing the entry, never toward keeping names whose images no longer open.
+        sent_at = dt.datetime.now(dt.UTC)
         try:
             stored = await self._b.ingest.Store(
                 self._requests(part.body, verdict.subject, number), timeout=self._b.deadline_s
@@ -166,7 +172,10 @@ class StowUpload:
             # Stored and sealed; without a layout it is served only as a whole instance.
             layout = InstanceLayout(0, None, (), False)
         try:
-            await self._b.index.add(entry_for(ds, layout, stored.object_id, stored.size, stored.patient_ref))
+            # An object stored earlier was sealed at an unknown earlier time: as old as can be.
+            stored_at = _LONG_AGO if stored.already_stored else sent_at
+            entry = entry_for(ds, layout, stored.object_id, stored.size, stored.patient_ref, stored_at)
+            await self._b.index.add(entry)
         except Exception as exc:  # noqa: BLE001 - the dicom.stored consumer indexes it later
             log.warning("index update deferred", extra={"object_id": stored.object_id, "error": type(exc).__name__})
         self._stored.append(

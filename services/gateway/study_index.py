@@ -219,6 +219,7 @@ class StudyIndex:
                     "layout": entry.layout.as_document(),
                     "patient_ref": entry.patient_ref,
                     "indexed_at": now,
+                    "stored_at": entry.stored_at or now,
                     **self._pseudo(entry.sop_uid),
                 }
             },
@@ -260,32 +261,33 @@ class StudyIndex:
             upsert=True,
         )
         # Written first, checked after: an erasure whose marker we do not see yet deletes after
-        # our writes; one whose marker we see was (or will be) before them, so we undo them.
-        if entry.patient_ref and await self._erased.find_one({"_id": entry.patient_ref}, {"_id": 1}):
-            await self.remove_patient(entry.patient_ref)
+        # our writes; one whose marker we see ran before them, so we undo what it covers.
+        if entry.patient_ref:
+            marker = await self._erased.find_one({"_id": entry.patient_ref})
+            if marker is not None and _utc(entry.stored_at or now) <= _utc(marker["erased_at"]):
+                await self.remove_patient(entry.patient_ref, _utc(marker["erased_at"]))
 
-    async def remove_patient(self, patient_ref: str) -> int:
-        """Delete every entry of one patient (crypto-shredded: their objects no longer open, and
-        the index must not keep their names and IDs). Returns how many entries went; idempotent.
+    async def remove_patient(self, patient_ref: str, erased_at: dt.datetime) -> int:
+        """Delete the entries of one patient's objects stored up to ``erased_at`` (their erasure
+        key is destroyed: the objects no longer open, and the index must not keep their names
+        and IDs). Returns how many entries went; idempotent, and a replayed old erasure leaves a
+        returning patient's later studies (sealed under a fresh key) alone.
 
-        The patient is remembered as erased before anything is deleted, so an entry written
-        concurrently (``add``) removes itself. Instances and series go first, the studies
-        last: a crash in between leaves the study entries, so the redelivered erasure finds
-        their children again by study UID (entries of every level also carry the patient_ref
-        themselves).
+        The erasure is remembered (latest time per pseudonym) before anything is deleted, so an
+        entry written concurrently (``add``) removes itself. Instances go first, then series and
+        studies with no instance left: a crash in between is redone on redelivery.
         """
         if not patient_ref:
             # An empty reference would match every entry indexed without a patient.
             raise ValueError("an erasure needs a patient reference")
-        await self._erased.update_one(
-            {"_id": patient_ref}, {"$setOnInsert": {"erased_at": dt.datetime.now(dt.UTC)}}, upsert=True
-        )
-        studies = [str(d["_id"]) async for d in self._studies.find({"patient_ref": patient_ref}, {"_id": 1})]
-        owned = {"$or": [{"patient_ref": patient_ref}, {"study_uid": {"$in": studies}}]}
-        removed = 0
-        for collection in (self._instances, self._series):
-            removed += (await collection.delete_many(owned)).deleted_count
-        removed += (await self._studies.delete_many({"patient_ref": patient_ref})).deleted_count
+        erased_at = _utc(erased_at)
+        await self._erased.update_one({"_id": patient_ref}, {"$max": {"erased_at": erased_at}}, upsert=True)
+        covered = {"$or": [{"stored_at": {"$lte": erased_at}}, {"stored_at": {"$exists": False}}]}
+        removed = (await self._instances.delete_many({"patient_ref": patient_ref, **covered})).deleted_count
+        for collection, child_key in ((self._series, "series_uid"), (self._studies, "study_uid")):
+            async for doc in collection.find({"patient_ref": patient_ref}, {"_id": 1}):
+                if not await self._instances.count_documents({child_key: doc["_id"]}, limit=1):
+                    removed += (await collection.delete_one({"_id": doc["_id"]})).deleted_count
         return removed
 
     async def study_context(self, study_uid: str) -> tuple[tuple[str, ...], str, str, str] | None:
@@ -446,3 +448,8 @@ def _result_attrs(
         if level == "series":
             attrs["00201209"] = {"vr": "IS", "Value": [instance_count]}
     return attrs
+
+
+def _utc(when: dt.datetime) -> dt.datetime:
+    """MongoDB hands datetimes back naive (UTC); compare like with like."""
+    return when.replace(tzinfo=dt.UTC) if when.tzinfo is None else when.astimezone(dt.UTC)

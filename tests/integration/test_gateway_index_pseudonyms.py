@@ -3,7 +3,7 @@ study — on a real MongoDB-wire server: entries indexed before (or under anothe
 
 from __future__ import annotations
 
-from dataclasses import replace
+import datetime as dt
 from typing import Any
 
 from pymongo import AsyncMongoClient
@@ -59,29 +59,38 @@ async def test_pseudonymous_uids_resolve_and_follow_the_key(servers: Servers, un
 
 
 async def test_an_entry_written_after_its_patients_erasure_removes_itself(servers: Servers, unique: str) -> None:
-    """The race of crypto-shredding and indexing: an object described just before its key was
-    destroyed, written just after the erasure event was handled, must not come back."""
+    """The race of crypto-shredding and indexing: an object sealed before its key was destroyed,
+    written just after the erasure was handled, must not come back — while a returning patient's
+    later studies (sealed under a fresh key) stay, even when the old erasure is replayed."""
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(servers.mongodb_uri)
     database = f"index_{unique}"
     erased, kept = "ab" * 16, "cd" * 16
+    t0 = dt.datetime.now(dt.UTC)
+    erased_at = t0 + dt.timedelta(seconds=10)
 
-    def entry(seed: int, patient_ref: str) -> IndexEntry:
+    def entry(seed: int, patient_ref: str, stored_at: dt.datetime) -> IndexEntry:
         ds, layout = layout_of(dicom_samples.to_bytes(dicom_samples.ct_image(rows=16, columns=16, seed=seed)))
-        return replace(entry_for(ds, layout, f"{seed:02x}" * 32, 100), patient_ref=patient_ref)
+        return entry_for(ds, layout, f"{seed:02x}" * 32, 100, patient_ref, stored_at)
 
     try:
         index = StudyIndex(client, database)
         await index.ensure_indexes()
-        first, late, other = entry(21, erased), entry(22, erased), entry(23, kept)
+        first, late, other = entry(21, erased, t0), entry(22, erased, t0), entry(23, kept, t0)
         await index.add(first)
         await index.add(other)
-        assert await index.remove_patient(erased) == 3  # instance, series, study
-        await index.add(late)  # the late writer
+        assert await index.remove_patient(erased, erased_at) == 3  # instance, series, study
+        await index.add(late)  # sealed before the erasure, written after it was handled
         assert await index.locate(late.study_uid) == [] and await index.locate(first.study_uid) == []
         assert len(await index.locate(other.study_uid)) == 1  # another patient is untouched
         for name in ("studies", "series", "instances"):
             assert await client[database][name].count_documents({"patient_ref": erased}) == 0
-        assert await index.remove_patient(erased) == 0  # a redelivered erasure is harmless
+
+        returning = entry(24, erased, erased_at + dt.timedelta(days=30))  # back a month later
+        await index.add(returning)
+        assert len(await index.locate(returning.study_uid)) == 1
+        # A redelivered (or, in an index rebuild, replayed) old erasure removes nothing new.
+        assert await index.remove_patient(erased, erased_at) == 0
+        assert len(await index.locate(returning.study_uid)) == 1
     finally:
         await client.drop_database(database)
         await client.close()
