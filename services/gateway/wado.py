@@ -48,6 +48,8 @@ READ = "instance.read"
 # The header without pixel data: technologists checking what was stored, PACS administrators.
 READ_METADATA = "instance.read_metadata"
 READ_DEIDENTIFIED = "instance.read_deidentified"
+# Refusals of the de-identified read that still mean "this caller reads de-identified data".
+_DEIDENTIFIED_READER_REFUSED = frozenset({"out_of_scope", "mfa_required"})
 # Media types of compressed frames (PS3.18 table 8.7.3-2); native frames are application/octet-stream.
 FRAME_MEDIA = {
     "1.2.840.10008.1.2.5": "image/dicom-rle",
@@ -74,10 +76,12 @@ class Release:
 
     verdict: Verdict
     instances: list[Located]
+    # Addressed by pseudonymous UIDs: served de-identified whatever the policy's obligations say.
+    pseudonymous: bool = False
 
     @property
     def deidentified(self) -> bool:
-        return self.verdict.deidentify
+        return self.verdict.deidentify or self.pseudonymous
 
 
 async def instances(request: Request, backends: Backends, study: str, series: str = "", sop: str = "") -> Response:
@@ -236,6 +240,7 @@ async def _release(request: Request, backends: Backends, part: str, study: str, 
     labels = located[0].labels if located else ()
     where = Where(located[0].site, located[0].department, located[0].patient_ref) if located else Where()
     real_study = located[0].study_uid if located else study
+    refused_as_deidentified = False
     if pseudonymous:
         verdict = await authorise(backends, token, READ_DEIDENTIFIED, "study", real_study, labels, where)
     else:
@@ -246,7 +251,11 @@ async def _release(request: Request, backends: Backends, part: str, study: str, 
             fallback = await authorise(backends, token, READ_DEIDENTIFIED, "study", study, labels, where)
             if fallback.allow:
                 verdict = fallback
-    if verdict.allow and verdict.deidentify and located and not pseudonymous:
+            elif fallback.reason_code in _DEIDENTIFIED_READER_REFUSED:
+                # Refused for this study's labels or scope, a de-identified reader still gets the
+                # 404 below: a 403 would confirm that the original UID exists, and hint why.
+                verdict, refused_as_deidentified = fallback, True
+    if ((verdict.allow and verdict.deidentify) or refused_as_deidentified) and located and not pseudonymous:
         # A de-identified caller addresses only pseudonymous UIDs: an original UID answered would
         # link it to its pseudonym. Answered as if there were nothing there.
         await record(
@@ -302,7 +311,7 @@ async def _release(request: Request, backends: Backends, part: str, study: str, 
             details={**details, "status": "404"},
         )
         raise HttpError(404, "no such study, series or instance")
-    return Release(verdict, located)
+    return Release(verdict, located, pseudonymous)
 
 
 async def _unreleased(backends: Backends, release: Release, part: str, error: HttpError) -> HttpError:

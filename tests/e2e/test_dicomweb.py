@@ -288,6 +288,13 @@ def test_wado_refusals(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
     with pytest.raises(requests.HTTPError) as original_uids:
         _client(stack, idp.token("res.rao")).retrieve_instance(*path)
     assert _status(original_uids) == 404
+    # Nor does a sensitive study answer differently (403 or 401 would confirm the UID and why),
+    # with or without MFA, nor a UID that names nothing.
+    for token in (idp.token("res.rao"), idp.token("res.rao", amr=MFA)):
+        for target in (vip_path, (generate_uid(), generate_uid(), generate_uid())):
+            with pytest.raises(requests.HTTPError) as hidden:
+                _client(stack, token).retrieve_instance(*target)
+            assert _status(hidden) == 404
 
 
 def _values(attrs: object) -> list[str]:
