@@ -95,8 +95,14 @@ def _note_grant(grants: dict[str, _Grant], event: Mapping[str, Any], when: dt.da
     if not grant_id or event.get("outcome") != SUCCESS:
         return
     # GRANT_CHANGED is recorded with the manager as actor and the grantee in details; an
-    # override is its grantee's own act.
-    grantee = str(details.get("grantee") or event.get("actor", ""))
+    # override is its grantee's own act. A grant to every holder of a role names no one: its
+    # ending takes nobody's own access away, so it is not tracked (never blamed on the manager).
+    if details.get("grantee_role"):
+        return
+    override = event.get("action") == _name(audit_pb2.AuditAction.AUDIT_ACTION_EMERGENCY_OVERRIDE)
+    grantee = str(details.get("grantee") or (event.get("actor", "") if override else ""))
+    if not grantee:
+        return
     grant = grants.setdefault(
         grant_id,
         _Grant(

@@ -205,3 +205,14 @@ def test_access_after_a_break_glass_override_was_revoked() -> None:
     findings = [f for f in find_patterns([started, stopped, late], Rules()) if f.rule == "after_grant_end"]
     assert [(f.actor, f.evidence) for f in findings] == [("dr.er", ("s", "t", "late"))]
     assert "revoked" in findings[0].explanation
+
+
+def test_a_grant_to_every_holder_of_a_role_is_never_blamed_on_its_manager() -> None:
+    """A role grant names no grantee; its end takes no one person's access away, and the
+    registrar who made it is not "someone still using access taken away"."""
+    window = {"not_before": T0.isoformat(), "not_after": (T0 + dt.timedelta(hours=1)).isoformat()}
+    events = [
+        _grant("r-new", T0, "grant created: weekend cover", grant_id="R1", grantee="", grantee_role="locum", **window),
+        _decision("dpo.lee", T0 + dt.timedelta(hours=2), Out.AUDIT_OUTCOME_DENIED, "manager-later"),
+    ]
+    assert [f for f in find_patterns(events, Rules()) if f.rule == "after_grant_end"] == []
