@@ -141,9 +141,10 @@ class AuditStore:
 
     async def check_indexes(self) -> None:
         """The service's own user may not create indexes: refuse to run without them, since
-        the unique ones are what keep chains from forking and events from doubling."""
+        the unique ones are what keep chains from forking and events from doubling, and queries
+        name the ordered ones (a hint to a missing index fails every query)."""
         names = {ix["name"] async for ix in await self._events.list_indexes()}
-        missing = {"chain_seq", "event_id"} - names
+        missing = {"chain_seq", "event_id", *ORDERED_INDEXES} - names
         if missing:
             raise RuntimeError(
                 f"audit indexes missing ({', '.join(sorted(missing))}): run `python -m services.audit provision`"
