@@ -754,7 +754,9 @@ def iter_range(
         return
 
     first, last = offset // cs, (end - 1) // cs
-    if verify_end and last != n - 1:
+    # Before any byte is yielded, also when the range ends in the final chunk: otherwise the
+    # chunks before it would go out before a truncation at a chunk boundary is detected.
+    if verify_end and first < n - 1:
         open_chunk(n - 1)
     for i in range(first, last + 1):
         plain = open_chunk(i)

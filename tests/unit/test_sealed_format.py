@@ -811,3 +811,14 @@ def test_iter_range_memory_does_not_grow_with_the_range() -> None:
         tracemalloc.stop()
     assert seen == len(pt) - 10
     assert peak < 8 * cs  # a few chunks, not the 16 MiB range
+
+
+def test_a_range_reaching_the_last_stored_chunk_yields_nothing_from_a_truncated_object() -> None:
+    """Truncated at a chunk boundary, the last stored chunk is not the final one: a range that
+    ends in it must fail before its earlier chunks are handed out."""
+    dek, blob, hl = seal(data_of(5 * CS + 100), make_header())
+    cut = blob[: hl + 4 * SEG]  # chunks 0..3 kept, 4 and the final one gone
+    header, _ = read_header(io.BytesIO(cut))
+    pieces = sf.iter_range(dek, header, hl, io.BytesIO(cut), 2 * CS + 5, 2 * CS - 5)
+    with pytest.raises(SealedObjectCorrupt):
+        next(pieces)
