@@ -172,20 +172,19 @@ async def erase_patient(
                     Action.AUDIT_ACTION_PATIENT_ERASED, Outcome.AUDIT_OUTCOME_FAILURE, request_event_id=requested
                 )
             raise failure from None
-        try:
-            await _announce(producer, topics.erased, ref, requested)
-        except _NOT_RECORDED as exc:
-            raise ErasureUnrecorded(
-                f"erasure key {ref} destroyed, but the erasure event was not published ({type(exc).__name__}); "
-                "run the erasure again so the study index drops the patient"
-            ) from None
+        # The outcome is about Vault and is recorded first; the announcement to the study index
+        # is tried whatever became of that record. Each failure is reported on its own.
+        left: list[str] = []
         try:
             await record(Action.AUDIT_ACTION_PATIENT_ERASED, Outcome.AUDIT_OUTCOME_SUCCESS, request_event_id=requested)
         except _NOT_RECORDED as exc:
-            raise ErasureUnrecorded(
-                f"erasure key {ref} destroyed, but its completion was not recorded ({type(exc).__name__}); "
-                "run the erasure again to record it"
-            ) from None
+            left.append(f"its completion was not recorded ({type(exc).__name__})")
+        try:
+            await _announce(producer, topics.erased, ref, requested)
+        except _NOT_RECORDED as exc:
+            left.append(f"the study index was not told and still lists the patient ({type(exc).__name__})")
+        if left:
+            raise ErasureUnrecorded(f"erasure key {ref} destroyed, but {'; '.join(left)}: run the erasure again")
     finally:
         await producer.stop()
     return ref
