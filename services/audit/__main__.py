@@ -94,11 +94,14 @@ async def _exposure(actor: str, fingerprint: str, since: str, until: str) -> int
     print(
         f"{report.actor}: {report.events} disclosures, "
         f"{len(report.patient_refs)} patients, {len(report.studies)} studies"
+        f" (+{len(report.queried_studies - report.studies)} more studies seen in query answers)"
     )
     for ref in sorted(report.patient_refs):
         print(f"patient {ref}")
     for study in sorted(report.studies):
         print(f"study   {study}")
+    for study in sorted(report.queried_studies - report.studies):
+        print(f"queried {study}")
     return 0
 
 

@@ -450,7 +450,7 @@ class AuditStore:
     ) -> ExposureReport:
         flt = {
             **flt,
-            "event.action": {"$in": _DISCLOSURES},
+            "event.action": {"$in": [*_DISCLOSURES, _QUERIED]},
             "event.outcome": audit_pb2.AuditOutcome.Name(audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS),
         }
         if window := _window(since, until):
@@ -458,14 +458,21 @@ class AuditStore:
         patients: set[str] = set()
         studies: set[str] = set()
         objects: set[str] = set()
+        queried: set[str] = set()
         events = 0
         async for doc in self._events.find(flt, projection={"event": 1}, batch_size=1000):
             event = doc["event"]
             events += 1
+            if event.get("action") == _QUERIED:
+                # The gateway lists the studies of each answer (their keys were shown).
+                queried.update(s for s in str((event.get("details") or {}).get("studies", "")).split(",") if s)
+                continue
             for target, field in ((patients, "patient_ref"), (studies, "study_instance_uid"), (objects, "object_id")):
                 if event.get(field):
                     target.add(str(event[field]))
-        return ExposureReport(who, events, frozenset(patients), frozenset(studies), frozenset(objects))
+        return ExposureReport(
+            who, events, frozenset(patients), frozenset(studies), frozenset(objects), frozenset(queried)
+        )
 
     async def events_between(
         self, since: dt.datetime | None, until: dt.datetime | None
@@ -511,12 +518,16 @@ class ExposureReport:
     patient_refs: frozenset[str]
     studies: frozenset[str]
     objects: frozenset[str]
+    # Studies whose query keys (names, IDs, dates) a QIDO-RS answer showed, images or not.
+    queried_studies: frozenset[str] = frozenset()
 
 
 def _window(since: dt.datetime | None, until: dt.datetime | None) -> dict[str, dt.datetime]:
     return {k: v for k, v in (("$gte", since), ("$lt", until)) if v}
 
 
+# A query answer shows the matched studies' keys (patient names, IDs, dates) in clear.
+_QUERIED = audit_pb2.AuditAction.Name(audit_pb2.AuditAction.AUDIT_ACTION_STUDY_QUERIED)
 # Events that mean plaintext left the system for the actor.
 _DISCLOSURES = [
     audit_pb2.AuditAction.Name(audit_pb2.AuditAction.AUDIT_ACTION_INSTANCE_RETRIEVED),

@@ -191,6 +191,12 @@ async def test_exposure_of_a_leaked_token_lists_only_what_was_released_under_it(
         event.details["decision_id"] = decision_id
         return event
 
+    def queried(decision_id: str, studies: str) -> audit_pb2.AuditEvent:
+        event = _event(actor="dr.house", study="")
+        event.action = audit_pb2.AuditAction.AUDIT_ACTION_STUDY_QUERIED
+        event.details.update({"decision_id": decision_id, "studies": studies})
+        return event
+
     await store.append_many(
         "t:0",
         [
@@ -202,10 +208,15 @@ async def test_exposure_of_a_leaked_token_lists_only_what_was_released_under_it(
             released("d3", "cc" * 16, "3.1"),
             released("d3", "cc" * 16, "3.1"),
             decided(leaked, "d4"),  # decided, never released: nothing disclosed
+            decided(leaked, "d5"),
+            queried("d5", "5.1,5.2"),  # a QIDO answer showed these studies' names and IDs
+            decided(other, "d6"),
+            queried("d6", "6.1"),
         ],
     )
     report = await store.exposure_of_token(leaked, None, None)
-    assert report.events == 3
+    assert report.queried_studies == {"5.1", "5.2"}
+    assert report.events == 4
     assert report.patient_refs == {"aa" * 16, "cc" * 16} and report.studies == {"1.1", "3.1"}
     assert (await store.exposure_of_token(token_fingerprint("never.used"), None, None)).events == 0
     assert (await store.exposure("dr.house", None, None)).patient_refs == {"aa" * 16, "bb" * 16, "cc" * 16}
