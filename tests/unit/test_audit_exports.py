@@ -1,4 +1,6 @@
-"""Exports: FHIR validated by fhir.resources; DICOM XML checked against the PS3.15 A.5.1 structure."""
+"""Exports: FHIR validated by two maintained libraries — fhirclient's models generated from FHIR
+R4 (4.0.1) itself, strict, and fhir.resources' R4B model; DICOM XML checked against the
+PS3.15 A.5.1 structure."""
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 from fhir.resources.R4B.auditevent import AuditEvent as FhirAuditEvent
+from fhirclient.models.auditevent import AuditEvent as R4AuditEvent
+from fhirclient.models.fhirabstractbase import FHIRValidationError
 
 from dicomsafe.v1 import audit_pb2
 from services.audit.exports import EVENTS, NotExportable, to_dicom_xml, to_fhir
@@ -45,6 +49,9 @@ def test_fhir_audit_event_validates(action: int, outcome: int) -> None:
     resource = to_fhir(
         _record(action, outcome, reason="no role grants it" if outcome != Out.AUDIT_OUTCOME_SUCCESS else "")
     )
+    # R4 itself: strict models refuse unknown elements, wrong types and missing required ones,
+    # and what they parsed serialises back to exactly what we exported.
+    assert R4AuditEvent(resource, strict=True).as_json() == resource
     # Validation by the library; assertions on what it parsed back.
     parsed = FhirAuditEvent.model_validate(resource).model_dump(mode="json", exclude_none=True)
     expected_outcome = {Out.AUDIT_OUTCOME_SUCCESS: "0", Out.AUDIT_OUTCOME_DENIED: "4", Out.AUDIT_OUTCOME_FAILURE: "8"}
@@ -90,3 +97,12 @@ def test_dicom_audit_message_follows_ps3_15_a_5_1(action: int) -> None:
 def test_unknown_action_is_not_silently_mislabelled() -> None:
     with pytest.raises(NotExportable):
         to_fhir(_record(999))
+
+
+def test_the_r4_validator_refuses_what_r4_forbids() -> None:
+    """The R4 check has teeth: a made-up element, a missing required one, a wrong type."""
+    good = to_fhir(_record(A.AUDIT_ACTION_INSTANCE_RETRIEVED))
+    missing = {k: v for k, v in good.items() if k != "recorded"}
+    for bad in ({**good, "severity": "high"}, missing, {**good, "outcome": 8}):
+        with pytest.raises(FHIRValidationError):
+            R4AuditEvent(bad, strict=True)
