@@ -79,13 +79,14 @@ def to_dicom_xml(record: audit_pb2.AuditRecord) -> str:
         EventOutcomeIndicator=OUTCOMES.get(e.outcome, "8"),
     )
     ET.SubElement(ident, "EventID", {"csd-code": event.code, "codeSystemName": "DCM", "originalText": event.meaning})
+    # The schema's order: EventID, EventTypeCode*, EventOutcomeDescription?, PurposeOfUse*.
+    if e.reason:
+        ET.SubElement(ident, "EventOutcomeDescription").text = e.reason
     purpose = PURPOSES.get(e.details.get("purpose", ""))
     if purpose:
         ET.SubElement(
             ident, "PurposeOfUse", {"csd-code": purpose, "codeSystemName": "ActReason", "originalText": purpose}
         )
-    if e.reason:
-        ET.SubElement(ident, "EventOutcomeDescription").text = e.reason
     user = ET.SubElement(root, "ActiveParticipant", UserID=e.actor or "unknown", UserIsRequestor="true")
     for role in e.actor_roles:
         ET.SubElement(user, "RoleIDCode", {"csd-code": role, "codeSystemName": "dicomsafe-roles", "originalText": role})

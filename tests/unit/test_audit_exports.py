@@ -78,6 +78,7 @@ def test_dicom_audit_message_follows_ps3_15_a_5_1(action: int) -> None:
     assert set(tags[3:]) <= {"ParticipantObjectIdentification"}
     ident = root.find("EventIdentification")
     assert ident is not None
+    assert [child.tag for child in ident] == ["EventID", "EventOutcomeDescription", "PurposeOfUse"]
     assert ident.get("EventActionCode") == EVENTS[action].action
     assert ident.get("EventOutcomeIndicator") == "4"
     assert ident.get("EventDateTime", "").startswith("2026-")
