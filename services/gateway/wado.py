@@ -215,6 +215,46 @@ async def pixel_bulkdata(request: Request, backends: Backends, study: str, serie
     )
 
 
+async def uri(request: Request, backends: Backends) -> Response:
+    """WADO-URI (PS3.18 chapter 9): one instance as ``application/dicom``, the form reporting
+    systems and older viewers still link to. Same decision, audit and de-identification as
+    WADO-RS; no rendering, so other content types are 406."""
+    query = request.query_params
+    if query.get("requestType") != "WADO":
+        raise HttpError(400, "requestType must be WADO")
+    study, series, sop = (query.get(key, "").strip() for key in ("studyUID", "seriesUID", "objectUID"))
+    if not (study and series and sop):
+        raise HttpError(400, "studyUID, seriesUID and objectUID are required")
+    release = await _release(request, backends, "wado-uri", study, series, sop)
+    located = release.instances[0]
+    try:
+        # Without contentType the standard's default for images is a rendered JPEG, not served.
+        wanted = {t.strip().split(";")[0] for t in query.get("contentType", "").split(",")}
+        if "application/dicom" not in wanted:
+            raise HttpError(406, "only contentType=application/dicom is served (no rendered images)")
+        syntax = query.get("transferSyntax", "").strip()
+        if syntax and syntax != located.transfer_syntax_uid:
+            raise HttpError(406, "instances are served only in their stored transfer syntax")
+    except HttpError as exc:
+        raise await _unreleased(backends, release, "wado-uri", exc) from None
+    await _audit_release(backends, release, located, "wado-uri")
+    subject = release.verdict.subject
+    if release.deidentified:
+        data = await read_range(backends, located.object_id, subject)
+        return Response(backends.deidentifier.instance(data), media_type="application/dicom")
+    stream = start_open(backends, located.object_id, subject)
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for piece in relay(stream, located.object_id):
+                yield piece
+        except grpc.aio.AioRpcError as exc:
+            await _audit_failure(backends, release, located, exc)
+            raise
+
+    return StreamingResponse(body(), media_type="application/dicom")
+
+
 async def _release(request: Request, backends: Backends, part: str, study: str, series: str, sop: str) -> Release:
     token = bearer_token(request)
     details = {"route": "wado-rs", "part": part}

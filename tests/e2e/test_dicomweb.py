@@ -736,6 +736,54 @@ def test_unanswered_wado_requests_are_audited(stack: Stack, idp: LocalIssuer) ->
     assert all(e.sop_instance_uid == ct_path[2] for e in events if e.details.get("status") == "403")
 
 
+def test_wado_uri_serves_the_stored_instance_under_the_same_rules(
+    stack: Stack, idp: LocalIssuer, upload: Upload
+) -> None:
+    """WADO-URI (PS3.18 chapter 9): the exact stored file for an allowed caller, the same refusals
+    as WADO-RS, every outcome on the trail."""
+    ct_uid = next(u for u, d in upload.datasets.items() if str(d.StudyInstanceUID) == upload.ct_study)
+    ct = upload.datasets[ct_uid]
+    query = {"requestType": "WADO", "studyUID": str(ct.StudyInstanceUID), "seriesUID": str(ct.SeriesInstanceUID)}
+    query |= {"objectUID": ct_uid, "contentType": "application/dicom"}
+
+    def get(token: str | None, **change: str) -> requests.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return requests.get(
+            f"{stack.settings.dicomweb_url}/wado",
+            params={k: v for k, v in (query | change).items() if v},
+            headers=headers,
+            verify=str(stack.settings.ca_file),
+            timeout=30,
+        )
+
+    house = idp.token("dr.house")
+    served = get(house)
+    assert served.status_code == 200 and served.headers["Content-Type"] == "application/dicom"
+    assert served.content == upload.originals[ct_uid]
+    assert get(house, transferSyntax=str(ct.file_meta.TransferSyntaxUID)).content == upload.originals[ct_uid]
+    assert get(None).status_code == 401
+    assert get(idp.token("tech.jane")).status_code == 403
+    assert get(idp.token("res.rao")).status_code == 404  # original UIDs under de-identification
+    _dicom_error(get(house, requestType="QIDO"), 400, "requestType must be WADO")
+    _dicom_error(get(house, objectUID=""), 400, "objectUID are required")
+    _dicom_error(get(house, contentType=""), 406, "no rendered images")
+    _dicom_error(get(house, contentType="image/jpeg"), 406, "no rendered images")
+    _dicom_error(get(house, transferSyntax="1.2.840.10008.1.2.4.50"), 406, "stored transfer syntax")
+
+    events = [
+        e
+        for e in asyncio.run(_gateway_events(stack))
+        if e.action == audit_pb2.AuditAction.AUDIT_ACTION_INSTANCE_RETRIEVED and e.details.get("part") == "wado-uri"
+    ]
+    Out = audit_pb2.AuditOutcome
+    got = [(e.actor, e.outcome, e.details.get("status", "")) for e in events]
+    assert got.count(("dr.house", Out.AUDIT_OUTCOME_SUCCESS, "")) == 2
+    assert got.count(("dr.house", Out.AUDIT_OUTCOME_FAILURE, "406")) == 3
+    assert ("unauthenticated", Out.AUDIT_OUTCOME_DENIED, "") in got  # no token
+    assert ("tech.jane", Out.AUDIT_OUTCOME_DENIED, "") in got
+    assert ("res.rao", Out.AUDIT_OUTCOME_DENIED, "") in got
+
+
 def test_tls_is_13_only(stack: Stack) -> None:
     host, port = "127.0.0.1", stack.settings.https_port
     old = ssl.create_default_context(cafile=str(stack.settings.ca_file))
