@@ -385,8 +385,13 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
     async def BreakGlass(
         self, request: authz_pb2.BreakGlassRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> authz_pb2.Grant:
+        study, patient = request.study_instance_uid, request.patient_ref
+        if patient and not _PATIENT_REF.fullmatch(patient):
+            # Refused before anything is recorded, so a Patient ID sent by mistake never reaches the trail.
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "patient_ref must be a patient pseudonym")
+        scope = Scope(patient_ref=patient) if patient and not study else Scope(study_instance_uid=study)
         caller, mfa, decision = await self._authorize_management(
-            request.caller, "emergency.access", context, ResourceRef(study_instance_uid=request.study_instance_uid)
+            request.caller, "emergency.access", context, ResourceRef(study_instance_uid=study, patient_ref=patient)
         )
         override = audit_pb2.AuditAction.AUDIT_ACTION_EMERGENCY_OVERRIDE
         refusal = ""
@@ -394,15 +399,15 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
             refusal = decision.reason
         elif not mfa:
             refusal = "break-glass requires multi-factor authentication"
-        elif not request.reason.strip() or not request.study_instance_uid:
-            refusal = "break-glass requires a study and a stated reason"
+        elif not request.reason.strip() or bool(study) == bool(patient):
+            refusal = "break-glass requires a stated reason and either a study or a patient"
         elif not self._policy.break_glass_role:
             refusal = "break-glass is not configured in the policy"
         now = dt.datetime.now(dt.UTC)
         if not refusal:
             active = await self._grants.active(caller, now)  # type: ignore[union-attr]
-            if any(g.break_glass and g.study_instance_uid == request.study_instance_uid for g in active):
-                refusal = "break-glass grants are not renewable: one is already active for this study"
+            if any(g.break_glass and g.scope == scope for g in active):
+                refusal = f"break-glass grants are not renewable: one is already active for this {scope.kind}"
         if refusal:
             await self._record_grant(override, False, caller, refusal, context)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
@@ -411,7 +416,7 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
         grant = await grants.create(
             caller,
             self._policy.break_glass_role,
-            Scope(study_instance_uid=request.study_instance_uid),
+            scope,
             now,
             now + dt.timedelta(minutes=self._policy.break_glass_minutes),
             request.reason,

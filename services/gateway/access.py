@@ -120,10 +120,16 @@ class AccessChecker:
             policy_version=answer.policy_version,
         )
 
-    async def break_glass(self, access_token: str, study_uid: str, reason: str) -> authz_pb2.Grant:
-        """Ask authz for an emergency override on one study, on behalf of the token's user."""
+    async def break_glass(
+        self, access_token: str, study_uid: str, reason: str, patient_ref: str = ""
+    ) -> authz_pb2.Grant:
+        """Ask authz for an emergency override on one study, or with ``patient_ref`` on every
+        study of that patient, on behalf of the token's user."""
         request = authz_pb2.BreakGlassRequest(
-            caller=authz_pb2.Subject(access_token=access_token), study_instance_uid=study_uid, reason=reason
+            caller=authz_pb2.Subject(access_token=access_token),
+            study_instance_uid="" if patient_ref else study_uid,
+            patient_ref=patient_ref,
+            reason=reason,
         )
         try:
             return await self._stub.BreakGlass(request, timeout=self._deadline)

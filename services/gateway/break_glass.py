@@ -1,9 +1,11 @@
 """Break-glass through the gateway: the one way a signed-in user can ask authz for an override.
 
 `POST /api/v1/studies/{study}/break-glass` with the user's bearer token and a JSON body
-`{"reason": "..."}`. authz decides (the `emergency.access` privilege, MFA, a stated reason, not
-renewable), audits the override and raises the security alert; the gateway only relays the
-user's token, so nobody can start an override on someone else's behalf. Not part of DICOMweb,
+`{"reason": "..."}`, or `{"reason": "...", "scope": "patient"}` for every study of that study's
+patient (prior imaging in an emergency; the patient's pseudonym comes from the study index).
+authz decides (the `emergency.access` privilege, MFA, a stated reason, not renewable), audits
+the override and raises the security alert; the gateway only relays the user's token, so
+nobody can start an override on someone else's behalf. Not part of DICOMweb,
 hence its own root and RFC 9457 problem details instead of DICOM JSON errors.
 """
 
@@ -39,11 +41,19 @@ async def request_override(request: Request, backends: Backends, study: str) -> 
         return problem(401, "access token required", headers={"WWW-Authenticate": 'Bearer realm="dicomsafe"'})
     if not UID.match(study) or len(study) > 64:
         return problem(400, "not a study instance UID")
-    reason = await _reason(request)
-    if isinstance(reason, Response):
-        return reason
+    stated = await _reason(request)
+    if isinstance(stated, Response):
+        return stated
+    reason, scope = stated
+    patient_ref = ""
+    if scope == "patient":
+        context = await backends.index.study_context(study)
+        if context is None or not context[3]:
+            await _record_refusal(backends, study, "patient of the study unknown")
+            return problem(404, "no such study", "the study is not indexed, or names no patient")
+        patient_ref = context[3]
     try:
-        grant = await backends.access.break_glass(token, study, reason)
+        grant = await backends.access.break_glass(token, study, reason, patient_ref)
     except BreakGlassRefused as refused:
         # authz has audited the refusal (with the verified subject) already.
         if refused.unauthenticated:
@@ -57,7 +67,9 @@ async def request_override(request: Request, backends: Backends, study: str) -> 
     return JSONResponse(
         {
             "grant_id": grant.grant_id,
+            "scope": "patient" if grant.patient_ref else "study",
             "study_instance_uid": grant.study_instance_uid,
+            "patient_ref": grant.patient_ref,
             "subject": grant.subject,
             "role": grant.role,
             "not_before": grant.not_before.ToDatetime().isoformat() + "Z",
@@ -67,8 +79,8 @@ async def request_override(request: Request, backends: Backends, study: str) -> 
     )
 
 
-async def _reason(request: Request) -> str | Response:
-    """The stated reason from a JSON body, or the 400/413/415 answer."""
+async def _reason(request: Request) -> tuple[str, str] | Response:
+    """(stated reason, scope) from a JSON body, or the 400/413/415 answer."""
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
         return problem(415, "body must be application/json", 'send {"reason": "..."}')
     raw = await request.body()
@@ -83,7 +95,10 @@ async def _reason(request: Request) -> str | Response:
         return problem(400, "a stated reason is required", 'send {"reason": "..."}')
     if len(reason) > MAX_REASON:
         return problem(400, f"the reason may hold at most {MAX_REASON} characters")
-    return reason.strip()
+    scope = body.get("scope", "study")
+    if scope not in ("study", "patient"):
+        return problem(400, 'scope must be "study" or "patient"')
+    return reason.strip(), str(scope)
 
 
 async def _record_refusal(backends: Backends, study: str, reason: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import io
+import re
 import socket
 import ssl
 import time
@@ -528,6 +529,30 @@ def test_break_glass_through_the_gateway(stack: Stack, idp: LocalIssuer, upload:
     assert refused and all("break_glass" not in e.details for e in refused)
     overrides = [e for e in records if e.action == A.AUDIT_ACTION_EMERGENCY_OVERRIDE]
     assert any(e.outcome == Out.AUDIT_OUTCOME_SUCCESS and e.details.get("override") == "started" for e in overrides)
+
+
+def test_break_glass_for_a_patients_prior_imaging(stack: Stack, idp: LocalIssuer) -> None:
+    """Asked on one study with scope "patient": every study of that patient opens (sensitive ones
+    with MFA, as always), no other patient's, once."""
+    ct, vip = _fresh_studies(stack, idp)
+    elsewhere, _ = _fresh_studies(stack, idp)  # another patient
+    er = idp.token("dr.er", amr=MFA)
+    reason = {"reason": "unconscious, prior imaging needed", "scope": "patient"}
+    assert _break_glass(stack, str(ct.StudyInstanceUID), er, {**reason, "scope": "ward"}).status_code == 400
+    assert _break_glass(stack, generate_uid(), er, reason).status_code == 404
+    granted = _break_glass(stack, str(ct.StudyInstanceUID), er, reason)
+    assert granted.status_code == 201, granted.text
+    grant = granted.json()
+    assert grant["scope"] == "patient" and re.fullmatch("[0-9a-f]{32,64}", grant["patient_ref"])
+    assert not grant["study_instance_uid"]
+    client = _client(stack, er)
+    for ds in (ct, vip):
+        assert client.retrieve_instance(*_path(ds)) == ds
+    with pytest.raises(requests.HTTPError) as other:
+        client.retrieve_instance(*_path(elsewhere))
+    assert _status(other) == 403
+    again = _break_glass(stack, str(vip.StudyInstanceUID), er, reason)
+    assert again.status_code == 403 and "not renewable" in again.json()["detail"]
 
 
 async def _grpc_retrieve(stack: Stack, token: str, sop_uid: str) -> bytes:

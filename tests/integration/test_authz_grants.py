@@ -194,3 +194,48 @@ async def test_break_glass(authz, idp: LocalIssuer, servers: Servers) -> None:  
     assert outcomes.count(audit_pb2.AuditOutcome.AUDIT_OUTCOME_DENIED) == 4
     started = next(e for e in overrides if e.outcome == audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS)
     assert started.actor == "dr.er" and started.study_instance_uid == S3 and "unconscious" in started.reason
+
+
+async def test_break_glass_for_every_study_of_one_patient(authz, idp: LocalIssuer) -> None:  # type: ignore[no-untyped-def]
+    """An unconscious patient's prior imaging: one override covers all of that patient's studies
+    (named by pseudonym), none of anyone else's, and is as MFA-bound and non-renewable."""
+    stub, _ = authz
+    patient, other = "ab" * 16, "cd" * 16
+
+    async def can_read(study: str, patient_ref: str) -> authz_pb2.CheckResponse:
+        request = authz_pb2.CheckRequest(
+            subject=_who(idp, "dr.er"),
+            action="instance.read",
+            resource=authz_pb2.Resource(type="instance", study_instance_uid=study, patient_ref=patient_ref),
+        )
+        response: authz_pb2.CheckResponse = await stub.Check(request)
+        return response
+
+    def glass(mfa: bool, **target: str) -> authz_pb2.BreakGlassRequest:
+        return authz_pb2.BreakGlassRequest(caller=_who(idp, "dr.er", mfa), reason="unconscious, prior CT", **target)
+
+    assert not (await can_read(S1, patient)).allow
+    for request, expected in [
+        (glass(False, patient_ref=patient), "multi-factor"),
+        (glass(True, patient_ref=patient, study_instance_uid=S1), "either a study or a patient"),
+        (glass(True), "either a study or a patient"),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.BreakGlass(request)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert expected in (refused.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as clear_id:
+        await stub.BreakGlass(glass(True, patient_ref="MRN-0042"))
+    assert clear_id.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "MRN" not in (clear_id.value.details() or "")
+
+    grant: authz_pb2.Grant = await stub.BreakGlass(glass(True, patient_ref=patient))
+    assert grant.break_glass and grant.patient_ref == patient and not grant.study_instance_uid
+    for study in (S1, S2):
+        flagged = await can_read(study, patient)
+        assert flagged.allow and "break-glass" in flagged.obligations
+    assert not (await can_read(S3, other)).allow  # another patient
+    assert not (await can_read(S3, "")).allow  # a study whose patient is not stated
+    with pytest.raises(grpc.aio.AioRpcError) as again:
+        await stub.BreakGlass(glass(True, patient_ref=patient))
+    assert "not renewable" in (again.value.details() or "")
