@@ -44,8 +44,9 @@ class TlsMongo:
         return f"{uri}&tlsCertificateKeyFile={quote(str(self.client_pem))}" if client_cert else uri
 
 
-@pytest.fixture
-def tls_mongo(pki: Pki, tmp_path: Path) -> Iterator[TlsMongo]:
+@pytest.fixture(scope="module")
+def tls_mongo(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsMongo]:
+    tmp_path = tmp_path_factory.mktemp("tls-mongo")
     server = pki.issue("mongo")
     client = pki.issue("audit")
     client_pem = tmp_path / "audit-client.pem"
@@ -82,7 +83,13 @@ def tls_mongo(pki: Pki, tmp_path: Path) -> Iterator[TlsMongo]:
         yield mongo
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            # A TLS connection the server is still tearing down can hold up its shutdown; this
+            # is a throwaway server of the test's own.
+            proc.kill()
+            proc.wait(timeout=15)
 
 
 @pytest.fixture
