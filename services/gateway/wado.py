@@ -295,61 +295,38 @@ async def _release(request: Request, backends: Backends, part: str, study: str, 
                 # Refused for this study's labels or scope, a de-identified reader still gets the
                 # 404 below: a 403 would confirm that the original UID exists, and hint why.
                 verdict, refused_as_deidentified = fallback, True
+
+    async def audit_ending(
+        reason: str, outcome: Outcome.ValueType = Outcome.AUDIT_OUTCOME_DENIED, patient_ref: str = "", status: str = ""
+    ) -> None:
+        """The trail's record of this request ending here, without a release."""
+        await record(
+            backends,
+            Action.AUDIT_ACTION_INSTANCE_RETRIEVED,
+            outcome,
+            verdict.subject,
+            verdict=verdict,
+            study_uid=study,
+            sop_uid=sop,
+            patient_ref=patient_ref,
+            reason=reason,
+            details={**details, "status": status} if status else details,
+        )
+
     if ((verdict.allow and verdict.deidentify) or refused_as_deidentified) and located and not pseudonymous:
         # A de-identified caller addresses only pseudonymous UIDs: an original UID answered would
         # link it to its pseudonym. Answered as if there were nothing there.
-        await record(
-            backends,
-            Action.AUDIT_ACTION_INSTANCE_RETRIEVED,
-            Outcome.AUDIT_OUTCOME_DENIED,
-            verdict.subject,
-            verdict=verdict,
-            study_uid=study,
-            sop_uid=sop,
-            reason="original UIDs under de-identification",
-            details=details,
-        )
+        await audit_ending("original UIDs under de-identification")
         raise HttpError(404, "no such study, series or instance")
     if verdict.allow and verdict.unhonourable:
-        await record(
-            backends,
-            Action.AUDIT_ACTION_INSTANCE_RETRIEVED,
-            Outcome.AUDIT_OUTCOME_DENIED,
-            verdict.subject,
-            verdict=verdict,
-            study_uid=study,
-            sop_uid=sop,
-            reason="unsupported obligation",
-            details=details,
-        )
+        await audit_ending("unsupported obligation")
         raise HttpError(403, "not permitted")
     if not verdict.allow:
-        await record(
-            backends,
-            Action.AUDIT_ACTION_INSTANCE_RETRIEVED,
-            Outcome.AUDIT_OUTCOME_DENIED,
-            verdict.subject,
-            verdict=verdict,
-            study_uid=study,
-            sop_uid=sop,
-            patient_ref=located[0].patient_ref if located else "",
-            reason=verdict.reason_code or "denied",
-            details=details,
-        )
+        await audit_ending(verdict.reason_code or "denied", patient_ref=located[0].patient_ref if located else "")
         raise refusal(verdict)
     if not located:
         # Allowed to ask, and nothing there: still an access attempt for the trail.
-        await record(
-            backends,
-            Action.AUDIT_ACTION_INSTANCE_RETRIEVED,
-            Outcome.AUDIT_OUTCOME_FAILURE,
-            verdict.subject,
-            verdict=verdict,
-            study_uid=study,
-            sop_uid=sop,
-            reason="not found",
-            details={**details, "status": "404"},
-        )
+        await audit_ending("not found", Outcome.AUDIT_OUTCOME_FAILURE, status="404")
         raise HttpError(404, "no such study, series or instance")
     return Release(verdict, located, pseudonymous)
 
