@@ -47,14 +47,14 @@ async def _refusal(call: object) -> grpc.StatusCode:
     return refused.value.code()
 
 
-async def test_only_auditors_read_and_every_attempt_is_recorded(
-    pki: Pki, servers: Servers, unique: str, idp: LocalIssuer
-) -> None:
+async def _audit_service(
+    pki: Pki, servers: Servers, unique: str, database: str, authz_target: str, **settings: float
+) -> tuple[Topics, AuditConfig]:
+    """Topics of the test's own, the audit database provisioned with the writer's user, and the
+    configuration of an audit service (mutual TLS) that asks ``authz_target`` for decisions."""
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
-    database = f"audit_acc_{unique}"
     user, password = await provision(servers.mongodb_uri, database)
-    authz = with_tls(authz_config(servers.kafka_bootstrap, topics.prefix, idp), pki, "authz")
     cfg = with_tls(
         AuditConfig(
             grpc_bind=f"127.0.0.1:{free_port()}",
@@ -63,11 +63,20 @@ async def test_only_auditors_read_and_every_attempt_is_recorded(
             group_id=f"audit-{unique}",
             mongodb_uri=user_uri(servers.mongodb_uri, database, user, password),
             database=database,
-            authz_target=authz.grpc_bind,
+            authz_target=authz_target,
+            **settings,  # type: ignore[arg-type]
         ),
         pki,
         "audit",
     )
+    return topics, cfg
+
+
+async def test_only_auditors_read_and_every_attempt_is_recorded(
+    pki: Pki, servers: Servers, unique: str, idp: LocalIssuer
+) -> None:
+    authz = with_tls(authz_config(servers.kafka_bootstrap, f"t{unique}.", idp), pki, "authz")
+    topics, cfg = await _audit_service(pki, servers, unique, f"audit_acc_{unique}", authz.grpc_bind)
     producer = new_producer(servers.kafka_bootstrap, "test")
     await producer.start()
     try:
@@ -171,24 +180,8 @@ def _cli_query(target: str, token: str, pki: Pki) -> subprocess.CompletedProcess
 
 async def test_no_decision_no_answer(pki: Pki, servers: Servers, unique: str) -> None:
     """authz unreachable: the read is refused (fail closed) and the failed attempt still recorded."""
-    topics = Topics(f"t{unique}.")
-    await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
-    database = f"audit_acc_{unique}"
-    user, password = await provision(servers.mongodb_uri, database)
-    cfg = with_tls(
-        AuditConfig(
-            grpc_bind=f"127.0.0.1:{free_port()}",
-            kafka_bootstrap=servers.kafka_bootstrap,
-            topic_prefix=topics.prefix,
-            group_id=f"audit-{unique}",
-            mongodb_uri=user_uri(servers.mongodb_uri, database, user, password),
-            database=database,
-            authz_target=f"127.0.0.1:{free_port()}",  # nothing listens there
-            authz_deadline_s=2.0,
-        ),
-        pki,
-        "audit",
-    )
+    nowhere = f"127.0.0.1:{free_port()}"  # nothing listens there
+    topics, cfg = await _audit_service(pki, servers, unique, f"audit_acc_{unique}", nowhere, authz_deadline_s=2.0)
     async with (
         running(lambda stop: run_audit(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)),
         new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as ch,
@@ -221,24 +214,8 @@ async def test_paging_through_the_service_with_action_and_outcome_filters(
     """QueryPage over gRPC (and the CLI's --all-pages): walking every page of a filtered result
     yields exactly what one Query returns — no record twice, none missed — while the service's
     own access records for the same study are appended between the pages."""
-    topics = Topics(f"t{unique}.")
-    await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
-    database = f"audit_page_{unique}"
-    user, password = await provision(servers.mongodb_uri, database)
-    authz = with_tls(authz_config(servers.kafka_bootstrap, topics.prefix, idp), pki, "authz")
-    cfg = with_tls(
-        AuditConfig(
-            grpc_bind=f"127.0.0.1:{free_port()}",
-            kafka_bootstrap=servers.kafka_bootstrap,
-            topic_prefix=topics.prefix,
-            group_id=f"audit-{unique}",
-            mongodb_uri=user_uri(servers.mongodb_uri, database, user, password),
-            database=database,
-            authz_target=authz.grpc_bind,
-        ),
-        pki,
-        "audit",
-    )
+    authz = with_tls(authz_config(servers.kafka_bootstrap, f"t{unique}.", idp), pki, "authz")
+    topics, cfg = await _audit_service(pki, servers, unique, f"audit_page_{unique}", authz.grpc_bind)
     study = "1.2.840.99.7"
     actions = (A.AUDIT_ACTION_INSTANCE_RETRIEVED, A.AUDIT_ACTION_ACCESS_DECISION, A.AUDIT_ACTION_OBJECT_OPENED)
     seeded = [
