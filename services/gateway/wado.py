@@ -29,6 +29,7 @@ from services.gateway.dicomweb_common import (
     Action,
     Backends,
     HttpError,
+    OpenCall,
     Outcome,
     authorise,
     base_url,
@@ -119,12 +120,8 @@ async def instances(request: Request, backends: Backends, study: str, series: st
                 yield backends.deidentifier.instance(data)
                 continue
             stream = first if n == 0 and first is not None else start_open(backends, located.object_id, subject)
-            try:
-                async for piece in relay(stream, located.object_id):
-                    yield piece
-            except grpc.aio.AioRpcError as exc:
-                await _audit_failure(backends, release, located, exc)
-                raise
+            async for piece in _relayed(backends, release, located, stream, "instance"):
+                yield piece
         yield closing(boundary)
 
     return StreamingResponse(body(), media_type=f'multipart/related; type="application/dicom"; boundary={boundary}')
@@ -243,16 +240,7 @@ async def uri(request: Request, backends: Backends) -> Response:
         data = await read_range(backends, located.object_id, subject)
         return Response(backends.deidentifier.instance(data), media_type="application/dicom")
     stream = start_open(backends, located.object_id, subject)
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            async for piece in relay(stream, located.object_id):
-                yield piece
-        except grpc.aio.AioRpcError as exc:
-            await _audit_failure(backends, release, located, exc)
-            raise
-
-    return StreamingResponse(body(), media_type="application/dicom")
+    return StreamingResponse(_relayed(backends, release, located, stream, "wado-uri"), media_type="application/dicom")
 
 
 async def _release(request: Request, backends: Backends, part: str, study: str, series: str, sop: str) -> Release:
@@ -399,9 +387,17 @@ async def _audit_release(
     )
 
 
-async def _audit_failure(backends: Backends, release: Release, located: Located, exc: grpc.aio.AioRpcError) -> None:
-    log.error("instance stream failed", extra={"object_id": located.object_id, "code": exc.code().name})
-    # Already streaming: the status line is gone, so a failed audit write is only logged.
-    with contextlib.suppress(HttpError):
-        failure = Outcome.AUDIT_OUTCOME_FAILURE
-        await _audit_release(backends, release, located, "instance", failure, f"open failed ({exc.code().name})")
+async def _relayed(
+    backends: Backends, release: Release, located: Located, stream: OpenCall, part: str
+) -> AsyncIterator[bytes]:
+    """A whole stored instance as crypto opens it; a stream that fails midway is on the trail."""
+    try:
+        async for piece in relay(stream, located.object_id):
+            yield piece
+    except grpc.aio.AioRpcError as exc:
+        log.error("instance stream failed", extra={"object_id": located.object_id, "code": exc.code().name})
+        # Already streaming: the status line is gone, so a failed audit write is only logged.
+        with contextlib.suppress(HttpError):
+            failure = Outcome.AUDIT_OUTCOME_FAILURE
+            await _audit_release(backends, release, located, part, failure, f"open failed ({exc.code().name})")
+        raise
