@@ -948,6 +948,21 @@ def down(names: Sequence[str] = ALL) -> None:
             _wipe(name)
 
 
+def server_pids(name: str) -> list[int]:
+    """Every process of a running local server (its process group), e.g. to read their CPU time."""
+    pid = _running_pid(name)
+    if pid is None:
+        return []
+    pgid = os.getpgid(pid)
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ProcessLookupError):
+                if os.getpgid(int(entry.name)) == pgid:
+                    found.append(int(entry.name))
+    return found
+
+
 def _is_up(name: str) -> bool:
     return _running_pid(name) is not None and (_run_dir(name) / "ready").exists()
 

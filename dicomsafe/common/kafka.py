@@ -313,6 +313,9 @@ async def consume_forever(
                     await commit(tp, records[-1].offset + 1)
                     delay = policy.first_delay_s
                     continue
+            # One commit per partition batch, after each record's effect is durable: a record
+            # that fails transiently is redelivered with the ones after it (handlers are idempotent).
+            done: int | None = None
             for record in records:
                 outcome = "processed"
                 try:
@@ -353,9 +356,10 @@ async def consume_forever(
                     outcome = "dead_lettered"
                     await dead_letters.publish(record, "unexpected_error", type(exc).__name__)
                 RECORDS.labels(service, tp.topic, outcome).inc()
-                if not await commit(tp, record.offset + 1):
-                    break
+                done = record.offset + 1
                 delay = policy.first_delay_s
+            if done is not None:
+                await commit(tp, done)
         if backoff:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)

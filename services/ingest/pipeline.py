@@ -8,6 +8,7 @@ step is idempotent, so a redelivery after a crash repeats no effect.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -128,28 +129,32 @@ class IngestPipeline:
         )
         stored.stored_at.GetCurrentTime()
         try:
-            await self._producer.send_and_wait(
-                self._topics.stored,
-                stored.SerializeToString(),
-                key=facts.study_instance_uid.encode(),
-                headers=headers_for(stored, ctx.trace_id or None),
-            )
-            await self._audit.emit(
-                Action.AUDIT_ACTION_INSTANCE_STORED,
-                Outcome.AUDIT_OUTCOME_SUCCESS,
-                ctx.actor,
-                study_instance_uid=facts.study_instance_uid,
-                sop_instance_uid=facts.sop_instance_uid,
-                object_id=object_id,
-                patient_ref=sealed.object.erasure_key_ref,
-                trace_id=ctx.trace_id,
-                details={
-                    "sop_class_uid": facts.sop_class_uid,
-                    "bytes": str(len(data)),
-                    "request_id": ctx.request_id,
-                    "source": ctx.source,
-                },
-                event_id=stable_event_id("stored", object_id),
+            # Both must be on the broker before the instance counts as stored; sent together, the
+            # producer can put them in one request and the caller waits one round trip, not two.
+            await asyncio.gather(
+                self._producer.send_and_wait(
+                    self._topics.stored,
+                    stored.SerializeToString(),
+                    key=facts.study_instance_uid.encode(),
+                    headers=headers_for(stored, ctx.trace_id or None),
+                ),
+                self._audit.emit(
+                    Action.AUDIT_ACTION_INSTANCE_STORED,
+                    Outcome.AUDIT_OUTCOME_SUCCESS,
+                    ctx.actor,
+                    study_instance_uid=facts.study_instance_uid,
+                    sop_instance_uid=facts.sop_instance_uid,
+                    object_id=object_id,
+                    patient_ref=sealed.object.erasure_key_ref,
+                    trace_id=ctx.trace_id,
+                    details={
+                        "sop_class_uid": facts.sop_class_uid,
+                        "bytes": str(len(data)),
+                        "request_id": ctx.request_id,
+                        "source": ctx.source,
+                    },
+                    event_id=stable_event_id("stored", object_id),
+                ),
             )
         except Exception as exc:  # noqa: BLE001 - broker trouble: the record stays uncommitted
             raise TransientError(f"publishing stored event failed ({type(exc).__name__})") from None
