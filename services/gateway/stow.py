@@ -40,7 +40,7 @@ from services.gateway.instance_layout import InstanceLayout, LayoutError, layout
 from services.gateway.multipart import MediaType, MultipartError, Part, PartTooLarge, parse_parts
 
 STORE_ACTION = "instance.store"
-PIECE = 256 * 1024
+PIECE = 1024 * 1024
 
 # PS3.4 / PS3.18 failure reasons.
 CANNOT_UNDERSTAND = 0xC000

@@ -38,7 +38,7 @@ class IngestConfig:
             max_instance_bytes=env_int("INGEST_MAX_INSTANCE_BYTES", DEFAULT_MAX_RECORD_BYTES),
             # Instances stored over gRPC (STOW-RS) are not bound by the broker's record size.
             store_max_bytes=env_int("INGEST_STORE_MAX_BYTES", 256 * 1024 * 1024),
-            seal_piece_bytes=env_int("INGEST_SEAL_PIECE_BYTES", 256 * 1024),
+            seal_piece_bytes=env_int("INGEST_SEAL_PIECE_BYTES", 1024 * 1024),
             seal_deadline_s=env_int("INGEST_SEAL_DEADLINE_S", 120),
             tls=tls_from_env(),
             grpc_allow=PeerAllowlist.parse(env_str("INGEST_GRPC_ALLOW", DEFAULT_GRPC_ALLOW)),
