@@ -47,7 +47,7 @@ TARGET_RATIO = 0.25
 TARGET_SIZE_MIB = 16
 TARGET_RSS_GROWTH = 1.25
 # Same piece size as ingest uses: one sealed chunk per message.
-PIECE_BYTES = 256 * 1024
+PIECE_BYTES = 1024 * 1024  # ingest's default (INGEST_SEAL_PIECE_BYTES)
 
 
 def _best_rate(size: int, seconds: list[float]) -> float:
