@@ -1,10 +1,13 @@
 # Vault/OpenBao policy for the dicomsafe crypto service: the only Vault identity in the
-# pipeline. It may create and unwrap data keys, rewrap them under a newer key version,
-# read the key's version numbers and rotate it; it can never export, reconfigure or delete
-# the key, nor encrypt arbitrary data with it.
+# pipeline. It may wrap data keys it generates (encrypt) and unwrap them, rewrap them under a
+# newer key version, read the key's version numbers and rotate it; it can never export,
+# reconfigure or delete the key.
 # "dicomsafe-dek" and "transit" are the defaults of CRYPTO_KEY_NAME / VAULT_TRANSIT_MOUNT.
 
-path "transit/datakey/plaintext/dicomsafe-dek" {
+# Wrapping: the service generates each data key itself and has Vault encrypt it (many keys per
+# request). It sees every data key in plaintext anyway, so encrypting chosen bytes under the
+# key grants nothing beyond what decrypt already gives; datakey/plaintext is not needed.
+path "transit/encrypt/dicomsafe-dek" {
   capabilities = ["update"]
 }
 

@@ -23,10 +23,10 @@ async def run(cfg: CryptoConfig, stop: asyncio.Event) -> None:
         # Seals interrupted by a crash: never committed, never acknowledged, safe to drop.
         leftover.unlink(missing_ok=True)
     keys = TransitKeys(cfg.vault)
-    # Expired data keys are zeroed on a timer, not only when the next read happens to come,
-    # and every cached key is zeroed when the service stops.
+    # Expired data and erasure keys are zeroed on a timer, not only when the next read happens
+    # to come, and every cached key is zeroed when the service stops.
     sweeper_stop = asyncio.Event()
-    sweeper = asyncio.create_task(keys.dek_cache.sweep_until(sweeper_stop))
+    sweeper = asyncio.create_task(keys.sweep_caches_until(sweeper_stop))
     try:
         await _serve(cfg, store, keys, stop)
     finally:

@@ -47,6 +47,7 @@ class CryptoConfig:
                 secret_id=auth.secret_id,
                 ca_cert=auth.ca_cert,
                 dek_cache_ttl_s=env_int("CRYPTO_DEK_CACHE_TTL_S", 30),
+                erasure_key_cache_ttl_s=env_int("CRYPTO_ERASURE_KEY_CACHE_TTL_S", 5),
                 k8s_role=auth.k8s_role,
                 k8s_token_path=auth.k8s_token_path,
                 k8s_mount=auth.k8s_mount,
