@@ -1,25 +1,39 @@
-"""The study index written in bulk (a STOW-RS request's instances), on a real MongoDB-wire server:
-add_many leaves exactly what add() of each entry in turn leaves, merges what concurrent writers add
-to one study, and undoes what an erasure covers."""
+"""The study index written in bulk (a STOW-RS request's instances, a batch of stored events), on a
+real MongoDB-wire server and a real crypto service: add_many leaves exactly what add() of each entry
+in turn leaves, merges what concurrent writers add to one study, undoes what an erasure covers,
+and the indexer reads back through crypto only what is not indexed yet."""
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
 from collections.abc import AsyncIterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+from aiokafka import ConsumerRecord
 from pydicom.dataset import FileDataset
 from pydicom.uid import generate_uid
 from pymongo import AsyncMongoClient
 
+from dicomsafe.common.grpc_runtime import new_channel
+from dicomsafe.common.kafka import PermanentError, Topics, ensure_topics, topic_specs
+from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc, events_pb2
+from services.crypto.app import run as run_crypto
 from services.gateway.deidentify import Deidentifier
 from services.gateway.index_entry import IndexEntry, entry_for
+from services.gateway.indexer import Indexer
 from services.gateway.instance_layout import layout_of
 from services.gateway.study_index import StudyIndex
+from services.ingest.sealing import Sealer, object_id_for
 from tests.servers import Servers
-from tools import dicom_samples
+from tests.service_runner import TEST_CLIENT, crypto_config, running, with_tls
+from tools import dicom_samples, vault_setup
+from tools.pki import Pki
+
+if TYPE_CHECKING:
+    Stub = crypto_pb2_grpc.CryptoServiceAsyncStub
 
 COLLECTIONS = ("studies", "series", "instances")
 # Set by each write, so they differ between two databases written a moment apart.
@@ -142,3 +156,70 @@ async def test_add_many_undoes_what_a_seen_erasure_covers(mongo: AsyncMongoClien
     assert [located.sop_uid for located in await index.locate(other.study_uid)] == [other.sop_uid]
     for name in COLLECTIONS:
         assert await mongo[f"index_{unique}"][name].count_documents({"patient_ref": erased}) == 1  # returning
+
+
+@pytest.fixture
+async def crypto(pki: Pki, servers: Servers, tmp_path: Path, unique: str) -> AsyncIterator[Stub]:
+    creds = vault_setup.provision(servers.vault_addr, servers.vault_token)
+    topics = Topics(f"t{unique}.")
+    await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
+    cfg = with_tls(
+        crypto_config(servers.kafka_bootstrap, servers.vault_addr, creds, tmp_path / "store", topics.prefix),
+        pki,
+        "crypto",
+    )
+    async with (
+        running(lambda stop: run_crypto(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)),
+        new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as channel,
+    ):
+        yield crypto_pb2_grpc.CryptoServiceStub(channel)
+
+
+async def _seal(stub: Stub, ds: FileDataset) -> tuple[str, bytes]:
+    data = dicom_samples.to_bytes(ds)
+    meta = crypto_pb2.SealMetadata(
+        object_id=object_id_for(ds.SOPInstanceUID, hashlib.sha256(data).hexdigest()),
+        sop_instance_uid=ds.SOPInstanceUID,
+        study_instance_uid=ds.StudyInstanceUID,
+        patient_id=str(ds.PatientID),
+        issuer_of_patient_id="HOSP-A",
+    )
+    await Sealer(stub, 64 * 1024, 60).seal(data, meta)
+    return meta.object_id, data
+
+
+def _record(offset: int, value: bytes) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord("dicom.stored", 0, offset, 0, 0, None, value, None, 0, len(value), [])
+
+
+def _stored(ds: FileDataset, object_id: str) -> bytes:
+    event = events_pb2.StoredEvent(object_id=object_id, sop_instance_uid=ds.SOPInstanceUID)
+    event.stored_at.FromDatetime(T0)
+    return event.SerializeToString()
+
+
+async def test_indexer_batch_reads_back_only_what_is_not_indexed(
+    crypto: Stub, mongo: AsyncMongoClient[dict[str, Any]], unique: str
+) -> None:
+    study = generate_uid()
+    by_stow, by_event = (dicom_samples.ct_image(study_uid=study, seed=s, rows=16, columns=16) for s in (41, 42))
+    index = StudyIndex(mongo, f"index_{unique}")
+    await index.ensure_indexes()
+    sealed = [await _seal(crypto, ds) for ds in (by_stow, by_event)]
+    description = await crypto.Describe(crypto_pb2.DescribeRequest(object_id=sealed[0][0]))
+    await index.add(_entry(by_stow, description.erasure_key_ref, object_id=sealed[0][0]))  # as STOW-RS does
+    instances = mongo[f"index_{unique}"]["instances"]
+    stow_write = await instances.find_one({"_id": str(by_stow.SOPInstanceUID)})
+    assert stow_write is not None
+
+    indexer = Indexer(crypto, index, 60)
+    records = [_record(0, _stored(by_stow, sealed[0][0])), _record(1, _stored(by_event, sealed[1][0]))]
+    await indexer.handle_batch(records)
+    # Only the instance STOW-RS had not indexed was read back; the other was left as written.
+    assert await instances.find_one({"_id": str(by_stow.SOPInstanceUID)}) == stow_write
+    [read_back] = await index.locate(study, sop_uid=str(by_event.SOPInstanceUID))
+    assert (read_back.object_id, read_back.size) == (sealed[1][0], len(sealed[1][1]))
+
+    # A bad record fails the batch, so the consume loop redoes it record by record (dead-lettering it).
+    with pytest.raises(PermanentError, match="bad_envelope"):
+        await indexer.handle_batch([*records, _record(2, b"\xff not an event")])
