@@ -82,13 +82,19 @@ async def run(cfg: GatewayConfig, stop: asyncio.Event) -> None:
                 tls=cfg.tls,
                 allow=cfg.grpc_allow,
             )
-            handlers: dict[str, Handler] = {
-                topics.stored: Indexer(crypto, index, cfg.call_deadline_s).handle,
-                topics.erased: IndexEraser(index).handle,
-            }
+            indexer = Indexer(crypto, index, cfg.call_deadline_s)
+            handlers: dict[str, Handler] = {topics.stored: indexer.handle, topics.erased: IndexEraser(index).handle}
 
             async def index_record(record: ConsumerRecord[bytes, bytes]) -> None:
                 await handlers[record.topic](record)
+
+            async def index_batch(records: list[ConsumerRecord[bytes, bytes]]) -> None:
+                # A batch is one partition's, so of one topic. Erasures are few: one at a time.
+                if records[0].topic == topics.stored:
+                    await indexer.handle_batch(records)
+                else:
+                    for record in records:
+                        await index_record(record)
 
             indexing = consume_forever(
                 consumer,
@@ -96,6 +102,7 @@ async def run(cfg: GatewayConfig, stop: asyncio.Event) -> None:
                 DeadLetterPublisher(producer, "gateway"),
                 stop,
                 log,
+                handle_batch=index_batch,
             )
             https = serve_https(create_app(backends), cfg.http_bind, https_context, stop)
             await run_until_stopped(server, health, [SERVICE_NAME], stop, log, background=[indexing, https])

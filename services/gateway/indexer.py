@@ -32,18 +32,28 @@ class Indexer:
         self._deadline = deadline_s
 
     async def handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        event = _stored_event(record)
+        if _key(event) not in await self._indexed([event]):
+            await self._index_from_crypto(event)
+
+    async def handle_batch(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        """A partition's events with one index read for all: a STOW-RS request's instances are
+        mostly indexed already. A bad record fails the batch, which the loop then redoes record
+        by record (handle); each is idempotent, so redoing the ones before it changes nothing."""
+        events = [_stored_event(record) for record in records]
+        indexed = await self._indexed(events)
+        for event in events:
+            if _key(event) not in indexed:
+                await self._index_from_crypto(event)
+
+    async def _indexed(self, events: list[events_pb2.StoredEvent]) -> set[tuple[str, str]]:
         try:
-            event = events_pb2.StoredEvent.FromString(record.value or b"")
-        except DecodeError:
-            raise PermanentError("bad_envelope", "value is not a StoredEvent") from None
-        if not event.object_id:
-            raise PermanentError("bad_envelope", "stored event without object id")
-        try:
-            if await self._index.has(event.sop_instance_uid, event.object_id):
-                # Indexed by its STOW-RS request: reading it back through crypto would only cost.
-                return
+            # Indexed by their STOW-RS request: reading them back through crypto would only cost.
+            return await self._index.indexed([_key(e) for e in events])
         except Exception as exc:  # noqa: BLE001 - MongoDB down: keep the offset, retry
             raise TransientError(f"index read failed ({type(exc).__name__})") from None
+
+    async def _index_from_crypto(self, event: events_pb2.StoredEvent) -> None:
         try:
             description = await self._crypto.Describe(
                 crypto_pb2.DescribeRequest(object_id=event.object_id), timeout=self._deadline
@@ -76,3 +86,17 @@ class Indexer:
             await self._index.add(entry)
         except Exception as exc:  # noqa: BLE001 - MongoDB down: keep the offset, retry
             raise TransientError(f"index write failed ({type(exc).__name__})") from None
+
+
+def _stored_event(record: ConsumerRecord[bytes, bytes]) -> events_pb2.StoredEvent:
+    try:
+        event = events_pb2.StoredEvent.FromString(record.value or b"")
+    except DecodeError:
+        raise PermanentError("bad_envelope", "value is not a StoredEvent") from None
+    if not event.object_id:
+        raise PermanentError("bad_envelope", "stored event without object id")
+    return event
+
+
+def _key(event: events_pb2.StoredEvent) -> tuple[str, str]:
+    return event.sop_instance_uid, event.object_id

@@ -35,7 +35,7 @@ from services.gateway.dicomweb_common import (
     record,
     refusal,
 )
-from services.gateway.index_entry import entry_for, sensitivity_labels
+from services.gateway.index_entry import IndexEntry, entry_for, sensitivity_labels
 from services.gateway.instance_layout import InstanceLayout, LayoutError, layout_from, read_header
 from services.gateway.multipart import MediaType, MultipartError, Part, PartTooLarge, parse_parts
 
@@ -52,6 +52,10 @@ OUT_OF_RESOURCES = 0xA700
 # Parts stored at once per request, and the bytes they may hold together.
 IN_FLIGHT_PARTS = 8
 IN_FLIGHT_BYTES = 64 * 1024 * 1024
+# Stored instances indexed in one bulk write at most. Each one's dicom.stored event races its index
+# write (the indexer reads back through crypto what it does not find indexed), so a request is not
+# indexed only at its end: whenever no part is left storing (a slow client) or this many wait.
+INDEX_CHUNK = 2 * IN_FLIGHT_PARTS
 # The stored-at of an object that was already stored: sealed at some unknown earlier time.
 _LONG_AGO = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
@@ -82,7 +86,7 @@ async def store(request: Request, backends: Backends, study_uid: str = "") -> Re
         raise HttpError(400, str(exc)) from None
     finally:
         # Parts already handed on finish either way: a store in progress is never abandoned.
-        await upload.drain()
+        await upload.finish()
     return upload.response()
 
 
@@ -98,8 +102,10 @@ class StowUpload:
         self._base = base
         self._verdicts: dict[str, asyncio.Future[Verdict]] = {}
         self._stored: list[dict[str, Any]] = []
+        self._entries: list[IndexEntry] = []
         self._failed: list[dict[str, Any]] = []
         self._parts = 0
+        self._storing = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._room = asyncio.Condition()
         self._in_flight_bytes = 0
@@ -116,13 +122,29 @@ class StowUpload:
                 )
             )
             self._in_flight_bytes += size
+        self._storing += 1
         task = asyncio.create_task(self._store(part, self._parts))
         self._tasks.add(task)
         task.add_done_callback(lambda t: asyncio.ensure_future(self._release(t, size)))
 
-    async def drain(self) -> None:
-        while self._tasks:
-            await asyncio.gather(*self._tasks)
+    async def finish(self) -> None:
+        """Wait for the parts in flight and for the index writes of what they stored: the response
+        goes out only after its instances are indexed, since a viewer may query them right away."""
+        try:
+            while self._tasks:
+                await asyncio.gather(*self._tasks)
+        finally:
+            await self._index()
+
+    async def _index(self) -> None:
+        # Taken whole: parts finishing meanwhile start the next chunk.
+        entries, self._entries = self._entries, []
+        if not entries:
+            return
+        try:
+            await self._b.index.add_many(entries)
+        except Exception as exc:  # noqa: BLE001 - the dicom.stored consumer indexes them later
+            log.warning("index update deferred", extra={"instances": len(entries), "error": type(exc).__name__})
 
     async def _release(self, task: asyncio.Task[None], size: int) -> None:
         async with self._room:
@@ -131,6 +153,15 @@ class StowUpload:
             self._room.notify_all()
 
     async def _store(self, part: Part, number: int) -> None:
+        try:
+            await self._store_part(part, number)
+        finally:
+            self._storing -= 1
+        # Whichever part finishes last indexes what the others left waiting.
+        if not self._storing or len(self._entries) >= INDEX_CHUNK:
+            await self._index()
+
+    async def _store_part(self, part: Part, number: int) -> None:
         if MediaType.parse(part.content_type or "application/dicom").type != "application/dicom":
             self._fail("", "", CANNOT_UNDERSTAND)
             return
@@ -171,11 +202,10 @@ class StowUpload:
         except LayoutError:
             # Stored and sealed; without a layout it is served only as a whole instance.
             layout = InstanceLayout(0, None, (), False)
+        # An object stored earlier was sealed at an unknown earlier time: as old as can be.
+        stored_at = _LONG_AGO if stored.already_stored else sent_at
         try:
-            # An object stored earlier was sealed at an unknown earlier time: as old as can be.
-            stored_at = _LONG_AGO if stored.already_stored else sent_at
-            entry = entry_for(ds, layout, stored.object_id, stored.size, stored.patient_ref, stored_at)
-            await self._b.index.add(entry)
+            self._entries.append(entry_for(ds, layout, stored.object_id, stored.size, stored.patient_ref, stored_at))
         except Exception as exc:  # noqa: BLE001 - the dicom.stored consumer indexes it later
             log.warning("index update deferred", extra={"object_id": stored.object_id, "error": type(exc).__name__})
         self._stored.append(

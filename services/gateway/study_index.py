@@ -203,14 +203,58 @@ class StudyIndex:
         return await self.locate(*real)
 
     async def add(self, entry: IndexEntry) -> None:
+        """Index one instance (idempotent)."""
+        await self.add_many([entry])
+
+    async def add_many(self, entries: Sequence[IndexEntry]) -> None:
+        """Index instances with one bulk write per level and one erasure check: what add() of
+        each in turn would leave, at a fraction of the operations (a STOW-RS request's instances
+        share their series and study)."""
+        if not entries:
+            return
         now = dt.datetime.now(dt.UTC)
-        study_uid, series_uid = entry.study_uid, entry.series_uid
-        await self._instances.update_one(
-            {"_id": entry.sop_uid},
+        # Keyed by UID, later entries replacing earlier ones as sequential upserts would.
+        instances: dict[str, IndexEntry] = {}
+        series: dict[str, IndexEntry] = {}
+        studies: dict[str, IndexEntry] = {}
+        labels: dict[str, set[str]] = {}
+        modalities: dict[str, set[str]] = {}
+        # The earliest stored_at per patient: if an erasure covers any entry, it covers that one.
+        earliest: dict[str, dt.datetime] = {}
+        for entry in entries:
+            instances[entry.sop_uid] = series[entry.series_uid] = studies[entry.study_uid] = entry
+            labels.setdefault(entry.study_uid, set()).update(entry.labels)
+            if modality := str(entry.series["match"].get("Modality", "")):
+                modalities.setdefault(entry.study_uid, set()).add(modality)
+            if entry.patient_ref:
+                stored_at = _utc(entry.stored_at or now)
+                earliest[entry.patient_ref] = min(stored_at, earliest.get(entry.patient_ref, stored_at))
+        await self._instances.bulk_write(
+            [self._instance_upsert(uid, entry, now) for uid, entry in instances.items()], ordered=False
+        )
+        await self._series.bulk_write([self._series_upsert(uid, entry) for uid, entry in series.items()], ordered=False)
+        await self._studies.bulk_write(
+            [
+                self._study_upsert(uid, entry, labels[uid], modalities.get(uid, set()), now)
+                for uid, entry in studies.items()
+            ],
+            ordered=False,
+        )
+        # Written first, checked after: an erasure whose marker we do not see yet deletes after
+        # our writes; one whose marker we see ran before them, so we undo what it covers.
+        if earliest:
+            async for marker in self._erased.find({"_id": {"$in": sorted(earliest)}}):
+                erased_at = _utc(marker["erased_at"])
+                if earliest[str(marker["_id"])] <= erased_at:
+                    await self.remove_patient(str(marker["_id"]), erased_at)
+
+    def _instance_upsert(self, sop_uid: str, entry: IndexEntry, now: dt.datetime) -> UpdateOne:
+        return UpdateOne(
+            {"_id": sop_uid},
             {
                 "$set": {
-                    "study_uid": study_uid,
-                    "series_uid": series_uid,
+                    "study_uid": entry.study_uid,
+                    "series_uid": entry.series_uid,
                     "object_id": entry.object_id,
                     "attrs": entry.instance["json"],
                     "match": entry.instance["match"],
@@ -220,16 +264,18 @@ class StudyIndex:
                     "patient_ref": entry.patient_ref,
                     "indexed_at": now,
                     "stored_at": entry.stored_at or now,
-                    **self._pseudo(entry.sop_uid),
+                    **self._pseudo(sop_uid),
                 }
             },
             upsert=True,
         )
-        await self._series.update_one(
+
+    def _series_upsert(self, series_uid: str, entry: IndexEntry) -> UpdateOne:
+        return UpdateOne(
             {"_id": series_uid},
             {
                 "$set": {
-                    "study_uid": study_uid,
+                    "study_uid": entry.study_uid,
                     "attrs": entry.series["json"],
                     "match": entry.series["match"],
                     "patient_ref": entry.patient_ref,
@@ -238,13 +284,16 @@ class StudyIndex:
             },
             upsert=True,
         )
-        modality = str(entry.series["match"].get("Modality", ""))
-        # $addToSet, not read-modify-write: concurrent STOW parts and the indexer may add to one
+
+    def _study_upsert(
+        self, study_uid: str, entry: IndexEntry, labels: set[str], modalities: set[str], now: dt.datetime
+    ) -> UpdateOne:
+        # $addToSet, not read-modify-write: other STOW requests and the indexer may add to one
         # study at once. Labels are a union: one sensitive instance makes the study sensitive.
-        grow: dict[str, Any] = {"labels": {"$each": list(entry.labels)}}
-        if modality:
-            grow["modalities"] = modality
-        await self._studies.update_one(
+        grow: dict[str, Any] = {"labels": {"$each": sorted(labels)}}
+        if modalities:
+            grow["modalities"] = {"$each": sorted(modalities)}
+        return UpdateOne(
             {"_id": study_uid},
             {
                 "$set": {
@@ -260,12 +309,6 @@ class StudyIndex:
             },
             upsert=True,
         )
-        # Written first, checked after: an erasure whose marker we do not see yet deletes after
-        # our writes; one whose marker we see ran before them, so we undo what it covers.
-        if entry.patient_ref:
-            marker = await self._erased.find_one({"_id": entry.patient_ref})
-            if marker is not None and _utc(entry.stored_at or now) <= _utc(marker["erased_at"]):
-                await self.remove_patient(entry.patient_ref, _utc(marker["erased_at"]))
 
     async def remove_patient(self, patient_ref: str, erased_at: dt.datetime) -> int:
         """Delete the entries of one patient's objects stored up to ``erased_at`` (their erasure
@@ -274,7 +317,7 @@ class StudyIndex:
         returning patient's later studies (sealed under a fresh key) alone.
 
         The erasure is remembered (latest time per pseudonym) before anything is deleted, so an
-        entry written concurrently (``add``) removes itself. Instances go first, then series and
+        entry written concurrently (``add_many``) removes itself. Instances go first, then series and
         studies with no instance left: a crash in between is redone on redelivery.
         """
         if not patient_ref:
@@ -304,7 +347,15 @@ class StudyIndex:
 
     async def has(self, sop_uid: str, object_id: str) -> bool:
         """Whether exactly this stored object is indexed already (e.g. by the STOW-RS request)."""
-        return await self._instances.find_one({"_id": sop_uid, "object_id": object_id}, {"_id": 1}) is not None
+        return (sop_uid, object_id) in await self.indexed([(sop_uid, object_id)])
+
+    async def indexed(self, objects: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which of these (SOP Instance UID, object id) pairs are indexed already, in one read."""
+        if not objects:
+            return set()
+        wanted = set(objects)
+        found = self._instances.find({"_id": {"$in": sorted({uid for uid, _ in wanted})}}, {"object_id": 1})
+        return {pair async for doc in found if (pair := (str(doc["_id"]), str(doc.get("object_id", "")))) in wanted}
 
     async def search(
         self,
