@@ -72,6 +72,10 @@ class Indexer:
                 # patient's names back (the erasure event may already have been handled).
                 log.info("stored object erased", extra={"object_id": event.object_id})
                 return
+            if exc.code() == grpc.StatusCode.DATA_LOSS:
+                # Fails authentication (altered, or sealed under a key destroyed meanwhile): no retry
+                # will read it, and retrying would hold up the partition. Dead-lettered, kept.
+                raise PermanentError("unreadable_object", "crypto cannot authenticate the sealed object") from None
             raise TransientError(f"crypto {exc.code().name}") from None
         try:
             ds, layout = layout_of(data)

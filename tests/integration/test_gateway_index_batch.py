@@ -223,3 +223,20 @@ async def test_indexer_batch_reads_back_only_what_is_not_indexed(
     # A bad record fails the batch, so the consume loop redoes it record by record (dead-lettering it).
     with pytest.raises(PermanentError, match="bad_envelope"):
         await indexer.handle_batch([*records, _record(2, b"\xff not an event")])
+
+
+async def test_indexer_dead_letters_an_object_that_fails_authentication(
+    crypto: Stub, mongo: AsyncMongoClient[dict[str, Any]], unique: str, tmp_path: Path
+) -> None:
+    # An altered sealed object never opens: retrying its event would block the partition forever.
+    ds = dicom_samples.ct_image(seed=51, rows=16, columns=16)
+    object_id, _ = await _seal(crypto, ds)
+    [sealed_file] = (tmp_path / "store").rglob(f"{object_id}*")
+    body = bytearray(sealed_file.read_bytes())
+    body[-40] ^= 0x01  # inside the last chunk's ciphertext
+    sealed_file.write_bytes(bytes(body))
+    index = StudyIndex(mongo, f"index_{unique}")
+    await index.ensure_indexes()
+    with pytest.raises(PermanentError, match="unreadable_object"):
+        await Indexer(crypto, index, 60).handle(_record(0, _stored(ds, object_id)))
+    assert await index.locate(str(ds.StudyInstanceUID)) == []
