@@ -7,8 +7,10 @@ index write; re-indexing is an idempotent upsert.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
+import time
 
 import grpc
 from aiokafka import ConsumerRecord
@@ -23,16 +25,33 @@ from services.gateway.study_index import StudyIndex
 
 log = logging.getLogger("dicomsafe.gateway.indexer")
 INDEXER_IDENTITY = "svc-gateway-indexer"
+DEFAULT_GRACE_S = 2.0
 
 
 class Indexer:
-    def __init__(self, crypto: crypto_pb2_grpc.CryptoServiceAsyncStub, index: StudyIndex, deadline_s: float) -> None:
+    def __init__(
+        self,
+        crypto: crypto_pb2_grpc.CryptoServiceAsyncStub,
+        index: StudyIndex,
+        deadline_s: float,
+        grace_s: float = DEFAULT_GRACE_S,
+    ) -> None:
         self._crypto = crypto
         self._index = index
         self._deadline = deadline_s
+        self._grace = grace_s
+
+    async def _settle(self, newest: ConsumerRecord[bytes, bytes]) -> None:
+        """Let a fresh event age ``grace_s`` first: a STOW-RS request indexes its instances just
+        after ingest announces them, and an event handled in between costs a needless read back
+        through crypto. Waits at most ``grace_s`` (a producer clock running ahead cannot stall it)."""
+        age = time.time() - newest.timestamp / 1000
+        if age < self._grace:
+            await asyncio.sleep(min(self._grace - age, self._grace))
 
     async def handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
         event = _stored_event(record)
+        await self._settle(record)
         if _key(event) not in await self._indexed([event]):
             await self._index_from_crypto(event)
 
@@ -41,6 +60,7 @@ class Indexer:
         mostly indexed already. A bad record fails the batch, which the loop then redoes record
         by record (handle); each is idempotent, so redoing the ones before it changes nothing."""
         events = [_stored_event(record) for record in records]
+        await self._settle(records[-1])
         indexed = await self._indexed(events)
         for event in events:
             if _key(event) not in indexed:

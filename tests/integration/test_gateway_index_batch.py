@@ -5,8 +5,11 @@ and the indexer reads back through crypto only what is not indexed yet."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import hashlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -240,3 +243,28 @@ async def test_indexer_dead_letters_an_object_that_fails_authentication(
     with pytest.raises(PermanentError, match="unreadable_object"):
         await Indexer(crypto, index, 60).handle(_record(0, _stored(ds, object_id)))
     assert await index.locate(str(ds.StudyInstanceUID)) == []
+
+
+async def test_indexer_leaves_a_fresh_event_to_the_stow_request_that_caused_it(
+    crypto: Stub, mongo: AsyncMongoClient[dict[str, Any]], unique: str
+) -> None:
+    # The dicom.stored event of a STOW-RS instance reaches the indexer about when the request
+    # indexes it; during the grace period the indexer reads nothing back through crypto.
+    ds = dicom_samples.ct_image(seed=61, rows=16, columns=16)
+    object_id, _ = await _seal(crypto, ds)
+    index = StudyIndex(mongo, f"index_{unique}")
+    await index.ensure_indexes()
+    value = _stored(ds, object_id)
+    fresh = ConsumerRecord("dicom.stored", 0, 0, int(time.time() * 1000), 0, None, value, None, 0, len(value), [])
+    handling = asyncio.create_task(Indexer(crypto, index, 60, grace_s=30).handle(fresh))
+    # Ample for a read back (a few ms here); a slow machine could only make this pass wrongly.
+    await asyncio.sleep(0.5)
+    assert not handling.done()
+    assert await index.locate(str(ds.StudyInstanceUID)) == []
+    handling.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await handling
+    # Once the grace period is over (none here), an event nobody indexed is read back.
+    await Indexer(crypto, index, 60, grace_s=0).handle(fresh)
+    [located] = await index.locate(str(ds.StudyInstanceUID))
+    assert located.object_id == object_id
