@@ -12,12 +12,12 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import CommitFailedError, TopicAlreadyExistsError
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from dicomsafe.common.config import ConfigError, env_opt
@@ -208,6 +208,9 @@ def new_consumer(bootstrap: str, group_id: str, topics: Sequence[str], client_id
     )
 
 
+M = TypeVar("M", bound=Message)
+
+
 class PermanentError(Exception):
     """This record can never be processed as it is: dead-letter it and move on.
 
@@ -222,6 +225,14 @@ class PermanentError(Exception):
 
 class TransientError(Exception):
     """A dependency is unavailable: keep the record, retry later, never dead-letter."""
+
+
+def decode_value(record: ConsumerRecord[bytes, bytes], message_type: type[M], code: str) -> M:
+    """The record's protobuf value; PermanentError ``code`` when it is not one (dead-lettered)."""
+    try:
+        return message_type.FromString(record.value or b"")
+    except DecodeError:
+        raise PermanentError(code, f"value is not a {message_type.DESCRIPTOR.full_name} message") from None
 
 
 class DeadLetterPublisher:

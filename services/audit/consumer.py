@@ -10,9 +10,8 @@ from __future__ import annotations
 import logging
 
 from aiokafka import ConsumerRecord
-from google.protobuf.message import DecodeError
 
-from dicomsafe.common.kafka import PermanentError
+from dicomsafe.common.kafka import PermanentError, decode_value
 from dicomsafe.common.metrics import DURATION
 from dicomsafe.v1 import audit_pb2
 from services.audit.store import AuditStore
@@ -41,10 +40,7 @@ class AuditConsumer:
 
 
 def decode_event(record: ConsumerRecord[bytes, bytes]) -> audit_pb2.AuditEvent:
-    try:
-        event = audit_pb2.AuditEvent.FromString(record.value or b"")
-    except DecodeError:
-        raise PermanentError("bad_event", "value is not an AuditEvent") from None
+    event = decode_value(record, audit_pb2.AuditEvent, "bad_event")
     if not event.event_id:
         raise PermanentError("bad_event", "audit event without event_id")
     if event.action == audit_pb2.AuditAction.AUDIT_ACTION_UNSPECIFIED:

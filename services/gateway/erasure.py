@@ -12,9 +12,8 @@ import datetime as dt
 import logging
 
 from aiokafka import ConsumerRecord
-from google.protobuf.message import DecodeError
 
-from dicomsafe.common.kafka import PermanentError, TransientError
+from dicomsafe.common.kafka import PermanentError, TransientError, decode_value
 from dicomsafe.v1 import events_pb2
 from services.gateway.study_index import StudyIndex
 
@@ -26,10 +25,7 @@ class IndexEraser:
         self._index = index
 
     async def handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        try:
-            event = events_pb2.PatientErased.FromString(record.value or b"")
-        except DecodeError:
-            raise PermanentError("bad_envelope", "value is not a PatientErased") from None
+        event = decode_value(record, events_pb2.PatientErased, "bad_envelope")
         if not event.patient_ref:
             raise PermanentError("bad_envelope", "erasure event without patient reference")
         try:

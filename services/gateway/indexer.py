@@ -14,10 +14,9 @@ import time
 
 import grpc
 from aiokafka import ConsumerRecord
-from google.protobuf.message import DecodeError
 from pydicom.errors import InvalidDicomError
 
-from dicomsafe.common.kafka import PermanentError, TransientError
+from dicomsafe.common.kafka import PermanentError, TransientError, decode_value
 from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc, events_pb2
 from services.gateway.index_entry import entry_for
 from services.gateway.instance_layout import InstanceLayout, LayoutError, layout_of, read_header
@@ -113,10 +112,7 @@ class Indexer:
 
 
 def _stored_event(record: ConsumerRecord[bytes, bytes]) -> events_pb2.StoredEvent:
-    try:
-        event = events_pb2.StoredEvent.FromString(record.value or b"")
-    except DecodeError:
-        raise PermanentError("bad_envelope", "value is not a StoredEvent") from None
+    event = decode_value(record, events_pb2.StoredEvent, "bad_envelope")
     if not event.object_id:
         raise PermanentError("bad_envelope", "stored event without object id")
     return event
