@@ -17,9 +17,19 @@ from tools.oidc_issuer import LocalIssuer
 from tools.stack import HTTPS_PORT_OFFSET, METRICS_PORT_OFFSET, SERVICES, Stack, StackSettings
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def _free_base_port() -> int:
+    # Below the ephemeral range: a port free when checked could otherwise be taken by any
+    # outgoing connection (Kafka, MongoDB, Vault clients) before the service binds it.
+    top = min(40000, _ephemeral_low()) - HTTPS_PORT_OFFSET - len(SERVICES) - 1
     for _ in range(50):
-        base = random.randint(20000, 40000)
+        base = random.randint(20000, top)
         try:
             ports = [base + i + offset for i in range(len(SERVICES)) for offset in (0, METRICS_PORT_OFFSET)]
             for port in [*ports, base + HTTPS_PORT_OFFSET]:
