@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -97,6 +99,30 @@ HTTPS_CERT = "gateway-https"
 
 # Start order: dependencies first (audit consumes what others emit; ingest needs crypto).
 SERVICES = ("crypto", "authz", "audit", "gateway", "ingest")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_base_port() -> int:
+    """A base port whose whole span (gRPC, metrics and HTTPS ports) is free now, below the
+    ephemeral range: a port free when checked could otherwise be taken by any outgoing
+    connection (Kafka, MongoDB, Vault clients) before the service binds it."""
+    top = min(40000, _ephemeral_low()) - HTTPS_PORT_OFFSET - 1
+    for _ in range(50):
+        base = random.randint(20000, top)  # noqa: S311 - picks a port range, no secret
+        try:
+            for port in range(base, base + HTTPS_PORT_OFFSET + 1):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free port range")
 
 
 def service_env(s: StackSettings, service: str) -> dict[str, str]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,31 +12,7 @@ import pytest
 from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
 from tests.servers import Servers
 from tools.oidc_issuer import LocalIssuer
-from tools.stack import HTTPS_PORT_OFFSET, METRICS_PORT_OFFSET, SERVICES, Stack, StackSettings
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def _free_base_port() -> int:
-    # Below the ephemeral range: a port free when checked could otherwise be taken by any
-    # outgoing connection (Kafka, MongoDB, Vault clients) before the service binds it.
-    top = min(40000, _ephemeral_low()) - HTTPS_PORT_OFFSET - len(SERVICES) - 1
-    for _ in range(50):
-        base = random.randint(20000, top)
-        try:
-            ports = [base + i + offset for i in range(len(SERVICES)) for offset in (0, METRICS_PORT_OFFSET)]
-            for port in [*ports, base + HTTPS_PORT_OFFSET]:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free port range")
+from tools.stack import Stack, StackSettings, free_base_port
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +28,7 @@ def stack(servers: Servers, idp: LocalIssuer, tmp_path_factory: pytest.TempPathF
         vault_admin_token=servers.vault_token,
         work_dir=work,
         topic_prefix=topics.prefix,
-        base_port=_free_base_port(),
+        base_port=free_base_port(),
         audit_db=f"e2e_audit_{unique}",
         authz_db=f"e2e_authz_{unique}",
         index_db=f"e2e_index_{unique}",

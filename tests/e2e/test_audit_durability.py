@@ -12,9 +12,8 @@ from dicomsafe.common.kafka import Topics, ensure_topics, new_producer, topic_sp
 from dicomsafe.v1 import audit_pb2
 from services.audit.store import Verdict
 from tests.audit_trail import verify_directly
-from tests.e2e.conftest import _free_base_port
 from tests.servers import Servers
-from tools.stack import Stack, StackSettings
+from tools.stack import Stack, StackSettings, free_base_port
 
 EVENTS = 3000
 
@@ -31,7 +30,7 @@ async def test_sigkill_mid_stream_loses_and_duplicates_nothing(servers: Servers,
             vault_admin_token=servers.vault_token,
             work_dir=tmp_path,
             topic_prefix=topics.prefix,
-            base_port=_free_base_port(),
+            base_port=free_base_port(),
             audit_db=f"kill_audit_{unique}",
         )
     )

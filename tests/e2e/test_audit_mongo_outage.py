@@ -23,11 +23,10 @@ from dicomsafe.common.kafka import Topics, ensure_topics, new_producer, topic_sp
 from dicomsafe.v1 import audit_pb2
 from services.audit.store import Verdict
 from tests.audit_trail import verify_directly
-from tests.e2e.conftest import _free_base_port
 from tests.servers import Servers
 from tests.service_runner import free_port
 from tools import infra
-from tools.stack import Stack, StackSettings
+from tools.stack import Stack, StackSettings, free_base_port
 
 EVENTS = 1500
 
@@ -99,7 +98,7 @@ async def test_mongodb_outage_under_load_loses_nothing(servers: Servers, mongo: 
             mongodb_uri=mongo.uri,
             work_dir=tmp_path / "stack",
             topic_prefix=topics.prefix,
-            base_port=_free_base_port(),
+            base_port=free_base_port(),
             audit_db=f"mout_{unique}",
         )
     )

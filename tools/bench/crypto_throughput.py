@@ -32,10 +32,9 @@ from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
 from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc
 from services.crypto.sealed_format import DEFAULT_CHUNK_SIZE
 from services.ingest.sealing import Sealer
-from tools import infra
 from tools.bench.results import Result, ratio
 from tools.pki import Pki
-from tools.stack import REPO, Stack, StackSettings, serving
+from tools.stack import REPO, Stack, StackSettings, free_base_port, serving
 
 MIB = 1024 * 1024
 # Target from the crypto issue: sealing/opening through the service keeps at least a quarter
@@ -219,7 +218,7 @@ def run(kafka: str, vault_addr: str, vault_token: str, sizes: list[int], rounds:
                 vault_admin_token=vault_token,
                 work_dir=work,
                 topic_prefix=topics.prefix,
-                base_port=51051 + infra.PORT_OFFSET,
+                base_port=free_base_port(),
             )
         )
         stack.start(("crypto",))

@@ -31,14 +31,14 @@ from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
 from tools import dicom_samples, infra
 from tools.bench.results import Result, ratio
 from tools.oidc_issuer import running_issuer
-from tools.stack import Stack, StackSettings
+from tools.stack import Stack, StackSettings, free_base_port
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 STOW_BATCH = 10
 # Stored first on each side and not measured: the broker's JIT compiler and both servers'
 # caches reach their working state on other files than the measured ones.
-WARM_UP_INSTANCES = 30
+WARM_UP_INSTANCES = 100
 # Longer than a consumer's fetch wait and the indexer's grace period (idle CPU counts against us).
 SETTLE_S = 2.5
 INGEST_TARGET = 1.5  # at least 1.5 times Orthanc's rate
@@ -212,7 +212,7 @@ def run(kafka: str, vault_addr: str, vault_token: str, mongodb_uri: str, count: 
                 vault_admin_token=vault_token,
                 work_dir=work / "stack",
                 topic_prefix=topics.prefix,
-                base_port=52051 + int(os.environ.get("DICOMSAFE_INFRA_PORT_OFFSET", "0")),
+                base_port=free_base_port(),
                 audit_db=f"bench_audit_{unique}",
                 authz_db=f"bench_authz_{unique}",
                 index_db=f"bench_index_{unique}",
