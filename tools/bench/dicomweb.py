@@ -1,4 +1,5 @@
-"""DICOMweb against Orthanc on the same files, machine and run: STOW-RS rate, WADO-RS latency.
+"""DICOMweb against Orthanc on the same files, machine and run: STOW-RS rate and CPU per stored
+instance, WADO-RS latency.
 
 dicomsafe runs as in production (every service a process; HTTPS TLS 1.3, a verified OIDC token,
 an authz decision, crypto sealing/opening and an audit event on every call). Orthanc runs from
