@@ -16,6 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.peer_auth import PeerAllowlist
 from dicomsafe.common.tls import TlsConfig
+from dicomsafe.v1 import authz_pb2_grpc
+from services.authz.app import run as run_authz
 from services.authz.config import AuthzConfig
 from services.crypto.config import CryptoConfig
 from services.crypto.vault_keys import VaultSettings
@@ -116,9 +118,12 @@ def with_tls(cfg: C, pki: Pki, identity: str) -> C:
     return dataclasses.replace(cfg, **changes)  # type: ignore[type-var]
 
 
-def authz_config(kafka_bootstrap: str, topic_prefix: str, issuer: LocalIssuer | None = None) -> AuthzConfig:
-    """An authz service on a free port with the deployed policy; with an issuer, tokens are verified."""
-    return AuthzConfig(
+def authz_config(
+    kafka_bootstrap: str, topic_prefix: str, issuer: LocalIssuer | None = None, **overrides: Any
+) -> AuthzConfig:
+    """An authz service on a free port with the deployed policy; with an issuer, tokens are
+    verified. ``overrides`` set further fields (e.g. the grant store's ``mongodb_uri``)."""
+    cfg = AuthzConfig(
         f"127.0.0.1:{free_port()}",
         POLICY_FILE,
         kafka_bootstrap,
@@ -126,3 +131,15 @@ def authz_config(kafka_bootstrap: str, topic_prefix: str, issuer: LocalIssuer | 
         oidc_issuer=issuer.url if issuer else "",
         oidc_jwks_url=issuer.jwks_url if issuer else "",
     )
+    return dataclasses.replace(cfg, **overrides)
+
+
+@asynccontextmanager
+async def running_authz(cfg: AuthzConfig, pki: Pki) -> AsyncIterator[authz_pb2_grpc.AuthzServiceAsyncStub]:
+    """The authz service of ``cfg`` (with its TLS identity) running, and a stub calling it as the tester."""
+    cfg = with_tls(cfg, pki, "authz")
+    async with (
+        running(lambda stop: run_authz(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)),
+        new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as channel,
+    ):
+        yield authz_pb2_grpc.AuthzServiceStub(channel)

@@ -14,19 +14,15 @@ from typing import Any
 
 from pymongo import AsyncMongoClient
 
-from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
 from dicomsafe.v1 import alerts_pb2, audit_pb2, authz_pb2, authz_pb2_grpc
-from services.authz.app import run
 from services.authz.break_glass import started_event_id, stopped_event_id
-from services.authz.config import AuthzConfig
 from services.authz.grants import COLLECTION
 from tests.servers import Servers
-from tests.service_runner import TEST_CLIENT, free_port, running, with_tls
+from tests.service_runner import authz_config, running_authz
 from tests.topic_reader import read_to_end
 from tools.oidc_issuer import LocalIssuer
 from tools.pki import Pki
-from tools.stack import POLICY_FILE
 
 STUDIES = {"revoked": "1.2.840.10008.31", "expired_down": "1.2.840.10008.32", "expired_later": "1.2.840.10008.33"}
 OVERRIDE = audit_pb2.AuditAction.AUDIT_ACTION_EMERGENCY_OVERRIDE
@@ -47,20 +43,13 @@ async def test_override_started_and_stopped_once_across_restarts(
 ) -> None:
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
-    cfg = with_tls(
-        AuthzConfig(
-            grpc_bind=f"127.0.0.1:{free_port()}",
-            policy_file=POLICY_FILE,
-            kafka_bootstrap=servers.kafka_bootstrap,
-            topic_prefix=topics.prefix,
-            oidc_issuer=idp.url,
-            oidc_jwks_url=idp.jwks_url,
-            mongodb_uri=servers.mongodb_uri,
-            mongodb_db=f"authz_{unique}",
-            break_glass_sweep_s=1.0,
-        ),
-        pki,
-        "authz",
+    cfg = authz_config(
+        servers.kafka_bootstrap,
+        topics.prefix,
+        idp,
+        mongodb_uri=servers.mongodb_uri,
+        mongodb_db=f"authz_{unique}",
+        break_glass_sweep_s=1.0,
     )
     er = authz_pb2.Subject(access_token=idp.token("dr.er", amr=["pwd", "otp"]))
     admin = authz_pb2.Subject(access_token=idp.token("reg.omar"))
@@ -79,11 +68,7 @@ async def test_override_started_and_stopped_once_across_restarts(
 
     ids: dict[str, str] = {}
     try:
-        async with (
-            running(lambda stop: run(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)),
-            new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as ch,
-        ):
-            stub = authz_pb2_grpc.AuthzServiceStub(ch)
+        async with running_authz(cfg, pki) as stub:
             for name, study in STUDIES.items():
                 grant = await stub.BreakGlass(
                     authz_pb2.BreakGlassRequest(caller=er, study_instance_uid=study, reason="trauma bay 2")
@@ -97,11 +82,7 @@ async def test_override_started_and_stopped_once_across_restarts(
             await _wait_marked(grants, ids["revoked"])
         await end_while_down(ids["expired_down"])
 
-        async with (
-            running(lambda stop: run(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)),
-            new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as ch,
-        ):
-            stub = authz_pb2_grpc.AuthzServiceStub(ch)
+        async with running_authz(cfg, pki) as stub:
             await _wait_marked(grants, ids["expired_down"])
             assert not await can_read(stub, STUDIES["expired_down"])
             assert await can_read(stub, STUDIES["expired_later"])
@@ -109,7 +90,7 @@ async def test_override_started_and_stopped_once_across_restarts(
 
         # The third start's sweep finds only the grant that ended since; the two announced
         # before are not announced again (the marker), which the exact counts below prove.
-        async with running(lambda stop: run(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)):
+        async with running_authz(cfg, pki):
             await _wait_marked(grants, ids["expired_later"])
     finally:
         await mongo.drop_database(cfg.mongodb_db)

@@ -11,16 +11,12 @@ import grpc
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
 from dicomsafe.v1 import audit_pb2, authz_pb2, authz_pb2_grpc
-from services.authz.app import run
-from services.authz.config import AuthzConfig
 from tests.servers import Servers
-from tests.service_runner import TEST_CLIENT, free_port, running, with_tls
+from tests.service_runner import authz_config, running_authz
 from tools.oidc_issuer import LocalIssuer
 from tools.pki import Pki
-from tools.stack import POLICY_FILE
 
 if TYPE_CHECKING:
     Stub = authz_pb2_grpc.AuthzServiceAsyncStub
@@ -32,25 +28,11 @@ S1, S2, S3 = "1.2.840.10008.1", "1.2.840.10008.2", "1.2.840.10008.3"
 async def authz(pki: Pki, servers: Servers, idp: LocalIssuer, unique: str) -> AsyncIterator[tuple[Stub, Topics]]:
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
-    cfg = with_tls(
-        AuthzConfig(
-            grpc_bind=f"127.0.0.1:{free_port()}",
-            policy_file=POLICY_FILE,
-            kafka_bootstrap=servers.kafka_bootstrap,
-            topic_prefix=topics.prefix,
-            oidc_issuer=idp.url,
-            oidc_jwks_url=idp.jwks_url,
-            mongodb_uri=servers.mongodb_uri,
-            mongodb_db=f"authz_{unique}",
-        ),
-        pki,
-        "authz",
+    cfg = authz_config(
+        servers.kafka_bootstrap, topics.prefix, idp, mongodb_uri=servers.mongodb_uri, mongodb_db=f"authz_{unique}"
     )
-    async with (
-        running(lambda stop: run(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)),
-        new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as ch,
-    ):
-        yield authz_pb2_grpc.AuthzServiceStub(ch), topics
+    async with running_authz(cfg, pki) as stub:
+        yield stub, topics
 
 
 def _who(idp: LocalIssuer, subject: str, mfa: bool = False) -> authz_pb2.Subject:

@@ -25,18 +25,14 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
 from dicomsafe.common.token_fingerprint import token_fingerprint
 from dicomsafe.v1 import audit_pb2, authz_pb2, authz_pb2_grpc
-from services.authz.app import run
-from services.authz.config import AuthzConfig
 from tests.servers import Servers
-from tests.service_runner import TEST_CLIENT, free_port, running, with_tls
+from tests.service_runner import authz_config, running_authz
 from tests.topic_reader import read_to_end
 from tools.oidc_issuer import LocalIssuer
 from tools.pki import Pki
-from tools.stack import POLICY_FILE
 
 if TYPE_CHECKING:
     Stub = authz_pb2_grpc.AuthzServiceAsyncStub
@@ -176,25 +172,11 @@ def covers(scope: str | None, place: Place) -> bool:
 async def authz(pki: Pki, servers: Servers, idp: LocalIssuer, unique: str) -> AsyncIterator[tuple[Stub, Topics]]:
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
-    cfg = with_tls(
-        AuthzConfig(
-            grpc_bind=f"127.0.0.1:{free_port()}",
-            policy_file=POLICY_FILE,
-            kafka_bootstrap=servers.kafka_bootstrap,
-            topic_prefix=topics.prefix,
-            oidc_issuer=idp.url,
-            oidc_jwks_url=idp.jwks_url,
-            mongodb_uri=servers.mongodb_uri,
-            mongodb_db=f"authz_{unique}",
-        ),
-        pki,
-        "authz",
+    cfg = authz_config(
+        servers.kafka_bootstrap, topics.prefix, idp, mongodb_uri=servers.mongodb_uri, mongodb_db=f"authz_{unique}"
     )
-    async with (
-        running(lambda stop: run(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)),
-        new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as ch,
-    ):
-        yield authz_pb2_grpc.AuthzServiceStub(ch), topics
+    async with running_authz(cfg, pki) as stub:
+        yield stub, topics
 
 
 @dataclass(frozen=True)

@@ -14,17 +14,13 @@ from typing import TYPE_CHECKING
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
 from dicomsafe.v1 import audit_pb2, authz_pb2, authz_pb2_grpc
-from services.authz.app import run
-from services.authz.config import AuthzConfig
 from services.authz.tokens import TokenRejected, TokenVerifier
 from tests.servers import Servers
-from tests.service_runner import TEST_CLIENT, free_port, running, with_tls
+from tests.service_runner import authz_config, running_authz
 from tools.oidc_issuer import LocalIssuer, running_issuer
 from tools.pki import Pki
-from tools.stack import POLICY_FILE
 
 if TYPE_CHECKING:
     Stub = authz_pb2_grpc.AuthzServiceAsyncStub
@@ -34,25 +30,9 @@ if TYPE_CHECKING:
 async def authz(pki: Pki, servers: Servers, idp: LocalIssuer, unique: str) -> AsyncIterator[tuple[Stub, Topics]]:
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
-    cfg = with_tls(
-        AuthzConfig(
-            grpc_bind=f"127.0.0.1:{free_port()}",
-            policy_file=POLICY_FILE,
-            kafka_bootstrap=servers.kafka_bootstrap,
-            topic_prefix=topics.prefix,
-            oidc_issuer=idp.url,
-            oidc_audience="dicomsafe",
-            oidc_jwks_url=idp.jwks_url,
-            oidc_leeway_s=5,
-        ),
-        pki,
-        "authz",
-    )
-    async with (
-        running(lambda stop: run(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)),
-        new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as ch,
-    ):
-        yield authz_pb2_grpc.AuthzServiceStub(ch), topics
+    cfg = authz_config(servers.kafka_bootstrap, topics.prefix, idp, oidc_audience="dicomsafe", oidc_leeway_s=5)
+    async with running_authz(cfg, pki) as stub:
+        yield stub, topics
 
 
 def _check(token: str, labels: tuple[str, ...] = (), subject: str = "") -> authz_pb2.CheckRequest:
