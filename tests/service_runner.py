@@ -14,9 +14,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dicomsafe.common.grpc_runtime import new_channel
+from dicomsafe.common.mongo_users import user_uri
 from dicomsafe.common.peer_auth import PeerAllowlist
 from dicomsafe.common.tls import TlsConfig
 from dicomsafe.v1 import authz_pb2_grpc
+from services.audit.config import AuditConfig
+from services.audit.provision import provision as provision_audit
 from services.authz.app import run as run_authz
 from services.authz.config import AuthzConfig
 from services.crypto.config import CryptoConfig
@@ -143,3 +146,20 @@ async def running_authz(cfg: AuthzConfig, pki: Pki) -> AsyncIterator[authz_pb2_g
         new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as channel,
     ):
         yield authz_pb2_grpc.AuthzServiceStub(channel)
+
+
+async def audit_config(
+    kafka_bootstrap: str, topic_prefix: str, admin_uri: str, database: str, **overrides: Any
+) -> AuditConfig:
+    """An audit service on a free port over ``database``, provisioned here with the insert/find-only
+    writer it runs as in production; ``overrides`` set further fields (authz target, intervals...)."""
+    user, password = await provision_audit(admin_uri, database)
+    cfg = AuditConfig(
+        grpc_bind=f"127.0.0.1:{free_port()}",
+        kafka_bootstrap=kafka_bootstrap,
+        topic_prefix=topic_prefix,
+        group_id=f"audit-{database}",
+        mongodb_uri=user_uri(admin_uri, database, user, password),
+        database=database,
+    )
+    return dataclasses.replace(cfg, **overrides)

@@ -17,14 +17,12 @@ from aiokafka import AIOKafkaConsumer
 
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, new_producer, topic_specs
-from dicomsafe.common.mongo_users import user_uri
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc
 from services.audit.app import run as run_audit
 from services.audit.config import AuditConfig
-from services.audit.provision import provision
 from services.authz.app import run as run_authz
 from tests.servers import Servers
-from tests.service_runner import TEST_CLIENT, authz_config, free_port, running, with_tls
+from tests.service_runner import TEST_CLIENT, audit_config, authz_config, free_port, running, with_tls
 from tools.oidc_issuer import LocalIssuer
 from tools.pki import Pki
 
@@ -54,17 +52,14 @@ async def _audit_service(
     configuration of an audit service (mutual TLS) that asks ``authz_target`` for decisions."""
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
-    user, password = await provision(servers.mongodb_uri, database)
     cfg = with_tls(
-        AuditConfig(
-            grpc_bind=f"127.0.0.1:{free_port()}",
-            kafka_bootstrap=servers.kafka_bootstrap,
-            topic_prefix=topics.prefix,
-            group_id=f"audit-{unique}",
-            mongodb_uri=user_uri(servers.mongodb_uri, database, user, password),
-            database=database,
+        await audit_config(
+            servers.kafka_bootstrap,
+            topics.prefix,
+            servers.mongodb_uri,
+            database,
             authz_target=authz_target,
-            **settings,  # type: ignore[arg-type]
+            **settings,
         ),
         pki,
         "audit",

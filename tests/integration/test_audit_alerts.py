@@ -10,13 +10,10 @@ import uuid
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from dicomsafe.common.kafka import Topics, ensure_topics, new_producer, topic_specs
-from dicomsafe.common.mongo_users import user_uri
 from dicomsafe.v1 import alerts_pb2, audit_pb2
 from services.audit.app import run
-from services.audit.config import AuditConfig
-from services.audit.provision import provision
 from tests.servers import Servers
-from tests.service_runner import TEST_CLIENT, free_port, running, with_tls
+from tests.service_runner import TEST_CLIENT, audit_config, running, with_tls
 from tools.pki import Pki
 
 A, Out = audit_pb2.AuditAction, audit_pb2.AuditOutcome
@@ -56,15 +53,12 @@ async def test_alerts_carry_their_evidence_and_survive_a_restart_once(pki: Pki, 
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=2))
     database = f"audit_al_{unique}"
-    user, password = await provision(servers.mongodb_uri, database)
     cfg = with_tls(
-        AuditConfig(
-            grpc_bind=f"127.0.0.1:{free_port()}",
-            kafka_bootstrap=servers.kafka_bootstrap,
-            topic_prefix=topics.prefix,
-            group_id=f"audit-{unique}",
-            mongodb_uri=user_uri(servers.mongodb_uri, database, user, password),
-            database=database,
+        await audit_config(
+            servers.kafka_bootstrap,
+            topics.prefix,
+            servers.mongodb_uri,
+            database,
             alert_interval_s=1,
         ),
         pki,

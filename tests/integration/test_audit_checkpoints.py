@@ -15,17 +15,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pymongo import AsyncMongoClient
 
 from dicomsafe.common.kafka import Topics, ensure_topics, new_producer, topic_specs
-from dicomsafe.common.mongo_users import user_uri
 from dicomsafe.common.vault import VaultAuth, VaultSession
 from dicomsafe.v1 import audit_pb2
 from services.audit.app import run
 from services.audit.checkpoint_topic import read_published
 from services.audit.checkpoints import CheckpointSigner
-from services.audit.config import AuditConfig
-from services.audit.provision import provision
 from services.audit.store import CHECKPOINTS, COLLECTION, AuditStore, Verdict
 from tests.servers import Servers
-from tests.service_runner import TEST_CLIENT, free_port, running, with_tls
+from tests.service_runner import TEST_CLIENT, audit_config, running, with_tls
 from tools import vault_setup
 from tools.pki import Pki
 
@@ -48,16 +45,13 @@ async def test_truncation_and_forged_checkpoints_are_detected(pki: Pki, servers:
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
     database = f"audit_cp_{unique}"
-    user, password = await provision(servers.mongodb_uri, database)
     creds = vault_setup.provision_audit(servers.vault_addr, servers.vault_token)
     cfg = with_tls(
-        AuditConfig(
-            grpc_bind=f"127.0.0.1:{free_port()}",
-            kafka_bootstrap=servers.kafka_bootstrap,
-            topic_prefix=topics.prefix,
-            group_id=f"audit-{unique}",
-            mongodb_uri=user_uri(servers.mongodb_uri, database, user, password),
-            database=database,
+        await audit_config(
+            servers.kafka_bootstrap,
+            topics.prefix,
+            servers.mongodb_uri,
+            database,
             vault=VaultAuth(addr=servers.vault_addr, role_id=creds.role_id, secret_id=creds.secret_id),
             checkpoint_interval_s=1,
         ),

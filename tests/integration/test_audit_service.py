@@ -10,31 +10,24 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, dlq_topic, ensure_topics, headers_for, new_producer, topic_specs
-from dicomsafe.common.mongo_users import user_uri
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc, events_pb2
 from services.audit.app import run
-from services.audit.config import AuditConfig
-from services.audit.provision import provision
 from services.authz.app import run as run_authz
 from tests.servers import Servers
-from tests.service_runner import TEST_CLIENT, authz_config, free_port, running, with_tls
+from tests.service_runner import TEST_CLIENT, audit_config, authz_config, running, with_tls
 from tools.pki import Pki
 
 
 async def test_events_are_chained_and_garbage_dead_lettered(pki: Pki, servers: Servers, unique: str) -> None:
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=2))
-    user, password = await provision(servers.mongodb_uri, f"audit_{unique}")
     authz = with_tls(authz_config(servers.kafka_bootstrap, topics.prefix), pki, "authz")
     cfg = with_tls(
-        AuditConfig(
-            grpc_bind=f"127.0.0.1:{free_port()}",
-            kafka_bootstrap=servers.kafka_bootstrap,
-            topic_prefix=topics.prefix,
-            group_id=f"audit-{unique}",
-            # The service runs as the insert/find-only writer, as in production.
-            mongodb_uri=user_uri(servers.mongodb_uri, f"audit_{unique}", user, password),
-            database=f"audit_{unique}",
+        await audit_config(
+            servers.kafka_bootstrap,
+            topics.prefix,
+            servers.mongodb_uri,
+            f"audit_{unique}",
             authz_target=authz.grpc_bind,
         ),
         pki,

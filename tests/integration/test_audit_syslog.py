@@ -24,15 +24,12 @@ from cryptography.x509.oid import NameOID
 from pymongo import AsyncMongoClient
 
 from dicomsafe.common.kafka import Topics, ensure_topics, new_producer, topic_specs
-from dicomsafe.common.mongo_users import user_uri
 from dicomsafe.v1 import audit_pb2
 from services.audit.app import run
-from services.audit.config import AuditConfig
-from services.audit.provision import provision
 from services.audit.store import AuditStore
 from services.audit.syslog_forward import SyslogForwarder, SyslogTarget
 from tests.servers import Servers
-from tests.service_runner import TEST_CLIENT, free_port, running, with_tls
+from tests.service_runner import TEST_CLIENT, audit_config, running, with_tls
 from tools.pki import Pki
 
 A, Out = audit_pb2.AuditAction, audit_pb2.AuditOutcome
@@ -186,7 +183,6 @@ async def test_the_service_forwards_what_it_records(pki: Pki, servers: Servers, 
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
     database = f"audit_sys_{unique}"
-    user, password = await provision(servers.mongodb_uri, database)
     sent = [_event("dr.house", Out.AUDIT_OUTCOME_SUCCESS) for _ in range(3)]
     producer = new_producer(servers.kafka_bootstrap, "test")
     await producer.start()
@@ -197,13 +193,11 @@ async def test_the_service_forwards_what_it_records(pki: Pki, servers: Servers, 
         await producer.stop()
     async with _repository(cert, key) as (port, received):
         cfg = with_tls(
-            AuditConfig(
-                grpc_bind=f"127.0.0.1:{free_port()}",
-                kafka_bootstrap=servers.kafka_bootstrap,
-                topic_prefix=topics.prefix,
-                group_id=f"audit-{unique}",
-                mongodb_uri=user_uri(servers.mongodb_uri, database, user, password),
-                database=database,
+            await audit_config(
+                servers.kafka_bootstrap,
+                topics.prefix,
+                servers.mongodb_uri,
+                database,
                 syslog_target=f"127.0.0.1:{port}",
                 syslog_ca_file=str(ca),
                 syslog_interval_s=1,
