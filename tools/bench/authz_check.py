@@ -36,6 +36,7 @@ from dicomsafe.common.kafka import Topics, ensure_topics, new_producer, topic_sp
 from dicomsafe.common.tls import TlsConfig
 from dicomsafe.v1 import audit_pb2, authz_pb2, authz_pb2_grpc
 from services.authz.policy import RequestContext, ResourceRef, decide, load_policy
+from tools.bench.process_cpu import cpu_seconds
 from tools.bench.results import Result, ratio
 from tools.oidc_issuer import LocalIssuer, running_issuer
 from tools.pki import make_pki
@@ -96,11 +97,6 @@ def _in_process(n: int) -> Measured:
     return Measured(n / elapsed, _percentile(latencies, 0.5) * 1000, _percentile(latencies, 0.99) * 1000)
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def _wait_serving(target: str, tls: TlsConfig, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     async with new_channel(target, tls) as channel:
@@ -150,11 +146,11 @@ async def _drive(
                 await stub.Check(requests[i % len(requests)], timeout=10)
                 latencies.append(time.perf_counter() - started)
 
-        cpu0 = _cpu_seconds(pid)
+        cpu0 = cpu_seconds(pid)
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
-        cpu = _cpu_seconds(pid) - cpu0
+        cpu = cpu_seconds(pid) - cpu0
     return Measured(n / elapsed, statistics.median(latencies) * 1000, _percentile(latencies, 0.99) * 1000, cpu)
 
 
@@ -174,9 +170,9 @@ async def _health_floor(target: str, tls: TlsConfig, n: int, concurrency: int, p
             for _ in counter:
                 await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
 
-        cpu0 = _cpu_seconds(pid)
+        cpu0 = cpu_seconds(pid)
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return n / max(_cpu_seconds(pid) - cpu0, 1e-9)
+        return n / max(cpu_seconds(pid) - cpu0, 1e-9)
 
 
 async def _audit_ack(kafka: str, topic: str, n: int) -> Measured:
