@@ -142,10 +142,13 @@ async def metadata(request: Request, backends: Backends, study: str, series: str
     release = await _release(request, backends, "metadata", study, series, sop)
     base = base_url(request, backends)
     out = []
+    headers = [
+        b"".join(await _verified(backends, release, loc, "metadata", ((0, loc.layout.header_length),)))
+        for loc in release.instances
+    ]
+    # Audited once every header is authenticated: a tampered one leaves a failure, no success.
     await asyncio.gather(*(_audit_release(backends, release, loc, "metadata") for loc in release.instances))
-    for located in release.instances:
-        length = located.layout.header_length
-        header = b"".join(await _verified(backends, release, located, "metadata", ((0, length),)))
+    for located, header in zip(release.instances, headers, strict=True):
         ds = pydicom.dcmread(io.BytesIO(header), stop_before_pixels=True)
         if release.deidentified:
             backends.deidentifier.dataset(ds)
