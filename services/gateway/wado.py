@@ -98,12 +98,13 @@ async def instances(request: Request, backends: Backends, study: str, series: st
     subject = release.verdict.subject
     boundary = new_boundary()
     media_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
-    if not release.deidentified and sum(loc.size for loc in release.instances) <= backends.verify_before_send_bytes:
+    if sum(loc.size for loc in release.instances) <= backends.verify_before_send_bytes:
         pieces: list[bytes] = []
         for n, located in enumerate(release.instances):
             pieces.append(opening(boundary) if n == 0 else between(boundary))
             pieces.append(part_header(f"application/dicom; transfer-syntax={located.transfer_syntax_uid}"))
-            pieces += await _verified(backends, release, located, "instance")
+            verified = await _verified(backends, release, located, "instance")
+            pieces += [backends.deidentifier.instance(b"".join(verified))] if release.deidentified else verified
         pieces.append(closing(boundary))
         # Audited once everything is authenticated: the trail records no release that did not happen.
         await asyncio.gather(*(_audit_release(backends, release, loc, "instance") for loc in release.instances))
