@@ -4,11 +4,12 @@ botocore's client is synchronous and thread-safe; the crypto service already run
 writes on a worker thread and runs reads off its event loop when ``reads_block`` says so, so
 an asynchronous client would add a second HTTP stack without adding parallelism.
 
-- Put: the object is buffered up to one part (``part_size``, the bound on memory per seal);
-  an object that fits is one PutObject, a larger one a multipart upload whose parts are sent
-  while the stream still arrives. Either way S3 shows nothing under the key until PutObject or
-  CompleteMultipartUpload succeeds, so an interrupted seal leaves no partial object, only an
-  incomplete upload that ``remove_leftovers`` aborts later.
+- Put: the object is buffered up to one part (``part_size``); an object that fits is one
+  PutObject, a larger one a multipart upload whose parts are sent (one at a time, in the
+  background) while the stream still arrives, so a seal holds at most two parts. Either way
+  S3 shows nothing under the key until PutObject or CompleteMultipartUpload succeeds, so an
+  interrupted seal leaves no partial object, only an incomplete upload that
+  ``remove_leftovers`` aborts later.
 - First writer wins: the final request carries ``If-None-Match: *``; a second put of an id
   already stored gets 412 and uses the stored object (ids derive from the content). Rewrap's
   new header (``replace=True``) overwrites instead, and a versioned bucket keeps the old copy.
@@ -23,6 +24,8 @@ import logging
 import re
 import time
 from collections.abc import Iterator
+from concurrent import futures
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import botocore.session
@@ -39,7 +42,7 @@ log = logging.getLogger("dicomsafe.crypto.store")
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's smallest part but the last
 # Read-ahead of one GET: several 256 KiB chunks per round trip on a whole-object open, while
 # an open of one frame still costs one GET.
-READ_AHEAD = 2 * 1024 * 1024
+READ_AHEAD = 4 * 1024 * 1024
 # An upload older than this cannot belong to a seal still running (4 GiB at a few MB/s), so a
 # replica starting up may abort it without racing its peers' live seals.
 LEFTOVER_AGE_S = 6 * 3600.0
@@ -94,6 +97,8 @@ class S3Store:
         self.prefix = f"{prefix}/" if prefix else ""
         self.part_size = part_size
         self.leftover_age_s = leftover_age_s
+        # Shared by every seal in flight; botocore's connection pool (32) is larger.
+        self._uploads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="s3-part")
 
     @classmethod
     def connect(cls, bucket: str, prefix: str, s3: S3Settings, *, part_size: int) -> S3Store:
@@ -159,7 +164,7 @@ class S3Store:
         return io.BufferedReader(raw, buffer_size=READ_AHEAD)
 
     def begin_write(self, object_id: str, *, replace: bool = False) -> S3Pending:
-        return S3Pending(self._client, self.bucket, self.key_of(object_id), self.part_size, replace)
+        return S3Pending(self._client, self.bucket, self.key_of(object_id), self.part_size, replace, self._uploads)
 
     def object_ids(self) -> Iterator[str]:
         # ListObjectsV2 returns keys in UTF-8 binary order: the id order, stable across runs.
@@ -190,8 +195,14 @@ class S3Store:
 
 
 class S3Pending:
-    def __init__(self, client: S3Client, bucket: str, key: str, part_size: int, replace: bool) -> None:
+    def __init__(
+        self, client: S3Client, bucket: str, key: str, part_size: int, replace: bool, uploads: Executor
+    ) -> None:
         self._client = client
+        self._uploads = uploads
+        # One part uploading while the next one fills: encryption and the network overlap,
+        # and a seal holds at most two parts.
+        self._in_flight: Future[None] | None = None
         self._bucket = bucket
         self._key = key
         self._part_size = part_size
@@ -210,7 +221,17 @@ class S3Pending:
         while len(self._buf) >= self._part_size:
             part = bytes(self._buf[: self._part_size])
             del self._buf[: self._part_size]
-            self._upload_part(part)
+            self._settle_in_flight()
+            self._in_flight = self._uploads.submit(self._upload_part, part)
+
+    def _settle_in_flight(self, *, ignore_errors: bool = False) -> None:
+        work, self._in_flight = self._in_flight, None
+        if work is None:
+            return
+        if ignore_errors:
+            futures.wait([work])
+        else:
+            work.result()  # a failed part fails the seal here
 
     def _upload_part(self, body: bytes) -> None:
         if self._upload_id is None:
@@ -228,6 +249,8 @@ class S3Pending:
     def commit(self) -> bool:
         cond: dict[str, Any] = {} if self._replace else {"IfNoneMatch": "*"}
         try:
+            # First: the part in flight may be the one that starts the multipart upload.
+            self._settle_in_flight()
             if self._upload_id is None:
                 self._client.put_object(
                     Bucket=self._bucket, Key=self._key, Body=bytes(self._buf), ContentType=CONTENT_TYPE, **cond
@@ -253,6 +276,7 @@ class S3Pending:
 
     def abort(self) -> None:
         self._buf = bytearray()
+        self._settle_in_flight(ignore_errors=True)
         if self._upload_id is not None and not self._finished:
             self._finished = True
             try:

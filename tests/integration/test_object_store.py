@@ -101,6 +101,18 @@ def test_large_object_goes_up_in_parts_and_reads_back_across_part_boundaries(sto
     assert _leftovers(store) == 0
 
 
+@pytest.mark.parametrize("extra", [0, 1, 100_000])
+def test_commit_right_after_the_first_full_part(store: ObjectStore, extra: int) -> None:
+    # The first part is still uploading (and starting the multipart upload) when commit comes.
+    oid = _id(f"one-part-{extra}")
+    data = os.urandom(TEST_PART_SIZE + extra)
+    pending = store.begin_write(oid)
+    pending.write(data)
+    assert pending.commit()
+    assert _get(store, oid) == data
+    assert _leftovers(store) == 0
+
+
 def test_interrupted_puts_never_show_a_partial_object(store: ObjectStore) -> None:
     for size in (0, 1, 4096, TEST_PART_SIZE - 1, TEST_PART_SIZE, 2 * TEST_PART_SIZE + 17):
         oid = _id(f"crash-{size}")
