@@ -122,7 +122,7 @@ class S3Settings:
 class StoreSettings:
     url: str
     s3: S3Settings = S3Settings()
-    # Multipart part size; also the most a put holds in memory. S3 wants >= 5 MiB parts.
+    # Multipart part size; a put holds at most two parts in memory. S3 wants >= 5 MiB parts.
     part_size: int = 16 * 1024 * 1024
 
     @property
