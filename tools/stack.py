@@ -30,6 +30,7 @@ from dicomsafe.common.mongo_users import ensure_role_and_user, user_uri
 from dicomsafe.common.tls import TlsConfig
 from dicomsafe.common.tls13_pin import CIPHER_SUITES_VAR, TLS13_ONLY_CIPHER_SUITES
 from services.audit.provision import provision
+from services.crypto.object_store import S3Settings
 from services.gateway.provision import provision_index
 from tools import vault_setup
 from tools.pki import Pki, make_pki
@@ -58,6 +59,10 @@ class StackSettings:
     authz_db: str = "dicomsafe_authz"
     # Largest STOW-RS part (the gateway's default; tests lower it to provoke 413 cheaply).
     gateway_max_instance_bytes: int = 256 * 1024 * 1024
+    # Where crypto keeps sealed objects: "" = a directory in work_dir, or s3://bucket/prefix
+    # on the S3 API of ``s3`` (its keys reach the service as files, like every secret here).
+    crypto_store_url: str = ""
+    s3: S3Settings | None = None
 
     @property
     def https_port(self) -> int:
@@ -125,6 +130,21 @@ def free_base_port() -> int:
     raise RuntimeError("no free port range")
 
 
+def _crypto_store_env(s: StackSettings) -> dict[str, str]:
+    if not s.crypto_store_url:
+        return {"CRYPTO_STORE_DIR": str(s.work_dir / "store")}
+    env = {"CRYPTO_STORE_URL": s.crypto_store_url}
+    if s.s3 is not None:
+        env |= {"S3_ENDPOINT_URL": s.s3.endpoint_url, "S3_REGION": s.s3.region}
+        if s.s3.access_key_id:
+            secrets_dir = s.work_dir / "secrets"
+            env |= {
+                "S3_ACCESS_KEY_ID_FILE": str(secrets_dir / "crypto-s3-access-key-id"),
+                "S3_SECRET_ACCESS_KEY_FILE": str(secrets_dir / "crypto-s3-secret-access-key"),
+            }
+    return env
+
+
 def service_env(s: StackSettings, service: str) -> dict[str, str]:
     common = {
         "KAFKA_BOOTSTRAP": s.kafka_bootstrap,
@@ -139,7 +159,7 @@ def service_env(s: StackSettings, service: str) -> dict[str, str]:
     specific: dict[str, dict[str, str]] = {
         "crypto": {
             "CRYPTO_GRPC_BIND": bind,
-            "CRYPTO_STORE_DIR": str(s.work_dir / "store"),
+            **_crypto_store_env(s),
             "VAULT_ADDR": s.vault_addr,
             "VAULT_ROLE_ID_FILE": str(secrets_dir / "crypto-role-id"),
             "VAULT_SECRET_ID_FILE": str(secrets_dir / "crypto-secret-id"),
@@ -229,6 +249,10 @@ class Stack:
         creds = vault_setup.provision(self.settings.vault_addr, self.settings.vault_admin_token)
         self._secret("crypto-role-id", creds.role_id)
         self._secret("crypto-secret-id", creds.secret_id)
+        s3 = self.settings.s3
+        if s3 is not None and s3.access_key_id:
+            self._secret("crypto-s3-access-key-id", s3.access_key_id)
+            self._secret("crypto-s3-secret-access-key", s3.secret_access_key or "")
 
     def _provision_audit(self) -> None:
         s = self.settings

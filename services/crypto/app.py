@@ -1,4 +1,4 @@
-"""Wiring of the crypto service: Vault Transit keys, hot store, audit producer, gRPC server."""
+"""Wiring of the crypto service: Vault Transit keys, object store, audit producer, gRPC server."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dicomsafe.common.grpc_runtime import new_server, run_until_stopped, service
 from dicomsafe.common.kafka import Topics, new_producer
 from dicomsafe.v1 import crypto_pb2_grpc
 from services.crypto.config import CryptoConfig
-from services.crypto.object_store import HotStore
+from services.crypto.object_store import ObjectStore, open_store
 from services.crypto.service import SERVICE_NAME, CryptoServicer
 from services.crypto.vault_keys import TransitKeys
 
@@ -18,10 +18,10 @@ log = logging.getLogger("dicomsafe.crypto")
 
 
 async def run(cfg: CryptoConfig, stop: asyncio.Event) -> None:
-    store = HotStore(cfg.store_dir)
-    for leftover in store.leftover_temp_files():
-        # Seals interrupted by a crash: never committed, never acknowledged, safe to drop.
-        leftover.unlink(missing_ok=True)
+    store = await asyncio.to_thread(open_store, cfg.store)
+    # Seals interrupted by a crash: never committed, never acknowledged, safe to drop.
+    removed = await asyncio.to_thread(store.remove_leftovers)
+    log.info("object store ready", extra={"store": store.describe_location(), "leftovers_removed": removed})
     keys = TransitKeys(cfg.vault)
     # Expired data and erasure keys are zeroed on a timer, not only when the next read happens
     # to come, and every cached key is zeroed when the service stops.
@@ -34,7 +34,7 @@ async def run(cfg: CryptoConfig, stop: asyncio.Event) -> None:
         await sweeper
 
 
-async def _serve(cfg: CryptoConfig, store: HotStore, keys: TransitKeys, stop: asyncio.Event) -> None:
+async def _serve(cfg: CryptoConfig, store: ObjectStore, keys: TransitKeys, stop: asyncio.Event) -> None:
     producer = new_producer(cfg.kafka_bootstrap, "dicomsafe-crypto")
     await producer.start()
     try:

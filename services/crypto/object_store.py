@@ -1,17 +1,26 @@
-"""The hot object store: sealed objects on a filesystem (a PVC in Kubernetes).
+"""Where sealed objects live: one interface, two backends (a filesystem, an S3 bucket).
 
-Writes go to a temporary file in the destination directory, are fsynced, then renamed,
-so a crash or an aborted seal never leaves a readable half object under the final name.
+The store only ever sees sealed bytes (header with the wrapped DEK, then AES-GCM chunks):
+never plaintext, never a key. Every backend keeps the same promises:
+
+- a put streams with bounded memory, and nothing is visible under the object's id before
+  ``commit`` (a crash or an aborted seal leaves no readable half object);
+- a second put of an id already stored is harmless (ids derive from the content, and each
+  sealed copy opens to the same plaintext);
+- reads are seekable, so an open of one frame reads only the chunks that hold it.
+
+``open_store`` picks the backend from ``CRYPTO_STORE_URL``: ``file:///path`` (or a bare path)
+or ``s3://bucket/prefix``. Nothing is ever deleted through this interface: the product does
+not delete sealed objects (erasure destroys the patient's key instead).
 """
 
 from __future__ import annotations
 
-import os
 import re
-import secrets
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 OBJECT_ID = re.compile(r"^[0-9a-f]{32,64}$")
 SUFFIX = ".dso"
@@ -22,85 +31,134 @@ class InvalidObjectId(ValueError):
     pass
 
 
-class HotStore:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+class StoreConfigError(ValueError):
+    """The store URL or its settings cannot work."""
 
-    def path_of(self, object_id: str) -> Path:
-        # Strict pattern: the id becomes a path, so nothing like "../" may pass.
-        if not OBJECT_ID.match(object_id):
-            raise InvalidObjectId("object id must be 32-64 lowercase hex characters")
-        return self.root / object_id[:2] / object_id[2:4] / f"{object_id}{SUFFIX}"
 
-    def exists(self, object_id: str) -> bool:
-        return self.path_of(object_id).is_file()
+def validate_object_id(object_id: str) -> str:
+    # Strict pattern: the id becomes a path or an object key, so nothing like "../" may pass.
+    if not OBJECT_ID.match(object_id):
+        raise InvalidObjectId("object id must be 32-64 lowercase hex characters")
+    return object_id
+
+
+def relative_key(object_id: str) -> str:
+    """``ab/cd/abcd….dso``: the same layout in a directory and under a bucket prefix, and a
+    listing in key order is a listing in id order."""
+    validate_object_id(object_id)
+    return f"{object_id[:2]}/{object_id[2:4]}/{object_id}{SUFFIX}"
+
+
+class PendingObject(Protocol):
+    """A sealed object being written; visible under its id only after ``commit``."""
+
+    @property
+    def size(self) -> int: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def sync_data(self) -> None:
+        """Make what is written so far durable early; safe from a worker thread while writes continue."""
+
+    def commit(self) -> bool:
+        """Publish the object. False when another writer had already stored this id (the
+        object there is used; ours is dropped)."""
+
+    def abort(self) -> None: ...
+
+
+class ObjectStore(Protocol):
+    # True when reads go over the network: the service then reads off its event loop.
+    reads_block: bool
+
+    def describe_location(self) -> str:
+        """Where the objects are, for logs (no credentials)."""
+
+    def exists(self, object_id: str) -> bool: ...
 
     def open_read(self, object_id: str) -> BinaryIO:
-        return self.path_of(object_id).open("rb")
+        """A seekable reader of one stored version; FileNotFoundError if there is none."""
 
-    def begin_write(self, object_id: str) -> PendingObject:
-        final = self.path_of(object_id)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".{object_id}.{secrets.token_hex(6)}.tmp"
-        return PendingObject(final, tmp)
+    def begin_write(self, object_id: str, *, replace: bool = False) -> PendingObject:
+        """``replace``: overwrite an existing object (rewrap's new header), else first writer wins."""
 
     def object_ids(self) -> Iterator[str]:
         """Every stored object id, in a stable order (so a resumed job walks the same path)."""
-        for path in sorted(self.root.glob(f"??/??/*{SUFFIX}")):
-            yield path.name[: -len(SUFFIX)]
 
-    def rewrite_header(self, object_id: str, new_header: bytes, old_header_len: int) -> int:
-        """Replace an object's header, copying its chunks byte for byte; returns the new size."""
-        pending = self.begin_write(object_id)
-        try:
-            with self.open_read(object_id) as src:
-                pending.write(new_header)
-                src.seek(old_header_len)
-                while block := src.read(COPY_BLOCK):
-                    pending.write(block)
-            pending.commit()
-        except BaseException:
-            pending.abort()
-            raise
-        return pending.size
-
-    def leftover_temp_files(self) -> list[Path]:
-        return sorted(self.root.rglob("*.tmp"))
+    def remove_leftovers(self) -> int:
+        """Drop what interrupted puts left behind (never visible as objects); how many."""
 
 
-class PendingObject:
-    """A sealed object being written; visible under its id only after ``commit``."""
+def rewrite_header(store: ObjectStore, object_id: str, new_header: bytes, old_header_len: int) -> int:
+    """Replace an object's header, copying its chunks byte for byte; returns the new size."""
+    pending = store.begin_write(object_id, replace=True)
+    try:
+        with store.open_read(object_id) as src:
+            pending.write(new_header)
+            src.seek(old_header_len)
+            while block := src.read(COPY_BLOCK):
+                pending.write(block)
+        pending.commit()
+    except BaseException:
+        pending.abort()
+        raise
+    return pending.size
 
-    def __init__(self, final: Path, tmp: Path) -> None:
-        self.final = final
-        self.tmp = tmp
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._file = os.fdopen(fd, "wb")
-        self.size = 0
 
-    def write(self, data: bytes) -> None:
-        if data:
-            self._file.write(data)
-            self.size += len(data)
+@dataclass(frozen=True)
+class S3Settings:
+    """How to reach an S3 API. Empty endpoint = AWS; empty keys = botocore's default chain
+    (e.g. a Kubernetes service account's web identity)."""
 
-    def sync_data(self) -> None:
-        """Flush what is written so far; safe from a worker thread while writes continue."""
-        self._file.flush()
-        os.fdatasync(self._file.fileno())
+    endpoint_url: str = ""
+    region: str = "us-east-1"
+    access_key_id: str | None = None
+    # Kept out of repr: settings objects end up in logs and tracebacks.
+    secret_access_key: str | None = field(default=None, repr=False)
+    ca_bundle: str = ""
 
-    def commit(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.tmp, self.final)
-        dir_fd = os.open(self.final.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself must survive a power loss
-        finally:
-            os.close(dir_fd)
 
-    def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        self.tmp.unlink(missing_ok=True)
+@dataclass(frozen=True)
+class StoreSettings:
+    url: str
+    s3: S3Settings = S3Settings()
+    # Multipart part size; a put holds at most two parts in memory. S3 wants >= 5 MiB parts.
+    part_size: int = 16 * 1024 * 1024
+
+    @property
+    def local_root(self) -> Path | None:
+        """The directory of a filesystem store, None for S3."""
+        scheme, rest = _split_url(self.url)
+        return Path(rest) if scheme == "file" else None
+
+
+def file_url(root: Path) -> str:
+    return root.resolve().as_uri()
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    if url.startswith("s3://"):
+        return "s3", url[len("s3://") :]
+    if url.startswith("file://"):
+        path = url[len("file://") :]
+        if not path.startswith("/"):
+            raise StoreConfigError("a file:// store URL needs an absolute path (file:///var/store)")
+        return "file", path
+    if url.startswith("file:"):
+        return "file", url[len("file:") :]
+    if "://" in url:
+        raise StoreConfigError(f"unsupported store URL scheme in {url.split('://', 1)[0]}:// (use file:// or s3://)")
+    return "file", url
+
+
+def open_store(settings: StoreSettings) -> ObjectStore:
+    """The backend named by ``settings.url``, ready for use (an S3 bucket is created if missing)."""
+    scheme, rest = _split_url(settings.url)
+    if scheme == "file":
+        from services.crypto.store_fs import FileStore
+
+        return FileStore(Path(rest))
+    from services.crypto.store_s3 import S3Store
+
+    bucket, _, prefix = rest.partition("/")
+    return S3Store.connect(bucket, prefix, settings.s3, part_size=settings.part_size)

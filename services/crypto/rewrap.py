@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 from dicomsafe.common.audit_emitter import AuditEmitter
 from dicomsafe.v1 import audit_pb2, crypto_pb2
 from services.crypto import sealed_format as fmt
-from services.crypto.object_store import HotStore
+from services.crypto.object_store import ObjectStore, rewrite_header
 from services.crypto.vault_keys import TransitKeys, WrappedKeyRejected, key_version_of
 
 log = logging.getLogger("dicomsafe.crypto.rewrap")
@@ -25,7 +25,7 @@ PROGRESS_EVERY = 100
 
 
 class Rewrapper:
-    def __init__(self, store: HotStore, keys: TransitKeys, audit: AuditEmitter) -> None:
+    def __init__(self, store: ObjectStore, keys: TransitKeys, audit: AuditEmitter) -> None:
         self._store = store
         self._keys = keys
         self._audit = audit
@@ -58,18 +58,21 @@ class Rewrapper:
             progress.versions_before[version] = count
         yield progress
 
-    async def _rewrap_one(self, object_id: str, target: int, actor: str) -> int:
+    def _read_header(self, object_id: str) -> tuple[fmt.SealedHeader, int, bytes]:
         with self._store.open_read(object_id) as f:
             header, header_len = fmt.read_header(f)
             f.seek(0)
-            header_bytes = f.read(header_len)
+            return header, header_len, f.read(header_len)
+
+    async def _rewrap_one(self, object_id: str, target: int, actor: str) -> int:
+        header, header_len, header_bytes = await asyncio.to_thread(self._read_header, object_id)
         if header.object_id != object_id:
             raise fmt.SealedObjectCorrupt("header names another object")
         if header.key_version >= target:
             return header.key_version
         wrapped = await self._keys.rewrap(header.wrapped_dek)
         new_header = fmt.rewrap_header(header_bytes, header.key_name, key_version_of(wrapped), wrapped)
-        await asyncio.to_thread(self._store.rewrite_header, object_id, new_header, header_len)
+        await asyncio.to_thread(rewrite_header, self._store, object_id, new_header, header_len)
         await self._audit.emit(
             audit_pb2.AuditAction.AUDIT_ACTION_OBJECT_REWRAPPED,
             audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS,

@@ -1,12 +1,12 @@
-"""CryptoService gRPC: seal into the hot store, open (whole or a byte range), describe."""
+"""CryptoService gRPC: seal into the object store, open (whole or a byte range), describe."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import grpc
 
@@ -16,7 +16,7 @@ from dicomsafe.common.tls import peer_identity
 from dicomsafe.common.vault import VaultUnavailable
 from dicomsafe.v1 import audit_pb2, crypto_pb2, crypto_pb2_grpc
 from services.crypto import sealed_format as fmt
-from services.crypto.object_store import HotStore, InvalidObjectId, PendingObject
+from services.crypto.object_store import InvalidObjectId, ObjectStore, PendingObject, validate_object_id
 from services.crypto.pipeline import SealSink
 from services.crypto.rewrap import Rewrapper
 from services.crypto.vault_keys import (
@@ -33,6 +33,11 @@ SERVICE_NAME = "dicomsafe.v1.CryptoService"
 # Plaintext is streamed back one verified chunk at a time, a chunk larger than this (chunk
 # sizes go up to 16 MiB) in pieces of this size: well under the 4 MiB gRPC message limit.
 OPEN_PIECE_BYTES = 1024 * 1024
+# Plaintext decrypted per thread hand-off when the store's reads block (S3): a hop per 256 KiB
+# chunk costs as much as a network read; more would only hold more plaintext in memory.
+OPEN_BATCH_BYTES = 1024 * 1024
+
+T = TypeVar("T")
 
 Action = audit_pb2.AuditAction
 Outcome = audit_pb2.AuditOutcome
@@ -47,6 +52,18 @@ def _pieces(chunk: bytes) -> Iterator[bytes]:
         yield bytes(view[i : i + OPEN_PIECE_BYTES])
 
 
+def _take(chunks: Iterator[bytes], budget: int) -> list[bytes]:
+    """The next chunks, up to ``budget`` bytes (at least one, none at the end)."""
+    batch: list[bytes] = []
+    size = 0
+    for chunk in chunks:
+        batch.append(chunk)
+        size += len(chunk)
+        if size >= budget:
+            break
+    return batch
+
+
 def _caller(context: grpc.aio.ServicerContext[object, object]) -> str:
     # The verified service identity from the client certificate; the address only on the
     # plaintext development path, where there is none.
@@ -56,7 +73,7 @@ def _caller(context: grpc.aio.ServicerContext[object, object]) -> str:
 
 class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
     def __init__(
-        self, store: HotStore, keys: TransitKeys, audit: AuditEmitter, chunk_size: int, max_object_bytes: int
+        self, store: ObjectStore, keys: TransitKeys, audit: AuditEmitter, chunk_size: int, max_object_bytes: int
     ) -> None:
         self._store = store
         self._keys = keys
@@ -70,6 +87,13 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
     def close(self) -> None:
         """After the server has drained: no seal is running any more."""
         self._seal_steps.shutdown(wait=True)
+
+    async def _store_io(self, fn: Callable[..., T], *args: object) -> T:
+        """Store calls that may wait on the network run off the event loop; a filesystem's
+        run inline (a stat or a page-cache read costs less than the thread hand-off)."""
+        if self._store.reads_block:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
 
     # -- describe ---------------------------------------------------------------------------
 
@@ -94,13 +118,13 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         self, object_id: str, context: grpc.aio.ServicerContext[object, object]
     ) -> tuple[BinaryIO, crypto_pb2.ObjectDescription, fmt.SealedHeader, int]:
         try:
-            f = self._store.open_read(object_id)
+            f = await self._store_io(self._store.open_read, object_id)
         except InvalidObjectId as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except FileNotFoundError:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such object")
         try:
-            desc, header, header_len = self._describe_file(f)
+            desc, header, header_len = await self._store_io(self._describe_file, f)
         except fmt.SealedFormatError as exc:
             f.close()
             await context.abort(grpc.StatusCode.DATA_LOSS, f"sealed object unreadable: {type(exc).__name__}")
@@ -126,21 +150,18 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first Seal message must carry metadata")
         meta = first.metadata
         try:
-            self._store.path_of(meta.object_id)
+            validate_object_id(meta.object_id)
         except InvalidObjectId as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if meta.expected_size > self._max_object_bytes:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"object exceeds {self._max_object_bytes} bytes")
 
-        if self._store.exists(meta.object_id):
+        if await self._store_io(self._store.exists, meta.object_id):
             # Redelivery of an object already sealed: the id is derived from the content, so
             # nothing new to write. Drain the stream without keeping it.
             async for _ in request_iterator:
                 pass
-            f, desc, _, _ = await self._open_existing(meta.object_id, context)
-            f.close()
-            await self._audit_sealed(meta, desc, context, already=True)
-            return crypto_pb2.SealResponse(object=desc, already_stored=True)
+            return await self._already_stored(meta, context)
 
         try:
             dek = await self._keys.new_data_key()
@@ -172,12 +193,29 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         pending = self._store.begin_write(meta.object_id)
         try:
             with DURATION.labels("crypto", "seal").time():
-                desc, plain_sha = await self._write_sealed(request_iterator, writer, pending, meta, context)
+                sealed = await self._write_sealed(request_iterator, writer, pending, meta, context)
         except BaseException:
-            pending.abort()
+            if self._store.reads_block:
+                # Even when the call is being cancelled; at worst the upload stays a leftover,
+                # never a visible object.
+                await asyncio.shield(asyncio.to_thread(pending.abort))
+            else:
+                pending.abort()  # at once: a cancelled handler must not leave a temp file behind
             raise
+        if sealed is None:
+            # Another replica stored this id while we sealed: its object is the one kept.
+            return await self._already_stored(meta, context)
+        desc, plain_sha = sealed
         await self._audit_sealed(meta, desc, context, already=False)
         return crypto_pb2.SealResponse(object=desc, plaintext_sha256=plain_sha)
+
+    async def _already_stored(
+        self, meta: crypto_pb2.SealMetadata, context: grpc.aio.ServicerContext[object, object]
+    ) -> crypto_pb2.SealResponse:
+        f, desc, _, _ = await self._open_existing(meta.object_id, context)
+        f.close()
+        await self._audit_sealed(meta, desc, context, already=True)
+        return crypto_pb2.SealResponse(object=desc, already_stored=True)
 
     async def _write_sealed(
         self,
@@ -186,7 +224,9 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         pending: PendingObject,
         meta: crypto_pb2.SealMetadata,
         context: grpc.aio.ServicerContext[object, object],
-    ) -> tuple[crypto_pb2.ObjectDescription, str]:
+    ) -> tuple[crypto_pb2.ObjectDescription, str] | None:
+        """The stored object's description and the plaintext's SHA-256; None when the id was
+        stored by another writer first."""
         sink = SealSink(writer, pending, self._seal_steps)
         try:
             async for req in request_iterator:
@@ -207,7 +247,8 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "received bytes do not match expected_sha256")
         if meta.expected_size and meta.expected_size != size:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "received size does not match expected_size")
-        await asyncio.to_thread(pending.commit)
+        if not await asyncio.to_thread(pending.commit):
+            return None
         header = writer.header
         desc = crypto_pb2.ObjectDescription(
             object_id=header.object_id,
@@ -302,10 +343,13 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
                 else:
                     f.seek(header_len)
                     chunks = fmt.open_stream(key, header, f)
-                for chunk in chunks:
-                    BYTES.labels("crypto", "open").inc(len(chunk))
-                    for piece in _pieces(chunk):
-                        yield crypto_pb2.OpenResponse(data=piece)
+                # A remote store's chunks come off the loop about a megabyte per hand-off.
+                budget = OPEN_BATCH_BYTES if self._store.reads_block else 0
+                while batch := await self._store_io(_take, chunks, budget):
+                    for chunk in batch:
+                        BYTES.labels("crypto", "open").inc(len(chunk))
+                        for piece in _pieces(chunk):
+                            yield crypto_pb2.OpenResponse(data=piece)
             except fmt.SealedRangeError as exc:
                 reason = "range outside object"
                 await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
@@ -370,10 +414,10 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
     ) -> AsyncIterator[crypto_pb2.RewrapProgress]:
         for object_id in request.object_ids:
             try:
-                self._store.path_of(object_id)
+                validate_object_id(object_id)
             except InvalidObjectId as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        ids = list(request.object_ids) if request.object_ids else list(self._store.object_ids())
+        ids = list(request.object_ids) or await self._store_io(lambda: list(self._store.object_ids()))
         try:
             async for progress in self._rewrapper.run(ids, _caller(context)):
                 yield progress

@@ -78,6 +78,7 @@ def test_official_images_pinned() -> None:
     assert images["kafka"].startswith("apache/kafka:")
     assert images["vault"].startswith("openbao/openbao:")
     assert images["mongo"].startswith("mongo:")
+    assert images["s3"].startswith("chrislusf/seaweedfs:")
     for name in ("kafka", "vault", "mongo"):
         assert not images[name].endswith(":latest") and ":" in images[name], name
     kafka = service("kafka")["environment"]
@@ -133,9 +134,9 @@ def test_service_containers_are_locked_down(name: str) -> None:
     assert "no-new-privileges:true" in svc["security_opt"]
     assert not svc.get("privileged") and "user" not in svc, "runs as the image's uid 10001"
     for volume in svc.get("volumes", []):
-        _source, target, *mode = volume.split(":")
-        # only the hot store is writable; identities are read-only
-        assert target == "/var/lib/dicomsafe/store" or mode == ["ro"], volume
+        _source, _target, *mode = volume.split(":")
+        # nothing is writable: identities are read-only, sealed objects go to S3
+        assert mode == ["ro"], volume
     assert "healthcheck" in svc
 
 

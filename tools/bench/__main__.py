@@ -1,8 +1,9 @@
 """`make bench` — writes bench-results.json: a list of
 {metric, value, unit, baseline, ratio, target, higher_is_better}.
 
-Uses servers named by KAFKA_BOOTSTRAP, VAULT_ADDR + VAULT_TOKEN and MONGODB_URI, else starts
-the local ones (and stops them afterwards).
+Uses servers named by KAFKA_BOOTSTRAP, VAULT_ADDR + VAULT_TOKEN, MONGODB_URI and
+S3_ENDPOINT_URL + S3_ACCESS_KEY_ID + S3_SECRET_ACCESS_KEY, else starts the local ones (and
+stops them afterwards).
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import argparse
 import os
 from pathlib import Path
 
+from services.crypto.object_store import S3Settings
 from tools import infra
-from tools.bench import audit_append, audit_verify, authz_check, crypto_throughput, dicomweb
+from tools.bench import audit_append, audit_verify, authz_check, crypto_throughput, dicomweb, store_throughput
 from tools.bench.results import Result, report
 
 
@@ -25,24 +27,42 @@ def main() -> int:
     # Enough that the servers' idle polling and JIT, counted in the CPU per instance, are spread thin.
     parser.add_argument("--dicomweb-instances", type=int, default=200)
     parser.add_argument("--dicomweb-rounds", type=int, default=5)
-    parser.add_argument("--only", choices=["crypto", "audit", "authz", "dicomweb"], help="run one part only")
+    parser.add_argument("--store-sizes-mib", default="1,16", help="object sizes of the S3-vs-filesystem part")
+    parser.add_argument("--only", choices=["crypto", "store", "audit", "authz", "dicomweb"], help="run one part only")
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
     args = parser.parse_args()
 
     kafka, mongo = os.environ.get("KAFKA_BOOTSTRAP", ""), os.environ.get("MONGODB_URI", "")
     vault_addr, vault_token = os.environ.get("VAULT_ADDR", ""), os.environ.get("VAULT_TOKEN", "")
-    need = [n for n, have in (("kafka", kafka), ("vault", vault_addr and vault_token), ("mongo", mongo)) if not have]
+    s3_env = [os.environ.get(f"S3_{k}", "") for k in ("ENDPOINT_URL", "ACCESS_KEY_ID", "SECRET_ACCESS_KEY")]
+    have_s3 = all(s3_env) or args.only not in (None, "store")
+    need = [
+        n
+        for n, have in (("kafka", kafka), ("vault", vault_addr and vault_token), ("mongo", mongo), ("s3", have_s3))
+        if not have
+    ]
     local = infra.up(need) if need else None
     if local:
         kafka, mongo = kafka or local.kafka_bootstrap, mongo or local.mongodb_uri
         if "vault" in need:
             vault_addr, vault_token = local.vault_addr, local.vault_token
+        if "s3" in need:
+            s3_env = [local.s3_endpoint_url, local.s3_access_key_id, local.s3_secret_access_key]
+    s3 = S3Settings(
+        endpoint_url=s3_env[0],
+        region=os.environ.get("S3_REGION") or infra.S3_REGION,
+        access_key_id=s3_env[1],
+        secret_access_key=s3_env[2],
+    )
     results: list[Result] = []
     missing: list[str] = []
     try:
         if args.only in (None, "crypto"):
             sizes = [int(s) for s in args.sizes_mib.split(",")]
             results += crypto_throughput.run(kafka, vault_addr, vault_token, sizes, args.rounds)
+        if args.only in (None, "store"):
+            sizes = [int(s) for s in args.store_sizes_mib.split(",")]
+            results += store_throughput.run(kafka, vault_addr, vault_token, s3, sizes, args.rounds)
         if args.only in (None, "audit"):
             results += audit_append.run(mongo, args.audit_events)
             results += audit_verify.run(mongo, args.audit_events)
