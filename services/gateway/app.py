@@ -73,6 +73,7 @@ async def run(cfg: GatewayConfig, stop: asyncio.Event) -> None:
                 deadline_s=cfg.call_deadline_s,
                 root=DICOMWEB_ROOT,
                 public_url=cfg.public_url,
+                verify_before_send_bytes=cfg.verify_before_send_bytes,
             )
             servicer = RetrievalServicer(authz, crypto, audit, cfg.call_deadline_s, index)
             server, health = new_server(

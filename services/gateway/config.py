@@ -31,6 +31,8 @@ class GatewayConfig:
     index_group_id: str
     max_instance_bytes: int
     index_grace_s: float
+    # Responses up to this size are read and authenticated whole before the status goes out.
+    verify_before_send_bytes: int
     # Keys the pseudonymous UIDs of de-identified releases (PS3.15 Annex E).
     deid_uid_key: bytes = field(repr=False)
     # None only under the explicit development opt-out (dicomsafe.common.tls).
@@ -62,6 +64,7 @@ class GatewayConfig:
             index_group_id=env_str("GATEWAY_INDEX_GROUP_ID", "dicomsafe-gateway-index"),
             max_instance_bytes=env_int("GATEWAY_MAX_INSTANCE_BYTES", 256 * 1024 * 1024),
             index_grace_s=env_int("GATEWAY_INDEX_GRACE_S", 2),
+            verify_before_send_bytes=env_int("GATEWAY_VERIFY_BEFORE_SEND_BYTES", 64 * 1024 * 1024),
             deid_uid_key=deid.encode(),
             tls=tls_from_env(),
             grpc_allow=PeerAllowlist.parse(env_str("GATEWAY_GRPC_ALLOW", DEFAULT_GRPC_ALLOW)),

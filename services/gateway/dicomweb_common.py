@@ -39,6 +39,9 @@ class Backends:
     root: str
     # The root as clients reach it (behind an ingress); "" = from the request's Host header.
     public_url: str = ""
+    # A response up to this size is authenticated whole before its status is sent (a tampered
+    # object then answers 500); a larger one streams and, failing midway, the connection is cut.
+    verify_before_send_bytes: int = 64 * 1024 * 1024
 
 
 class HttpError(Exception):
@@ -80,6 +83,9 @@ def refusal(verdict: Verdict) -> HttpError:
         )
     return HttpError(403, "not permitted")
 
+
+# Permanent and server-side (retrying cannot help): 500, not 502/503 which clients retry.
+INTEGRITY_COMMENT = "stored object failed its integrity check"
 
 NO_TOKEN = HttpError(401, "access token required", {"WWW-Authenticate": 'Bearer realm="dicomsafe"'})
 

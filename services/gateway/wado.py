@@ -25,6 +25,7 @@ from dicomsafe.v1 import audit_pb2
 from services.gateway.access import Verdict, Where
 from services.gateway.dicomweb_common import (
     DICOM_JSON,
+    INTEGRITY_COMMENT,
     NO_TOKEN,
     Action,
     Backends,
@@ -36,7 +37,6 @@ from services.gateway.dicomweb_common import (
     bearer_token,
     log,
     open_range,
-    read_range,
     record,
     refusal,
     relay,
@@ -96,6 +96,19 @@ async def instances(request: Request, backends: Backends, study: str, series: st
     except HttpError as exc:
         raise await _unreleased(backends, release, "instance", exc) from None
     subject = release.verdict.subject
+    boundary = new_boundary()
+    media_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
+    if sum(loc.size for loc in release.instances) <= backends.verify_before_send_bytes:
+        pieces: list[bytes] = []
+        for n, located in enumerate(release.instances):
+            pieces.append(opening(boundary) if n == 0 else between(boundary))
+            pieces.append(part_header(f"application/dicom; transfer-syntax={located.transfer_syntax_uid}"))
+            verified = await _verified(backends, release, located, "instance")
+            pieces += [backends.deidentifier.instance(b"".join(verified))] if release.deidentified else verified
+        pieces.append(closing(boundary))
+        # Audited once everything is authenticated: the trail records no release that did not happen.
+        await asyncio.gather(*(_audit_release(backends, release, loc, "instance") for loc in release.instances))
+        return _buffered(pieces, media_type)
     # The first instance's Open goes in flight while the release is audited (nothing is sent before
     # the audit records are acknowledged); the records go out together, one broker round trip.
     first = (
@@ -109,14 +122,13 @@ async def instances(request: Request, backends: Backends, study: str, series: st
         if first is not None:
             first.cancel()
         raise
-    boundary = new_boundary()
 
     async def body() -> AsyncIterator[bytes]:
         for n, located in enumerate(release.instances):
             yield opening(boundary) if n == 0 else between(boundary)
             yield part_header(f"application/dicom; transfer-syntax={located.transfer_syntax_uid}")
             if release.deidentified:
-                data = await read_range(backends, located.object_id, subject)
+                data = b"".join(await _verified(backends, release, located, "instance"))
                 yield backends.deidentifier.instance(data)
                 continue
             stream = first if n == 0 and first is not None else start_open(backends, located.object_id, subject)
@@ -124,17 +136,20 @@ async def instances(request: Request, backends: Backends, study: str, series: st
                 yield piece
         yield closing(boundary)
 
-    return StreamingResponse(body(), media_type=f'multipart/related; type="application/dicom"; boundary={boundary}')
+    return StreamingResponse(body(), media_type=media_type)
 
 
 async def metadata(request: Request, backends: Backends, study: str, series: str = "", sop: str = "") -> Response:
     release = await _release(request, backends, "metadata", study, series, sop)
     base = base_url(request, backends)
     out = []
+    headers = [
+        b"".join(await _verified(backends, release, loc, "metadata", ((0, loc.layout.header_length),)))
+        for loc in release.instances
+    ]
+    # Audited once every header is authenticated: a tampered one leaves a failure, no success.
     await asyncio.gather(*(_audit_release(backends, release, loc, "metadata") for loc in release.instances))
-    for located in release.instances:
-        length = located.layout.header_length
-        header = await read_range(backends, located.object_id, release.verdict.subject, 0, length)
+    for located, header in zip(release.instances, headers, strict=True):
         ds = pydicom.dcmread(io.BytesIO(header), stop_before_pixels=True)
         if release.deidentified:
             backends.deidentifier.dataset(ds)
@@ -172,7 +187,19 @@ async def frames(request: Request, backends: Backends, study: str, series: str, 
     except HttpError as exc:
         raise await _unreleased(backends, release, f"frames:{frame_list}", exc) from None
     boundary = new_boundary()
-    await _audit_release(backends, release, located, f"frames:{frame_list}")
+    part = f"frames:{frame_list}"
+    media_type = f'multipart/related; type="{media}"; boundary={boundary}'
+    wanted = [span for number in numbers for span in layout.frames[number - 1]]
+    if sum(length for _, length in wanted) <= backends.verify_before_send_bytes:
+        pieces: list[bytes] = []
+        for n, number in enumerate(numbers):
+            pieces.append(opening(boundary) if n == 0 else between(boundary))
+            pieces.append(part_header(f"{media}; transfer-syntax={ts}"))
+            pieces += await _verified(backends, release, located, part, layout.frames[number - 1])
+        pieces.append(closing(boundary))
+        await _audit_release(backends, release, located, part)
+        return _buffered(pieces, media_type)
+    await _audit_release(backends, release, located, part)
 
     async def body() -> AsyncIterator[bytes]:
         for n, number in enumerate(numbers):
@@ -183,7 +210,7 @@ async def frames(request: Request, backends: Backends, study: str, series: str, 
                     yield piece
         yield closing(boundary)
 
-    return StreamingResponse(body(), media_type=f'multipart/related; type="{media}"; boundary={boundary}')
+    return StreamingResponse(body(), media_type=media_type)
 
 
 async def pixel_bulkdata(request: Request, backends: Backends, study: str, series: str, sop: str) -> Response:
@@ -198,6 +225,16 @@ async def pixel_bulkdata(request: Request, backends: Backends, study: str, serie
         raise await _unreleased(backends, release, "bulkdata", exc) from None
     offset, length = located.layout.pixel_data
     boundary = new_boundary()
+    bulk_type = f'multipart/related; type="application/octet-stream"; boundary={boundary}'
+    if length <= backends.verify_before_send_bytes:
+        pieces = [
+            opening(boundary),
+            part_header(f"application/octet-stream; transfer-syntax={located.transfer_syntax_uid}"),
+        ]
+        pieces += await _verified(backends, release, located, "bulkdata", ((offset, length),))
+        pieces.append(closing(boundary))
+        await _audit_release(backends, release, located, "bulkdata")
+        return _buffered(pieces, bulk_type)
     await _audit_release(backends, release, located, "bulkdata")
 
     async def body() -> AsyncIterator[bytes]:
@@ -234,11 +271,14 @@ async def uri(request: Request, backends: Backends) -> Response:
             raise HttpError(406, "instances are served only in their stored transfer syntax")
     except HttpError as exc:
         raise await _unreleased(backends, release, "wado-uri", exc) from None
-    await _audit_release(backends, release, located, "wado-uri")
     subject = release.verdict.subject
-    if release.deidentified:
-        data = await read_range(backends, located.object_id, subject)
-        return Response(backends.deidentifier.instance(data), media_type="application/dicom")
+    if release.deidentified or located.size <= backends.verify_before_send_bytes:
+        pieces = await _verified(backends, release, located, "wado-uri")
+        await _audit_release(backends, release, located, "wado-uri")
+        if release.deidentified:
+            return Response(backends.deidentifier.instance(b"".join(pieces)), media_type="application/dicom")
+        return _buffered(pieces, "application/dicom")
+    await _audit_release(backends, release, located, "wado-uri")
     stream = start_open(backends, located.object_id, subject)
     return StreamingResponse(_relayed(backends, release, located, stream, "wado-uri"), media_type="application/dicom")
 
@@ -385,6 +425,39 @@ async def _audit_release(
         reason=reason,
         details={"route": "wado-rs", "part": part, "deidentified": str(release.deidentified).lower()},
     )
+
+
+async def _verified(
+    backends: Backends, release: Release, located: Located, part: str, spans: Sequence[tuple[int, int]] = ((0, 0),)
+) -> list[bytes]:
+    """The spans of one instance, read and authenticated whole before anything is sent: a
+    tampered object then answers 500 with a status, never a 200 cut off midway."""
+    pieces: list[bytes] = []
+    try:
+        for offset, length in spans:
+            pieces += [
+                p async for p in open_range(backends, located.object_id, release.verdict.subject, offset, length)
+            ]
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.DATA_LOSS:
+            failure = Outcome.AUDIT_OUTCOME_FAILURE
+            await _audit_release(backends, release, located, part, failure, INTEGRITY_COMMENT)
+            raise HttpError(500, INTEGRITY_COMMENT) from None
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            raise HttpError(404, "instance not found") from None
+        raise HttpError(503, f"storage unavailable ({exc.code().name})", {"Retry-After": "5"}) from None
+    return pieces
+
+
+def _buffered(pieces: list[bytes], media_type: str) -> Response:
+    # Content-Length too: a client can tell a cut response from a complete one without multipart.
+    length = str(sum(len(p) for p in pieces))
+
+    async def body() -> AsyncIterator[bytes]:
+        for piece in pieces:
+            yield piece
+
+    return StreamingResponse(body(), media_type=media_type, headers={"Content-Length": length})
 
 
 async def _relayed(

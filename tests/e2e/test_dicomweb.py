@@ -35,6 +35,7 @@ from pymongo import AsyncMongoClient
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc, authz_pb2, authz_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
+from services.crypto import sealed_format as fmt
 from tools import dicom_samples
 from tools.oidc_issuer import LocalIssuer
 from tools.stack import Stack
@@ -807,6 +808,55 @@ def test_wado_uri_serves_the_stored_instance_under_the_same_rules(
     assert ("unauthenticated", Out.AUDIT_OUTCOME_DENIED, "") in got  # no token
     assert ("tech.jane", Out.AUDIT_OUTCOME_DENIED, "") in got
     assert ("res.rao", Out.AUDIT_OUTCOME_DENIED, "") in got
+
+
+def _tamper(stack: Stack, sop_uid: str) -> None:
+    """Flip one byte inside the first ciphertext chunk of the instance's sealed object on disk."""
+
+    async def object_id() -> str:
+        mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(stack.settings.mongodb_uri)
+        try:
+            doc = await mongo[stack.settings.index_db]["instances"].find_one({"_id": sop_uid})
+        finally:
+            await mongo.close()
+        assert doc is not None
+        return str(doc["object_id"])
+
+    path = next((stack.settings.work_dir / "store").rglob(f"{asyncio.run(object_id())}.dso"))
+    raw = bytearray(path.read_bytes())
+    header_len = fmt.read_header(io.BytesIO(bytes(raw)))[1]
+    raw[header_len + 8] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def test_tampered_object_answers_500_and_is_audited(stack: Stack, idp: LocalIssuer) -> None:
+    """A sealed object failing authentication: WADO-RS instance, frames and WADO-URI answer 500
+    with a DICOM error before any byte of it leaves, and the failure is on the trail."""
+    ct, _ = _fresh_studies(stack, idp)
+    path = _path(ct)
+    _tamper(stack, path[2])
+    headers = {"Authorization": f"Bearer {idp.token('dr.house')}"}
+    base = f"{stack.settings.dicomweb_url}/studies/{path[0]}/series/{path[1]}/instances/{path[2]}"
+    wado_uri = {"requestType": "WADO", "studyUID": path[0], "seriesUID": path[1], "objectUID": path[2]}
+    for url, params in (
+        (base, {}),
+        (f"{base}/frames/1", {}),
+        (f"{stack.settings.dicomweb_url}/wado", {**wado_uri, "contentType": "application/dicom"}),
+    ):
+        response = requests.get(url, params=params, headers=headers, verify=str(stack.settings.ca_file), timeout=30)
+        _dicom_error(response, 500, "stored object failed its integrity check")
+
+    events = [
+        e
+        for e in asyncio.run(_gateway_events(stack))
+        if e.action == audit_pb2.AuditAction.AUDIT_ACTION_INSTANCE_RETRIEVED and e.sop_instance_uid == path[2]
+    ]
+    got = {(e.details["part"], e.outcome, e.reason) for e in events if e.actor == "dr.house"}
+    failure = audit_pb2.AuditOutcome.AUDIT_OUTCOME_FAILURE
+    for part in ("instance", "frames:1", "wado-uri"):
+        assert (part, failure, "stored object failed its integrity check") in got
+    # Nothing was released: no success record of this instance.
+    assert all(outcome == failure for _, outcome, _ in got)
 
 
 def test_tls_is_13_only(stack: Stack) -> None:
