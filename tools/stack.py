@@ -59,6 +59,9 @@ class StackSettings:
     authz_db: str = "dicomsafe_authz"
     # Largest STOW-RS part (the gateway's default; tests lower it to provoke 413 cheaply).
     gateway_max_instance_bytes: int = 256 * 1024 * 1024
+    # Largest WADO response authenticated whole before its status (the gateway's default); tests
+    # lower it so that a streamed response's integrity failure is cheap to provoke.
+    gateway_verify_before_send_bytes: int = 64 * 1024 * 1024
     # Where crypto keeps sealed objects: "" = a directory in work_dir, or s3://bucket/prefix
     # on the S3 API of ``s3`` (its keys reach the service as files, like every secret here).
     crypto_store_url: str = ""
@@ -197,6 +200,7 @@ def service_env(s: StackSettings, service: str) -> dict[str, str]:
             "GATEWAY_INDEX_GROUP_ID": f"{s.topic_prefix}dicomsafe-gateway-index",
             "GATEWAY_DEID_UID_KEY_FILE": str(secrets_dir / "gateway-deid-uid-key"),
             "GATEWAY_MAX_INSTANCE_BYTES": str(s.gateway_max_instance_bytes),
+            "GATEWAY_VERIFY_BEFORE_SEND_BYTES": str(s.gateway_verify_before_send_bytes),
         },
         "ingest": {
             "INGEST_GRPC_BIND": bind,

@@ -36,6 +36,9 @@ def stack(servers: Servers, idp: LocalIssuer, tmp_path_factory: pytest.TempPathF
         oidc_jwks_url=idp.jwks_url,
         # Every e2e instance is far smaller; low enough that a 413 costs a few MiB, not 256.
         gateway_max_instance_bytes=2 * 1024 * 1024,
+        # Every other e2e response is smaller, so authenticated before its status; the streamed
+        # path is taken by the one test that stores a larger instance on purpose.
+        gateway_verify_before_send_bytes=512 * 1024,
     )
     running = Stack(settings)
     try:

@@ -810,8 +810,8 @@ def test_wado_uri_serves_the_stored_instance_under_the_same_rules(
     assert ("res.rao", Out.AUDIT_OUTCOME_DENIED, "") in got
 
 
-def _tamper(stack: Stack, sop_uid: str) -> None:
-    """Flip one byte inside the first ciphertext chunk of the instance's sealed object on disk."""
+def _tamper(stack: Stack, sop_uid: str, chunk: int = 0) -> None:
+    """Flip one byte inside ciphertext chunk ``chunk`` of the instance's sealed object on disk."""
 
     async def object_id() -> str:
         mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(stack.settings.mongodb_uri)
@@ -824,8 +824,8 @@ def _tamper(stack: Stack, sop_uid: str) -> None:
 
     path = next((stack.settings.work_dir / "store").rglob(f"{asyncio.run(object_id())}.dso"))
     raw = bytearray(path.read_bytes())
-    header_len = fmt.read_header(io.BytesIO(bytes(raw)))[1]
-    raw[header_len + 8] ^= 0x01
+    header, header_len = fmt.read_header(io.BytesIO(bytes(raw)))
+    raw[header_len + chunk * (header.chunk_size + fmt.TAG_SIZE) + 8] ^= 0x01
     path.write_bytes(bytes(raw))
 
 
@@ -857,6 +857,45 @@ def test_tampered_object_answers_500_and_is_audited(stack: Stack, idp: LocalIssu
         assert (part, failure, "stored object failed its integrity check") in got
     # Nothing was released: no success record of this instance.
     assert all(outcome == failure for _, outcome, _ in got)
+
+
+def test_tampered_object_streamed_fails_visibly(stack: Stack, idp: LocalIssuer) -> None:
+    """Above GATEWAY_VERIFY_BEFORE_SEND_BYTES a response streams; a chunk failing authentication
+    midway must break the response for the client (no terminating chunk, no closing boundary),
+    never end it as if complete, and the failure is on the trail."""
+    patient = dicom_samples.synthetic_patient(uuid.uuid4().hex)
+    # 512 x 512 x 16 bits: over the stack's 512 KiB threshold, three sealed chunks of 256 KiB.
+    big = dicom_samples.ct_image(study_uid=generate_uid(), seed=21, patient=patient, rows=512, columns=512)
+    response = _client(stack, idp.token("tech.jane", amr=MFA)).store_instances([big])
+    assert "FailedSOPSequence" not in response
+    path = _path(big)
+    _tamper(stack, path[2], chunk=1)  # chunk 0 is released before the failure is found
+    token = idp.token("dr.house")
+    base = f"{stack.settings.dicomweb_url}/studies/{path[0]}/series/{path[1]}/instances/{path[2]}"
+    wado_uri = {"requestType": "WADO", "studyUID": path[0], "seriesUID": path[1], "objectUID": path[2]}
+    for url, params in (
+        (base, {}),
+        (f"{stack.settings.dicomweb_url}/wado", {**wado_uri, "contentType": "application/dicom"}),
+    ):
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            requests.get(
+                url,
+                params=params,
+                headers={"Authorization": f"Bearer {token}"},
+                verify=str(stack.settings.ca_file),
+                timeout=30,
+            ).content
+    # A real DICOMweb client sees the failure too, instead of a short instance.
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        _client(stack, token).retrieve_instance(*path)
+
+    events = [
+        e
+        for e in asyncio.run(_gateway_events(stack))
+        if e.action == audit_pb2.AuditAction.AUDIT_ACTION_INSTANCE_RETRIEVED and e.sop_instance_uid == path[2]
+    ]
+    failures = {e.details["part"] for e in events if e.outcome == audit_pb2.AuditOutcome.AUDIT_OUTCOME_FAILURE}
+    assert {"instance", "wado-uri"} <= failures
 
 
 def test_tls_is_13_only(stack: Stack) -> None:
