@@ -884,7 +884,7 @@ def test_tampered_object_streamed_fails_visibly(stack: Stack, idp: LocalIssuer) 
                 headers={"Authorization": f"Bearer {token}"},
                 verify=str(stack.settings.ca_file),
                 timeout=30,
-            ).content
+            )  # reads the whole body (stream=False), so the broken response raises here
     # A real DICOMweb client sees the failure too, instead of a short instance.
     with pytest.raises(requests.exceptions.ChunkedEncodingError):
         _client(stack, token).retrieve_instance(*path)
