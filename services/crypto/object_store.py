@@ -7,7 +7,9 @@ never plaintext, never a key. Every backend keeps the same promises:
   ``commit`` (a crash or an aborted seal leaves no readable half object);
 - a second put of an id already stored is harmless (ids derive from the content, and each
   sealed copy opens to the same plaintext);
-- reads are seekable, so an open of one frame reads only the chunks that hold it.
+- reads are seekable, so an open of one frame reads only the chunks that hold it;
+- a SOP Instance UID is claimed by the first object sealed for it (``claim``), atomically, so
+  two instances with one UID and different content never both become the stored instance.
 
 ``open_store`` picks the backend from ``CRYPTO_STORE_URL``: ``file:///path`` (or a bare path)
 or ``s3://bucket/prefix``. Nothing is ever deleted through this interface: the product does
@@ -16,6 +18,7 @@ not delete sealed objects (erasure destroys the patient's key instead).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -49,6 +52,13 @@ def relative_key(object_id: str) -> str:
     return f"{object_id[:2]}/{object_id[2:4]}/{object_id}{SUFFIX}"
 
 
+def claim_key(sop_instance_uid: str) -> str:
+    """``claims/ab/cd/<hash>``: a SOP Instance UID's claim, named by a hash so that no UID is
+    readable in a listing of the store."""
+    digest = hashlib.sha256(b"dicomsafe sop claim\0" + sop_instance_uid.encode("ascii", "replace")).hexdigest()
+    return f"claims/{digest[:2]}/{digest[2:4]}/{digest}"
+
+
 class PendingObject(Protocol):
     """A sealed object being written; visible under its id only after ``commit``."""
 
@@ -75,6 +85,10 @@ class ObjectStore(Protocol):
         """Where the objects are, for logs (no credentials)."""
 
     def exists(self, object_id: str) -> bool: ...
+
+    def claim(self, sop_instance_uid: str, object_id: str) -> str:
+        """Record ``object_id`` as the object of ``sop_instance_uid`` unless one already is;
+        returns the object id that holds the claim (ours when first)."""
 
     def open_read(self, object_id: str) -> BinaryIO:
         """A seekable reader of one stored version; FileNotFoundError if there is none."""

@@ -162,6 +162,19 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
             async for _ in request_iterator:
                 pass
             return await self._already_stored(meta, context)
+        if meta.sop_instance_uid:
+            # Claimed before sealing, so that of two instances with one UID and different content
+            # only the first is ever stored; the claim of a seal that then fails stays with it, and
+            # its redelivery (same content, same object id) finds the claim its own.
+            holder = await self._store_io(self._store.claim, meta.sop_instance_uid, meta.object_id)
+            if holder != meta.object_id:
+                async for _ in request_iterator:
+                    pass
+                # Audited by ingest as the instance's rejection (one record of it, with the sender).
+                await context.abort(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    "duplicate_sop_instance: an instance with this SOP Instance UID and other content is stored",
+                )
 
         try:
             dek = await self._keys.new_data_key()

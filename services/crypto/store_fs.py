@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from services.crypto.object_store import SUFFIX, relative_key
+from services.crypto.object_store import SUFFIX, claim_key, relative_key
 
 
 class FileStore:
@@ -34,6 +34,31 @@ class FileStore:
 
     def open_read(self, object_id: str) -> BinaryIO:
         return self.path_of(object_id).open("rb")
+
+    def claim(self, sop_instance_uid: str, object_id: str) -> str:
+        path = self.root / claim_key(sop_instance_uid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, object_id.encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            # link() fails when the name exists: first claimant wins, and a claim is never seen
+            # half written (unlike an O_EXCL create that a crash could leave empty).
+            os.link(tmp, path)
+        except FileExistsError:
+            return path.read_text(encoding="ascii").strip()
+        finally:
+            tmp.unlink(missing_ok=True)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return object_id
 
     def begin_write(self, object_id: str, *, replace: bool = False) -> FilePending:
         # rename() replaces, so concurrent seals of one id end with one whole object either way;

@@ -32,7 +32,7 @@ import botocore.session
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from services.crypto.object_store import S3Settings, StoreConfigError, relative_key
+from services.crypto.object_store import S3Settings, StoreConfigError, claim_key, relative_key
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -162,6 +162,18 @@ class S3Store:
         pin: dict[str, Any] = {"VersionId": version} if version and version != "null" else {"IfMatch": head["ETag"]}
         raw = _RangeReader(self._client, self.bucket, key, int(head["ContentLength"]), pin)
         return io.BufferedReader(raw, buffer_size=READ_AHEAD)
+
+    def claim(self, sop_instance_uid: str, object_id: str) -> str:
+        key = self.prefix + claim_key(sop_instance_uid)
+        try:
+            self._client.put_object(
+                Bucket=self.bucket, Key=key, Body=object_id.encode("ascii"), ContentType="text/plain", IfNoneMatch="*"
+            )
+        except ClientError as exc:
+            if _status(exc) not in (409, 412):
+                raise
+            return self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read().decode("ascii").strip()
+        return object_id
 
     def begin_write(self, object_id: str, *, replace: bool = False) -> S3Pending:
         return S3Pending(self._client, self.bucket, self.key_of(object_id), self.part_size, replace, self._uploads)

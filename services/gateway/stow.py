@@ -48,6 +48,11 @@ NOT_AUTHORISED = 0x0124
 STUDY_MISMATCH = 0xA900
 PROCESSING_FAILURE = 0x0110
 OUT_OF_RESOURCES = 0xA700
+# PS3.7 C.4.2: another instance with this SOP Instance UID (and other content) is already stored.
+DUPLICATE_SOP_INSTANCE = 0x0111
+# PS3.18 warning reason: stored, but the file meta names another SOP Class than the dataset.
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xB007
+META_CLASS_MISMATCH = "meta_sop_class_uid_mismatch"
 
 # Parts stored at once per request, and the bytes they may hold together.
 IN_FLIGHT_PARTS = 8
@@ -104,6 +109,7 @@ class StowUpload:
         self._stored: list[dict[str, Any]] = []
         self._entries: list[IndexEntry] = []
         self._failed: list[dict[str, Any]] = []
+        self._warned = False
         self._parts = 0
         self._storing = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -191,6 +197,8 @@ class StowUpload:
             code = exc.code()
             if code == grpc.StatusCode.INVALID_ARGUMENT:
                 self._fail(sop_class, sop_uid, CANNOT_UNDERSTAND)
+            elif code == grpc.StatusCode.ALREADY_EXISTS:
+                self._fail(sop_class, sop_uid, DUPLICATE_SOP_INSTANCE)
             elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 self._fail(sop_class, sop_uid, OUT_OF_RESOURCES)
             else:
@@ -208,19 +216,21 @@ class StowUpload:
             self._entries.append(entry_for(ds, layout, stored.object_id, stored.size, stored.patient_ref, stored_at))
         except Exception as exc:  # noqa: BLE001 - the dicom.stored consumer indexes it later
             log.warning("index update deferred", extra={"object_id": stored.object_id, "error": type(exc).__name__})
-        self._stored.append(
-            {
-                "00081150": {"vr": "UI", "Value": [stored.sop_class_uid]},
-                "00081155": {"vr": "UI", "Value": [stored.sop_instance_uid]},
-                "00081190": {
-                    "vr": "UR",
-                    "Value": [
-                        f"{self._base}/studies/{stored.study_instance_uid}/series/{stored.series_instance_uid}"
-                        f"/instances/{stored.sop_instance_uid}"
-                    ],
-                },
-            }
-        )
+        item: dict[str, Any] = {
+            "00081150": {"vr": "UI", "Value": [stored.sop_class_uid]},
+            "00081155": {"vr": "UI", "Value": [stored.sop_instance_uid]},
+            "00081190": {
+                "vr": "UR",
+                "Value": [
+                    f"{self._base}/studies/{stored.study_instance_uid}/series/{stored.series_instance_uid}"
+                    f"/instances/{stored.sop_instance_uid}"
+                ],
+            },
+        }
+        if META_CLASS_MISMATCH in stored.warnings:
+            item["00081196"] = {"vr": "US", "Value": [DATASET_DOES_NOT_MATCH_SOP_CLASS]}
+            self._warned = True
+        self._stored.append(item)
 
     def response(self) -> Response:
         body: dict[str, Any] = {}
@@ -232,7 +242,8 @@ class StowUpload:
             body["00081198"] = {"vr": "SQ", "Value": self._failed}
         if not self._parts:
             raise HttpError(400, "no instances in the request")
-        status = 200 if not self._failed else (202 if self._stored else 409)
+        # PS3.18 10.5.3: 202 when some instances failed or were stored with a warning.
+        status = 200 if not (self._failed or self._warned) else (202 if self._stored else 409)
         return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
 
     async def _verdict(self, study_uid: str, labels: tuple[str, ...], where: Where) -> Verdict:

@@ -13,6 +13,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 
+import grpc
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from google.protobuf.message import DecodeError
 
@@ -26,6 +27,9 @@ log = logging.getLogger("dicomsafe.ingest")
 
 Action = audit_pb2.AuditAction
 Outcome = audit_pb2.AuditOutcome
+
+
+DUPLICATE = "duplicate_sop_instance"
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,10 @@ class IngestPipeline:
         except SealFailure as exc:
             if exc.retryable:
                 raise TransientError(f"crypto {exc.code.name}") from None
+            if exc.code == grpc.StatusCode.ALREADY_EXISTS:
+                # First stored wins: the archive keeps what it acknowledged, the newcomer is kept
+                # in the dead-letter topic (Kafka) or refused to its sender (STOW-RS), never lost.
+                raise Refused(DUPLICATE, "an instance with this SOP Instance UID and other content is stored") from None
             raise Refused("seal_refused", f"crypto refused the instance ({exc.code.name})") from None
 
         stored = events_pb2.StoredEvent(
@@ -126,6 +134,7 @@ class IngestPipeline:
             key_name=sealed.object.key_name,
             key_version=sealed.object.key_version,
             redelivery=sealed.already_stored,
+            warnings=facts.warnings,
         )
         stored.stored_at.GetCurrentTime()
         try:
@@ -152,6 +161,7 @@ class IngestPipeline:
                         "bytes": str(len(data)),
                         "request_id": ctx.request_id,
                         "source": ctx.source,
+                        **({"warnings": ",".join(facts.warnings)} if facts.warnings else {}),
                     },
                     event_id=stable_event_id("stored", object_id),
                 ),
@@ -162,6 +172,9 @@ class IngestPipeline:
             "instance stored",
             extra={"object_id": object_id, "bytes": len(data), "redelivery": sealed.already_stored, "at": ctx.position},
         )
+        if facts.warnings:
+            # Rule codes only: accepted as sent, but the sender's system has something to fix.
+            log.warning("instance stored with warnings", extra={"object_id": object_id, "warnings": facts.warnings})
         return StoredInstance(stored, sealed.object.erasure_key_ref)
 
     async def record_refusal(self, ctx: StoreContext, refusal: Refused) -> None:

@@ -9,7 +9,7 @@ import grpc
 
 from dicomsafe.common.kafka import TransientError
 from dicomsafe.v1 import ingest_pb2, ingest_pb2_grpc
-from services.ingest.pipeline import IngestPipeline, Refused, StoreContext
+from services.ingest.pipeline import DUPLICATE, IngestPipeline, Refused, StoreContext
 
 log = logging.getLogger("dicomsafe.ingest")
 
@@ -59,7 +59,9 @@ class StoreServicer(ingest_pb2_grpc.IngestServiceServicer):
                 await self._pipeline.record_refusal(ctx, exc)
             except TransientError:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "audit unavailable, retry later")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{exc.code}: {exc.reason}")
+            # ALREADY_EXISTS tells the caller apart an instance refused for its UID (PS3.4 0111H).
+            status = grpc.StatusCode.ALREADY_EXISTS if exc.code == DUPLICATE else grpc.StatusCode.INVALID_ARGUMENT
+            await context.abort(status, f"{exc.code}: {exc.reason}")
         except TransientError as exc:
             log.warning("store deferred", extra={"request_id": meta.request_id, "reason": str(exc)})
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"retry later ({exc})")
@@ -75,4 +77,5 @@ class StoreServicer(ingest_pb2_grpc.IngestServiceServicer):
             sha256=event.plaintext_sha256,
             already_stored=event.redelivery,
             patient_ref=stored.patient_ref,
+            warnings=list(event.warnings),
         )

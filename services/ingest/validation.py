@@ -2,6 +2,11 @@
 
 Reasons name the rule that failed, never a value from the file: they are published to the
 dead-letter topic and logged, and DICOM values may be PHI.
+
+What other archives (Orthanc, dcm4chee) store is stored here too: only what cannot be stored
+safely is refused. An inconsistency that does not stop the instance from being stored, read and
+indexed by its dataset's UIDs (file meta naming another SOP Instance or Class UID, as some
+RT planning systems write) is accepted as sent and recorded as a warning code.
 """
 
 from __future__ import annotations
@@ -16,6 +21,10 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+META_INSTANCE_MISMATCH = "meta_sop_instance_uid_mismatch"
+META_CLASS_MISMATCH = "meta_sop_class_uid_mismatch"
+# PS3.3 C.7.6.3.1.2: uncompressed, these hold chrominance for every second pixel only.
+SUBSAMPLED_422 = frozenset({"YBR_FULL_422", "YBR_PARTIAL_422"})
 
 
 class InvalidInstance(ValueError):
@@ -36,6 +45,8 @@ class InstanceFacts:
     # PHI: only handed to crypto to select the patient's erasure key; never logged or published.
     patient_id: str = field(default="", repr=False)
     issuer_of_patient_id: str = field(default="", repr=False)
+    # Rule codes of accepted inconsistencies (never values), recorded with the stored instance.
+    warnings: tuple[str, ...] = ()
 
 
 def validate_instance(data: bytes, max_bytes: int) -> InstanceFacts:
@@ -66,8 +77,13 @@ def validate_instance(data: bytes, max_bytes: int) -> InstanceFacts:
         if not UID(str(value)).is_valid:
             raise InvalidInstance("invalid_uid", f"{keyword} is not a valid UID")
         uids[keyword] = str(value)
+    # PS3.10 makes the dataset's UIDs the instance's identity; the file meta only repeats them. The
+    # file is kept byte for byte (retrieval is exact) and indexed by the dataset's UIDs.
+    warnings = []
     if str(meta.get("MediaStorageSOPInstanceUID", uids["SOPInstanceUID"])) != uids["SOPInstanceUID"]:
-        raise InvalidInstance("inconsistent_meta", "MediaStorageSOPInstanceUID differs from SOPInstanceUID")
+        warnings.append(META_INSTANCE_MISMATCH)
+    if str(meta.get("MediaStorageSOPClassUID", uids["SOPClassUID"])) != uids["SOPClassUID"]:
+        warnings.append(META_CLASS_MISMATCH)
     _check_pixel_data(ds, UID(str(ts)))
     return InstanceFacts(
         sop_class_uid=uids["SOPClassUID"],
@@ -78,6 +94,7 @@ def validate_instance(data: bytes, max_bytes: int) -> InstanceFacts:
         size=len(data),
         patient_id=str(ds.get("PatientID", "") or "").strip(),
         issuer_of_patient_id=str(ds.get("IssuerOfPatientID", "") or "").strip(),
+        warnings=tuple(warnings),
     )
 
 
@@ -101,7 +118,10 @@ def _check_pixel_data(ds: Dataset, ts: UID) -> None:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (AttributeError, TypeError, ValueError):
         raise InvalidInstance("missing_attribute", "image pixel module incomplete") from None
-    expected = rows * cols * samples * frames * bits // 8
+    if samples == 3 and str(ds.get("PhotometricInterpretation", "")).strip() in SUBSAMPLED_422:
+        samples = 2  # 4:2:2: two luminance values share one Cb and one Cr, so two values a pixel
+    # Bits, not bytes: 1-bit pixels are packed across frame boundaries and rounded up at the end.
+    expected = (rows * cols * samples * frames * bits + 7) // 8
     # Odd lengths are padded to even; a shorter value means the file was cut.
     if len(value) < expected:
         raise InvalidInstance("truncated", f"pixel data holds {len(value)} of {expected} bytes")

@@ -158,6 +158,72 @@ def test_stow_reports_each_instance_and_refuses_bad_parts(stack: Stack, idp: Loc
     assert wrong.status_code == 415
 
 
+def _stow_raw(stack: Stack, token: str, parts: list[bytes]) -> requests.Response:
+    boundary = "b" + uuid.uuid4().hex
+    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n" for p in parts)
+    return requests.post(
+        f"{stack.settings.dicomweb_url}/studies",
+        data=body + f"--{boundary}--\r\n".encode(),
+        headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Authorization": f"Bearer {token}",
+            "Accept": "application/dicom+json",
+        },
+        verify=str(stack.settings.ca_file),
+        timeout=60,
+    )
+
+
+def test_real_world_files_are_stored_as_sent_with_their_warnings(stack: Stack, idp: LocalIssuer) -> None:
+    """RT Dose and RT Plan whose file meta names another SOP Instance UID, a 4:2:2 YBR image, and a
+    CT whose file meta names another SOP Class: all stored and retrievable byte for byte by their
+    dataset's UIDs; the SOP Class one reported to the sender (PS3.18 warning B007, HTTP 202)."""
+    files = [
+        dicom_samples._bundled_path(n).read_bytes()
+        for n in ("rtdose.dcm", "rtplan.dcm", "SC_ybr_full_422_uncompressed.dcm")
+    ]
+    ct = dicom_samples.ct_image(study_uid=generate_uid(), seed=31, rows=16, columns=16)
+    raw = dicom_samples.to_bytes(ct)
+    meta_end = raw.index(str(ct.SOPInstanceUID).encode())
+    ct_class, mr_class = str(pydicom.uid.CTImageStorage).encode(), str(pydicom.uid.MRImageStorage).encode()
+    files.append(raw[:meta_end].replace(ct_class, mr_class) + raw[meta_end:])
+    reply = _stow_raw(stack, idp.token("tech.jane"), files)
+    assert reply.status_code == 202, reply.text
+    answer = reply.json()
+    assert "00081198" not in answer
+    items = {i["00081155"]["Value"][0]: i for i in answer["00081199"]["Value"]}
+    datasets = [pydicom.dcmread(io.BytesIO(f)) for f in files]
+    assert set(items) == {str(ds.SOPInstanceUID) for ds in datasets}
+    assert items[str(ct.SOPInstanceUID)]["00081196"]["Value"] == [0xB007]
+    assert all("00081196" not in i for uid, i in items.items() if uid != str(ct.SOPInstanceUID))
+    client = _client(stack, idp.token("dr.house"))
+    for data, ds in zip(files, datasets, strict=True):
+        url = (
+            f"{stack.settings.dicomweb_url}/wado?requestType=WADO&studyUID={ds.StudyInstanceUID}"
+            f"&seriesUID={ds.SeriesInstanceUID}&objectUID={ds.SOPInstanceUID}&contentType=application/dicom"
+        )
+        got = client._session.get(url, timeout=30)
+        assert got.status_code == 200 and got.content == data
+
+
+def test_same_uid_with_other_content_is_refused_and_the_first_kept(stack: Stack, idp: LocalIssuer) -> None:
+    """PS3.4 0111H to the sender; the first stored instance is what WADO keeps serving."""
+    first = dicom_samples.ct_image(study_uid=generate_uid(), seed=41, rows=16, columns=16)
+    data = dicom_samples.to_bytes(first)
+    other = pydicom.dcmread(io.BytesIO(data))
+    other.SeriesDescription = "re-sent with other content"
+    token = idp.token("tech.jane")
+    assert _stow_raw(stack, token, [data]).status_code == 200
+    refused = _stow_raw(stack, token, [dicom_samples.to_bytes(other)])
+    assert refused.status_code == 409, refused.text
+    failed = refused.json()["00081198"]["Value"][0]
+    assert failed["00081197"]["Value"] == [0x0111]
+    assert failed["00081155"]["Value"] == [str(first.SOPInstanceUID)]
+    assert _stow_raw(stack, token, [data]).status_code == 200  # the same bytes again: idempotent
+    got = _client(stack, idp.token("dr.house")).retrieve_instance(*_path(first))
+    assert got.SeriesDescription == first.SeriesDescription
+
+
 def test_qido_matches_pages_and_hides_sensitive_studies(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
     house = _client(stack, idp.token("dr.house"))
     patient_id = str(upload.datasets[next(iter(upload.originals))].PatientID)

@@ -198,3 +198,46 @@ async def test_redelivered_instance_is_stored_once(stack: Stack) -> None:
     assert mine[0].object_id == mine[1].object_id
     assert sorted(e.redelivery for e in mine) == [False, True]
     assert len(list((stack.settings.work_dir / "store").rglob(f"{mine[0].object_id}.dso"))) == 1
+
+
+async def test_same_uid_with_other_content_is_dead_lettered_and_the_first_kept(stack: Stack) -> None:
+    """First stored wins: a second instance with the stored one's SOP Instance UID but other bytes
+    goes to the dead-letter topic with its bytes and reason; the store keeps one object for it."""
+    first = dicom_samples.ct_image(study_uid=None, seed=123)
+    other = pydicom.dcmread(io.BytesIO(dicom_samples.to_bytes(first)))
+    other.SeriesDescription = "re-sent with other content"
+    data, changed = dicom_samples.to_bytes(first), dicom_samples.to_bytes(other)
+    assert data != changed and other.SOPInstanceUID == first.SOPInstanceUID
+    await _publish(stack, [(_study(data), data)])
+    sha = hashlib.sha256(data).hexdigest()
+    deadline = time.monotonic() + 120
+    stored: list[events_pb2.StoredEvent] = []
+    while not stored and time.monotonic() < deadline:
+        events = await _collect(stack.settings.kafka_bootstrap, _topics(stack).stored, 10_000, timeout_s=3)
+        stored = [e for e in (events_pb2.StoredEvent.FromString(v) for v, _ in events) if e.plaintext_sha256 == sha]
+    assert len(stored) == 1
+    await _publish(stack, [(_study(changed), changed)])
+    letters: list[events_pb2.DeadLetter] = []
+    deadline = time.monotonic() + 120
+    while not letters and time.monotonic() < deadline:
+        dead = await _collect(stack.settings.kafka_bootstrap, dlq_topic(_topics(stack).ingest), 10_000, timeout_s=3)
+        letters = [
+            d
+            for d in (events_pb2.DeadLetter.FromString(v) for v, _ in dead)
+            if d.reason_code == "duplicate_sop_instance"
+            and events_pb2.IngestRequest.FromString(d.original_value).inline_instance == changed
+        ]
+    assert len(letters) == 1
+    assert str(first.SOPInstanceUID) not in letters[0].reason
+    # One sealed object for the UID: the first one.
+    changed_sha = hashlib.sha256(changed).hexdigest()
+    others = [
+        e
+        for e in (
+            events_pb2.StoredEvent.FromString(v)
+            for v, _ in await _collect(stack.settings.kafka_bootstrap, _topics(stack).stored, 10_000, timeout_s=3)
+        )
+        if e.plaintext_sha256 == changed_sha
+    ]
+    assert not others
+    assert len(list((stack.settings.work_dir / "store").rglob(f"{stored[0].object_id}.dso"))) == 1

@@ -202,3 +202,40 @@ def test_s3_bucket_is_versioned(servers: Servers, unique: str) -> None:
     store.ensure_bucket()
     store.ensure_bucket()  # a second replica starting: nothing to do, no error
     assert client.get_bucket_versioning(Bucket=store.bucket).get("Status") == "Enabled"
+
+
+def test_first_claim_of_a_sop_instance_uid_wins(store: ObjectStore, unique: str) -> None:
+    first, second = _id("claim-a" + unique), _id("claim-b" + unique)
+    uid = f"1.2.826.0.1.3680043.10.{int(unique, 16)}"
+    assert store.claim(uid, first) == first
+    # The same object again (a redelivery) finds its own claim; another object finds the first.
+    assert store.claim(uid, first) == first
+    assert store.claim(uid, second) == first
+    assert store.claim(uid + ".1", second) == second
+    # Claims are no objects: a listing of the store shows none of them.
+    assert first not in set(store.object_ids()) and second not in set(store.object_ids())
+    assert _leftovers(store) == 0
+
+
+def test_concurrent_claims_leave_one_holder(store: ObjectStore, unique: str) -> None:
+    uid = f"1.2.826.0.1.3680043.11.{int(unique, 16)}"
+    ids = [_id(f"racer-{n}-{unique}") for n in range(6)]
+    results: list[str] = []
+    lock = threading.Lock()
+
+    def claim(object_id: str) -> None:
+        holder = store.claim(uid, object_id)
+        with lock:
+            results.append(holder)
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    holder = store.claim(uid, _id("late" + unique))
+    assert holder in ids
+    if isinstance(store, FileStore):
+        # link() is atomic: every racer was told the same holder. (SeaweedFS's conditional put is
+        # not atomic, so there two racers may each be told they hold it: see the crypto README.)
+        assert set(results) == {holder}

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pydicom
 import pytest
 
 from services.ingest.validation import InvalidInstance, validate_instance
@@ -78,3 +79,72 @@ def test_pydicom_bundled_files_are_accepted(path: object) -> None:
     facts = validate_instance(data, LIMIT)
     assert facts.sop_instance_uid
     assert facts.study_instance_uid
+
+
+# Real-world files other archives store: (file, warnings expected). RT Dose's file meta names
+# another SOP Instance UID than its dataset; RT Plan likewise, and has no pixel data; the YBR_FULL_422
+# image holds 4:2:2 subsampled pixels (two samples a pixel, not three).
+REAL_WORLD = {
+    "rtdose.dcm": ("meta_sop_instance_uid_mismatch",),
+    "rtplan.dcm": ("meta_sop_instance_uid_mismatch",),
+    "SC_ybr_full_422_uncompressed.dcm": (),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_WORLD))
+def test_real_world_files_other_archives_accept_are_accepted(name: str) -> None:
+    path = dicom_samples._bundled_path(name)
+    data = path.read_bytes()
+    facts = validate_instance(data, LIMIT)
+    ds = pydicom.dcmread(path)
+    # The dataset's UIDs are the instance's identity, whatever the file meta says.
+    assert facts.sop_instance_uid == ds.SOPInstanceUID
+    assert facts.sop_class_uid == ds.SOPClassUID
+    assert facts.warnings == REAL_WORLD[name]
+    assert all(str(ds.SOPInstanceUID) not in w for w in facts.warnings)
+
+
+def test_meta_naming_another_sop_class_is_a_warning() -> None:
+    ds = dicom_samples.ct_image(study_uid=None, seed=8)
+    data = dicom_samples.to_bytes(ds)
+    # pydicom rewrites the file meta's UIDs from the dataset on saving: edit the written meta
+    # instead (CT Image Storage ...1.1.2 becomes MR Image Storage ...1.1.4, the same length).
+    meta_end = data.index(str(ds.SOPInstanceUID).encode())
+    ct, mr = str(pydicom.uid.CTImageStorage).encode(), str(pydicom.uid.MRImageStorage).encode()
+    assert data[:meta_end].count(ct) == 1 and len(ct) == len(mr)
+    facts = validate_instance(data[:meta_end].replace(ct, mr) + data[meta_end:], LIMIT)
+    assert facts.warnings == ("meta_sop_class_uid_mismatch",)
+    assert facts.sop_class_uid == pydicom.uid.CTImageStorage
+
+
+@pytest.mark.parametrize(
+    ("photometric", "samples", "bits", "frames"),
+    [("YBR_FULL_422", 3, 8, 1), ("YBR_PARTIAL_422", 3, 8, 2), ("MONOCHROME2", 1, 1, 3), ("RGB", 3, 8, 2)],
+)
+def test_pixel_length_follows_subsampling_packing_and_frames(
+    photometric: str, samples: int, bits: int, frames: int
+) -> None:
+    rows, cols = 10, 14  # 1-bit: 140 pixels a frame, 17.5 bytes: frames pack across byte bounds
+    per_frame_bits = rows * cols * (2 if photometric.endswith("_422") else samples) * bits
+    length = (per_frame_bits * frames + 7) // 8
+    ds = dicom_samples.ct_image(study_uid=None, seed=9, rows=rows, columns=cols)
+    ds.PhotometricInterpretation = photometric
+    ds.SamplesPerPixel = samples
+    ds.BitsAllocated = ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = 0
+    if samples > 1:
+        ds.PlanarConfiguration = 0
+    ds.NumberOfFrames = frames
+    for delta, accepted in ((0, True), (-1, False)):
+        ds.PixelData = b"\x01" * (length + delta + (length + delta) % 2)  # padded to even as written
+        data = dicom_samples.to_bytes(ds)
+        if accepted:
+            validate_instance(data, LIMIT)
+            continue
+        if (length - 1) % 2 == 1:  # one byte short, padded back up to the same even length: no cut
+            continue
+        with pytest.raises(InvalidInstance) as info:
+            validate_instance(data, LIMIT)
+        assert info.value.code == "truncated"
+        assert info.value.reason == f"pixel data holds {length - 1} of {length} bytes"
