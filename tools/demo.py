@@ -212,7 +212,7 @@ async def story(stack: Stack, servers: Servers, topics: Topics, idp: LocalIssuer
             f"   {record.chain:<22} #{record.seq:<3} {audit_pb2.AuditAction.Name(e.action)[13:]:<20} "
             f"{audit_pb2.AuditOutcome.Name(e.outcome)[14:]:<8} {e.service:<8} {e.actor[:24]:<24} {e.reason[:40]}"
         )
-    say(f"   verify: {'OK — every chain intact' if verdict.ok else 'BROKEN: ' + str(list(verdict.broken))}")
+    say(f"   verify: {'OK — every chain intact' if verdict.ok else 'BROKEN: ' + str(list(verdict.breaks))}")
     ok &= verdict.ok and verdict.records_checked >= want
     return ok
 

@@ -1,7 +1,8 @@
 """`python -m services.audit` runs the service.
 
-python -m services.audit verify [--chain C] [--published-checkpoints]
-                                                  recompute the chains; exit 1 if broken
+python -m services.audit verify [--chain C] [--published-checkpoints] [--json]
+                                                  recompute the chains: every break and the
+                                                  intact ranges; exit 1 if anything is broken
 python -m services.audit query --target HOST:PORT [filters] [--page-size N [--page-token T | --all-pages]]
                                                   records through the service (token in
                                                   AUDIT_ACCESS_TOKEN[_FILE]; audited, auditors only)
@@ -36,10 +37,11 @@ from services.audit.patterns import Rules, find_patterns
 from services.audit.progress import ProgressBar
 from services.audit.provision import provision
 from services.audit.remote_cli import query_pages_via_service, query_via_service, verify_via_service
+from services.audit.report import show, to_response
 from services.audit.store import AuditStore
 
 
-async def _verify(chain: str, show_progress: bool, use_published: bool) -> int:
+async def _verify(chain: str, show_progress: bool, use_published: bool, json_output: bool) -> int:
     cfg = AuditConfig.from_env(serving=False)
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
     try:
@@ -51,7 +53,11 @@ async def _verify(chain: str, show_progress: bool, use_published: bool) -> int:
                 print("--published-checkpoints needs the checkpoint key (VAULT_*)", file=sys.stderr)
                 return 2
             found = await read_published(cfg.kafka_bootstrap, Topics(cfg.topic_prefix).checkpoints, keys)
-            print(f"{found.read} published checkpoints read, {len(found.newest)} chains")
+            # On stderr with --json, so stdout stays one JSON document.
+            print(
+                f"{found.read} published checkpoints read, {len(found.newest)} chains",
+                file=sys.stderr if json_output else sys.stdout,
+            )
         newest = {c: cp for c, cp in found.newest.items() if not chain or c == chain}
         store = AuditStore(client, cfg.database)
         bar = ProgressBar(await store.estimated_records()) if show_progress else None
@@ -60,12 +66,7 @@ async def _verify(chain: str, show_progress: bool, use_published: bool) -> int:
             bar.finish()
     finally:
         await client.close()
-    breaks = [*(b for b in found.breaks if not chain or b.chain == chain), *verdict.breaks]
-    print(f"{verdict.records} records in {verdict.chains} chains, {verdict.checkpoints} signed checkpoints")
-    for b in breaks:
-        print(f"BROKEN {b.chain} at seq {b.seq}: {b.reason}")
-    print("OK" if not breaks else "TAMPERING OR LOSS DETECTED")
-    return 0 if not breaks else 1
+    return show(to_response(verdict, [b for b in found.breaks if not chain or b.chain == chain]), json_output)
 
 
 def _leaked_token_fingerprint(path: str) -> str:
@@ -183,7 +184,9 @@ def _provision(password_file: Path) -> int:
 if len(sys.argv) > 1:
     parser = argparse.ArgumentParser(prog="python -m services.audit")
     sub = parser.add_subparsers(dest="command", required=True)
-    verify = sub.add_parser("verify", help="recompute every hash chain and name the first broken record")
+    verify = sub.add_parser(
+        "verify", help="recompute every hash chain: every break and the intact ranges between (exit 1 on any break)"
+    )
     verify.add_argument("--chain", default="")
     verify.add_argument(
         "--progress", action="store_true", help="progress bar on stderr (default: only when stderr is a terminal)"
@@ -197,6 +200,7 @@ if len(sys.argv) > 1:
         action="store_true",
         help="also check the newest checkpoint per chain published on audit.checkpoints (KAFKA_BOOTSTRAP)",
     )
+    verify.add_argument("--json", action="store_true", help="the answer as one JSON object (the VerifyResponse)")
     query = sub.add_parser("query", help="records through the running service: authorised by authz, itself audited")
     query.add_argument("--target", required=True, help="the audit service, host:port")
     query.add_argument("--subject", default="", help="subject id (only where authz runs without an identity provider)")
@@ -252,9 +256,17 @@ if len(sys.argv) > 1:
     if args.command == "export":
         sys.exit(asyncio.run(_export(args.format, args.actor, args.patient_ref, args.since, args.until, args.limit)))
     if args.command == "verify" and args.target:
-        sys.exit(asyncio.run(verify_via_service(args.target, args.subject, args.chain, args.published_checkpoints)))
+        sys.exit(
+            asyncio.run(
+                verify_via_service(args.target, args.subject, args.chain, args.published_checkpoints, args.json)
+            )
+        )
     if args.command == "verify":
-        sys.exit(asyncio.run(_verify(args.chain, args.progress or sys.stderr.isatty(), args.published_checkpoints)))
+        sys.exit(
+            asyncio.run(
+                _verify(args.chain, args.progress or sys.stderr.isatty(), args.published_checkpoints, args.json)
+            )
+        )
     if args.command == "query":
         request = audit_pb2.QueryRequest(
             actor=args.actor,

@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 
 from dicomsafe.common.kafka import client_security, headers_for
 from dicomsafe.v1 import audit_pb2
-from services.audit.chain import Break
+from services.audit.chain import CHECKPOINT_MALFORMED, CHECKPOINT_SIGNATURE_INVALID, Break
 from services.audit.checkpoints import Checkpoint, signature_valid
 
 
@@ -92,12 +92,14 @@ def _take(out: Published, value: bytes, public_keys: dict[int, Ed25519PublicKey]
     try:
         message = audit_pb2.AuditCheckpoint.FromString(value)
     except DecodeError:
-        out.breaks.append(Break("", 0, "published checkpoint malformed"))
+        out.breaks.append(Break("", 0, "published checkpoint malformed", CHECKPOINT_MALFORMED))
         return
     cp = Checkpoint(message.chain, message.seq, message.hash, message.signature)
     if not cp.chain or not signature_valid(public_keys, cp):
         # Only someone able to write the topic could put this here: evidence, not noise.
-        out.breaks.append(Break(cp.chain, cp.seq, "published checkpoint signature invalid"))
+        out.breaks.append(
+            Break(cp.chain, cp.seq, "published checkpoint signature invalid", CHECKPOINT_SIGNATURE_INVALID)
+        )
         return
     if cp.seq > out.newest.get(cp.chain, Checkpoint(cp.chain, 0, "", "")).seq:
         out.newest[cp.chain] = cp

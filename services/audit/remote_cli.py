@@ -14,6 +14,7 @@ from dicomsafe.common.config import env_secret
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.tls import tls_from_env
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc
+from services.audit.report import show
 
 
 def caller_token() -> str:
@@ -57,7 +58,9 @@ async def query_pages_via_service(target: str, subject: str, request: audit_pb2.
             request.page_token = page.next_page_token
 
 
-async def verify_via_service(target: str, subject: str, chain: str, published_checkpoints: bool = False) -> int:
+async def verify_via_service(
+    target: str, subject: str, chain: str, published_checkpoints: bool = False, json_output: bool = False
+) -> int:
     request = audit_pb2.VerifyRequest(
         chain=chain, subject_id=subject, access_token=caller_token(), published_checkpoints=published_checkpoints
     )
@@ -66,11 +69,4 @@ async def verify_via_service(target: str, subject: str, chain: str, published_ch
             verdict = await audit_pb2_grpc.AuditServiceStub(channel).Verify(request, timeout=3600)
         except grpc.aio.AioRpcError as exc:
             return _refused(exc)
-    print(
-        f"{verdict.records_checked} records in {verdict.chains_checked} chains, "
-        f"{verdict.checkpoints_checked} signed checkpoints"
-    )
-    for b in verdict.broken:
-        print(f"BROKEN {b.chain} at seq {b.seq}: {b.reason}")
-    print("OK" if verdict.ok else "TAMPERING OR LOSS DETECTED")
-    return 0 if verdict.ok else 1
+    return show(verdict, json_output)

@@ -16,6 +16,7 @@ from services.audit.access import READ, VERIFY, AuditAccess, Refused, Request
 from services.audit.checkpoint_topic import Published, read_published
 from services.audit.checkpoints import CheckpointSigner
 from services.audit.paging import DEFAULT_PAGE_SIZE, BadPageToken, Filters, decode_token
+from services.audit.report import to_response
 from services.audit.store import AuditStore
 
 SERVICE_NAME = "dicomsafe.v1.AuditService"
@@ -78,14 +79,8 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, f"published checkpoints unavailable ({type(exc).__name__})"
             )
-        breaks = [*(b for b in found.breaks if not request.chain or b.chain == request.chain), *verdict.breaks]
-        return audit_pb2.VerifyResponse(
-            ok=not breaks,
-            chains_checked=verdict.chains,
-            records_checked=verdict.records,
-            broken=[audit_pb2.BrokenLink(chain=b.chain, seq=b.seq, reason=b.reason) for b in breaks],
-            checkpoints_checked=verdict.checkpoints,
-        )
+        published_breaks = [b for b in found.breaks if not request.chain or b.chain == request.chain]
+        return to_response(verdict, published_breaks)
 
     def _filters(self, request: audit_pb2.QueryRequest) -> Filters:
         """The request's filters; ValueError for an action or outcome no record can carry."""

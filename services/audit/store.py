@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -29,10 +30,14 @@ from dicomsafe.common.kafka import PermanentError, TransientError
 from dicomsafe.v1 import audit_pb2
 from services.audit.bson_fields import documents
 from services.audit.chain import (
+    CHECKPOINT_MALFORMED,
+    CHECKPOINT_SIGNATURE_INVALID,
     GENESIS,
     RECORD_VERSION,
     Break,
+    ChainReport,
     ChainVerifier,
+    IntactRange,
     event_document,
     hashed_elements,
     link_hash_v2,
@@ -78,12 +83,25 @@ class Head:
 class Verdict:
     chains: int
     records: int
+    # Every break, chain by chain in seq order.
     breaks: list[Break]
     checkpoints: int = 0
+    # The ranges that verify, chain by chain in seq order.
+    intact: list[IntactRange] = dataclasses.field(default_factory=list)
+    # Beyond the per-chain listing limit (chain.MAX_LISTED): counted only.
+    unlisted_breaks: int = 0
+    unlisted_ranges: int = 0
 
     @property
     def ok(self) -> bool:
-        return not self.breaks
+        return not self.breaks and not self.unlisted_breaks
+
+    def first_breaks(self) -> list[Break]:
+        """The first break of each broken chain (what verification reported before it went on)."""
+        first: dict[str, Break] = {}
+        for b in self.breaks:
+            first.setdefault(b.chain, b)
+        return list(first.values())
 
 
 def chained_records(chain: str, head: Head, events: Sequence[tuple[str, bytes]]) -> list[dict[str, Any]]:
@@ -312,13 +330,21 @@ class AuditStore:
         # A few chains at once: while one waits for the server's next batch, another is hashed.
         limit = asyncio.Semaphore(VERIFY_PARALLEL_CHAINS)
 
-        async def one(name: str) -> tuple[int, int, list[Break]]:
+        async def one(name: str) -> tuple[ChainReport, int]:
             async with limit:
                 return await self._verify_one(name, public_keys, progress, (published or {}).get(name))
 
         results = await asyncio.gather(*(one(name) for name in chains))
-        breaks = [b for _, _, chain_breaks in results for b in chain_breaks]
-        return Verdict(len(chains), sum(r for r, _, _ in results), breaks, sum(c for _, c, _ in results))
+        reports = [report for report, _ in results]
+        return Verdict(
+            len(chains),
+            sum(r.records for r in reports),
+            [b for r in reports for b in r.breaks],
+            sum(c for _, c in results),
+            [i for r in reports for i in r.intact],
+            sum(r.unlisted_breaks for r in reports),
+            sum(r.unlisted_ranges for r in reports),
+        )
 
     async def _records_in_order(self, name: str) -> AsyncGenerator[list[bytes], None]:
         """A chain's records in seq order, a batch at a time, undecoded: the next batch is
@@ -344,8 +370,8 @@ class AuditStore:
         public_keys: dict[int, Ed25519PublicKey] | None,
         progress: Callable[[int], None] | None,
         published: Checkpoint | None = None,
-    ) -> tuple[int, int, list[Break]]:
-        breaks: list[Break] = []
+    ) -> tuple[ChainReport, int]:
+        verifier = ChainVerifier(name)
         checked_cps = 0
 
         async def signed_checkpoints() -> AsyncGenerator[Checkpoint, None]:
@@ -374,51 +400,37 @@ class AuditStore:
                 try:
                     cp = Checkpoint(str(doc["chain"]), int(doc["seq"]), str(doc["hash"]), str(doc["signature"]))
                 except (KeyError, TypeError, ValueError):
-                    breaks.append(Break(name, 0, "checkpoint malformed"))
+                    verifier.bad_checkpoint(Break(name, 0, "checkpoint malformed", CHECKPOINT_MALFORMED))
                     continue
                 if not signature_valid(public_keys, cp):
-                    breaks.append(Break(name, cp.seq, "checkpoint signature invalid"))
+                    reason = "checkpoint signature invalid"
+                    verifier.bad_checkpoint(Break(name, cp.seq, reason, CHECKPOINT_SIGNATURE_INVALID))
                     continue
                 yield cp
 
         checkpoints = signed_checkpoints()
         records = self._records_in_order(name)
         try:
+            # Each checkpoint goes in as soon as the walk reaches its seq: right after the
+            # record there, or after the first record beyond a gap that swallowed it.
             pending = await anext(checkpoints, None)
-            verifier = ChainVerifier(name)
-            broken: Break | None = None
-            last_seq = 0
             async for batch in records:
                 for doc in batch:
-                    broken = verifier.feed_bson(doc)
-                    if broken:
-                        break
-                    last_seq = verifier.checked  # the record's seq: the verifier accepted it
-                    while pending is not None and pending.seq <= last_seq:
-                        if pending.seq == last_seq and pending.hash != verifier.head:
-                            broken = Break(name, last_seq, "record differs from its signed checkpoint")
-                            break
+                    verifier.feed_bson(doc)
+                    while pending is not None and pending.seq <= verifier.last_seq:
+                        verifier.checkpoint(pending)
                         pending = await anext(checkpoints, None)
-                    if broken:
-                        break
                 if progress:
                     progress(len(batch))
-                if broken:
-                    break
-            if broken is None and pending is not None:
+            reach = 0
+            if pending is not None:  # beyond the last record: the tail was cut
                 reach = pending.seq
                 async for cp in checkpoints:
                     reach = max(reach, cp.seq)
-                broken = Break(name, last_seq + 1, f"chain truncated: a signed checkpoint reaches seq {reach}")
-            else:
-                async for _ in checkpoints:  # count (and check the signatures of) the rest
-                    pass
         finally:
             await records.aclose()
             await checkpoints.aclose()
-        if broken:
-            breaks.append(broken)
-        return verifier.checked, checked_cps, breaks
+        return verifier.finish(reach), checked_cps
 
     async def exposure(self, actor: str, since: dt.datetime | None, until: dt.datetime | None) -> ExposureReport:
         return await self._disclosed(actor, {"event.actor": actor}, since, until)

@@ -408,7 +408,8 @@ async def test_inserted_record_with_shifted_seqs_is_named(
     store: AuditStore, client: AsyncMongoClient[dict[str, Any]], unique: str
 ) -> None:
     """A forged record put between seq 3 and 4, the later records' seq shifted up by one to make
-    room. The forgery links to 3 (it is well formed); the real record after it no longer does."""
+    room. The forgery links to 3 (it is well formed); every real record moved no longer hashes
+    to its own hash (the seq is hashed), and each is named; what precedes the forgery is intact."""
     for _ in range(6):
         await store.append("c:0", _event())
     raw = client[f"audit_{unique}"][COLLECTION]
@@ -418,9 +419,10 @@ async def test_inserted_record_with_shifted_seqs_is_named(
         await raw.update_one({"chain": "c:0", "seq": seq}, {"$set": {"seq": seq + 1}})
     await raw.insert_one(_forged(4, str(third["hash"])))
     verdict = await store.verify()
-    assert [(b.chain, b.seq, b.reason) for b in verdict.breaks] == [
-        ("c:0", 5, "prev_hash does not match the previous record")
+    assert [(b.chain, b.seq, b.last, b.reason) for b in verdict.breaks] == [
+        ("c:0", 5, 7, "content does not match its hash")
     ]
+    assert [(r.seq_from, r.seq_to) for r in verdict.intact] == [(1, 4)]
 
 
 async def test_inserted_record_with_the_tail_rechained_is_caught_by_a_checkpoint(
@@ -456,7 +458,7 @@ async def test_inserted_record_with_a_duplicated_seq_is_named(
 ) -> None:
     """A forged record with the seq of a real one (possible once the unique index is dropped):
     the chain holds two records at seq 3. Whichever the server returns first links; the other
-    stands where seq 4 is expected."""
+    is named at seq 3, and the chain goes on intact from the first."""
     for _ in range(5):
         await store.append("c:0", _event())
     raw = client[f"audit_{unique}"][COLLECTION]
@@ -465,13 +467,15 @@ async def test_inserted_record_with_a_duplicated_seq_is_named(
     assert second is not None
     await raw.insert_one(_forged(3, str(second["hash"])))
     verdict = await store.verify()
-    assert [(b.chain, b.seq, b.reason) for b in verdict.breaks] == [("c:0", 4, "sequence out of order")]
+    assert [(b.chain, b.seq, b.reason) for b in verdict.breaks] == [("c:0", 3, "sequence out of order")]
+    assert verdict.records == 6 and [(r.seq_from, r.seq_to) for r in verdict.intact] == [(1, 3), (4, 5)]
 
 
 async def test_reordered_records_are_named(
     store: AuditStore, client: AsyncMongoClient[dict[str, Any]], unique: str
 ) -> None:
-    """Two records' seq swapped (3 <-> 4): both are still in the chain, in the wrong order."""
+    """Two records' seq swapped (3 <-> 4): both are still in the chain, in the wrong order; as
+    the seq is hashed, each is named as not matching its hash, and 5 on links to the moved 4."""
     for _ in range(6):
         await store.append("c:0", _event())
     raw = client[f"audit_{unique}"][COLLECTION]
@@ -479,9 +483,10 @@ async def test_reordered_records_are_named(
     await raw.update_one({"chain": "c:0", "seq": 4}, {"$set": {"seq": 3}})
     await raw.update_one({"chain": "c:0", "seq": -3}, {"$set": {"seq": 4}})
     verdict = await store.verify()
-    assert [(b.chain, b.seq, b.reason) for b in verdict.breaks] == [
-        ("c:0", 3, "prev_hash does not match the previous record")
+    assert [(b.chain, b.seq, b.last, b.reason) for b in verdict.breaks] == [
+        ("c:0", 3, 4, "content does not match its hash")
     ]
+    assert [(r.seq_from, r.seq_to) for r in verdict.intact] == [(1, 2), (5, 6)]
 
 
 async def test_query_filters_by_action_and_outcome(store: AuditStore) -> None:

@@ -14,7 +14,6 @@ from bson.raw_bson import RawBSONDocument
 from dicomsafe.v1 import audit_pb2
 from services.audit.chain import (
     GENESIS,
-    Break,
     ChainVerifier,
     canonical,
     event_document,
@@ -23,6 +22,7 @@ from services.audit.chain import (
     link_hash_v2,
     verify_chain,
 )
+from services.audit.checkpoints import Checkpoint
 from services.audit.store import Head, chained_records
 
 
@@ -70,8 +70,11 @@ def test_canonical_form_ignores_key_order_and_is_stable() -> None:
 
 
 def test_intact_chain_verifies() -> None:
-    assert verify_chain("audit.events:0", _chain(20)) == (20, None)
-    assert verify_chain("audit.events:0", []) == (0, None)
+    report = verify_chain("audit.events:0", _chain(20))
+    assert (report.records, report.ok, report.breaks) == (20, True, [])
+    assert [(r.seq_from, r.seq_to) for r in report.intact] == [(1, 20)]
+    empty = verify_chain("audit.events:0", [])
+    assert (empty.records, empty.ok, empty.intact) == (0, True, [])
 
 
 @pytest.mark.parametrize(
@@ -84,7 +87,7 @@ def test_intact_chain_verifies() -> None:
             4,
             "prev_hash does not match the previous record",
         ),
-        (lambda r: r.insert(2, copy.deepcopy(r[1])), 3, "sequence out of order"),
+        (lambda r: r.insert(2, copy.deepcopy(r[1])), 2, "sequence out of order"),
         (lambda r: r[0].update(chain="other"), 1, "record belongs to another chain"),
         (lambda r: r[9].pop("event"), 10, "record malformed"),
         (lambda r: r[9].update(event="not a document"), 10, "record malformed"),
@@ -95,17 +98,17 @@ def test_intact_chain_verifies() -> None:
 def test_each_kind_of_tampering_names_the_first_broken_record(tamper: Any, seq: int, reason: str) -> None:
     records = _chain(12)
     tamper(records)
-    _, broken = verify_chain("audit.events:0", records)
-    assert broken is not None
-    assert (broken.seq, broken.reason) == (seq, reason)
+    breaks = verify_chain("audit.events:0", records).breaks
+    assert breaks
+    assert (breaks[0].seq, breaks[0].reason) == (seq, reason)
 
 
 def test_rehashing_an_edited_record_still_breaks_the_next_link() -> None:
     records = _chain(5)
     records[1]["event"]["actor"] = "mallory"
     records[1]["hash"] = link_hash(records[1]["prev_hash"], "audit.events:0", 2, records[1]["event"])
-    _, broken = verify_chain("audit.events:0", records)
-    assert broken is not None and broken.seq == 3
+    breaks = verify_chain("audit.events:0", records).breaks
+    assert breaks and breaks[0].seq == 3
 
 
 def test_canonical_form_is_pinned() -> None:
@@ -142,15 +145,16 @@ def _chain_v2(n: int, name: str = "audit.events:0") -> list[dict[str, Any]]:
     return chained_records(name, Head(0, GENESIS), events)
 
 
-def _both_ways(records: list[dict[str, Any]], name: str = "audit.events:0") -> Break | None:
-    """Verify as mappings and as the stored bytes: both must reach the same verdict."""
-    _, as_mappings = verify_chain(name, records)
-    verifier, as_bytes = ChainVerifier(name), None
+def _both_ways(records: list[dict[str, Any]], name: str = "audit.events:0") -> tuple[int, str] | None:
+    """Verify as mappings and as the stored bytes: both must reach the same verdict, whose first
+    break is returned as (seq, reason)."""
+    by_mappings = verify_chain(name, records).breaks
+    verifier = ChainVerifier(name)
     for record in records:
-        if as_bytes := verifier.feed_bson(bson.encode(record)):
-            break
-    assert as_bytes == as_mappings
-    return as_mappings
+        verifier.feed_bson(bson.encode(record))
+    by_bytes = verifier.finish().breaks
+    assert by_bytes == by_mappings
+    return (by_mappings[0].seq, by_mappings[0].reason) if by_mappings else None
 
 
 def test_version_2_chain_verifies_and_binds_every_field() -> None:
@@ -168,20 +172,19 @@ def test_version_2_chain_verifies_and_binds_every_field() -> None:
     for tamper in tampers:
         records = _chain_v2(5)
         tamper(records[2])
-        broken = _both_ways(records)
-        assert broken is not None and (broken.seq, broken.reason) == (3, "content does not match its hash")
+        assert _both_ways(records) == (3, "content does not match its hash")
     records = _chain_v2(5)
     records[2]["event_id"] = "e99"
-    assert _both_ways(records) == Break("audit.events:0", 3, "event_id does not match the event")
+    assert _both_ways(records) == (3, "event_id does not match the event")
     records = _chain_v2(5)
     del records[2]["v"]  # read as version 1: its JSON form was never hashed
-    assert _both_ways(records) == Break("audit.events:0", 3, "content does not match its hash")
+    assert _both_ways(records) == (3, "content does not match its hash")
     records = _chain_v2(5)
     records[1]["v"] = 3
-    assert _both_ways(records) == Break("audit.events:0", 2, "record malformed")
+    assert _both_ways(records) == (2, "record malformed")
     records = _chain_v2(5)
     del records[3]
-    assert _both_ways(records) == Break("audit.events:0", 4, "record missing")
+    assert _both_ways(records) == (4, "record missing")
 
 
 def test_version_2_form_is_pinned() -> None:
@@ -212,3 +215,49 @@ def test_version_2_form_is_pinned() -> None:
     assert hashed_elements(record) == elements
     expected = hashlib.sha256(bytes.fromhex("ab" * 32) + b"dicomsafe/audit-record/v2\x00" + elements).hexdigest()
     assert link_hash_v2("ab" * 32, elements) == expected
+
+
+def _spans(report: Any) -> list[tuple[int, int]]:
+    return [(r.seq_from, r.seq_to) for r in report.intact]
+
+
+def test_every_break_in_a_chain_is_reported_with_the_intact_ranges_between() -> None:
+    """One record altered and a later one deleted in the same chain: both named, resynchronised
+    on the next intact record's stored predecessor hash, and the ranges that verify listed."""
+    records = _chain(20)
+    records[4]["event"]["actor"] = "mallory"  # seq 5 altered
+    del records[11]  # seq 12 deleted
+    report = verify_chain("audit.events:0", records)
+    assert not report.ok
+    got = [(b.seq, b.last, b.kind) for b in report.breaks]
+    assert got == [
+        (5, 5, audit_pb2.BreakKind.BREAK_KIND_RECORD_ALTERED),
+        (12, 12, audit_pb2.BreakKind.BREAK_KIND_RECORDS_MISSING),
+    ]
+    assert _spans(report) == [(1, 4), (6, 11), (13, 20)]
+
+
+def test_a_rechained_forgery_is_caught_by_the_signed_checkpoint() -> None:
+    """Records 6.. rehashed after an edit of 5 verify among themselves; the checkpoint signed at
+    seq 10 before the forgery names the record that differs, and a tail cut after 15 is found."""
+    records = _chain(20)
+    signed = Checkpoint("audit.events:0", 10, records[9]["hash"], "vault:v1:unused")
+    reach = Checkpoint("audit.events:0", 20, records[19]["hash"], "vault:v1:unused")
+    records[4]["event"]["actor"] = "mallory"
+    prev = records[3]["hash"]
+    for r in records[4:]:
+        r["prev_hash"] = prev
+        r["hash"] = prev = link_hash(prev, "audit.events:0", r["seq"], r["event"])
+    report = verify_chain("audit.events:0", records[:15], [signed, reach])
+    kinds = [b.kind for b in report.breaks]
+    assert audit_pb2.BreakKind.BREAK_KIND_CHECKPOINT_MISMATCH in kinds
+    assert kinds[-1] == audit_pb2.BreakKind.BREAK_KIND_TAIL_TRUNCATED
+    assert (report.breaks[-1].seq, report.breaks[-1].last) == (16, 20)
+
+
+def test_two_chains_each_report_their_own_breaks() -> None:
+    for name, cut in (("audit.events:0", 3), ("audit.events:1", 8)):
+        records = _chain(10, name)
+        del records[cut - 1]
+        report = verify_chain(name, records)
+        assert [(b.chain, b.seq) for b in report.breaks] == [(name, cut)]
