@@ -605,7 +605,7 @@ def _kafka_request(sock: socket.socket, api_key: int, version: int, body: bytes,
     return resp[4:]
 
 
-def _probe_kafka() -> bool:
+def _probe_kafka(port: int = KAFKA_PORT) -> bool:
     """ApiVersions, a real Metadata request, then FindCoordinator.
 
     Ready means a broker is registered AND the group coordinator answers: asking for a
@@ -614,7 +614,7 @@ def _probe_kafka() -> bool:
     FindCoordinator v1 are the oldest versions Kafka 4 still serves without tagged fields, which
     keeps this hand-rolled encoding small; ApiVersions v0 (always served) confirms them first.
     """
-    with socket.create_connection((HOST, KAFKA_PORT), timeout=3.0) as sock:
+    with socket.create_connection((HOST, port), timeout=3.0) as sock:
         sock.settimeout(3.0)
         body = _kafka_request(sock, 18, 0, b"", 1)  # ApiVersions v0
         (err, n) = struct.unpack_from(">hi", body, 0)
@@ -802,19 +802,19 @@ def _kafka_tls_material() -> tuple[Path, Path] | None:
     return keystore, pki.ca_file
 
 
-def _kafka_tls_properties(tls: tuple[Path, Path] | None) -> dict[str, str]:
+def _kafka_listener_properties(
+    tls: tuple[Path, Path] | None, port: int, controller_port: int, tls_port: int
+) -> dict[str, str]:
     if tls is None:
         return {
-            "listeners": f"PLAINTEXT://{HOST}:{KAFKA_PORT},CONTROLLER://{HOST}:{KAFKA_CONTROLLER_PORT}",
-            "advertised.listeners": f"PLAINTEXT://{HOST}:{KAFKA_PORT}",
+            "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
+            "advertised.listeners": f"PLAINTEXT://{HOST}:{port}",
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
         }
     keystore, truststore = tls
     return {
-        "listeners": (
-            f"PLAINTEXT://{HOST}:{KAFKA_PORT},SSL://{HOST}:{KAFKA_TLS_PORT},CONTROLLER://{HOST}:{KAFKA_CONTROLLER_PORT}"
-        ),
-        "advertised.listeners": f"PLAINTEXT://{HOST}:{KAFKA_PORT},SSL://{HOST}:{KAFKA_TLS_PORT}",
+        "listeners": (f"PLAINTEXT://{HOST}:{port},SSL://{HOST}:{tls_port},CONTROLLER://{HOST}:{controller_port}"),
+        "advertised.listeners": f"PLAINTEXT://{HOST}:{port},SSL://{HOST}:{tls_port}",
         "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,SSL:SSL,CONTROLLER:PLAINTEXT",
         "listener.name.ssl.ssl.keystore.type": "PEM",
         "listener.name.ssl.ssl.keystore.location": str(keystore),
@@ -826,15 +826,21 @@ def _kafka_tls_properties(tls: tuple[Path, Path] | None) -> dict[str, str]:
     }
 
 
-def _kafka_properties(data_dir: Path, tls: tuple[Path, Path] | None) -> str:
+def _kafka_properties(
+    data_dir: Path,
+    tls: tuple[Path, Path] | None,
+    port: int = KAFKA_PORT,
+    controller_port: int = KAFKA_CONTROLLER_PORT,
+    tls_port: int = KAFKA_TLS_PORT,
+) -> str:
     props = {
         "process.roles": "broker,controller",
         "node.id": "1",
-        **_kafka_tls_properties(tls),
+        **_kafka_listener_properties(tls, port, controller_port, tls_port),
         "inter.broker.listener.name": "PLAINTEXT",
         "controller.listener.names": "CONTROLLER",
         # --standalone formatting wants bootstrap servers and no static voters.
-        "controller.quorum.bootstrap.servers": f"{HOST}:{KAFKA_CONTROLLER_PORT}",
+        "controller.quorum.bootstrap.servers": f"{HOST}:{controller_port}",
         "log.dirs": str(data_dir),
         # Topics are created by the project with explicit partition counts.
         "auto.create.topics.enable": "false",
@@ -857,24 +863,19 @@ def _kafka_properties(data_dir: Path, tls: tuple[Path, Path] | None) -> str:
     return "".join(f"{k}={v}\n" for k, v in props.items())
 
 
-def _start_kafka() -> int:
-    libs = _ensure_kafka_libs()
-    java = _java()
-    _require_ports(KAFKA, KAFKA_PORT, KAFKA_CONTROLLER_PORT, KAFKA_TLS_PORT)
-    run = _mkdir_private(_run_dir(KAFKA))
-    data = run / "data"
-    props = run / "server.properties"
-    props.write_text(_kafka_properties(data, _kafka_tls_material()))
-    cp = f"{libs}/*"  # the java launcher expands the wildcard itself
+def _kafka_jvm_common() -> list[str]:
     log4j = INFRA_SRC / "kafka" / "log4j2.xml"
-    jvm_common = [f"-Dlog4j2.configurationFile={log4j}", f"-Dkafka.logs.dir={_logs_dir()}", "-Djava.awt.headless=true"]
+    return [f"-Dlog4j2.configurationFile={log4j}", f"-Dkafka.logs.dir={_logs_dir()}", "-Djava.awt.headless=true"]
+
+
+def _kafka_format(java: str, libs: Path, props: Path, log_to: Path) -> None:
     _run(
         [
             java,
             "-Xmx256m",
-            *jvm_common,
+            *_kafka_jvm_common(),
             "-cp",
-            cp,
+            f"{libs}/*",  # the java launcher expands the wildcard itself
             "kafka.tools.StorageTool",
             "format",
             "--standalone",
@@ -885,25 +886,58 @@ def _start_kafka() -> int:
             "--ignore-formatted",
         ],
         what="kafka: storage format",
-        log_to=_logs_dir() / "kafka-format.log",
+        log_to=log_to,
     )
-    return _spawn(
-        KAFKA,
-        [
-            java,
-            "-Xms256m",
-            "-Xmx768m",
-            "-XX:+UseG1GC",
-            "-XX:MaxGCPauseMillis=20",
-            "-XX:+ExitOnOutOfMemoryError",
-            *jvm_common,
-            "-cp",
-            cp,
-            "kafka.Kafka",
-            str(props),
-        ],
-        env=_clean_env("KAFKA_"),
-    )
+
+
+def _kafka_server_cmd(java: str, libs: Path, props: Path) -> list[str]:
+    return [
+        java,
+        "-Xms256m",
+        "-Xmx768m",
+        "-XX:+UseG1GC",
+        "-XX:MaxGCPauseMillis=20",
+        "-XX:+ExitOnOutOfMemoryError",
+        *_kafka_jvm_common(),
+        "-cp",
+        f"{libs}/*",
+        "kafka.Kafka",
+        str(props),
+    ]
+
+
+def _start_kafka() -> int:
+    libs = _ensure_kafka_libs()
+    java = _java()
+    _require_ports(KAFKA, KAFKA_PORT, KAFKA_CONTROLLER_PORT, KAFKA_TLS_PORT)
+    run = _mkdir_private(_run_dir(KAFKA))
+    props = run / "server.properties"
+    props.write_text(_kafka_properties(run / "data", _kafka_tls_material()))
+    _kafka_format(java, libs, props, _logs_dir() / "kafka-format.log")
+    return _spawn(KAFKA, _kafka_server_cmd(java, libs, props), env=_clean_env("KAFKA_"))
+
+
+def kafka_ready(port: int) -> bool:
+    """Whether the broker on ``port`` has registered and its group coordinator answers."""
+    try:
+        return _probe_kafka(port)
+    except (OSError, ConnectionError, struct.error):
+        return False
+
+
+def own_kafka_command(run_dir: Path, port: int, controller_port: int) -> tuple[list[str], dict[str, str]]:
+    """(command, environment) of a plaintext single-node broker of its own, its log in
+    ``run_dir`` (formatted here on first use), for tests that stop and restart Kafka on the
+    same data; the caller runs and stops the process."""
+    with _global_lock():
+        libs = _ensure_kafka_libs()
+    java = _java()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    props = run_dir / "server.properties"
+    if not props.exists():
+        props.write_text(_kafka_properties(run_dir / "data", None, port, controller_port))
+        _kafka_format(java, libs, props, run_dir / "format.log")
+    return _kafka_server_cmd(java, libs, props), _clean_env("KAFKA_")
 
 
 def _start_vault() -> int:

@@ -8,65 +8,23 @@ with SIGTERM and started again on the same data.
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
 from dicomsafe.common.kafka import Topics, ensure_topics, new_producer, topic_specs
 from dicomsafe.v1 import audit_pb2
 from services.audit.store import Verdict
 from tests.audit_trail import verify_directly
+from tests.restartable import OwnMongo
 from tests.servers import Servers
-from tests.service_runner import free_port
-from tools import infra
 from tools.stack import Stack, StackSettings, free_base_port
 
 EVENTS = 1500
-
-
-class OwnMongo:
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.uri = f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        # An explicit empty config: no auto-discovery of config files elsewhere on the machine.
-        (workdir / "secantusd.toml").write_text("", encoding="utf-8")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        cmd = [
-            infra.secantusd_binary(),
-            "--config", str(self.workdir / "secantusd.toml"),
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "--storage-path", str(self.workdir / "data"),
-        ]  # fmt: skip
-        log = (self.workdir / "mongo.log").open("ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                client: MongoClient[dict[str, object]] = MongoClient(self.uri, serverSelectionTimeoutMS=500)
-                with client:
-                    client.admin.command("ping")
-                return
-            except Exception:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise
-                time.sleep(0.3)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=60)
 
 
 @pytest.fixture

@@ -1,21 +1,17 @@
 """OpenBao stopped in the middle of an ingest: nothing readable or half-written lands on disk,
 nothing is dead-lettered, and once OpenBao is back every instance is stored — none lost.
 
-Uses an OpenBao of its own with persistent file storage (a dev server would forget its keys
-on restart), initialised and unsealed through the real API, stopped with SIGTERM.
+Uses an OpenBao of its own with persistent storage (`tests.restartable`), stopped with SIGTERM.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import hvac
 import pytest
 from aiokafka import AIOKafkaConsumer
 
@@ -25,65 +21,11 @@ from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc, events_pb2
 from services.crypto.app import run as run_crypto
 from services.ingest.app import run as run_ingest
 from services.ingest.config import IngestConfig
+from tests.restartable import PersistentBao
 from tests.servers import Servers
 from tests.service_runner import TEST_CLIENT, crypto_config, free_port, running, with_tls
-from tools import dicom_samples, infra, vault_setup
+from tools import dicom_samples, vault_setup
 from tools.pki import Pki
-
-
-class PersistentBao:
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.addr = f"http://127.0.0.1:{self.port}"
-        self.workdir = workdir
-        self.config = workdir / "bao.hcl"
-        (workdir / "data").mkdir()
-        cluster_port = free_port()
-        # Raft is OpenBao's persistent storage (it has no "file" backend); one node here.
-        self.config.write_text(
-            f'storage "raft" {{\n  path = "{workdir / "data"}"\n  node_id = "test"\n}}\n'
-            f'listener "tcp" {{\n  address = "127.0.0.1:{self.port}"\n  tls_disable = true\n}}\n'
-            f'api_addr = "{self.addr}"\ncluster_addr = "http://127.0.0.1:{cluster_port}"\n',
-            encoding="utf-8",
-        )
-        self.binary = infra.bao_binary()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.unseal_key = ""
-        self.root_token = ""
-
-    def start(self) -> None:
-        log = (self.workdir / "bao.log").open("ab")
-        self.proc = subprocess.Popen(
-            [self.binary, "server", f"-config={self.config}"], stdout=log, stderr=subprocess.STDOUT
-        )
-        client = hvac.Client(url=self.addr)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                initialized = client.sys.is_initialized()
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-        if not initialized:
-            result = client.sys.initialize(secret_shares=1, secret_threshold=1)
-            self.unseal_key, self.root_token = result["keys_base64"][0], result["root_token"]
-        client.sys.submit_unseal_key(self.unseal_key)
-        client.token = self.root_token
-        # Raft elects itself leader shortly after unseal; until then health is not 200 (no dict).
-        while True:
-            health = client.sys.read_health_status(method="GET")
-            if isinstance(health, dict) and not health.get("sealed") and not health.get("standby"):
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError("OpenBao did not become active")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=30)
 
 
 @pytest.fixture
