@@ -83,7 +83,7 @@ async def run(cfg: GatewayConfig, stop: asyncio.Event) -> None:
                 tls=cfg.tls,
                 allow=cfg.grpc_allow,
             )
-            indexer = Indexer(crypto, index, cfg.call_deadline_s, cfg.index_grace_s)
+            indexer = Indexer(crypto, index, cfg.call_deadline_s, cfg.index_grace_s, cfg.index_read_concurrency)
             handlers: dict[str, Handler] = {topics.stored: indexer.handle, topics.erased: IndexEraser(index).handle}
 
             async def index_record(record: ConsumerRecord[bytes, bytes]) -> None:

@@ -31,6 +31,8 @@ class GatewayConfig:
     index_group_id: str
     max_instance_bytes: int
     index_grace_s: float
+    # Instances of one batch the indexer reads back through crypto at once.
+    index_read_concurrency: int
     # Responses up to this size are read and authenticated whole before the status goes out.
     verify_before_send_bytes: int
     # Keys the pseudonymous UIDs of de-identified releases (PS3.15 Annex E).
@@ -64,6 +66,7 @@ class GatewayConfig:
             index_group_id=env_str("GATEWAY_INDEX_GROUP_ID", "dicomsafe-gateway-index"),
             max_instance_bytes=env_int("GATEWAY_MAX_INSTANCE_BYTES", 256 * 1024 * 1024),
             index_grace_s=env_int("GATEWAY_INDEX_GRACE_S", 2),
+            index_read_concurrency=env_int("GATEWAY_INDEX_READ_CONCURRENCY", 8),
             verify_before_send_bytes=env_int("GATEWAY_VERIFY_BEFORE_SEND_BYTES", 64 * 1024 * 1024),
             deid_uid_key=deid.encode(),
             tls=tls_from_env(),

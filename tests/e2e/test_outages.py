@@ -202,14 +202,17 @@ async def _ingest_through(
 
         # Nobody steps in from here: the pipeline must finish by itself.
         deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        progress: list[tuple[int, int, int]] = []  # (s after the outage, indexed, audited)
         while True:
             n_indexed = len(await _indexed(settings.mongodb_uri, settings.index_db) or {})
             n_audited = len(await _stored_audited(settings.mongodb_uri, settings.audit_db) or set())
+            progress.append((round(time.monotonic() - deadline + SETTLE_TIMEOUT_S), n_indexed, n_audited))
             if n_indexed >= INSTANCES and n_audited >= INSTANCES:
                 break
             assert time.monotonic() < deadline, f"after the outage: {n_indexed} indexed, {n_audited} audited"
             assert all(p.poll() is None for p in stack.processes.values()), "a service exited"
             await asyncio.sleep(1)
+        print(f"recovery: {progress[::5]} -> {progress[-1]}")
         await asyncio.sleep(3)  # a late duplicate would show up now
 
         # 0 lost, 0 duplicates: one object per instance, each the one the index names.
