@@ -38,13 +38,48 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, separators=(",", ":"))
 
 
+# Client libraries whose retry loops log: held to one line per distinct message per window.
+_LIBRARIES = ("aiokafka", "kafka", "urllib3", "pymongo", "hvac", "grpc")
+
+
+class RepeatLimiter(logging.Filter):
+    """A client library retrying against a server that is down logs the same line every few
+    milliseconds: aiokafka wrote 44,000 lines in crypto's log during a 7-second Kafka restart,
+    which buries what matters and fills a node's disk in a long outage. Each distinct line of
+    a library passes at most once per ``window_s``; the first one after a window says how many
+    were held back (``repeated``). The project's own lines always pass."""
+
+    def __init__(self, window_s: float = 10.0, libraries: tuple[str, ...] = _LIBRARIES) -> None:
+        super().__init__()
+        self._window = window_s
+        self._libraries = libraries
+        self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self._libraries):
+            return True
+        key = (record.name, record.levelno, record.getMessage())
+        now = time.monotonic()
+        since, held = self._seen.get(key, (-self._window, 0))
+        if now - since < self._window:
+            self._seen[key] = (since, held + 1)
+            return False
+        if held:
+            record.repeated = held
+        if len(self._seen) > 1000:  # bounded: distinct messages (ports, node ids) come and go
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        return True
+
+
 def setup_logging(service: str) -> logging.Logger:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service))
+    handler.addFilter(RepeatLimiter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(os.environ.get("LOG_LEVEL", "INFO").upper())
     # Client libraries log request URLs and payload fragments at DEBUG.
-    for noisy in ("aiokafka", "kafka", "urllib3", "pymongo", "hvac", "grpc"):
+    for noisy in _LIBRARIES:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return logging.getLogger(f"dicomsafe.{service}")
