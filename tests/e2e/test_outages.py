@@ -229,8 +229,14 @@ async def _ingest_through(
         dead = await _topic_records(settings.kafka_bootstrap, dlq_topic(topics.ingest), idle_s=1.0)
         assert dead == [], [events_pb2.DeadLetter.FromString(d).reason_code for d in dead]
 
-        # No plaintext on disk: not in the object store, not in a log, not anywhere the stack keeps files.
-        assert _files_holding(settings.work_dir, [b"DICM", sent.marker.encode()]) == []
+        # No plaintext on disk: no DICOM file signature (preamble + "DICM"; "DICM" alone occurs
+        # in base64 of wrapped keys) and no patient name anywhere the stack keeps files, logs
+        # included; no stretch of an object's own instance in it.
+        assert _files_holding(settings.work_dir, [bytes(128) + b"DICM", sent.marker.encode()]) == []
+        sop_of = {object_id: sop for sop, object_id in indexed.items()}
+        for path in _sealed_objects(stack):
+            sealed, original = path.read_bytes(), sent.by_sop[sop_of[path.stem]]
+            assert original[132:388] not in sealed and original[-256:] not in sealed, path.name
 
         # The trail: continuous, verified, one stored record per instance.
         audited = await _stored_audited(settings.mongodb_uri, settings.audit_db)
