@@ -70,25 +70,33 @@ class StackSettings:
     @property
     def https_port(self) -> int:
         """The gateway's DICOMweb listener."""
-        return self.base_port + HTTPS_PORT_OFFSET
+        return self.https_port_of(0)
+
+    def https_port_of(self, replica: int) -> int:
+        return self.base_port + HTTPS_PORT_OFFSET + replica * REPLICA_PORT_STRIDE
 
     @property
     def dicomweb_url(self) -> str:
-        return f"https://127.0.0.1:{self.https_port}/dicomweb"
+        return self.dicomweb_url_of(0)
+
+    def dicomweb_url_of(self, replica: int) -> str:
+        return f"https://127.0.0.1:{self.https_port_of(replica)}/dicomweb"
 
     @property
     def ca_file(self) -> Path:
         """The CA every certificate of the run comes from (gRPC and the DICOMweb listener)."""
         return self.pki.ca_file
 
-    def port(self, service: str) -> int:
-        return self.base_port + SERVICES.index(service)
+    def port(self, service: str, replica: int = 0) -> int:
+        if not 0 <= replica < MAX_REPLICAS:
+            raise ValueError(f"replica {replica} outside 0..{MAX_REPLICAS - 1}")
+        return self.base_port + SERVICES.index(service) + replica * REPLICA_PORT_STRIDE
 
-    def target(self, service: str) -> str:
-        return f"127.0.0.1:{self.port(service)}"
+    def target(self, service: str, replica: int = 0) -> str:
+        return f"127.0.0.1:{self.port(service, replica)}"
 
-    def metrics_url(self, service: str) -> str:
-        return f"http://127.0.0.1:{self.port(service) + METRICS_PORT_OFFSET}/metrics"
+    def metrics_url(self, service: str, replica: int = 0) -> str:
+        return f"http://127.0.0.1:{self.port(service, replica) + METRICS_PORT_OFFSET}/metrics"
 
     @property
     def pki(self) -> Pki:
@@ -107,6 +115,14 @@ HTTPS_CERT = "gateway-https"
 
 # Start order: dependencies first (audit consumes what others emit; ingest needs crypto).
 SERVICES = ("crypto", "authz", "audit", "gateway", "ingest")
+# Further replicas of a service (scale-out tests): replica r listens r * stride above replica 0
+# on each of its ports (gRPC, metrics, HTTPS).
+REPLICA_PORT_STRIDE = 10
+MAX_REPLICAS = 3
+
+
+def replica_name(service: str, replica: int) -> str:
+    return service if replica == 0 else f"{service}-{replica}"
 
 
 def _ephemeral_low() -> int:
@@ -120,11 +136,12 @@ def free_base_port() -> int:
     """A base port whose whole span (gRPC, metrics and HTTPS ports) is free now, below the
     ephemeral range: a port free when checked could otherwise be taken by any outgoing
     connection (Kafka, MongoDB, Vault clients) before the service binds it."""
-    top = min(40000, _ephemeral_low()) - HTTPS_PORT_OFFSET - 1
+    span = HTTPS_PORT_OFFSET + (MAX_REPLICAS - 1) * REPLICA_PORT_STRIDE + 1
+    top = min(40000, _ephemeral_low()) - span
     for _ in range(50):
         base = random.randint(20000, top)  # noqa: S311 - picks a port range, no secret
         try:
-            for port in range(base, base + HTTPS_PORT_OFFSET + 1):
+            for port in range(base, base + span):
                 with socket.socket() as s:
                     s.bind(("127.0.0.1", port))
         except OSError:
@@ -148,16 +165,18 @@ def _crypto_store_env(s: StackSettings) -> dict[str, str]:
     return env
 
 
-def service_env(s: StackSettings, service: str) -> dict[str, str]:
+def service_env(s: StackSettings, service: str, replica: int = 0, peer_replica: int = 0) -> dict[str, str]:
+    """``replica``: which replica of ``service`` (its ports); ``peer_replica``: the replica of
+    crypto (and, for a gateway, of ingest) it talks to."""
     common = {
         "KAFKA_BOOTSTRAP": s.kafka_bootstrap,
         "KAFKA_TOPIC_PREFIX": s.topic_prefix,
         "LOG_LEVEL": "INFO",
-        "METRICS_BIND": f"127.0.0.1:{s.port(service) + METRICS_PORT_OFFSET}",
+        "METRICS_BIND": f"127.0.0.1:{s.port(service, replica) + METRICS_PORT_OFFSET}",
         CIPHER_SUITES_VAR: TLS13_ONLY_CIPHER_SUITES,
         **s.pki.env(service),
     }
-    bind = s.target(service)
+    bind = s.target(service, replica)
     secrets_dir = s.work_dir / "secrets"
     specific: dict[str, dict[str, str]] = {
         "crypto": {
@@ -190,9 +209,9 @@ def service_env(s: StackSettings, service: str) -> dict[str, str]:
         "gateway": {
             "GATEWAY_GRPC_BIND": bind,
             "GATEWAY_AUTHZ_TARGET": s.target("authz"),
-            "GATEWAY_CRYPTO_TARGET": s.target("crypto"),
-            "GATEWAY_INGEST_TARGET": s.target("ingest"),
-            "GATEWAY_HTTP_BIND": f"127.0.0.1:{s.https_port}",
+            "GATEWAY_CRYPTO_TARGET": s.target("crypto", peer_replica),
+            "GATEWAY_INGEST_TARGET": s.target("ingest", peer_replica),
+            "GATEWAY_HTTP_BIND": f"127.0.0.1:{s.https_port_of(replica)}",
             "GATEWAY_TLS_CERT_FILE": str(s.pki.directory / f"{HTTPS_CERT}.crt"),
             "GATEWAY_TLS_KEY_FILE": str(s.pki.directory / f"{HTTPS_CERT}.key"),
             "GATEWAY_MONGODB_URI_FILE": str(secrets_dir / "gateway-mongodb-uri"),
@@ -204,7 +223,7 @@ def service_env(s: StackSettings, service: str) -> dict[str, str]:
         },
         "ingest": {
             "INGEST_GRPC_BIND": bind,
-            "INGEST_CRYPTO_TARGET": s.target("crypto"),
+            "INGEST_CRYPTO_TARGET": s.target("crypto", peer_replica),
             "INGEST_GROUP_ID": f"{s.topic_prefix}dicomsafe-ingest",
         },
     }
@@ -216,6 +235,7 @@ def service_env(s: StackSettings, service: str) -> dict[str, str]:
 @dataclass
 class Stack:
     settings: StackSettings
+    # By replica name: "gateway", "gateway-1", ...
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def log_file(self, service: str) -> Path:
@@ -234,17 +254,29 @@ class Stack:
         if "gateway" in services:
             self._provision_gateway()
         for name in services:
-            with self.log_file(name).open("ab") as log:
-                self.processes[name] = subprocess.Popen(
-                    [sys.executable, "-m", f"services.{name}"],
-                    cwd=REPO,
-                    env=service_env(self.settings, name),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+            self._spawn(name, service_env(self.settings, name))
         for name in services:
             self.wait_healthy(name, timeout_s)
+
+    def start_replica(self, service: str, replica: int, peer_replica: int = 0, timeout_s: float = 60.0) -> str:
+        """Another replica of a started service, on its own ports, sharing everything else (the
+        topics and consumer groups, databases, object store, secrets): as a second pod of the same
+        Deployment would. Returns its name in ``processes``."""
+        name = replica_name(service, replica)
+        self._spawn(name, service_env(self.settings, service, replica, peer_replica), service)
+        self.wait_healthy(name, timeout_s)
+        return name
+
+    def _spawn(self, name: str, env: dict[str, str], service: str = "") -> None:
+        with self.log_file(name).open("ab") as log:
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", f"services.{service or name}"],
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def _secret(self, name: str, value: str) -> None:
         vault_setup.write_secret(self.settings.work_dir / "secrets" / name, value)
@@ -298,12 +330,15 @@ class Stack:
             await client.close()
 
     def wait_healthy(self, service: str, timeout_s: float) -> None:
+        """``service``: a replica name ("gateway", "gateway-1")."""
+        base, _, replica = service.partition("-")
+        target = self.settings.target(base, int(replica or 0))
         deadline = time.monotonic() + timeout_s
         while True:
             proc = self.processes[service]
             if proc.poll() is not None:
                 raise RuntimeError(f"{service} exited with {proc.returncode}; see {self.log_file(service)}")
-            if asyncio.run(serving(self.settings.target(service), self.settings.client_tls("ops"))):
+            if asyncio.run(serving(target, self.settings.client_tls("ops"))):
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{service} not healthy after {timeout_s:.0f}s; see {self.log_file(service)}")

@@ -1,0 +1,175 @@
+"""Two replicas each of crypto, ingest and gateway against one S3 store and one index, as two
+pods of each Deployment would run on different nodes: what one replica stored the other serves,
+the ingest and indexer consumers share their topics (each instance sealed and indexed once),
+and when one gateway goes away the other takes over its partitions and its callers."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pymongo import AsyncMongoClient
+
+from dicomsafe.common.kafka import Topics, ensure_topics, headers_for, new_producer, topic_specs
+from dicomsafe.v1 import events_pb2
+from services.crypto.object_store import StoreSettings, open_store
+from tests.servers import Servers
+from tests.service_runner import TEST_BUCKET, s3_settings
+from tools import dicom_samples
+from tools.oidc_issuer import LocalIssuer
+from tools.stack import Stack, StackSettings, free_base_port
+
+PER_GATEWAY = 4
+INGESTED = 30
+
+
+@pytest.fixture
+def two_of_each(servers: Servers, idp: LocalIssuer, tmp_path: Path) -> Iterator[Stack]:
+    unique = uuid.uuid4().hex[:8]
+    topics = Topics(f"scale{unique}.")
+    asyncio.run(ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=3)))
+    settings = StackSettings(
+        kafka_bootstrap=servers.kafka_bootstrap,
+        vault_addr=servers.vault_addr,
+        vault_admin_token=servers.vault_token,
+        mongodb_uri=servers.mongodb_uri,
+        work_dir=tmp_path,
+        topic_prefix=topics.prefix,
+        base_port=free_base_port(),
+        audit_db=f"scale_audit_{unique}",
+        authz_db=f"scale_authz_{unique}",
+        index_db=f"scale_index_{unique}",
+        oidc_issuer=idp.url,
+        oidc_jwks_url=idp.jwks_url,
+        crypto_store_url=f"s3://{TEST_BUCKET}/scale-{unique}",
+        s3=s3_settings(servers.s3),
+    )
+    stack = Stack(settings)
+    try:
+        stack.start()
+        # Replica 1 of the byte path: gateway 1 stores through ingest 1 and crypto 1, and opens
+        # through crypto 1; the ingest replicas share dicom.ingest as one consumer group.
+        stack.start_replica("crypto", 1)
+        stack.start_replica("ingest", 1, peer_replica=1)
+        stack.start_replica("gateway", 1, peer_replica=1)
+        yield stack
+    finally:
+        codes = stack.stop()
+    assert all(code == 0 for code in codes.values()), f"unclean service exit: {codes}"
+
+
+def _session(stack: Stack, token: str) -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False  # REQUESTS_CA_BUNDLE would override the pinned CA
+    session.verify = str(stack.settings.ca_file)
+    session.headers["Authorization"] = f"Bearer {token}"
+    return session
+
+
+def _stow(stack: Stack, replica: int, token: str, files: list[bytes]) -> None:
+    client = DICOMwebClient(stack.settings.dicomweb_url_of(replica), session=_session(stack, token))
+    response = client.store_instances([pydicom.dcmread(io.BytesIO(f)) for f in files])
+    assert "FailedSOPSequence" not in response
+    assert len(response.ReferencedSOPSequence) == len(files)
+
+
+def _wado_uri(stack: Stack, replica: int, token: str, data: bytes) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    query = {
+        "requestType": "WADO",
+        "studyUID": str(ds.StudyInstanceUID),
+        "seriesUID": str(ds.SeriesInstanceUID),
+        "objectUID": str(ds.SOPInstanceUID),
+        "contentType": "application/dicom",
+    }
+    got = _session(stack, token).get(f"{stack.settings.dicomweb_url_of(replica)}/wado", params=query, timeout=60)
+    assert got.status_code == 200, got.text
+    return got.content
+
+
+def _instances(n: int, seed: int) -> dict[str, bytes]:
+    study = f"2.25.{uuid.uuid4().int}"
+    out = {}
+    for i in range(n):
+        ds = dicom_samples.ct_image(study_uid=study, seed=seed + i, rows=128, columns=128)
+        out[str(ds.SOPInstanceUID)] = dicom_samples.to_bytes(ds)
+    return out
+
+
+async def _publish(stack: Stack, files: dict[str, bytes]) -> None:
+    producer = new_producer(stack.settings.kafka_bootstrap, "scale-modality")
+    await producer.start()
+    try:
+        for data in files.values():
+            req = events_pb2.IngestRequest(request_id=str(uuid.uuid4()), source="scale-modality", inline_instance=data)
+            topic = Topics(stack.settings.topic_prefix).ingest
+            await producer.send(topic, req.SerializeToString(), key=req.request_id.encode(), headers=headers_for(req))
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def _until_indexed(stack: Stack, sops: set[str], timeout_s: float = 120) -> dict[str, str]:
+    """SOP Instance UID -> object id, once every one of ``sops`` is indexed."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(stack.settings.mongodb_uri)
+    deadline = time.monotonic() + timeout_s
+    try:
+        instances = client[stack.settings.index_db]["instances"]
+        while True:
+            found = {str(d["_id"]): str(d["object_id"]) async for d in instances.find({}, {"object_id": 1})}
+            if set(found) >= sops:
+                return found
+            assert time.monotonic() < deadline, f"{len(sops - set(found))} instances never indexed"
+            await asyncio.sleep(0.5)
+    finally:
+        await client.close()
+
+
+def test_two_crypto_and_two_gateway_replicas_share_one_store(two_of_each: Stack, idp: LocalIssuer) -> None:
+    stack = two_of_each
+    tech, house = idp.token("tech.jane"), idp.token("dr.house")
+
+    # STOW-RS through each gateway (each sealing through its own ingest and crypto replica) ...
+    via = {replica: _instances(PER_GATEWAY, seed=100 * (replica + 1)) for replica in (0, 1)}
+    for replica, files in via.items():
+        _stow(stack, replica, tech, list(files.values()))
+    # ... is served by the other, opened by the other crypto replica, byte for byte.
+    for replica, files in via.items():
+        for data in files.values():
+            assert _wado_uri(stack, 1 - replica, house, data) == data
+
+    # Kafka ingest: the two gateways' indexers split dicom.stored (one consumer group), each
+    # instance is indexed once, and either gateway serves any of them.
+    ingested = _instances(INGESTED, seed=1000)
+    asyncio.run(_publish(stack, ingested))
+    index = asyncio.run(_until_indexed(stack, set(ingested)))
+    for i, data in enumerate(ingested.values()):
+        assert _wado_uri(stack, i % 2, house, data) == data
+
+    # One gateway pod goes away (SIGKILL: no leave-group); the other takes over its partitions
+    # once the group notices, and serves everything stored before.
+    gone = stack.processes.pop("gateway")
+    gone.send_signal(signal.SIGKILL)
+    gone.wait(timeout=30)
+    later = _instances(INGESTED // 3, seed=2000)
+    asyncio.run(_publish(stack, later))
+    index = asyncio.run(_until_indexed(stack, set(ingested) | set(later), timeout_s=180))
+    for data in [*via[0].values(), *later.values()]:
+        assert _wado_uri(stack, 1, house, data) == data
+
+    # One sealed object per instance in the shared bucket: no replica stored one twice.
+    every = {**via[0], **via[1], **ingested, **later}
+    assert set(index) == set(every)
+    assert stack.settings.s3 is not None
+    store = open_store(StoreSettings(stack.settings.crypto_store_url, stack.settings.s3))
+    assert sorted(store.object_ids()) == sorted(index.values())
