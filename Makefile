@@ -9,7 +9,7 @@ STAMPS := .stamps
 PROTOS := $(wildcard proto/dicomsafe/v1/*.proto)
 GEN    := $(patsubst proto/%.proto,%_pb2.py,$(PROTOS))
 
-.PHONY: help venv proto run run-keep test test-unit test-integration test-e2e lint bench infra-up infra-down infra-status topics clean
+.PHONY: help venv proto run run-keep test test-unit test-integration test-e2e dr-drill lint bench infra-up infra-down infra-status topics clean
 
 help:
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -50,6 +50,9 @@ test-integration: proto
 
 test-e2e: proto
 	$(PY) -m pytest -q -m e2e
+
+dr-drill: proto ## back up a populated site, destroy it, restore into fresh servers, verify; prints RPO/RTO
+	$(PY) -m pytest -q -s -p no:cacheprovider tests/e2e/test_dr_drill.py
 
 lint: proto ## ruff + mypy (strict)
 	$(VENV)/bin/ruff check .
