@@ -47,7 +47,17 @@ from bson.raw_bson import RawBSONDocument
 from pymongo import AsyncMongoClient
 
 from dicomsafe.common.config import env_opt, env_secret, env_str
-from services.crypto.object_store import COPY_BLOCK, ObjectStore, S3Settings, StoreSettings, open_store
+from services.crypto.object_store import (
+    COPY_BLOCK,
+    CopyMismatch,
+    ObjectStore,
+    S3Settings,
+    StoreSettings,
+    copy_verified,
+    open_store,
+    sha256_of,
+)
+from services.crypto.store_tiered import TieredStore
 
 FORMAT = "dicomsafe-backup/1"
 # What each database is to the site; its name comes from the services' settings.
@@ -67,6 +77,9 @@ class Site:
     store: StoreSettings
     mongodb_uri: str = field(repr=False)
     databases: dict[str, str]
+    # The archive tier, if the site has one: backed up with the hot tier (a restore puts every
+    # object in the hot tier; the next tiering run moves the old ones again).
+    archive: StoreSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -108,31 +121,11 @@ def read_manifest(backup: ObjectStore, sequence: int) -> tuple[dict[str, Any], s
     return manifest, hashlib.sha256(raw).hexdigest()
 
 
-def sha256_of(store: ObjectStore, object_id: str) -> tuple[str, int]:
-    """(SHA-256, size) of one stored object, streamed."""
-    digest, size = hashlib.sha256(), 0
-    with store.open_read(object_id) as f:
-        while block := f.read(COPY_BLOCK):
-            digest.update(block)
-            size += len(block)
-    return digest.hexdigest(), size
-
-
-def _copy(src: ObjectStore, dst: ObjectStore, object_id: str, want_sha256: str, *, replace: bool) -> None:
-    """Stream one object across, checking its hash before it becomes visible at ``dst``."""
-    digest = hashlib.sha256()
-    pending = dst.begin_write(object_id, replace=replace)
+def _copy(src: ObjectStore, dst: ObjectStore, object_id: str, sha256: str) -> None:
     try:
-        with src.open_read(object_id) as f:
-            while block := f.read(COPY_BLOCK):
-                digest.update(block)
-                pending.write(block)
-        if digest.hexdigest() != want_sha256:
-            raise BackupError(f"object {object_id} does not match its recorded SHA-256")
-        pending.commit()
-    except BaseException:
-        pending.abort()
-        raise
+        copy_verified(src, dst, object_id, sha256)
+    except CopyMismatch as exc:
+        raise BackupError(str(exc)) from None
 
 
 def _put_blob(backup: ObjectStore, spool: IO[bytes]) -> tuple[str, bool]:
@@ -198,16 +191,18 @@ def backup(site: Site, dest: StoreSettings) -> Outcome:
         previous, previous_sha = read_manifest(target, previous_n)
     taken_at = dt.datetime.now(dt.UTC)
     databases, blobs = asyncio.run(_dump_databases(site, target))
-    source = open_store(site.store)
+    source: ObjectStore = open_store(site.store)
+    if site.archive is not None:
+        source = TieredStore(source, open_store(site.archive))
     known: dict[str, str] = previous.get("objects", {})
     objects: dict[str, str] = {}
     copied = 0
     for object_id in source.object_ids():
-        sha, _ = sha256_of(source, object_id)
+        sha = sha256_of(source, object_id)
         objects[object_id] = sha
         if known.get(object_id) == sha and target.exists(object_id):
             continue
-        _copy(source, target, object_id, sha, replace=target.exists(object_id))
+        _copy(source, target, object_id, sha)
         copied += 1
     manifest = {
         "format": FORMAT,
@@ -286,9 +281,9 @@ def restore(source: StoreSettings, site: Site, sequence: int = 0) -> tuple[dict[
     manifest, _ = read_manifest(backup_store, sequence)
     target = open_store(site.store)
     for object_id, sha in sorted(manifest["objects"].items()):
-        if target.exists(object_id) and sha256_of(target, object_id)[0] == sha:
+        if target.exists(object_id) and sha256_of(target, object_id) == sha:
             continue  # a resumed restore
-        _copy(backup_store, target, object_id, sha, replace=target.exists(object_id))
+        _copy(backup_store, target, object_id, sha)
     for sop_uid, object_id in _claims(backup_store, manifest):
         if target.claim(sop_uid, object_id) != object_id:
             raise BackupError("the target store claims an instance for another object: not a fresh store")
@@ -311,10 +306,11 @@ def _backup_location(url: str) -> StoreSettings:
 
 
 def site_from_env() -> Site:
-    from services.crypto.config import store_from_env
+    from services.crypto.config import archive_from_env, store_from_env
 
     return Site(
         store=store_from_env(),
+        archive=archive_from_env(),
         mongodb_uri=env_secret("MONGODB_URI") or env_str("MONGODB_URI"),
         databases={
             "index": env_opt("GATEWAY_INDEX_DATABASE") or "dicomsafe_index",

@@ -66,6 +66,8 @@ class StackSettings:
     # on the S3 API of ``s3`` (its keys reach the service as files, like every secret here).
     crypto_store_url: str = ""
     s3: S3Settings | None = None
+    # The archive tier (CRYPTO_ARCHIVE_STORE_URL, same S3 API and keys as the hot tier); "" = none.
+    crypto_archive_url: str = ""
 
     @property
     def https_port(self) -> int:
@@ -151,9 +153,10 @@ def free_base_port() -> int:
 
 
 def _crypto_store_env(s: StackSettings) -> dict[str, str]:
+    archive = {"CRYPTO_ARCHIVE_STORE_URL": s.crypto_archive_url} if s.crypto_archive_url else {}
     if not s.crypto_store_url:
-        return {"CRYPTO_STORE_DIR": str(s.work_dir / "store")}
-    env = {"CRYPTO_STORE_URL": s.crypto_store_url}
+        return {"CRYPTO_STORE_DIR": str(s.work_dir / "store"), **archive}
+    env = {"CRYPTO_STORE_URL": s.crypto_store_url, **archive}
     if s.s3 is not None:
         env |= {"S3_ENDPOINT_URL": s.s3.endpoint_url, "S3_REGION": s.s3.region}
         if s.s3.access_key_id:

@@ -12,13 +12,16 @@ from dicomsafe.v1 import crypto_pb2_grpc
 from services.crypto.config import CryptoConfig
 from services.crypto.object_store import ObjectStore, open_store
 from services.crypto.service import SERVICE_NAME, CryptoServicer
+from services.crypto.store_tiered import TieredStore
 from services.crypto.vault_keys import TransitKeys
 
 log = logging.getLogger("dicomsafe.crypto")
 
 
 async def run(cfg: CryptoConfig, stop: asyncio.Event) -> None:
-    store = await asyncio.to_thread(open_store, cfg.store)
+    store: ObjectStore = await asyncio.to_thread(open_store, cfg.store)
+    if cfg.archive is not None:
+        store = TieredStore(store, await asyncio.to_thread(open_store, cfg.archive))
     # Seals interrupted by a crash: never committed, never acknowledged, safe to drop.
     removed = await asyncio.to_thread(store.remove_leftovers)
     log.info("object store ready", extra={"store": store.describe_location(), "leftovers_removed": removed})

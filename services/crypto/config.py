@@ -28,6 +28,9 @@ class CryptoConfig:
     # None only under the explicit development opt-out (dicomsafe.common.tls).
     tls: TlsConfig | None = None
     grpc_allow: PeerAllowlist = DEFAULT_ALLOWLIST
+    # The archive tier (CRYPTO_ARCHIVE_STORE_URL): objects the tiering job moved there are read
+    # from it transparently. None = one tier.
+    archive: StoreSettings | None = None
 
     @property
     def store_dir(self) -> Path:
@@ -43,6 +46,7 @@ class CryptoConfig:
         return cls(
             grpc_bind=env_str("CRYPTO_GRPC_BIND", "127.0.0.1:50051"),
             store=store_from_env(),
+            archive=archive_from_env(),
             chunk_size=env_int("CRYPTO_CHUNK_SIZE", DEFAULT_CHUNK_SIZE),
             max_object_bytes=env_int("CRYPTO_MAX_OBJECT_BYTES", 4 * 1024**3),
             kafka_bootstrap=env_str("KAFKA_BOOTSTRAP"),
@@ -75,6 +79,18 @@ def s3_from_env() -> S3Settings:
         access_key_id=env_secret("S3_ACCESS_KEY_ID"),
         secret_access_key=env_secret("S3_SECRET_ACCESS_KEY"),
         ca_bundle=env_opt("S3_CA_BUNDLE"),
+    )
+
+
+def archive_from_env() -> StoreSettings | None:
+    """``CRYPTO_ARCHIVE_STORE_URL`` (same forms as the hot store; S3 through the same ``S3_*``)."""
+    url = env_opt("CRYPTO_ARCHIVE_STORE_URL")
+    if not url:
+        return None
+    return StoreSettings(
+        url=url,
+        s3=s3_from_env() if url.startswith("s3://") else S3Settings(),
+        part_size=env_int("CRYPTO_STORE_PART_SIZE", StoreSettings.part_size),
     )
 
 

@@ -12,8 +12,9 @@ never plaintext, never a key. Every backend keeps the same promises:
   two instances with one UID and different content never both become the stored instance.
 
 ``open_store`` picks the backend from ``CRYPTO_STORE_URL``: ``file:///path`` (or a bare path)
-or ``s3://bucket/prefix``. Nothing is ever deleted through this interface: the product does
-not delete sealed objects (erasure destroys the patient's key instead).
+or ``s3://bucket/prefix``. The product does not delete sealed objects (erasure destroys the
+patient's key instead); ``remove`` exists for one caller, the tiering job, which drops a hot
+copy only after the archive tier holds the same bytes (``store_tiered``).
 """
 
 from __future__ import annotations
@@ -103,6 +104,13 @@ class ObjectStore(Protocol):
         """Drop what interrupted puts left behind (never visible as objects); how many."""
 
 
+class TierStore(ObjectStore, Protocol):
+    """One tier of a tiered store (both backends are): its copy of an object can be dropped."""
+
+    def remove(self, object_id: str) -> None:
+        """Drop this tier's copy (the tiering job only; a versioned bucket keeps the old version)."""
+
+
 def rewrite_header(store: ObjectStore, object_id: str, new_header: bytes, old_header_len: int) -> int:
     """Replace an object's header, copying its chunks byte for byte; returns the new size."""
     pending = store.begin_write(object_id, replace=True)
@@ -117,6 +125,37 @@ def rewrite_header(store: ObjectStore, object_id: str, new_header: bytes, old_he
         pending.abort()
         raise
     return pending.size
+
+
+class CopyMismatch(ValueError):
+    """The bytes copied are not the ones expected: nothing was published at the destination."""
+
+
+def sha256_of(store: ObjectStore, object_id: str) -> str:
+    """SHA-256 of one stored object's bytes, streamed."""
+    digest = hashlib.sha256()
+    with store.open_read(object_id) as f:
+        while block := f.read(COPY_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def copy_verified(src: ObjectStore, dst: ObjectStore, object_id: str, want_sha256: str) -> None:
+    """Stream one sealed object from ``src`` to ``dst`` (replacing what ``dst`` holds), published
+    there only if its bytes hash to ``want_sha256``: what backups and tiering move, byte for byte."""
+    digest = hashlib.sha256()
+    pending = dst.begin_write(object_id, replace=dst.exists(object_id))
+    try:
+        with src.open_read(object_id) as f:
+            while block := f.read(COPY_BLOCK):
+                digest.update(block)
+                pending.write(block)
+        if digest.hexdigest() != want_sha256:
+            raise CopyMismatch(f"object {object_id} does not match its expected SHA-256")
+        pending.commit()
+    except BaseException:
+        pending.abort()
+        raise
 
 
 @dataclass(frozen=True)
@@ -165,7 +204,7 @@ def _split_url(url: str) -> tuple[str, str]:
     return "file", url
 
 
-def open_store(settings: StoreSettings) -> ObjectStore:
+def open_store(settings: StoreSettings) -> TierStore:
     """The backend named by ``settings.url``, ready for use (an S3 bucket is created if missing)."""
     scheme, rest = _split_url(settings.url)
     if scheme == "file":

@@ -68,6 +68,9 @@ class FileStore:
         tmp = final.parent / f".{object_id}.{secrets.token_hex(6)}.tmp"
         return FilePending(final, tmp)
 
+    def remove(self, object_id: str) -> None:
+        self.path_of(object_id).unlink(missing_ok=True)
+
     def object_ids(self) -> Iterator[str]:
         for path in sorted(self.root.glob(f"??/??/*{SUFFIX}")):
             yield path.name[: -len(SUFFIX)]

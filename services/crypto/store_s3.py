@@ -178,6 +178,9 @@ class S3Store:
     def begin_write(self, object_id: str, *, replace: bool = False) -> S3Pending:
         return S3Pending(self._client, self.bucket, self.key_of(object_id), self.part_size, replace, self._uploads)
 
+    def remove(self, object_id: str) -> None:
+        self._client.delete_object(Bucket=self.bucket, Key=self.key_of(object_id))
+
     def object_ids(self) -> Iterator[str]:
         # ListObjectsV2 returns keys in UTF-8 binary order: the id order, stable across runs.
         pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix)

@@ -36,7 +36,7 @@ from dicomsafe.common.vault import VaultAuth, VaultSession
 from dicomsafe.v1 import events_pb2
 from services.audit.checkpoints import CheckpointSigner
 from services.audit.store import CHECKPOINTS, COLLECTION
-from services.crypto.object_store import StoreSettings, open_store
+from services.crypto.object_store import StoreSettings, open_store, sha256_of
 from tests.audit_trail import verify_directly
 from tests.restartable import OwnMongo
 from tests.servers import Servers
@@ -235,7 +235,7 @@ def test_backup_destroy_restore_verify(
     assert manifest["sequence"] == 2 and counts
     # What was restored is what the primary held (compared before any service touches it).
     store = open_store(_site(recovered).store)
-    assert {oid: backup.sha256_of(store, oid)[0] for oid in store.object_ids()} == primary_objects
+    assert {oid: sha256_of(store, oid) for oid in store.object_ids()} == primary_objects
     assert asyncio.run(_collections(recovered.mongodb_uri, recovered.index_db)) == primary_index
     stack = Stack(recovered)
     try:
