@@ -346,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             location = open_store(_backup_location(args.source))
+            if not latest_sequence(location):
+                print(f"no backup at {location.describe_location()}")
             for n in range(1, latest_sequence(location) + 1):
                 manifest, sha = read_manifest(location, n)
                 print(f"{n}\t{manifest['databases_dumped_at']}\t{len(manifest['objects'])} objects\t{sha}")
