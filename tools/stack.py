@@ -68,6 +68,8 @@ class StackSettings:
     s3: S3Settings | None = None
     # The archive tier (CRYPTO_ARCHIVE_STORE_URL, same S3 API and keys as the hot tier); "" = none.
     crypto_archive_url: str = ""
+    # Object Lock days on the archive tier (its bucket is created with Object Lock when > 0).
+    crypto_archive_retention_days: int = 0
 
     @property
     def https_port(self) -> int:
@@ -153,7 +155,14 @@ def free_base_port() -> int:
 
 
 def _crypto_store_env(s: StackSettings) -> dict[str, str]:
-    archive = {"CRYPTO_ARCHIVE_STORE_URL": s.crypto_archive_url} if s.crypto_archive_url else {}
+    archive = (
+        {
+            "CRYPTO_ARCHIVE_STORE_URL": s.crypto_archive_url,
+            "CRYPTO_ARCHIVE_RETENTION_DAYS": str(s.crypto_archive_retention_days),
+        }
+        if s.crypto_archive_url
+        else {}
+    )
     if not s.crypto_store_url:
         return {"CRYPTO_STORE_DIR": str(s.work_dir / "store"), **archive}
     env = {"CRYPTO_STORE_URL": s.crypto_store_url, **archive}

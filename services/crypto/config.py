@@ -91,6 +91,8 @@ def archive_from_env() -> StoreSettings | None:
         url=url,
         s3=s3_from_env() if url.startswith("s3://") else S3Settings(),
         part_size=env_int("CRYPTO_STORE_PART_SIZE", StoreSettings.part_size),
+        retention_days=env_int("CRYPTO_ARCHIVE_RETENTION_DAYS", 0),
+        retention_mode=env_str("CRYPTO_ARCHIVE_RETENTION_MODE", "COMPLIANCE"),
     )
 
 

@@ -177,6 +177,11 @@ class StoreSettings:
     s3: S3Settings = S3Settings()
     # Multipart part size; a put holds at most two parts in memory. S3 wants >= 5 MiB parts.
     part_size: int = 16 * 1024 * 1024
+    # S3 Object Lock on every object put (the archive tier): kept at least this many days,
+    # undeletable by anyone (COMPLIANCE) or by those without the bypass right (GOVERNANCE).
+    # 0 = none. Needs a bucket with Object Lock enabled (created so when missing).
+    retention_days: int = 0
+    retention_mode: str = "COMPLIANCE"
 
     @property
     def local_root(self) -> Path | None:
@@ -207,11 +212,16 @@ def _split_url(url: str) -> tuple[str, str]:
 def open_store(settings: StoreSettings) -> TierStore:
     """The backend named by ``settings.url``, ready for use (an S3 bucket is created if missing)."""
     scheme, rest = _split_url(settings.url)
+    if settings.retention_days < 0 or settings.retention_mode not in ("COMPLIANCE", "GOVERNANCE"):
+        raise StoreConfigError("retention needs days >= 0 and mode COMPLIANCE or GOVERNANCE")
     if scheme == "file":
+        if settings.retention_days:
+            raise StoreConfigError("retention (Object Lock) needs an s3:// store")
         from services.crypto.store_fs import FileStore
 
         return FileStore(Path(rest))
-    from services.crypto.store_s3 import S3Store
+    from services.crypto.store_s3 import Retention, S3Store
 
     bucket, _, prefix = rest.partition("/")
-    return S3Store.connect(bucket, prefix, settings.s3, part_size=settings.part_size)
+    retention = Retention(settings.retention_mode, settings.retention_days) if settings.retention_days else None
+    return S3Store.connect(bucket, prefix, settings.s3, part_size=settings.part_size, retention=retention)

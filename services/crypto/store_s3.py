@@ -19,6 +19,7 @@ an asynchronous client would add a second HTTP stack without adding parallelism.
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import logging
 import re
@@ -26,6 +27,7 @@ import time
 from collections.abc import Iterator
 from concurrent import futures
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import botocore.session
@@ -81,11 +83,30 @@ def new_client(s3: S3Settings) -> S3Client:
     return cast("S3Client", client)
 
 
+@dataclass(frozen=True)
+class Retention:
+    """S3 Object Lock put on each object as it is written."""
+
+    mode: str
+    days: int
+
+    def put_arguments(self) -> dict[str, Any]:
+        until = dt.datetime.now(dt.UTC) + dt.timedelta(days=self.days)
+        return {"ObjectLockMode": self.mode, "ObjectLockRetainUntilDate": until}
+
+
 class S3Store:
     reads_block = True
 
     def __init__(
-        self, client: S3Client, bucket: str, prefix: str, *, part_size: int, leftover_age_s: float = LEFTOVER_AGE_S
+        self,
+        client: S3Client,
+        bucket: str,
+        prefix: str,
+        *,
+        part_size: int,
+        leftover_age_s: float = LEFTOVER_AGE_S,
+        retention: Retention | None = None,
     ) -> None:
         if not bucket:
             raise StoreConfigError("an s3:// store URL needs a bucket (s3://bucket/prefix)")
@@ -97,12 +118,15 @@ class S3Store:
         self.prefix = f"{prefix}/" if prefix else ""
         self.part_size = part_size
         self.leftover_age_s = leftover_age_s
+        self.retention = retention
         # Shared by every seal in flight; botocore's connection pool (32) is larger.
         self._uploads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="s3-part")
 
     @classmethod
-    def connect(cls, bucket: str, prefix: str, s3: S3Settings, *, part_size: int) -> S3Store:
-        store = cls(new_client(s3), bucket, prefix, part_size=part_size)
+    def connect(
+        cls, bucket: str, prefix: str, s3: S3Settings, *, part_size: int, retention: Retention | None = None
+    ) -> S3Store:
+        store = cls(new_client(s3), bucket, prefix, part_size=part_size, retention=retention)
         store.ensure_bucket()
         return store
 
@@ -121,13 +145,15 @@ class S3Store:
                 raise
             try:
                 region = self._client.meta.region_name
+                lock: dict[str, Any] = {"ObjectLockEnabledForBucket": True} if self.retention else {}
                 if region and region != "us-east-1":
                     self._client.create_bucket(
                         Bucket=self.bucket,
                         CreateBucketConfiguration={"LocationConstraint": region},  # type: ignore[typeddict-item]
+                        **lock,
                     )
                 else:
-                    self._client.create_bucket(Bucket=self.bucket)
+                    self._client.create_bucket(Bucket=self.bucket, **lock)
                 log.info("bucket created", extra={"bucket": self.bucket})
             except ClientError as race:
                 # Two replicas starting together: the other one created it.
@@ -140,6 +166,19 @@ class S3Store:
             except ClientError as exc:
                 # A bucket managed elsewhere (or a server without versioning) still stores.
                 log.warning("bucket versioning not enabled", extra={"bucket": self.bucket, "error": _code(exc)})
+        if self.retention:
+            self._require_object_lock()
+
+    def _require_object_lock(self) -> None:
+        try:
+            config = self._client.get_object_lock_configuration(Bucket=self.bucket)
+            enabled = config.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
+        except ClientError:
+            enabled = False
+        if not enabled:
+            raise StoreConfigError(
+                f"bucket {self.bucket} has no Object Lock: retention needs a bucket created with it enabled"
+            )
 
     def exists(self, object_id: str) -> bool:
         try:
@@ -176,7 +215,10 @@ class S3Store:
         return object_id
 
     def begin_write(self, object_id: str, *, replace: bool = False) -> S3Pending:
-        return S3Pending(self._client, self.bucket, self.key_of(object_id), self.part_size, replace, self._uploads)
+        lock = self.retention.put_arguments() if self.retention else {}
+        return S3Pending(
+            self._client, self.bucket, self.key_of(object_id), self.part_size, replace, self._uploads, lock
+        )
 
     def remove(self, object_id: str) -> None:
         self._client.delete_object(Bucket=self.bucket, Key=self.key_of(object_id))
@@ -211,9 +253,17 @@ class S3Store:
 
 class S3Pending:
     def __init__(
-        self, client: S3Client, bucket: str, key: str, part_size: int, replace: bool, uploads: Executor
+        self,
+        client: S3Client,
+        bucket: str,
+        key: str,
+        part_size: int,
+        replace: bool,
+        uploads: Executor,
+        lock: dict[str, Any] | None = None,
     ) -> None:
         self._client = client
+        self._lock = lock or {}
         self._uploads = uploads
         # One part uploading while the next one fills: encryption and the network overlap,
         # and a seal holds at most two parts.
@@ -250,7 +300,9 @@ class S3Pending:
 
     def _upload_part(self, body: bytes) -> None:
         if self._upload_id is None:
-            created = self._client.create_multipart_upload(Bucket=self._bucket, Key=self._key, ContentType=CONTENT_TYPE)
+            created = self._client.create_multipart_upload(
+                Bucket=self._bucket, Key=self._key, ContentType=CONTENT_TYPE, **self._lock
+            )
             self._upload_id = created["UploadId"]
         number = len(self._parts) + 1
         resp = self._client.upload_part(
@@ -268,7 +320,12 @@ class S3Pending:
             self._settle_in_flight()
             if self._upload_id is None:
                 self._client.put_object(
-                    Bucket=self._bucket, Key=self._key, Body=bytes(self._buf), ContentType=CONTENT_TYPE, **cond
+                    Bucket=self._bucket,
+                    Key=self._key,
+                    Body=bytes(self._buf),
+                    ContentType=CONTENT_TYPE,
+                    **cond,
+                    **self._lock,
                 )
             else:
                 if self._buf:

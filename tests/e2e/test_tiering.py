@@ -23,12 +23,15 @@ from dicomsafe.common.audit_emitter import AuditEmitter
 from dicomsafe.common.kafka import Topics, ensure_topics, headers_for, new_producer, topic_specs
 from dicomsafe.v1 import events_pb2
 from services.audit.store import COLLECTION
-from services.crypto.object_store import StoreSettings, copy_verified, open_store, sha256_of
+from services.crypto.object_store import S3Settings, StoreSettings, copy_verified, open_store, sha256_of
+from services.crypto.store_s3 import new_client
 from tests.servers import Servers
 from tests.service_runner import TEST_BUCKET, s3_settings
 from tools import dicom_samples, tiering
 from tools.oidc_issuer import LocalIssuer
 from tools.stack import Stack, StackSettings, free_base_port
+
+ARCHIVE_RETENTION_DAYS = 7
 
 
 @pytest.fixture
@@ -51,7 +54,9 @@ def site(servers: Servers, idp: LocalIssuer, tmp_path: Path) -> Iterator[Stack]:
             oidc_issuer=idp.url,
             oidc_jwks_url=idp.jwks_url,
             crypto_store_url=f"s3://{TEST_BUCKET}/tier-hot-{unique}",
-            crypto_archive_url=f"s3://{TEST_BUCKET}/tier-archive-{unique}",
+            # Its own bucket: the archive's objects are put under Object Lock.
+            crypto_archive_url=f"s3://dicomsafe-archive-{unique}/objects",
+            crypto_archive_retention_days=ARCHIVE_RETENTION_DAYS,
             s3=s3_settings(servers.s3),
         )
     )
@@ -66,7 +71,9 @@ def site(servers: Servers, idp: LocalIssuer, tmp_path: Path) -> Iterator[Stack]:
 def _tier(stack: Stack, which: str) -> Any:
     s = stack.settings
     assert s.s3 is not None
-    return open_store(StoreSettings(s.crypto_store_url if which == "hot" else s.crypto_archive_url, s.s3))
+    if which == "hot":
+        return open_store(StoreSettings(s.crypto_store_url, s.s3))
+    return open_store(StoreSettings(s.crypto_archive_url, s.s3, retention_days=ARCHIVE_RETENTION_DAYS))
 
 
 async def _ingest(stack: Stack, files: dict[str, bytes]) -> dict[str, str]:
@@ -151,6 +158,10 @@ def test_old_instances_move_to_the_archive_and_stay_retrievable(site: Stack, idp
     assert (report.due, report.moved, report.by_rule) == (6, 6, {"default": 6})
     for sop, object_id in objects.items():
         assert hot.exists(object_id) == (sop in mr) and archive.exists(object_id) == (sop in ct)
+    # Archived under Object Lock: retained, whoever asks.
+    client = new_client(site.settings.s3 or S3Settings())
+    head = client.head_object(Bucket=archive.bucket, Key=archive.key_of(objects[next(iter(ct))]))
+    assert head["ObjectLockMode"] == "COMPLIANCE"
 
     # Transparent retrieval, byte for byte, from either tier; the archive's opens are measured.
     house = idp.token("dr.house")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import os
 import threading
@@ -10,8 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from botocore.exceptions import ClientError
 
-from services.crypto.object_store import ObjectStore, rewrite_header
+from services.crypto.object_store import ObjectStore, StoreConfigError, StoreSettings, open_store, rewrite_header
 from services.crypto.store_fs import FileStore
 from services.crypto.store_s3 import S3Store, new_client
 from tests.servers import Servers
@@ -239,3 +241,30 @@ def test_concurrent_claims_leave_one_holder(store: ObjectStore, unique: str) -> 
         # link() is atomic: every racer was told the same holder. (SeaweedFS's conditional put is
         # not atomic, so there two racers may each be told they hold it: see the crypto README.)
         assert set(results) == {holder}
+
+
+def test_archive_retention_locks_every_object_put(servers: Servers, unique: str) -> None:
+    """Object Lock on an archive tier: each object, whole or multipart, is written retained, and
+    not even its own writer can delete that version before the date."""
+    settings = StoreSettings(
+        f"s3://dicomsafe-archive-{unique}/objects", s3_settings(servers.s3), TEST_PART_SIZE, retention_days=30
+    )
+    store = open_store(settings)
+    assert isinstance(store, S3Store)
+    client = new_client(s3_settings(servers.s3))
+    for name, size in (("small", 1000), ("multipart", 2 * TEST_PART_SIZE + 5)):
+        object_id = _id(f"locked-{name}")
+        data = os.urandom(size)
+        assert _put(store, object_id, data) and _get(store, object_id) == data
+        head = client.head_object(Bucket=store.bucket, Key=store.key_of(object_id))
+        assert head["ObjectLockMode"] == "COMPLIANCE"
+        until = head["ObjectLockRetainUntilDate"]
+        assert dt.timedelta(days=29) < until - dt.datetime.now(dt.UTC) <= dt.timedelta(days=30)
+        with pytest.raises(ClientError):
+            client.delete_object(Bucket=store.bucket, Key=store.key_of(object_id), VersionId=head["VersionId"])
+        assert _get(store, object_id) == data
+    # Retention asked of a bucket made without Object Lock (the test bucket): refused at start.
+    with pytest.raises(StoreConfigError, match="Object Lock"):
+        open_store(StoreSettings(f"s3://{TEST_BUCKET}/x{unique}", s3_settings(servers.s3), retention_days=30))
+    with pytest.raises(StoreConfigError, match="s3://"):
+        open_store(StoreSettings("file:///tmp/never", retention_days=1))
