@@ -14,20 +14,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pydicom
 import pytest
 import requests
 from pymongo import AsyncMongoClient
 
 from dicomsafe.common.audit_emitter import AuditEmitter
+from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, headers_for, new_producer, topic_specs
-from dicomsafe.v1 import events_pb2
+from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc, events_pb2
 from services.audit.store import COLLECTION
 from services.crypto.object_store import S3Settings, StoreSettings, copy_verified, open_store, sha256_of
 from services.crypto.store_s3 import new_client
 from tests.servers import Servers
 from tests.service_runner import TEST_BUCKET, s3_settings
-from tools import dicom_samples, tiering
+from tools import dicom_samples, tiering, vault_setup
+from tools.erase_patient import ErasureRequest, erase_patient
 from tools.oidc_issuer import LocalIssuer
 from tools.stack import Stack, StackSettings, free_base_port
 
@@ -139,17 +142,24 @@ def _wado_uri(stack: Stack, token: str, data: bytes) -> bytes:
     return got.content
 
 
-def _files(make: Any, n: int, seed: int) -> dict[str, bytes]:
+ISSUER = "TIERING-TEST"
+ARCHIVED_PATIENT = f"ARCH-{uuid.uuid4().hex[:8]}"
+
+
+def _files(make: Any, n: int, seed: int, patient_id: str = "") -> dict[str, bytes]:
     study = f"2.25.{uuid.uuid4().int}"
     out = {}
     for i in range(n):
         ds = make(study_uid=study, seed=seed + i, rows=64, columns=64)
+        if patient_id:
+            ds.PatientID, ds.IssuerOfPatientID = patient_id, ISSUER
         out[str(ds.SOPInstanceUID)] = dicom_samples.to_bytes(ds)
     return out
 
 
 def test_old_instances_move_to_the_archive_and_stay_retrievable(site: Stack, idp: LocalIssuer) -> None:
-    ct, mr = _files(dicom_samples.ct_image, 6, 10), _files(dicom_samples.mr_image, 3, 50)
+    ct = _files(dicom_samples.ct_image, 6, 10, patient_id=ARCHIVED_PATIENT)
+    mr = _files(dicom_samples.mr_image, 3, 50)
     objects = asyncio.run(_ingest(site, ct | mr))
     hot, archive = _tier(site, "hot"), _tier(site, "archive")
     policy = tiering.Policy(default_days=0, by_modality={"MR": None})  # CT due at once; MR stays hot
@@ -205,3 +215,35 @@ def test_old_instances_move_to_the_archive_and_stay_retrievable(site: Stack, idp
     while (got := asyncio.run(tiered())) != want:
         assert time.monotonic() < deadline, f"tiering audited for {len(got)} of {len(want)} objects"
         time.sleep(0.5)
+
+    # Crypto-shredding reaches the archive: the CT patient erased, their retained objects stay
+    # in the locked bucket but no longer open.
+    officer = vault_setup.erasure_officer_token(site.settings.vault_addr, site.settings.vault_admin_token)
+    request = ErasureRequest(idp.token("dpo.lee"), ARCHIVED_PATIENT, ISSUER, "GDPR art. 17 request (tiering test)")
+    ops = site.settings.client_tls("ops")
+    asyncio.run(
+        erase_patient(
+            request,
+            site.settings.vault_addr,
+            officer,
+            site.settings.target("authz"),
+            ops,
+            site.settings.kafka_bootstrap,
+            Topics(site.settings.topic_prefix),
+        )
+    )
+
+    async def open_archived(object_id: str) -> grpc.StatusCode:
+        async with new_channel(site.settings.target("crypto"), site.settings.client_tls("gateway")) as channel:
+            stub = crypto_pb2_grpc.CryptoServiceStub(channel)
+            try:
+                async for _ in stub.Open(crypto_pb2.OpenRequest(object_id=object_id, on_behalf_of="dr.house")):
+                    pass
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+    erased = objects[next(iter(ct))]
+    assert archive.exists(erased) and not hot.exists(erased)
+    assert asyncio.run(open_archived(erased)) == grpc.StatusCode.FAILED_PRECONDITION
+    assert asyncio.run(open_archived(objects[next(iter(mr))])) == grpc.StatusCode.OK  # another patient
