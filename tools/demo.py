@@ -1,10 +1,10 @@
-"""The dicomsafe story on real servers, in one command (`make run`).
+"""The demo (`make run`): the whole pipeline on real servers, in a few minutes.
 
-Starts Kafka, Vault (OpenBao) and a MongoDB-wire server unless KAFKA_BOOTSTRAP /
-VAULT_ADDR+VAULT_TOKEN / MONGODB_URI name existing ones; provisions Vault; starts the
-services as processes; publishes sample studies; shows them sealed on disk, retrieved by
-an authorised user and refused to others; stores, finds and reads a study over DICOMweb;
-verifies the audit chain; stops everything.
+Starts Kafka, Vault (OpenBao), a MongoDB-wire server and an S3 server (SeaweedFS) unless
+KAFKA_BOOTSTRAP / VAULT_ADDR+VAULT_TOKEN / MONGODB_URI / S3_ENDPOINT_URL name existing ones;
+provisions Vault; starts the services as processes; publishes sample studies; shows them sealed
+in the object store (S3, as deployed), retrieved by an authorised user and refused to others;
+stores, finds and reads a study over DICOMweb; verifies the audit chain; stops everything.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, dlq_topic, ensure_topics, headers_for, new_producer, topic_specs
 from dicomsafe.common.tls import TlsConfig
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc, events_pb2, retrieval_pb2, retrieval_pb2_grpc
+from services.crypto.object_store import S3Settings, StoreSettings, open_store
 from tools import dicom_samples, infra
 from tools.oidc_issuer import LocalIssuer
 from tools.stack import Stack, StackSettings
@@ -45,6 +46,8 @@ class Servers:
     vault_addr: str
     vault_token: str
     mongo: str
+    # The S3 API the sealed objects go to (as in Kubernetes).
+    s3: S3Settings
     started_locally: tuple[str, ...]
 
 
@@ -55,7 +58,15 @@ def say(text: str = "") -> None:
 def resolve_servers() -> Servers:
     kafka, mongo = os.environ.get("KAFKA_BOOTSTRAP", ""), os.environ.get("MONGODB_URI", "")
     vault_addr, vault_token = os.environ.get("VAULT_ADDR", ""), os.environ.get("VAULT_TOKEN", "")
-    need = [n for n, have in (("kafka", kafka), ("vault", vault_addr and vault_token), ("mongo", mongo)) if not have]
+    s3_url = os.environ.get("S3_ENDPOINT_URL", "")
+    s3 = S3Settings(
+        endpoint_url=s3_url,
+        region=os.environ.get("S3_REGION", "us-east-1"),
+        access_key_id=os.environ.get("S3_ACCESS_KEY_ID"),
+        secret_access_key=os.environ.get("S3_SECRET_ACCESS_KEY"),
+    )
+    have_servers = (("kafka", kafka), ("vault", vault_addr and vault_token), ("mongo", mongo), ("s3", s3_url))
+    need = [n for n, have in have_servers if not have]
     if need:
         say(f"• starting local servers: {', '.join(need)} (first run installs them; later runs reuse the cache)")
         t0 = time.monotonic()
@@ -65,7 +76,14 @@ def resolve_servers() -> Servers:
         mongo = mongo or local.mongodb_uri
         if "vault" in need:
             vault_addr, vault_token = local.vault_addr, local.vault_token
-    return Servers(kafka, vault_addr, vault_token, mongo, tuple(need))
+        if "s3" in need:
+            s3 = S3Settings(
+                endpoint_url=local.s3_endpoint_url,
+                region=infra.S3_REGION,
+                access_key_id=local.s3_access_key_id,
+                secret_access_key=local.s3_secret_access_key,
+            )
+    return Servers(kafka, vault_addr, vault_token, mongo, s3, tuple(need))
 
 
 async def publish(bootstrap: str, topics: Topics, samples: list[tuple[str, bytes]], junk: bytes) -> dict[str, str]:
@@ -151,16 +169,18 @@ async def story(stack: Stack, servers: Servers, topics: Topics, idp: LocalIssuer
 
     by_sha = {hashlib.sha256(d).hexdigest(): (n, d) for n, d in samples}
     ok = len(stored) == len(samples) and len(dead) == 1
-    say("\n③ on disk, sealed (AES-256-GCM, data key wrapped by Vault Transit):")
-    store = stack.settings.work_dir / "store"
+    store = open_store(StoreSettings(stack.settings.crypto_store_url, servers.s3))
+    say(f"\n③ in the object store ({store.describe_location()}), sealed")
+    say("   (AES-256-GCM, a fresh data key per object, wrapped by Vault Transit):")
     for event in stored:
         name, original = by_sha[event.plaintext_sha256]
-        path = next(store.rglob(f"{event.object_id}.dso"))
-        sealed = path.read_bytes()
+        with store.open_read(event.object_id) as f:
+            sealed = f.read()
         leaks = [
             label
             for label, needle in (
-                ("DICM", b"DICM"),
+                # The file signature: "DICM" alone may occur in the base64 of the wrapped key.
+                ("DICM", bytes(128) + b"DICM"),
                 ("patient name", dicom_samples.SYNTHETIC_MARKER),
                 ("pixel bytes", original[-4096:]),
             )
@@ -168,7 +188,7 @@ async def story(stack: Stack, servers: Servers, topics: Topics, idp: LocalIssuer
         ]
         ok &= not leaks
         say(
-            f"   {name:<28} {path.name[:16]}… {len(sealed):>9} B  key v{event.key_version}  "
+            f"   {name:<28} {event.object_id[:16]}… {len(sealed):>9} B  key v{event.key_version}  "
             f"plaintext found: {', '.join(leaks) if leaks else 'none'}"
         )
 
@@ -305,6 +325,8 @@ def main() -> int:
         audit_db=f"dicomsafe_audit_{topics.prefix.strip('.')}",
         oidc_issuer=idp.url,
         oidc_jwks_url=idp.jwks_url,
+        crypto_store_url=f"s3://dicomsafe-demo/{topics.prefix.strip('.')}",
+        s3=servers.s3,
     )
     stack = Stack(settings)
     ok = False
