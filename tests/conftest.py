@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.restartable import OwnKafka, OwnMongo, PersistentBao, running_server
 from tests.servers import Servers, resolve
 from tests.service_runner import TEST_CLIENT
 from tools.oidc_issuer import LocalIssuer, running_issuer
@@ -47,3 +48,19 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """A CA made for this session and a certificate for every workload identity: services in
     tests run with mutual TLS, as deployed."""
     return make_pki(tmp_path_factory.mktemp("pki"), (*IDENTITIES, TEST_CLIENT))
+
+
+# Servers of a test's own that it may stop and start (tests.restartable), on its tmp_path.
+@pytest.fixture
+def own_bao(tmp_path: Path) -> Iterator[PersistentBao]:
+    yield from running_server(PersistentBao(tmp_path / "bao"))
+
+
+@pytest.fixture
+def own_mongo(tmp_path: Path) -> Iterator[OwnMongo]:
+    yield from running_server(OwnMongo(tmp_path / "mongo"))
+
+
+@pytest.fixture
+def own_kafka(tmp_path: Path) -> Iterator[OwnKafka]:
+    yield from running_server(OwnKafka(tmp_path / "kafka"))

@@ -11,7 +11,9 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import hvac
 from pymongo import MongoClient
@@ -158,3 +160,15 @@ class OwnKafka(_Process):
             if time.monotonic() > deadline:
                 raise TimeoutError("Kafka did not become ready")
             time.sleep(0.3)
+
+
+S = TypeVar("S", PersistentBao, OwnMongo, OwnKafka)
+
+
+def running_server(server: S) -> Iterator[S]:
+    """For a fixture: the server started, and stopped after the test whatever happened."""
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from pymongo.errors import PyMongoError
 
 from dicomsafe.common.kafka import Topics, ensure_topics, new_producer, topic_specs
@@ -27,16 +25,6 @@ from tools.stack import Stack, StackSettings, free_base_port
 EVENTS = 1500
 
 
-@pytest.fixture
-def mongo(tmp_path: Path) -> Iterator[OwnMongo]:
-    server = OwnMongo(tmp_path / "mongo")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 async def _records(mongodb_uri: str, database: str) -> Verdict | None:
     try:
         return await verify_directly(mongodb_uri, database)
@@ -44,7 +32,7 @@ async def _records(mongodb_uri: str, database: str) -> Verdict | None:
         return None  # MongoDB down
 
 
-async def test_mongodb_outage_under_load_loses_nothing(servers: Servers, mongo: OwnMongo, tmp_path: Path) -> None:
+async def test_mongodb_outage_under_load_loses_nothing(servers: Servers, own_mongo: OwnMongo, tmp_path: Path) -> None:
     unique = uuid.uuid4().hex[:8]
     topics = Topics(f"mout{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=2))
@@ -53,7 +41,7 @@ async def test_mongodb_outage_under_load_loses_nothing(servers: Servers, mongo: 
             kafka_bootstrap=servers.kafka_bootstrap,
             vault_addr=servers.vault_addr,
             vault_admin_token=servers.vault_token,
-            mongodb_uri=mongo.uri,
+            mongodb_uri=own_mongo.uri,
             work_dir=tmp_path / "stack",
             topic_prefix=topics.prefix,
             base_port=free_base_port(),
@@ -80,19 +68,19 @@ async def test_mongodb_outage_under_load_loses_nothing(servers: Servers, mongo: 
     try:
         await asyncio.to_thread(stack.start, ("audit",))
         await publish(EVENTS // 3)
-        mongo.stop()  # down while events keep coming
+        own_mongo.stop()  # down while events keep coming
         await publish(EVENTS - EVENTS // 3)
         await asyncio.sleep(5)
-        assert await _records(mongo.uri, stack.settings.audit_db) is None
+        assert await _records(own_mongo.uri, stack.settings.audit_db) is None
         assert stack.processes["audit"].poll() is None, "the service must wait, not crash"
-        mongo.start()
+        own_mongo.start()
         deadline = time.monotonic() + 180
-        verdict = await _records(mongo.uri, stack.settings.audit_db)
+        verdict = await _records(own_mongo.uri, stack.settings.audit_db)
         while (verdict is None or verdict.records < EVENTS) and time.monotonic() < deadline:
             await asyncio.sleep(1)
-            verdict = await _records(mongo.uri, stack.settings.audit_db)
+            verdict = await _records(own_mongo.uri, stack.settings.audit_db)
         await asyncio.sleep(2)
-        verdict = await _records(mongo.uri, stack.settings.audit_db)
+        verdict = await _records(own_mongo.uri, stack.settings.audit_db)
     finally:
         await producer.stop()
         stack.stop()

@@ -16,66 +16,30 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import io
 import json
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pydicom
-import pytest
-import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pymongo import AsyncMongoClient
 
-from dicomsafe.common.kafka import Topics, ensure_topics, headers_for, new_producer, topic_specs
 from dicomsafe.common.vault import VaultAuth, VaultSession
-from dicomsafe.v1 import events_pb2
 from services.audit.checkpoints import CheckpointSigner
 from services.audit.store import CHECKPOINTS, COLLECTION
 from services.crypto.object_store import StoreSettings, open_store, sha256_of
 from tests.audit_trail import verify_directly
+from tests.own_site import instances, publish, site_settings, wado_uri
 from tests.restartable import OwnMongo
 from tests.servers import Servers
 from tests.service_runner import TEST_BUCKET, s3_settings
 from tools import backup, dicom_samples
 from tools.oidc_issuer import LocalIssuer
-from tools.stack import Stack, StackSettings, free_base_port
+from tools.stack import Stack, StackSettings
 
 FIRST, SECOND = 30, 20
-
-
-@pytest.fixture
-def fresh_mongo(tmp_path: Path) -> Iterator[OwnMongo]:
-    server = OwnMongo(tmp_path / "fresh-mongo")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def _settings(servers: Servers, idp: LocalIssuer, work: Path, unique: str, **changes: Any) -> StackSettings:
-    topics = Topics(f"dr{uuid.uuid4().hex[:8]}.")
-    asyncio.run(ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=2)))
-    base: dict[str, Any] = {
-        "kafka_bootstrap": servers.kafka_bootstrap,
-        "vault_addr": servers.vault_addr,
-        "vault_admin_token": servers.vault_token,
-        "mongodb_uri": servers.mongodb_uri,
-        "work_dir": work,
-        "topic_prefix": topics.prefix,
-        "base_port": free_base_port(),
-        "audit_db": f"dr_audit_{unique}",
-        "authz_db": f"dr_authz_{unique}",
-        "index_db": f"dr_index_{unique}",
-        "oidc_issuer": idp.url,
-        "oidc_jwks_url": idp.jwks_url,
-    }
-    return StackSettings(**(base | changes))
 
 
 def _site(settings: StackSettings) -> backup.Site:
@@ -86,29 +50,6 @@ def _site(settings: StackSettings) -> backup.Site:
         mongodb_uri=settings.mongodb_uri,
         databases={"index": settings.index_db, "audit": settings.audit_db, "authz": settings.authz_db},
     )
-
-
-def _instances(n: int, seed: int) -> dict[str, bytes]:
-    study = f"2.25.{uuid.uuid4().int}"
-    out = {}
-    for i in range(n):
-        ds = dicom_samples.ct_image(study_uid=study, seed=seed + i, rows=64, columns=64)
-        out[str(ds.SOPInstanceUID)] = dicom_samples.to_bytes(ds)
-    return out
-
-
-async def _publish(settings: StackSettings, files: dict[str, bytes]) -> None:
-    producer = new_producer(settings.kafka_bootstrap, "dr-modality")
-    await producer.start()
-    try:
-        for data in files.values():
-            req = events_pb2.IngestRequest(request_id=str(uuid.uuid4()), source="dr-modality", inline_instance=data)
-            await producer.send(
-                Topics(settings.topic_prefix).ingest, req.SerializeToString(), key=b"dr", headers=headers_for(req)
-            )
-        await producer.flush()
-    finally:
-        await producer.stop()
 
 
 async def _collections(uri: str, database: str) -> dict[str, list[dict[str, Any]]]:
@@ -147,50 +88,28 @@ async def _until_settled(settings: StackSettings, sops: set[str], keys: dict[int
         await asyncio.sleep(1)
 
 
-def _wado_uri(settings: StackSettings, token: str, data: bytes) -> requests.Response:
-    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-    session = requests.Session()
-    session.trust_env = False
-    query = {
-        "requestType": "WADO",
-        "studyUID": str(ds.StudyInstanceUID),
-        "seriesUID": str(ds.SeriesInstanceUID),
-        "objectUID": str(ds.SOPInstanceUID),
-        "contentType": "application/dicom",
-    }
-    return session.get(
-        f"{settings.dicomweb_url}/wado",
-        params=query,
-        headers={"Authorization": f"Bearer {token}"},
-        verify=str(settings.ca_file),
-        timeout=60,
-    )
-
-
-def test_backup_destroy_restore_verify(
-    servers: Servers, idp: LocalIssuer, fresh_mongo: OwnMongo, tmp_path: Path
-) -> None:
+def test_backup_destroy_restore_verify(servers: Servers, idp: LocalIssuer, own_mongo: OwnMongo, tmp_path: Path) -> None:
     unique = uuid.uuid4().hex[:8]
     keys = CheckpointSigner(VaultSession(VaultAuth(servers.vault_addr, token=servers.vault_token))).public_keys()
-    primary = _settings(servers, idp, tmp_path / "primary", unique)
+    primary = site_settings(servers, idp, tmp_path / "primary", "dr", partitions=2)
     locations = {
         "s3": StoreSettings(f"s3://{TEST_BUCKET}/dr-backup-{unique}", s3_settings(servers.s3)),
         "local": StoreSettings((tmp_path / "backup").as_uri()),
     }
-    sent = _instances(FIRST, seed=10)
-    later = _instances(SECOND, seed=500)
+    sent = instances(dicom_samples.ct_image, FIRST, 10)
+    later = instances(dicom_samples.ct_image, SECOND, 500)
     stack = Stack(primary)
     try:
         stack.start()
-        asyncio.run(_publish(primary, sent))
+        asyncio.run(publish(primary, sent.values()))
         asyncio.run(_until_settled(primary, set(sent), keys))
         first = {name: backup.backup(_site(primary), where) for name, where in locations.items()}
         # The site goes on: more instances, reads (audited), then the last backup.
-        asyncio.run(_publish(primary, later))
+        asyncio.run(publish(primary, later.values()))
         sent |= later
         asyncio.run(_until_settled(primary, set(sent), keys))
         house = idp.token("dr.house")
-        assert all(_wado_uri(primary, house, data).content == data for data in list(later.values())[:3])
+        assert all(wado_uri(primary, house, data).content == data for data in list(later.values())[:3])
         asyncio.run(_until_settled(primary, set(sent), keys))
     finally:
         codes = stack.stop()
@@ -222,12 +141,13 @@ def test_backup_destroy_restore_verify(
     asyncio.run(drop())
 
     # Restore the newest backup (from S3) into fresh servers, and start the site on them.
-    recovered = _settings(
+    recovered = site_settings(
         servers,
         idp,
         tmp_path / "recovered",
-        unique,
-        mongodb_uri=fresh_mongo.uri,
+        "dr",
+        partitions=2,
+        mongodb_uri=own_mongo.uri,
         crypto_store_url=f"s3://{TEST_BUCKET}/dr-recovered-{unique}",
         s3=s3_settings(servers.s3),
     )
@@ -241,12 +161,12 @@ def test_backup_destroy_restore_verify(
     try:
         stack.start()
         house = idp.token("dr.house")
-        first_open = _wado_uri(recovered, house, next(iter(sent.values())))
+        first_open = wado_uri(recovered, house, next(iter(sent.values())))
         assert first_open.status_code == 200, first_open.text
         rto_s = time.monotonic() - destroyed_at
 
         for data in sent.values():
-            assert _wado_uri(recovered, house, data).content == data
+            assert wado_uri(recovered, house, data).content == data
         verdict = asyncio.run(verify_directly(recovered.mongodb_uri, recovered.audit_db, keys))
         assert verdict.ok, list(verdict.breaks)
         assert verdict.records >= audit_records and verdict.checkpoints >= 1

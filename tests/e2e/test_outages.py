@@ -22,7 +22,7 @@ import random
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,11 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
 
 from dicomsafe.common.grpc_runtime import new_channel
-from dicomsafe.common.kafka import Topics, dlq_topic, ensure_topics, headers_for, new_producer, topic_specs
+from dicomsafe.common.kafka import Topics, dlq_topic, ensure_topics, topic_specs
 from dicomsafe.v1 import events_pb2, retrieval_pb2, retrieval_pb2_grpc
 from services.audit.store import COLLECTION
 from tests.audit_trail import verify_directly
+from tests.own_site import publish
 from tests.restartable import OwnKafka, OwnMongo, PersistentBao
 from tests.servers import Servers
 from tools import dicom_samples
@@ -82,18 +83,6 @@ def _instances(marker: str) -> Sent:
         ds.PatientName = marker
         by_sop[str(ds.SOPInstanceUID)] = dicom_samples.to_bytes(ds)
     return Sent(by_sop, marker)
-
-
-async def _publish(bootstrap: str, topic: str, sent: Sent) -> None:
-    producer = new_producer(bootstrap, "outage-modality")
-    await producer.start()
-    try:
-        for data in sent.by_sop.values():
-            req = events_pb2.IngestRequest(request_id=str(uuid.uuid4()), source="outage-modality", inline_instance=data)
-            await producer.send(topic, req.SerializeToString(), key=req.request_id.encode(), headers=headers_for(req))
-        await producer.flush()
-    finally:
-        await producer.stop()
 
 
 def _sealed_objects(stack: Stack) -> list[Path]:
@@ -194,7 +183,7 @@ async def _ingest_through(
     stack = Stack(settings)
     try:
         await asyncio.to_thread(stack.start)
-        await _publish(servers.kafka_bootstrap, topics.ingest, sent)
+        await publish(settings, sent.by_sop.values(), source="outage-modality")
         await _until_sealed(stack, OUTAGE_AT, 300)
         await outage(stack)
         for name in restart_after:
@@ -257,36 +246,6 @@ async def _ingest_through(
 @pytest.fixture
 def shared(servers: Servers) -> Servers3:
     return Servers3(servers.kafka_bootstrap, servers.vault_addr, servers.vault_token, servers.mongodb_uri)
-
-
-@pytest.fixture
-def own_bao(tmp_path: Path) -> Iterator[PersistentBao]:
-    server = PersistentBao(tmp_path / "bao")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def own_mongo(tmp_path: Path) -> Iterator[OwnMongo]:
-    server = OwnMongo(tmp_path / "mongo")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def own_kafka(tmp_path: Path) -> Iterator[OwnKafka]:
-    server = OwnKafka(tmp_path / "kafka")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def test_openbao_down_for_20s_mid_ingest(

@@ -20,14 +20,13 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pymongo import AsyncMongoClient
 
-from dicomsafe.common.kafka import Topics, ensure_topics, headers_for, new_producer, topic_specs
-from dicomsafe.v1 import events_pb2
 from services.crypto.object_store import StoreSettings, open_store
+from tests.own_site import instances, publish, site_settings, wado_uri
 from tests.servers import Servers
 from tests.service_runner import TEST_BUCKET, s3_settings
 from tools import dicom_samples
 from tools.oidc_issuer import LocalIssuer
-from tools.stack import Stack, StackSettings, free_base_port
+from tools.stack import Stack
 
 PER_GATEWAY = 4
 INGESTED = 30
@@ -35,23 +34,12 @@ INGESTED = 30
 
 @pytest.fixture
 def two_of_each(servers: Servers, idp: LocalIssuer, tmp_path: Path) -> Iterator[Stack]:
-    unique = uuid.uuid4().hex[:8]
-    topics = Topics(f"scale{unique}.")
-    asyncio.run(ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=3)))
-    settings = StackSettings(
-        kafka_bootstrap=servers.kafka_bootstrap,
-        vault_addr=servers.vault_addr,
-        vault_admin_token=servers.vault_token,
-        mongodb_uri=servers.mongodb_uri,
-        work_dir=tmp_path,
-        topic_prefix=topics.prefix,
-        base_port=free_base_port(),
-        audit_db=f"scale_audit_{unique}",
-        authz_db=f"scale_authz_{unique}",
-        index_db=f"scale_index_{unique}",
-        oidc_issuer=idp.url,
-        oidc_jwks_url=idp.jwks_url,
-        crypto_store_url=f"s3://{TEST_BUCKET}/scale-{unique}",
+    settings = site_settings(
+        servers,
+        idp,
+        tmp_path,
+        "scale",
+        crypto_store_url=f"s3://{TEST_BUCKET}/scale-{uuid.uuid4().hex[:8]}",
         s3=s3_settings(servers.s3),
     )
     stack = Stack(settings)
@@ -83,40 +71,10 @@ def _stow(stack: Stack, replica: int, token: str, files: list[bytes]) -> None:
     assert len(response.ReferencedSOPSequence) == len(files)
 
 
-def _wado_uri(stack: Stack, replica: int, token: str, data: bytes) -> bytes:
-    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-    query = {
-        "requestType": "WADO",
-        "studyUID": str(ds.StudyInstanceUID),
-        "seriesUID": str(ds.SeriesInstanceUID),
-        "objectUID": str(ds.SOPInstanceUID),
-        "contentType": "application/dicom",
-    }
-    got = _session(stack, token).get(f"{stack.settings.dicomweb_url_of(replica)}/wado", params=query, timeout=60)
+def _wado(stack: Stack, replica: int, token: str, data: bytes) -> bytes:
+    got = wado_uri(stack.settings, token, data, replica)
     assert got.status_code == 200, got.text
     return got.content
-
-
-def _instances(n: int, seed: int) -> dict[str, bytes]:
-    study = f"2.25.{uuid.uuid4().int}"
-    out = {}
-    for i in range(n):
-        ds = dicom_samples.ct_image(study_uid=study, seed=seed + i, rows=128, columns=128)
-        out[str(ds.SOPInstanceUID)] = dicom_samples.to_bytes(ds)
-    return out
-
-
-async def _publish(stack: Stack, files: dict[str, bytes]) -> None:
-    producer = new_producer(stack.settings.kafka_bootstrap, "scale-modality")
-    await producer.start()
-    try:
-        for data in files.values():
-            req = events_pb2.IngestRequest(request_id=str(uuid.uuid4()), source="scale-modality", inline_instance=data)
-            topic = Topics(stack.settings.topic_prefix).ingest
-            await producer.send(topic, req.SerializeToString(), key=req.request_id.encode(), headers=headers_for(req))
-        await producer.flush()
-    finally:
-        await producer.stop()
 
 
 async def _until_indexed(stack: Stack, sops: set[str], timeout_s: float = 120) -> dict[str, str]:
@@ -140,32 +98,32 @@ def test_two_crypto_and_two_gateway_replicas_share_one_store(two_of_each: Stack,
     tech, house = idp.token("tech.jane"), idp.token("dr.house")
 
     # STOW-RS through each gateway (each sealing through its own ingest and crypto replica) ...
-    via = {replica: _instances(PER_GATEWAY, seed=100 * (replica + 1)) for replica in (0, 1)}
+    via = {replica: instances(dicom_samples.ct_image, PER_GATEWAY, 100 * (replica + 1)) for replica in (0, 1)}
     for replica, files in via.items():
         _stow(stack, replica, tech, list(files.values()))
     # ... is served by the other, opened by the other crypto replica, byte for byte.
     for replica, files in via.items():
         for data in files.values():
-            assert _wado_uri(stack, 1 - replica, house, data) == data
+            assert _wado(stack, 1 - replica, house, data) == data
 
     # Kafka ingest: the two gateways' indexers split dicom.stored (one consumer group), each
     # instance is indexed once, and either gateway serves any of them.
-    ingested = _instances(INGESTED, seed=1000)
-    asyncio.run(_publish(stack, ingested))
+    ingested = instances(dicom_samples.ct_image, INGESTED, 1000)
+    asyncio.run(publish(stack.settings, ingested.values()))
     index = asyncio.run(_until_indexed(stack, set(ingested)))
     for i, data in enumerate(ingested.values()):
-        assert _wado_uri(stack, i % 2, house, data) == data
+        assert _wado(stack, i % 2, house, data) == data
 
     # One gateway pod goes away (SIGKILL: no leave-group); the other takes over its partitions
     # once the group notices, and serves everything stored before.
     gone = stack.processes.pop("gateway")
     gone.send_signal(signal.SIGKILL)
     gone.wait(timeout=30)
-    later = _instances(INGESTED // 3, seed=2000)
-    asyncio.run(_publish(stack, later))
+    later = instances(dicom_samples.ct_image, INGESTED // 3, 2000)
+    asyncio.run(publish(stack.settings, later.values()))
     index = asyncio.run(_until_indexed(stack, set(ingested) | set(later), timeout_s=180))
     for data in [*via[0].values(), *later.values()]:
-        assert _wado_uri(stack, 1, house, data) == data
+        assert _wado(stack, 1, house, data) == data
 
     # One sealed object per instance in the shared bucket: no replica stored one twice.
     every = {**via[0], **via[1], **ingested, **later}

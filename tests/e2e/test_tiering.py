@@ -6,7 +6,6 @@ a re-run moves nothing; a move interrupted after its copy is finished by the nex
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 import urllib.request
 import uuid
@@ -15,24 +14,23 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import pydicom
 import pytest
-import requests
 from pymongo import AsyncMongoClient
 
 from dicomsafe.common.audit_emitter import AuditEmitter
 from dicomsafe.common.grpc_runtime import new_channel
-from dicomsafe.common.kafka import Topics, ensure_topics, headers_for, new_producer, topic_specs
-from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc, events_pb2
+from dicomsafe.common.kafka import Topics, new_producer
+from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc
 from services.audit.store import COLLECTION
 from services.crypto.object_store import S3Settings, StoreSettings, copy_verified, open_store, sha256_of
 from services.crypto.store_s3 import new_client
+from tests.own_site import instances, publish, site_settings, wado_uri
 from tests.servers import Servers
 from tests.service_runner import TEST_BUCKET, s3_settings
 from tools import dicom_samples, tiering, vault_setup
 from tools.erase_patient import ErasureRequest, erase_patient
 from tools.oidc_issuer import LocalIssuer
-from tools.stack import Stack, StackSettings, free_base_port
+from tools.stack import Stack
 
 ARCHIVE_RETENTION_DAYS = 7
 
@@ -40,29 +38,19 @@ ARCHIVE_RETENTION_DAYS = 7
 @pytest.fixture
 def site(servers: Servers, idp: LocalIssuer, tmp_path: Path) -> Iterator[Stack]:
     unique = uuid.uuid4().hex[:8]
-    topics = Topics(f"tier{unique}.")
-    asyncio.run(ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=2)))
-    stack = Stack(
-        StackSettings(
-            kafka_bootstrap=servers.kafka_bootstrap,
-            vault_addr=servers.vault_addr,
-            vault_admin_token=servers.vault_token,
-            mongodb_uri=servers.mongodb_uri,
-            work_dir=tmp_path,
-            topic_prefix=topics.prefix,
-            base_port=free_base_port(),
-            audit_db=f"tier_audit_{unique}",
-            authz_db=f"tier_authz_{unique}",
-            index_db=f"tier_index_{unique}",
-            oidc_issuer=idp.url,
-            oidc_jwks_url=idp.jwks_url,
-            crypto_store_url=f"s3://{TEST_BUCKET}/tier-hot-{unique}",
-            # Its own bucket: the archive's objects are put under Object Lock.
-            crypto_archive_url=f"s3://dicomsafe-archive-{unique}/objects",
-            crypto_archive_retention_days=ARCHIVE_RETENTION_DAYS,
-            s3=s3_settings(servers.s3),
-        )
+    settings = site_settings(
+        servers,
+        idp,
+        tmp_path,
+        "tier",
+        partitions=2,
+        crypto_store_url=f"s3://{TEST_BUCKET}/tier-hot-{unique}",
+        # Its own bucket: the archive's objects are put under Object Lock.
+        crypto_archive_url=f"s3://dicomsafe-archive-{unique}/objects",
+        crypto_archive_retention_days=ARCHIVE_RETENTION_DAYS,
+        s3=s3_settings(servers.s3),
     )
+    stack = Stack(settings)
     try:
         stack.start()
         yield stack
@@ -81,16 +69,7 @@ def _tier(stack: Stack, which: str) -> Any:
 
 async def _ingest(stack: Stack, files: dict[str, bytes]) -> dict[str, str]:
     """Publish, then wait for every instance in the index; SOP UID -> object id."""
-    producer = new_producer(stack.settings.kafka_bootstrap, "tier-modality")
-    await producer.start()
-    try:
-        for data in files.values():
-            req = events_pb2.IngestRequest(request_id=str(uuid.uuid4()), source="tier-modality", inline_instance=data)
-            topic = Topics(stack.settings.topic_prefix).ingest
-            await producer.send(topic, req.SerializeToString(), key=b"tier", headers=headers_for(req))
-        await producer.flush()
-    finally:
-        await producer.stop()
+    await publish(stack.settings, files.values())
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(stack.settings.mongodb_uri)
     deadline = time.monotonic() + 120
     try:
@@ -120,46 +99,19 @@ async def _run_job(stack: Stack, policy: tiering.Policy) -> tiering.Report:
         await client.close()
 
 
-def _wado_uri(stack: Stack, token: str, data: bytes) -> bytes:
-    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-    session = requests.Session()
-    session.trust_env = False
-    query = {
-        "requestType": "WADO",
-        "studyUID": str(ds.StudyInstanceUID),
-        "seriesUID": str(ds.SeriesInstanceUID),
-        "objectUID": str(ds.SOPInstanceUID),
-        "contentType": "application/dicom",
-    }
-    got = session.get(
-        f"{stack.settings.dicomweb_url}/wado",
-        params=query,
-        headers={"Authorization": f"Bearer {token}"},
-        verify=str(stack.settings.ca_file),
-        timeout=60,
-    )
-    assert got.status_code == 200, got.text
-    return got.content
-
-
 ISSUER = "TIERING-TEST"
 ARCHIVED_PATIENT = f"ARCH-{uuid.uuid4().hex[:8]}"
 
 
-def _files(make: Any, n: int, seed: int, patient_id: str = "") -> dict[str, bytes]:
-    study = f"2.25.{uuid.uuid4().int}"
-    out = {}
-    for i in range(n):
-        ds = make(study_uid=study, seed=seed + i, rows=64, columns=64)
-        if patient_id:
-            ds.PatientID, ds.IssuerOfPatientID = patient_id, ISSUER
-        out[str(ds.SOPInstanceUID)] = dicom_samples.to_bytes(ds)
-    return out
+def _wado(stack: Stack, token: str, data: bytes) -> bytes:
+    got = wado_uri(stack.settings, token, data)
+    assert got.status_code == 200, got.text
+    return got.content
 
 
 def test_old_instances_move_to_the_archive_and_stay_retrievable(site: Stack, idp: LocalIssuer) -> None:
-    ct = _files(dicom_samples.ct_image, 6, 10, patient_id=ARCHIVED_PATIENT)
-    mr = _files(dicom_samples.mr_image, 3, 50)
+    ct = instances(dicom_samples.ct_image, 6, 10, PatientID=ARCHIVED_PATIENT, IssuerOfPatientID=ISSUER)
+    mr = instances(dicom_samples.mr_image, 3, 50)
     objects = asyncio.run(_ingest(site, ct | mr))
     hot, archive = _tier(site, "hot"), _tier(site, "archive")
     policy = tiering.Policy(default_days=0, by_modality={"MR": None})  # CT due at once; MR stays hot
@@ -176,7 +128,7 @@ def test_old_instances_move_to_the_archive_and_stay_retrievable(site: Stack, idp
     # Transparent retrieval, byte for byte, from either tier; the archive's opens are measured.
     house = idp.token("dr.house")
     for data in (ct | mr).values():
-        assert _wado_uri(site, house, data) == data
+        assert _wado(site, house, data) == data
     with urllib.request.urlopen(site.settings.metrics_url("crypto"), timeout=10) as response:
         metrics = response.read().decode()
     archive_opens = next(
@@ -192,13 +144,13 @@ def test_old_instances_move_to_the_archive_and_stay_retrievable(site: Stack, idp
 
     # Resumable: a run that died after copying one object (not yet indexed, hot copy kept) is
     # finished by the next, without copying it again.
-    late = _files(dicom_samples.ct_image, 1, 90)
+    late = instances(dicom_samples.ct_image, 1, 90)
     ((late_sop, late_id),) = asyncio.run(_ingest(site, late)).items()
     copy_verified(hot, archive, late_id, sha256_of(hot, late_id))
     resumed = asyncio.run(_run_job(site, policy))
     assert (resumed.moved, resumed.bytes_moved) == (1, 0)
     assert not hot.exists(late_id) and archive.exists(late_id)
-    assert _wado_uri(site, house, late[late_sop]) == late[late_sop]
+    assert _wado(site, house, late[late_sop]) == late[late_sop]
 
     # Every move is on the trail.
     async def tiered() -> set[str]:

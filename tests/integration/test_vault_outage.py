@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from aiokafka import AIOKafkaConsumer
 
 from dicomsafe.common.grpc_runtime import new_channel
@@ -26,16 +24,6 @@ from tests.servers import Servers
 from tests.service_runner import TEST_CLIENT, crypto_config, free_port, running, with_tls
 from tools import dicom_samples, vault_setup
 from tools.pki import Pki
-
-
-@pytest.fixture
-def bao(tmp_path: Path) -> Iterator[PersistentBao]:
-    server = PersistentBao(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def _stored(bootstrap: str, topic: str, want: int, timeout_s: float) -> list[events_pb2.StoredEvent]:
@@ -53,13 +41,15 @@ async def _stored(bootstrap: str, topic: str, want: int, timeout_s: float) -> li
 
 
 async def test_vault_outage_mid_ingest_loses_nothing(
-    pki: Pki, servers: Servers, bao: PersistentBao, tmp_path: Path, unique: str
+    pki: Pki, servers: Servers, own_bao: PersistentBao, tmp_path: Path, unique: str
 ) -> None:
-    creds = vault_setup.provision(bao.addr, bao.root_token)
+    creds = vault_setup.provision(own_bao.addr, own_bao.root_token)
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=2))
     crypto_cfg = with_tls(
-        crypto_config(servers.kafka_bootstrap, bao.addr, creds, tmp_path / "store", topics.prefix, vault_timeout_s=2.0),
+        crypto_config(
+            servers.kafka_bootstrap, own_bao.addr, creds, tmp_path / "store", topics.prefix, vault_timeout_s=2.0
+        ),
         pki,
         "crypto",
     )
@@ -101,7 +91,7 @@ async def test_vault_outage_mid_ingest_loses_nothing(
             await publish(instances[:3])
             assert len(await _stored(servers.kafka_bootstrap, topics.stored, 3, 60)) == 3
 
-            bao.stop()  # OpenBao down mid-ingest
+            own_bao.stop()  # OpenBao down mid-ingest
             await publish(instances[3:])
             await asyncio.sleep(6)  # several seal attempts fail while it is down
             during = await _stored(servers.kafka_bootstrap, topics.stored, 100, 2)
@@ -114,7 +104,7 @@ async def test_vault_outage_mid_ingest_loses_nothing(
                     raw = path.read_bytes()
                     assert b"DICM" not in raw and dicom_samples.SYNTHETIC_MARKER not in raw
 
-            bao.start()  # back, unsealed with the same storage: same keys
+            own_bao.start()  # back, unsealed with the same storage: same keys
             stored = await _stored(servers.kafka_bootstrap, topics.stored, len(instances), 120)
             assert {e.plaintext_sha256 for e in stored} == {hashlib.sha256(d).hexdigest() for d in instances}
 
