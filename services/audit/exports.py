@@ -33,6 +33,8 @@ EVENTS: dict[int, DicomEvent] = {
     A.AUDIT_ACTION_OBJECT_OPENED: DicomEvent("110103", "DICOM Instances Accessed", "R"),
     A.AUDIT_ACTION_KEY_ROTATED: DicomEvent("110113", "Security Alert", "E"),
     A.AUDIT_ACTION_OBJECT_REWRAPPED: DicomEvent("110103", "DICOM Instances Accessed", "U"),
+    # Moved between storage tiers, sealed: where the instance is kept changed, not what it is.
+    A.AUDIT_ACTION_OBJECT_TIERED: DicomEvent("110103", "DICOM Instances Accessed", "U"),
     A.AUDIT_ACTION_PATIENT_ERASED: DicomEvent("110105", "DICOM Study Deleted", "D"),
     A.AUDIT_ACTION_PATIENT_ERASURE_REQUESTED: DicomEvent("110105", "DICOM Study Deleted", "D"),
     A.AUDIT_ACTION_ACCESS_DECISION: DicomEvent("110113", "Security Alert", "E"),
