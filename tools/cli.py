@@ -1,7 +1,8 @@
 """``dicomsafe``: the operator's command for site-wide jobs (installed with the package).
 
     dicomsafe backup  --to URL              dicomsafe restore --from URL [--sequence N]
-    dicomsafe backups --from URL            dicomsafe tier --policy FILE [--dry-run]
+    dicomsafe backups --from URL            dicomsafe tier [run] --policy FILE [--dry-run]
+    dicomsafe tier recall --study UID [--series UID] --reason TEXT [--keep-days N]
 
 Each is the same as its module (`python -m tools.backup`, `python -m tools.tiering`), which
 documents its environment.
@@ -22,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     if command == "backups":
         return backup.main(["list", *args[1:]])
     if command == "tier":
-        return tiering.main(["run", *args[1:]])
+        # "dicomsafe tier --policy F" is a run: the job's common case needs no verb.
+        rest = args[1:]
+        return tiering.main(rest if rest[:1] in (["run"], ["recall"]) else ["run", *rest])
     print(__doc__, file=sys.stderr)
     return 0 if command in ("-h", "--help") else 2
 

@@ -2,15 +2,22 @@
 as data, without decrypting anything.
 
     python -m tools.tiering run --policy deploy/policy/tiering.toml [--dry-run]
+    python -m tools.tiering recall --study UID [--series UID] --reason TEXT [--keep-days N]
 
-Policy (TOML): instances are archived once they were stored ``archive_after_days`` ago; a
-modality may override it (mammography priors stay hot longer, say), and a rule without
-``archive_after_days`` keeps that modality hot:
+Policy (TOML): an instance is archived once it was stored ``archive_after_days`` ago, or once
+its study was not read for ``archive_idle_days`` (the gateway records a study's last read,
+to the hour), whichever comes first; a modality may override the default rule (mammography
+priors stay hot longer, say), and a rule with neither keeps that modality hot:
 
     [default]
     archive_after_days = 365
+    archive_idle_days = 90
     [modality.MG]
     archive_after_days = 3650
+
+``recall`` brings a study back to the hot tier ahead of its use (priors for a scheduled
+comparison) and holds it there ``--keep-days``; reads never need it (they are served from
+either tier), it only saves the archive's latency.
 
 Per object, in an order that a crash at any point leaves resumable and nothing lost:
 1. copy the sealed bytes to the archive, published only if they hash as the hot copy does;
@@ -34,9 +41,10 @@ import datetime as dt
 import sys
 import time
 import tomllib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pymongo import AsyncMongoClient
 
@@ -48,6 +56,9 @@ from services.crypto.object_store import StoreSettings, TierStore, copy_verified
 
 ACTOR = "tiering-job"
 AUDIT_ACK_TIMEOUT_S = 30.0
+_T = TypeVar("_T")
+# How long a recalled study stays hot before the policy may archive it again.
+DEFAULT_KEEP_DAYS = 30.0
 
 
 class PolicyError(ValueError):
@@ -55,25 +66,46 @@ class PolicyError(ValueError):
 
 
 @dataclass(frozen=True)
+class Rule:
+    """When an instance is due for the archive: ``after_days`` after it was stored, or once its
+    study was not read for ``idle_days`` (whichever comes first); neither set = stays hot."""
+
+    name: str
+    after_days: float | None = None
+    idle_days: float | None = None
+
+    def why_due(self, stored_at: dt.datetime, last_read: dt.datetime, now: dt.datetime) -> str:
+        """ "age", "idle", or "" when not due."""
+        if self.after_days is not None and stored_at <= now - dt.timedelta(days=self.after_days):
+            return "age"
+        if self.idle_days is not None and last_read <= now - dt.timedelta(days=self.idle_days):
+            return "idle"
+        return ""
+
+
+@dataclass(frozen=True)
 class Policy:
-    # None = never archived.
-    default_days: float | None
-    by_modality: dict[str, float | None] = field(default_factory=dict)
+    default: Rule = Rule("default")
+    by_modality: dict[str, Rule] = field(default_factory=dict)
 
-    def days_for(self, modality: str) -> tuple[float | None, str]:
-        """(days after storing, the rule's name) for an instance of ``modality``."""
-        if modality in self.by_modality:
-            return self.by_modality[modality], f"modality.{modality}"
-        return self.default_days, "default"
+    def rule_for(self, modality: str) -> Rule:
+        return self.by_modality.get(modality, self.default)
 
 
-def _days(table: dict[str, Any], where: str) -> float | None:
-    value = table.get("archive_after_days")
+def _days(table: dict[str, Any], key: str, where: str) -> float | None:
+    value = table.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise PolicyError(f"{where}.archive_after_days must be a number of days >= 0")
+        raise PolicyError(f"{where}.{key} must be a number of days >= 0")
     return float(value)
+
+
+def _rule(table: dict[str, Any], where: str) -> Rule:
+    unknown = set(table) - {"archive_after_days", "archive_idle_days"}
+    if unknown:
+        raise PolicyError(f"{where}: unknown settings {sorted(unknown)}")
+    return Rule(where, _days(table, "archive_after_days", where), _days(table, "archive_idle_days", where))
 
 
 def load_policy(path: Path) -> Policy:
@@ -83,8 +115,8 @@ def load_policy(path: Path) -> Policy:
         raise PolicyError(f"unknown policy sections: {sorted(unknown)}")
     modalities = data.get("modality", {})
     return Policy(
-        default_days=_days(data.get("default", {}), "default"),
-        by_modality={m.upper(): _days(rule, f"modality.{m}") for m, rule in modalities.items()},
+        default=_rule(data.get("default", {}), "default"),
+        by_modality={m.upper(): _rule(rule, f"modality.{m.upper()}") for m, rule in modalities.items()},
     )
 
 
@@ -99,24 +131,68 @@ class Report:
     by_rule: dict[str, int] = field(default_factory=dict)
 
 
-async def _due(index: Any, policy: Policy, now: dt.datetime) -> tuple[int, list[tuple[dict[str, Any], str]]]:
-    """(instances considered, [(instance, rule) due for the archive])."""
+@dataclass(frozen=True)
+class Due:
+    instance: dict[str, Any]
+    rule: str
+    why: str  # "age" | "idle"
+
+
+def _utc(when: Any) -> dt.datetime | None:
+    return when.replace(tzinfo=dt.UTC) if isinstance(when, dt.datetime) else None
+
+
+async def _due(index: Any, policy: Policy, now: dt.datetime) -> tuple[int, list[Due]]:
+    """(instances considered, those due for the archive)."""
     modality_of = {
         str(s["_id"]): str(s.get("match", {}).get("Modality", "")).upper()
         async for s in index["series"].find({}, {"match.Modality": 1})
     }
+    read_at = {
+        str(s["_id"]): when
+        async for s in index["studies"].find({"accessed_at": {"$exists": True}}, {"accessed_at": 1})
+        if (when := _utc(s.get("accessed_at")))
+    }
     considered, due = 0, []
     query = {"tier": {"$ne": "archive"}}
-    projection = {"object_id": 1, "series_uid": 1, "study_uid": 1, "stored_at": 1, "size": 1, "patient_ref": 1}
+    projection = {
+        "object_id": 1,
+        "series_uid": 1,
+        "study_uid": 1,
+        "stored_at": 1,
+        "size": 1,
+        "patient_ref": 1,
+        "hot_until": 1,
+    }
     async for inst in index["instances"].find(query, projection, sort=[("_id", 1)]):
         considered += 1
-        days, rule = policy.days_for(modality_of.get(str(inst.get("series_uid", "")), ""))
-        stored_at = inst.get("stored_at")
-        if days is None or not isinstance(stored_at, dt.datetime):
-            continue
-        if stored_at.replace(tzinfo=dt.UTC) <= now - dt.timedelta(days=days):
-            due.append((inst, rule))
+        stored_at = _utc(inst.get("stored_at"))
+        hot_until = _utc(inst.get("hot_until"))
+        if stored_at is None or (hot_until is not None and hot_until > now):
+            continue  # not stored yet, or recalled and held hot for a while
+        rule = policy.rule_for(modality_of.get(str(inst.get("series_uid", "")), ""))
+        last_read = max(stored_at, read_at.get(str(inst.get("study_uid", "")), stored_at))
+        if why := rule.why_due(stored_at, last_read, now):
+            due.append(Due(inst, rule.name, why))
     return considered, due
+
+
+async def _audit_move(
+    audit: AuditEmitter, inst: dict[str, Any], object_id: str, details: dict[str, str], actor: str = ACTOR
+) -> None:
+    await asyncio.wait_for(
+        audit.emit(
+            audit_pb2.AuditAction.AUDIT_ACTION_OBJECT_TIERED,
+            audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS,
+            actor,
+            study_instance_uid=str(inst.get("study_uid", "")),
+            sop_instance_uid=str(inst["_id"]),
+            object_id=object_id,
+            patient_ref=str(inst.get("patient_ref", "")),
+            details=details,
+        ),
+        AUDIT_ACK_TIMEOUT_S,
+    )
 
 
 async def run(
@@ -135,7 +211,8 @@ async def run(
     if dry_run:
         report.seconds = time.monotonic() - started
         return report
-    for inst, rule in due:
+    for item in due:
+        inst = item.instance
         object_id = str(inst["object_id"])
         in_hot = await asyncio.to_thread(hot.exists, object_id)
         if in_hot:
@@ -148,38 +225,73 @@ async def run(
             continue  # in neither tier (not stored yet, or gone): nothing to move
         else:
             report.resumed += 1  # copied and dropped before; the index was not updated yet
-        now_ = dt.datetime.now(dt.UTC)
         await index["instances"].update_one(
-            {"_id": inst["_id"], "object_id": object_id}, {"$set": {"tier": "archive", "archived_at": now_}}
+            {"_id": inst["_id"], "object_id": object_id},
+            {"$set": {"tier": "archive", "archived_at": dt.datetime.now(dt.UTC)}, "$unset": {"hot_until": ""}},
         )
-        await asyncio.wait_for(
-            audit.emit(
-                audit_pb2.AuditAction.AUDIT_ACTION_OBJECT_TIERED,
-                audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS,
-                ACTOR,
-                study_instance_uid=str(inst.get("study_uid", "")),
-                sop_instance_uid=str(inst["_id"]),
-                object_id=object_id,
-                patient_ref=str(inst.get("patient_ref", "")),
-                details={"from": "hot", "to": "archive", "rule": rule},
-            ),
-            AUDIT_ACK_TIMEOUT_S,
-        )
+        await _audit_move(audit, inst, object_id, {"from": "hot", "to": "archive", "rule": item.rule, "why": item.why})
         if in_hot:
             await asyncio.to_thread(hot.remove, object_id)
         report.moved += 1
-        report.by_rule[rule] = report.by_rule.get(rule, 0) + 1
+        report.by_rule[item.rule] = report.by_rule.get(item.rule, 0) + 1
     report.seconds = time.monotonic() - started
     return report
 
 
-async def _main(policy_path: Path, dry_run: bool) -> Report:
+@dataclass
+class RecallReport:
+    instances: int = 0
+    copied: int = 0
+    bytes_copied: int = 0
+    seconds: float = 0.0
+
+
+async def recall(
+    hot: TierStore,
+    archive: TierStore,
+    index: Any,
+    audit: AuditEmitter,
+    study_uid: str,
+    reason: str,
+    keep_days: float = DEFAULT_KEEP_DAYS,
+    series_uid: str = "",
+) -> RecallReport:
+    """Brings a study (or one series) back to the hot tier ahead of its use, e.g. priors for a
+    scheduled comparison, and keeps it there ``keep_days`` (the policy leaves it alone until
+    then). The archive copy stays: under Object Lock it must, and it is the copy the next move
+    finds already in place. Same order as a move: copy verified, index, audit."""
+    if not reason.strip():
+        raise PolicyError("a recall states its reason (it is recorded in the audit trail)")
+    started = time.monotonic()
+    report = RecallReport()
+    query: dict[str, Any] = {"study_uid": study_uid, "tier": "archive"}
+    if series_uid:
+        query["series_uid"] = series_uid
+    hold = dt.datetime.now(dt.UTC) + dt.timedelta(days=keep_days)
+    async for inst in index["instances"].find(query, sort=[("_id", 1)]):
+        object_id = str(inst["object_id"])
+        if not await asyncio.to_thread(hot.exists, object_id):
+            sha = await asyncio.to_thread(sha256_of, archive, object_id)
+            await asyncio.to_thread(copy_verified, archive, hot, object_id, sha)
+            report.copied += 1
+            report.bytes_copied += int(inst.get("size", 0))
+        await index["instances"].update_one(
+            {"_id": inst["_id"], "object_id": object_id},
+            {"$set": {"tier": "hot", "hot_until": hold}, "$unset": {"archived_at": ""}},
+        )
+        await _audit_move(audit, inst, object_id, {"from": "archive", "to": "hot", "rule": "recall", "why": reason})
+        report.instances += 1
+    report.seconds = time.monotonic() - started
+    return report
+
+
+async def _with_site(job: Callable[[TierStore, TierStore, Any, AuditEmitter], Awaitable[_T]]) -> _T:
+    """Runs ``job(hot, archive, index, audit)`` against the site the environment names."""
     from services.crypto.config import archive_from_env, store_from_env
 
     archive_settings: StoreSettings | None = archive_from_env()
     if archive_settings is None:
         raise PolicyError("CRYPTO_ARCHIVE_STORE_URL is not set: there is no archive tier")
-    policy = load_policy(policy_path)
     hot, archive = open_store(store_from_env()), open_store(archive_settings)
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(env_secret("MONGODB_URI") or env_str("MONGODB_URI"))
     index = client[env_opt("GATEWAY_INDEX_DATABASE") or "dicomsafe_index"]
@@ -187,7 +299,7 @@ async def _main(policy_path: Path, dry_run: bool) -> Report:
     await producer.start()
     try:
         audit = AuditEmitter(producer, "tiering", Topics(env_opt("KAFKA_TOPIC_PREFIX")).audit)
-        return await run(policy, hot, archive, index, audit, dry_run=dry_run)
+        return await job(hot, archive, index, audit)
     finally:
         await producer.stop()
         await client.close()
@@ -199,9 +311,27 @@ def main(argv: list[str] | None = None) -> int:
     cmd = sub.add_parser("run", help="move what the policy says is due to the archive tier")
     cmd.add_argument("--policy", type=Path, required=True)
     cmd.add_argument("--dry-run", action="store_true", help="count what is due, move nothing")
+    back = sub.add_parser("recall", help="bring a study (or series) back to the hot tier ahead of its use")
+    back.add_argument("--study", required=True, help="StudyInstanceUID")
+    back.add_argument("--series", default="", help="only this SeriesInstanceUID")
+    back.add_argument("--reason", required=True, help="why (recorded in the audit trail; no PHI)")
+    back.add_argument("--keep-days", type=float, default=DEFAULT_KEEP_DAYS, help="held hot this long")
     args = parser.parse_args(argv)
     try:
-        r = asyncio.run(_main(args.policy, args.dry_run))
+        if args.command == "recall":
+            rr = asyncio.run(
+                _with_site(
+                    lambda hot, archive, index, audit: recall(
+                        hot, archive, index, audit, args.study, args.reason, args.keep_days, args.series
+                    )
+                )
+            )
+            print(f"{rr.instances} instances recalled ({rr.copied} copied, {rr.bytes_copied} bytes), {rr.seconds:.1f}s")
+            return 0
+        policy = load_policy(args.policy)
+        r = asyncio.run(
+            _with_site(lambda hot, archive, index, audit: run(policy, hot, archive, index, audit, dry_run=args.dry_run))
+        )
     except PolicyError as exc:
         print(f"tiering: {exc}", file=sys.stderr)
         return 2

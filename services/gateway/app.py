@@ -50,6 +50,8 @@ async def run(cfg: GatewayConfig, stop: asyncio.Event) -> None:
     crypto_channel = new_channel(cfg.crypto_target, cfg.tls)
     ingest_channel = new_channel(cfg.ingest_target, cfg.tls)
     mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
+    deidentifier = Deidentifier(cfg.deid_uid_key)
+    index = StudyIndex(mongo, cfg.index_database, deidentifier)
     await producer.start()
     try:
         await consumer.start()
@@ -57,8 +59,6 @@ async def run(cfg: GatewayConfig, stop: asyncio.Event) -> None:
             audit = AuditEmitter(producer, "gateway", topics.audit)
             crypto = crypto_pb2_grpc.CryptoServiceStub(crypto_channel)
             authz = authz_pb2_grpc.AuthzServiceStub(authz_channel)
-            deidentifier = Deidentifier(cfg.deid_uid_key)
-            index = StudyIndex(mongo, cfg.index_database, deidentifier)
             await index.ensure_indexes()
             if backfilled := await index.backfill_pseudonyms():
                 log.info("pseudonymous UIDs added to index entries", extra={"count": backfilled})
@@ -109,6 +109,7 @@ async def run(cfg: GatewayConfig, stop: asyncio.Event) -> None:
             await run_until_stopped(server, health, [SERVICE_NAME], stop, log, background=[indexing, https])
         finally:
             await consumer.stop()
+            await index.drain_access_writes()
     finally:
         await mongo.close()
         for channel in (authz_channel, crypto_channel, ingest_channel):

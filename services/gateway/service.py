@@ -122,6 +122,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             )
             await context.abort(status, f"retrieval failed ({exc.code().name})")
         await self._record(request, desc, Outcome.AUDIT_OUTCOME_SUCCESS, "", decision, sent)
+        self._index.note_access(desc.study_instance_uid)
 
     async def _record(
         self,

@@ -9,19 +9,33 @@ cannot leave a stale count behind.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import logging
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pymongo import ASCENDING, AsyncMongoClient, UpdateOne
+from pymongo.errors import PyMongoError
 from pymongo.write_concern import WriteConcern
 
 from services.gateway.index_entry import IndexEntry
 from services.gateway.instance_layout import InstanceLayout
 
+log = logging.getLogger("dicomsafe.gateway.index")
+
 Level = str  # "study" | "series" | "instance"
+
+# A study's read time (``accessed_at``, for the tiering policy's "not read for N days") is
+# written at most once per this many seconds per study and gateway process: exact enough for a
+# rule counted in days, and a busy study costs no write per read.
+ACCESS_RESOLUTION_S = 3600.0
+# Studies whose last write is remembered; beyond that the oldest are forgotten (and written again
+# on their next read).
+ACCESS_MEMORY = 100_000
 
 # Attribute → VR family, for the PS3.18 8.3.4 matching rules.
 PERSON_NAMES = frozenset({"PatientName", "ReferringPhysicianName"})
@@ -153,6 +167,9 @@ class StudyIndex:
         # Pseudonyms of crypto-shredded patients (no PHI): closes the race in which an entry
         # described just before the key was destroyed is written just after its erasure ran.
         self._erased = db.get_collection("erased_patients", write_concern=durable)
+        # Study UID -> monotonic time its accessed_at was last written by this process.
+        self._access_written: dict[str, float] = {}
+        self._access_writes: set[asyncio.Task[None]] = set()
 
     async def ensure_indexes(self) -> None:
         # Counts per page are count_documents on these.
@@ -344,6 +361,35 @@ class StudyIndex:
             str(doc.get("department", "")),
             str(doc.get("patient_ref", "")),
         )
+
+    def note_access(self, study_uid: str) -> None:
+        """Records that a study was read, in the background: a retrieval never waits on it (nor
+        fails with it: the audit trail, not this, is the record of who read what)."""
+        now = time.monotonic()
+        last = self._access_written.get(study_uid)
+        if last is not None and now - last < ACCESS_RESOLUTION_S:
+            return
+        if len(self._access_written) >= ACCESS_MEMORY:
+            for uid in list(self._access_written)[: ACCESS_MEMORY // 10]:  # insertion order: oldest first
+                del self._access_written[uid]
+        self._access_written.pop(study_uid, None)
+        self._access_written[study_uid] = now
+        task = asyncio.get_running_loop().create_task(self._write_access(study_uid))
+        self._access_writes.add(task)
+        task.add_done_callback(self._access_writes.discard)
+
+    async def _write_access(self, study_uid: str) -> None:
+        try:
+            # $max: a slower replica's older time never replaces a newer one.
+            await self._studies.update_one({"_id": study_uid}, {"$max": {"accessed_at": dt.datetime.now(dt.UTC)}})
+        except PyMongoError as exc:
+            self._access_written.pop(study_uid, None)  # written on the next read instead
+            log.warning("study access time not recorded", extra={"error": type(exc).__name__})
+
+    async def drain_access_writes(self) -> None:
+        """Waits for the access times being written (before the client closes, at shutdown)."""
+        if self._access_writes:
+            await asyncio.gather(*self._access_writes, return_exceptions=True)
 
     async def has(self, sop_uid: str, object_id: str) -> bool:
         """Whether exactly this stored object is indexed already (e.g. by the STOW-RS request)."""

@@ -425,6 +425,8 @@ async def _audit_release(
         reason=reason,
         details={"route": "wado-rs", "part": part, "deidentified": str(release.deidentified).lower()},
     )
+    if outcome == Outcome.AUDIT_OUTCOME_SUCCESS:
+        backends.index.note_access(located.study_uid)
 
 
 async def _verified(

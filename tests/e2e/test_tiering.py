@@ -6,14 +6,17 @@ a re-run moves nothing; a move interrupted after its copy is finished by the nex
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import io
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+import pydicom
 import pytest
 from pymongo import AsyncMongoClient
 
@@ -33,6 +36,7 @@ from tools.oidc_issuer import LocalIssuer
 from tools.stack import Stack
 
 ARCHIVE_RETENTION_DAYS = 7
+_T = TypeVar("_T")
 
 
 @pytest.fixture
@@ -86,16 +90,37 @@ async def _ingest(stack: Stack, files: dict[str, bytes]) -> dict[str, str]:
         await client.close()
 
 
-async def _run_job(stack: Stack, policy: tiering.Policy) -> tiering.Report:
+async def _with_job(stack: Stack, job: Callable[[Any, Any, Any, AuditEmitter], Awaitable[_T]]) -> _T:
+    """``job(hot, archive, index, audit)`` as the tiering job's process would run it."""
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(stack.settings.mongodb_uri)
     producer = new_producer(stack.settings.kafka_bootstrap, "tiering-test")
     await producer.start()
     try:
         audit = AuditEmitter(producer, "tiering", Topics(stack.settings.topic_prefix).audit)
-        index = client[stack.settings.index_db]
-        return await tiering.run(policy, _tier(stack, "hot"), _tier(stack, "archive"), index, audit)
+        return await job(_tier(stack, "hot"), _tier(stack, "archive"), client[stack.settings.index_db], audit)
     finally:
         await producer.stop()
+        await client.close()
+
+
+async def _run_job(stack: Stack, policy: tiering.Policy) -> tiering.Report:
+    return await _with_job(stack, lambda hot, archive, index, audit: tiering.run(policy, hot, archive, index, audit))
+
+
+async def _index(stack: Stack, collection: str, query: dict[str, Any]) -> list[dict[str, Any]]:
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(stack.settings.mongodb_uri)
+    try:
+        return [d async for d in client[stack.settings.index_db][collection].find(query)]
+    finally:
+        await client.close()
+
+
+async def _tiering_events(stack: Stack) -> list[dict[str, Any]]:
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(stack.settings.mongodb_uri)
+    try:
+        events = client[stack.settings.audit_db][COLLECTION]
+        return [d["event"] async for d in events.find({"event.action": "AUDIT_ACTION_OBJECT_TIERED"})]
+    finally:
         await client.close()
 
 
@@ -114,7 +139,8 @@ def test_old_instances_move_to_the_archive_and_stay_retrievable(site: Stack, idp
     mr = instances(dicom_samples.mr_image, 3, 50)
     objects = asyncio.run(_ingest(site, ct | mr))
     hot, archive = _tier(site, "hot"), _tier(site, "archive")
-    policy = tiering.Policy(default_days=0, by_modality={"MR": None})  # CT due at once; MR stays hot
+    # CT due at once; MR stays hot.
+    policy = tiering.Policy(tiering.Rule("default", after_days=0), {"MR": tiering.Rule("modality.MR")})
 
     report = asyncio.run(_run_job(site, policy))
     assert (report.due, report.moved, report.by_rule) == (6, 6, {"default": 6})
@@ -153,18 +179,9 @@ def test_old_instances_move_to_the_archive_and_stay_retrievable(site: Stack, idp
     assert _wado(site, house, late[late_sop]) == late[late_sop]
 
     # Every move is on the trail.
-    async def tiered() -> set[str]:
-        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(site.settings.mongodb_uri)
-        try:
-            events = client[site.settings.audit_db][COLLECTION]
-            query = {"event.action": "AUDIT_ACTION_OBJECT_TIERED"}
-            return {str(d["event"]["object_id"]) async for d in events.find(query)}
-        finally:
-            await client.close()
-
     want = {objects[sop] for sop in ct} | {late_id}
     deadline = time.monotonic() + 60
-    while (got := asyncio.run(tiered())) != want:
+    while (got := {str(e["object_id"]) for e in asyncio.run(_tiering_events(site))}) != want:
         assert time.monotonic() < deadline, f"tiering audited for {len(got)} of {len(want)} objects"
         time.sleep(0.5)
 
@@ -199,3 +216,83 @@ def test_old_instances_move_to_the_archive_and_stay_retrievable(site: Stack, idp
     assert archive.exists(erased) and not hot.exists(erased)
     assert asyncio.run(open_archived(erased)) == grpc.StatusCode.FAILED_PRECONDITION
     assert asyncio.run(open_archived(objects[next(iter(mr))])) == grpc.StatusCode.OK  # another patient
+
+
+def test_studies_not_read_move_and_a_recall_brings_them_back(site: Stack, idp: LocalIssuer) -> None:
+    read = instances(dicom_samples.ct_image, 3, 110)
+    unread = instances(dicom_samples.ct_image, 4, 120)
+    objects = asyncio.run(_ingest(site, read | unread))
+    unread_study = str(pydicom.dcmread(io.BytesIO(next(iter(unread.values())))).StudyInstanceUID)
+    read_study = str(pydicom.dcmread(io.BytesIO(next(iter(read.values())))).StudyInstanceUID)
+    assert unread_study != read_study
+
+    async def stored_ten_days_ago() -> None:
+        # As if ingested ten days ago: the only thing this test changes behind the site's back.
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(site.settings.mongodb_uri)
+        try:
+            earlier = dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
+            instances_ = client[site.settings.index_db]["instances"]
+            await instances_.update_many({"_id": {"$in": list(objects)}}, {"$set": {"stored_at": earlier}})
+        finally:
+            await client.close()
+
+    asyncio.run(stored_ten_days_ago())
+    # One study is read through the gateway: the gateway records when.
+    house = idp.token("dr.house")
+    assert _wado(site, house, next(iter(read.values()))) == next(iter(read.values()))
+    deadline = time.monotonic() + 30
+    while not asyncio.run(_index(site, "studies", {"_id": read_study, "accessed_at": {"$exists": True}})):
+        assert time.monotonic() < deadline, "the gateway never recorded the study's read"
+        time.sleep(0.2)
+    assert not asyncio.run(_index(site, "studies", {"_id": unread_study, "accessed_at": {"$exists": True}}))
+
+    # Not read for a day: only the unread study is due (and none by age).
+    policy = tiering.Policy(tiering.Rule("default", after_days=365, idle_days=1))
+    report = asyncio.run(_run_job(site, policy))
+    assert (report.due, report.moved) == (len(unread), len(unread))
+    hot, archive = _tier(site, "hot"), _tier(site, "archive")
+    for sop, object_id in objects.items():
+        assert hot.exists(object_id) == (sop in read) and archive.exists(object_id) == (sop in unread)
+
+    # Recalled ahead of a comparison: back in the hot tier, held there against the policy,
+    # still byte for byte, and the archive's locked copy kept.
+    recalled = asyncio.run(
+        _with_job(
+            site,
+            lambda hot_, archive_, index, audit: tiering.recall(
+                hot_, archive_, index, audit, unread_study, "priors for a scheduled comparison", keep_days=7
+            ),
+        )
+    )
+    assert (recalled.instances, recalled.copied) == (len(unread), len(unread))
+    for sop in unread:
+        assert hot.exists(objects[sop]) and archive.exists(objects[sop])
+    tiers = {d["_id"]: d.get("tier") for d in asyncio.run(_index(site, "instances", {"_id": {"$in": list(unread)}}))}
+    assert tiers == dict.fromkeys(unread, "hot")
+    again = asyncio.run(_run_job(site, policy))
+    assert (again.due, again.moved) == (0, 0)
+    for data in unread.values():
+        assert _wado(site, house, data) == data
+    # A recall of what is hot already changes nothing.
+    repeated = asyncio.run(
+        _with_job(site, lambda h, a, i, audit: tiering.recall(h, a, i, audit, unread_study, "again"))
+    )
+    assert (repeated.instances, repeated.copied) == (0, 0)
+    # A recall without a stated reason is refused.
+    with pytest.raises(tiering.PolicyError):
+        asyncio.run(_with_job(site, lambda h, a, i, audit: tiering.recall(h, a, i, audit, unread_study, " ")))
+
+    # Both directions are on the trail, each saying why.
+    want = {(objects[sop], "hot", "archive", "idle") for sop in unread} | {
+        (objects[sop], "archive", "hot", "priors for a scheduled comparison") for sop in unread
+    }
+    deadline = time.monotonic() + 60
+    while True:
+        got = {
+            (str(e["object_id"]), e["details"]["from"], e["details"]["to"], e["details"]["why"])
+            for e in asyncio.run(_tiering_events(site))
+        }
+        if got == want:
+            break
+        assert time.monotonic() < deadline, f"tiering trail: {sorted(got ^ want)[:4]}"
+        time.sleep(0.5)
