@@ -15,6 +15,7 @@ priors stay hot longer, say), and a rule with neither keeps that modality hot:
     [modality.MG]
     archive_after_days = 3650
 
+``provision`` creates the job's database user (find and update in the index only).
 ``recall`` brings a study back to the hot tier ahead of its use (priors for a scheduled
 comparison) and holds it there ``--keep-days``; reads never need it (they are served from
 either tier), it only saves the archive's latency.
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import secrets
 import sys
 import time
 import tomllib
@@ -51,10 +53,15 @@ from pymongo import AsyncMongoClient
 from dicomsafe.common.audit_emitter import AuditEmitter
 from dicomsafe.common.config import env_opt, env_secret, env_str
 from dicomsafe.common.kafka import Topics, new_producer
+from dicomsafe.common.mongo_users import ensure_role_and_user
 from dicomsafe.v1 import audit_pb2
 from services.crypto.object_store import StoreSettings, TierStore, copy_verified, open_store, sha256_of
 
 ACTOR = "tiering-job"
+INDEX_ROLE = "dicomsafe-tiering-index"
+INDEX_USER = "dicomsafe-tiering"
+# Reads the index, marks instances' tier; never inserts or deletes an entry.
+INDEX_ACTIONS = ["find", "update"]
 AUDIT_ACK_TIMEOUT_S = 30.0
 _T = TypeVar("_T")
 # How long a recalled study stays hot before the policy may archive it again.
@@ -305,6 +312,18 @@ async def _with_site(job: Callable[[TierStore, TierStore, Any, AuditEmitter], Aw
         await client.close()
 
 
+async def provision(admin_uri: str, database: str, password: str | None = None) -> tuple[str, str]:
+    """The job's database identity: find and update in the study index, nothing else (no
+    insert, no delete, no other database). Returns (user, password)."""
+    password = password or secrets.token_urlsafe(24)
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(admin_uri, serverSelectionTimeoutMS=10000)
+    try:
+        await ensure_role_and_user(client, database, INDEX_ROLE, INDEX_USER, password, INDEX_ACTIONS)
+    finally:
+        await client.close()
+    return INDEX_USER, password
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -316,8 +335,22 @@ def main(argv: list[str] | None = None) -> int:
     back.add_argument("--series", default="", help="only this SeriesInstanceUID")
     back.add_argument("--reason", required=True, help="why (recorded in the audit trail; no PHI)")
     back.add_argument("--keep-days", type=float, default=DEFAULT_KEEP_DAYS, help="held hot this long")
+    prov = sub.add_parser("provision", help="create the job's index user (MONGODB_ADMIN_URI, an administrator)")
+    prov.add_argument("--password-file", type=Path, required=True, help="read if present, else written")
+    prov.add_argument("--database", default="dicomsafe_index")
     args = parser.parse_args(argv)
     try:
+        if args.command == "provision":
+            admin_uri = env_secret("MONGODB_ADMIN_URI")
+            if not admin_uri:
+                raise PolicyError("MONGODB_ADMIN_URI (or _FILE) is required")
+            existing = args.password_file.read_text().strip() if args.password_file.exists() else None
+            user, password = asyncio.run(provision(admin_uri, args.database, existing))
+            if existing is None:
+                args.password_file.parent.mkdir(parents=True, exist_ok=True)
+                args.password_file.write_text(password)
+            print(f"tiering job's index user {user} ready")
+            return 0
         if args.command == "recall":
             rr = asyncio.run(
                 _with_site(

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import io
+import secrets
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -19,10 +21,12 @@ import grpc
 import pydicom
 import pytest
 from pymongo import AsyncMongoClient
+from pymongo.errors import OperationFailure
 
 from dicomsafe.common.audit_emitter import AuditEmitter
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, new_producer
+from dicomsafe.common.mongo_users import user_uri
 from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc
 from services.audit.store import COLLECTION
 from services.crypto.object_store import S3Settings, StoreSettings, copy_verified, open_store, sha256_of
@@ -90,9 +94,21 @@ async def _ingest(stack: Stack, files: dict[str, bytes]) -> dict[str, str]:
         await client.close()
 
 
+JOB_PASSWORD = secrets.token_urlsafe(18)
+
+
+async def _job_uri(stack: Stack) -> str:
+    """The job's own least-privilege user (``tiering provision``), as the CronJob runs with."""
+    admin = stack.settings.mongodb_uri
+    if not urllib.parse.urlsplit(admin).username:
+        return admin  # a server without access control: no identities to provision
+    user, password = await tiering.provision(admin, stack.settings.index_db, JOB_PASSWORD)
+    return user_uri(admin, stack.settings.index_db, user, password)
+
+
 async def _with_job(stack: Stack, job: Callable[[Any, Any, Any, AuditEmitter], Awaitable[_T]]) -> _T:
     """``job(hot, archive, index, audit)`` as the tiering job's process would run it."""
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(stack.settings.mongodb_uri)
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(await _job_uri(stack))
     producer = new_producer(stack.settings.kafka_bootstrap, "tiering-test")
     await producer.start()
     try:
@@ -163,6 +179,19 @@ def test_old_instances_move_to_the_archive_and_stay_retrievable(site: Stack, idp
         if line.startswith('dicomsafe_crypto_store_open_seconds_count{tier="archive"}')
     )
     assert archive_opens >= len(ct)
+
+    # The job's identity may mark tiers, never remove or add an index entry.
+    async def job_may_not_delete() -> None:
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(await _job_uri(site))
+        try:
+            with pytest.raises(OperationFailure) as refused:
+                await client[site.settings.index_db]["instances"].delete_one({"_id": next(iter(ct))})
+            assert refused.value.code == 13
+        finally:
+            await client.close()
+
+    if urllib.parse.urlsplit(site.settings.mongodb_uri).username:
+        asyncio.run(job_may_not_delete())
 
     # Idempotent: nothing more is due.
     again = asyncio.run(_run_job(site, policy))

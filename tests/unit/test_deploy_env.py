@@ -91,6 +91,20 @@ def env_spec(service: str) -> EnvSpec:
     return EnvSpec(frozenset(readable), frozenset(required))
 
 
+def tool_env_spec(tool: str) -> frozenset[str]:
+    """What a site job (``tools/<tool>.py``) may read: its own module, the store settings it
+    shares with crypto (services/crypto/config.py's *_from_env) and Kafka's client settings."""
+    readable: set[str] = set()
+    for path, functions in (
+        (f"tools/{tool}.py", None),
+        ("services/crypto/config.py", {"store_from_env", "archive_from_env", "s3_from_env"}),
+        ("dicomsafe/common/kafka.py", None),
+    ):
+        r, _, _ = _reads(ast.parse((REPO / path).read_text(encoding="utf-8")), functions)
+        readable |= r
+    return frozenset(readable)
+
+
 def config_class(service: str) -> Any:
     """The service's configuration class (the one with ``from_env``)."""
     module = importlib.import_module(f"services.{service}.config")

@@ -20,7 +20,10 @@ import yaml
 
 from dicomsafe.common.kafka import Topics, topic_specs
 from services.authz.policy import load_policy
-from tests.unit.test_deploy_env import REPO, SERVICES, config_class, env_spec, environment
+from services.crypto.config import archive_from_env
+from tests.unit.test_deploy_env import REPO, SERVICES, config_class, env_spec, environment, tool_env_spec
+from tools.backup import site_from_env
+from tools.tiering import load_policy as load_tiering_policy
 
 K8S = REPO / "deploy" / "k8s"
 OVERLAYS = ("dev", "production")
@@ -95,6 +98,10 @@ def main_container(name: str, pod: Obj) -> Obj:
 
 def service_of(workload: str) -> str:
     return "audit" if workload == "audit-verify" else workload
+
+
+# Scheduled site jobs (site-jobs.yaml) -> the tool each runs.
+SITE_JOBS = {"site-backup": "backup", "tiering": "tiering"}
 
 
 def container_env(container: Obj, objs: tuple[Obj, ...]) -> dict[str, str]:
@@ -190,7 +197,7 @@ def test_custom_resources_are_optional_components() -> None:
 
 def test_pods_meet_pod_security_restricted(objects: tuple[Obj, ...]) -> None:
     templates = list(pod_templates(objects))
-    assert {service_of(n) for n, _ in templates} == set(SERVICES)
+    assert {service_of(n) for n, _ in templates} == {*SERVICES, *SITE_JOBS}
     for name, pod in templates:
         spec = pod["spec"]
         pod_sc = spec["securityContext"]
@@ -350,8 +357,10 @@ def test_only_the_identity_holders_reach_vault_and_mongodb(objects: tuple[Obj, .
     for name, labels in _pods(objects).items():
         reach = _egress_namespaces(policies, labels)
         assert (("vault", 8200) in reach) == (name in {"crypto", "audit", "audit-verify"}), name
-        assert (("mongodb", 27017) in reach) == (name in {"authz", "audit", "audit-verify", "gateway"}), name
-        assert (("kafka", 9092) in reach) == (name in SERVICES), name
+        mongo_users = {"authz", "audit", "audit-verify", "gateway", *SITE_JOBS}
+        assert (("mongodb", 27017) in reach) == (name in mongo_users), name
+        assert (("kafka", 9092) in reach) == (name in {*SERVICES, "tiering"}), name
+        assert (("s3", 8333) in reach) == (name in {"crypto", *SITE_JOBS}), name
 
 
 def test_ip_blocks_never_cover_private_ranges(objects: tuple[Obj, ...]) -> None:
@@ -406,6 +415,8 @@ def test_vault_uses_tls_in_production() -> None:
 
 def test_environment_matches_what_each_service_reads(objects: tuple[Obj, ...], tmp_path: Path) -> None:
     for name, pod in pod_templates(objects):
+        if name in SITE_JOBS:
+            continue  # test_site_jobs_run_the_installed_tools_with_what_they_read
         service = service_of(name)
         app = main_container(name, pod)
         env = container_env(app, objects)
@@ -419,6 +430,46 @@ def test_environment_matches_what_each_service_reads(objects: tuple[Obj, ...], t
                 config_class(service).from_env()  # raises on a missing or malformed setting
         assert app["args"][0] == f"services.{service}"
         assert (REPO / "services" / service / "__main__.py").exists()
+
+
+def test_site_jobs_run_the_installed_tools_with_what_they_read(objects: tuple[Obj, ...], tmp_path: Path) -> None:
+    crypto_env = container_env(
+        main_container("crypto", named(objects, "Deployment", "crypto")["spec"]["template"]), objects
+    )
+    for name, tool in SITE_JOBS.items():
+        app = main_container(name, named(objects, "CronJob", name)["spec"]["jobTemplate"]["spec"]["template"])
+        env = container_env(app, objects)
+        readable = tool_env_spec(tool)
+        assert set(env) <= readable, f"{name} sets variables {tool} never reads: {set(env) - readable}"
+        assert app["args"][:2] == ["tools.cli", "tier" if tool == "tiering" else tool], name
+        assert "MONGODB_URI_FILE" in env and "MONGODB_URI" not in env, f"{name}: the URI is a secret, from a file"
+        # The same stores as crypto's, so the job sees the objects crypto wrote.
+        for key in ("CRYPTO_STORE_URL", "CRYPTO_ARCHIVE_STORE_URL", "S3_ENDPOINT_URL"):
+            assert env[key] == crypto_env[key], f"{name}: {key}"
+        # Never crypto's S3 key: each job has its own, scoped to what it does.
+        secrets = {v["name"]: v["secret"]["secretName"] for v in app_volumes(name, objects) if "secret" in v}
+        assert "crypto-s3" not in secrets.values(), name
+        with environment(env, tmp_path):
+            archive = archive_from_env()
+            assert archive is not None and archive.retention_days > 0, f"{name}: the archive tier is retained"
+            if tool == "backup":
+                site = site_from_env()
+                assert set(site.databases.values()) == {"dicomsafe_index", "dicomsafe_audit", "dicomsafe_authz"}
+            else:
+                assert env["KAFKA_BOOTSTRAP"]  # each move is audited
+    policy = named(objects, "CronJob", "tiering")["spec"]["jobTemplate"]["spec"]["template"]
+    assert main_container("tiering", policy)["args"][-1] == "/etc/dicomsafe/tiering/tiering.toml"
+
+
+def app_volumes(name: str, objects: tuple[Obj, ...]) -> list[Obj]:
+    volumes: list[Obj] = named(objects, "CronJob", name)["spec"]["jobTemplate"]["spec"]["template"]["spec"]["volumes"]
+    return volumes
+
+
+def test_tiering_policy_copy_matches_the_repository_policy() -> None:
+    copy = (K8S / "base" / "tiering-policy.toml").read_text(encoding="utf-8")
+    assert copy == (REPO / "deploy" / "policy" / "tiering.toml").read_text(encoding="utf-8")
+    load_tiering_policy(K8S / "base" / "tiering-policy.toml")  # and it loads
 
 
 def test_files_named_by_the_environment_are_mounted(objects: tuple[Obj, ...]) -> None:
@@ -514,7 +565,7 @@ def test_kafka_users_have_least_privilege() -> None:
     users = {
         o["metadata"]["name"]: o["spec"]["authorization"]["acls"] for o in of_kind(render("production"), "KafkaUser")
     }
-    assert set(users) == {f"dicomsafe-{s}" for s in SERVICES}
+    assert set(users) == {f"dicomsafe-{s}" for s in (*SERVICES, "tiering")}
     for name, acls in users.items():
         ops = {(a["resource"]["name"], op) for a in acls for op in a["operations"]}
         assert ("audit.events", "Write") in ops or name == "dicomsafe-audit", name
