@@ -11,7 +11,9 @@ so the same promises: nothing half-written is visible, nothing is ever deleted):
 - each sealed object under its own id, byte for byte (sealed bytes only: a backup holds no
   plaintext and no key; Vault's keys are backed up by a Vault snapshot, see docs/operations.md);
 - each database collection as one blob of its documents' raw BSON, named by its SHA-256, so a
-  collection unchanged since the last backup is not written again;
+  collection unchanged since the last backup is not written again; the audit store's
+  append-only collections (records, checkpoints, forwarding marks) as segments instead, each
+  backup adding one blob of the records past each chain's head in the previous one;
 - manifest N (JSON) under an id derived from N: what backup N holds, each object's and blob's
   SHA-256, and the SHA-256 of manifest N-1 (a chain: an altered older manifest is noticed).
 
@@ -47,6 +49,8 @@ from bson.raw_bson import RawBSONDocument
 from pymongo import AsyncMongoClient
 
 from dicomsafe.common.config import env_opt, env_secret, env_str
+from services.audit.store import CHECKPOINTS, FORWARDED
+from services.audit.store import COLLECTION as EVENTS
 from services.crypto.object_store import (
     COPY_BLOCK,
     CopyMismatch,
@@ -64,6 +68,10 @@ FORMAT = "dicomsafe-backup/1"
 ROLES = ("index", "audit", "authz")
 _RAW: CodecOptions[RawBSONDocument] = CodecOptions(document_class=RawBSONDocument)
 INSERT_BATCH = 1000
+# Collections never updated nor deleted from, chained by (chain, seq): backed up in segments,
+# each backup adding only what was appended since the last one (the audit trail grows every
+# second; dumping it whole every night would not scale).
+APPEND_ONLY = frozenset({("audit", EVENTS), ("audit", CHECKPOINTS), ("audit", FORWARDED)})
 
 
 class BackupError(RuntimeError):
@@ -89,6 +97,8 @@ class Outcome:
     seconds: float
     objects_copied: int
     blobs_written: int
+    # Things the backup saw that an operator must look at (it completed regardless).
+    warnings: list[str] = field(default_factory=list)
 
 
 def manifest_id(sequence: int) -> str:
@@ -156,28 +166,81 @@ def documents(blob: IO[bytes]) -> Iterator[RawBSONDocument]:
         yield RawBSONDocument(head + blob.read(size - 4))
 
 
-async def _dump_databases(site: Site, backup: ObjectStore) -> tuple[dict[str, Any], int]:
+async def _spool_blob(backup: ObjectStore, cursor: Any) -> tuple[dict[str, Any], bool, dict[str, int]]:
+    """Writes what ``cursor`` yields as one blob: ({blob, documents}, written now, chain heads)."""
+    count = 0
+    heads: dict[str, int] = {}
+    with tempfile.TemporaryFile() as spool:
+        async for doc in cursor:
+            spool.write(doc.raw)
+            count += 1
+            if "chain" in doc and "seq" in doc:
+                chain, seq = str(doc["chain"]), int(doc["seq"])
+                heads[chain] = max(seq, heads.get(chain, seq))
+        blob_id, new = await asyncio.to_thread(_put_blob, backup, spool)
+    return {"blob": blob_id, "documents": count}, new, heads
+
+
+async def _dump_chained(
+    collection: Any, backup: ObjectStore, previous: dict[str, Any] | None
+) -> tuple[dict[str, Any], int, int]:
+    """An append-only, hash-chained collection (the audit store's): only the records past each
+    chain's head in the previous backup are dumped, as a new segment; the older segments are
+    the previous backup's, unchanged. Returns (entry, blobs written, records missing: fewer now
+    than backed up, which only a deletion in the primary explains)."""
+    segments: list[dict[str, Any]] = list(previous.get("segments", [])) if previous else []
+    heads: dict[str, int] = dict(previous.get("heads", {})) if previous else {}
+    backed_up = sum(int(seg["documents"]) for seg in segments)
+    order = [("chain", 1), ("seq", 1)]
+    # Chains seen before, past their heads; then chains new since (one chain per partition: few).
+    queries = [{"chain": chain, "seq": {"$gt": seq}} for chain, seq in sorted(heads.items())]
+    queries.append({"chain": {"$nin": sorted(heads)}})
+    segment, written, new_heads = await _spool_blob(backup, _chained_cursor(collection, queries, order))
+    if segment["documents"]:
+        segments.append(segment)
+    heads.update(new_heads)
+    total = backed_up + int(segment["documents"])
+    missing = max(0, total - await collection.count_documents({}))
+    entry = {"segments": segments, "heads": heads, "documents": total}
+    return entry, int(written and segment["documents"] > 0), missing
+
+
+async def _chained_cursor(collection: Any, queries: list[dict[str, Any]], order: list[tuple[str, int]]) -> Any:
+    for query in queries:
+        async for doc in collection.find(query, sort=order):
+            yield doc
+
+
+async def _dump_databases(
+    site: Site, backup: ObjectStore, previous: dict[str, Any]
+) -> tuple[dict[str, Any], int, list[str]]:
     client: AsyncMongoClient[RawBSONDocument] = AsyncMongoClient(site.mongodb_uri, document_class=RawBSONDocument)
     out: dict[str, Any] = {}
     written = 0
+    warnings: list[str] = []
     try:
         for role, name in sorted(site.databases.items()):
             db = client.get_database(name, codec_options=_RAW)
+            before = previous.get(role, {})
+            earlier = before.get("collections", {}) if before.get("database") == name else {}
             collections: dict[str, Any] = {}
             for coll in sorted(await db.list_collection_names()):
-                count = 0
-                with tempfile.TemporaryFile() as spool:
+                if (role, coll) in APPEND_ONLY:
+                    entry, new, missing = await _dump_chained(db[coll], backup, earlier.get(coll))
+                    if missing:
+                        warnings.append(
+                            f"{name}.{coll} holds {missing} fewer records than backed up: run the audit's "
+                            "verify (records deleted from an append-only store); the backup keeps them"
+                        )
+                else:
                     # In _id order: an unchanged collection dumps to the same bytes (and blob).
-                    async for doc in db[coll].find({}, sort=[("_id", 1)]):
-                        spool.write(doc.raw)
-                        count += 1
-                    blob_id, new = await asyncio.to_thread(_put_blob, backup, spool)
+                    entry, new, _ = await _spool_blob(backup, db[coll].find({}, sort=[("_id", 1)]))
                 written += new
-                collections[coll] = {"blob": blob_id, "documents": count}
+                collections[coll] = entry
             out[role] = {"database": name, "collections": collections}
     finally:
         await client.close()
-    return out, written
+    return out, written, warnings
 
 
 def backup(site: Site, dest: StoreSettings) -> Outcome:
@@ -190,7 +253,7 @@ def backup(site: Site, dest: StoreSettings) -> Outcome:
     if previous_n:
         previous, previous_sha = read_manifest(target, previous_n)
     taken_at = dt.datetime.now(dt.UTC)
-    databases, blobs = asyncio.run(_dump_databases(site, target))
+    databases, blobs, warnings = asyncio.run(_dump_databases(site, target, previous.get("databases", {})))
     source: ObjectStore = open_store(site.store)
     if site.archive is not None:
         source = TieredStore(source, open_store(site.archive))
@@ -224,7 +287,28 @@ def backup(site: Site, dest: StoreSettings) -> Outcome:
     except BaseException:
         pending.abort()
         raise
-    return Outcome(manifest, hashlib.sha256(raw).hexdigest(), time.monotonic() - started, copied, blobs)
+    return Outcome(manifest, hashlib.sha256(raw).hexdigest(), time.monotonic() - started, copied, blobs, warnings)
+
+
+async def _restore_blob(backup: ObjectStore, part: dict[str, Any], collection: Any, where: str) -> int:
+    """Inserts one blob's documents in their order, its SHA-256 checked; returns how many."""
+    count, batch = 0, []
+    digest = hashlib.sha256()
+    with backup.open_read(part["blob"]) as blob:
+        for doc in documents(blob):
+            digest.update(doc.raw)
+            batch.append(doc)
+            if len(batch) == INSERT_BATCH:
+                await collection.insert_many(batch, ordered=True)
+                count, batch = count + len(batch), []
+    if digest.hexdigest() != part["blob"]:
+        raise BackupError(f"a blob of {where} does not match its SHA-256")
+    if batch:
+        await collection.insert_many(batch, ordered=True)
+        count += len(batch)
+    if count != part["documents"]:
+        raise BackupError(f"{where}: {count} documents in a blob that holds {part['documents']}")
+    return count
 
 
 async def _restore_databases(backup: ObjectStore, manifest: dict[str, Any], site: Site) -> dict[str, int]:
@@ -239,20 +323,9 @@ async def _restore_databases(backup: ObjectStore, manifest: dict[str, Any], site
             for coll, info in sorted(entry["collections"].items()):
                 if await db[coll].estimated_document_count():
                     raise BackupError(f"{name}.{coll} is not empty: restore fills fresh stores only")
-                count, batch = 0, []
-                digest = hashlib.sha256()
-                with backup.open_read(info["blob"]) as blob:
-                    for doc in documents(blob):
-                        digest.update(doc.raw)
-                        batch.append(doc)
-                        if len(batch) == INSERT_BATCH:
-                            await db[coll].insert_many(batch, ordered=True)
-                            count, batch = count + len(batch), []
-                if digest.hexdigest() != info["blob"]:
-                    raise BackupError(f"the blob of {name}.{coll} does not match its SHA-256")
-                if batch:
-                    await db[coll].insert_many(batch, ordered=True)
-                    count += len(batch)
+                count = 0
+                for part in info.get("segments", [info]):
+                    count += await _restore_blob(backup, part, db[coll], f"{name}.{coll}")
                 if count != info["documents"]:
                     raise BackupError(f"{name}.{coll}: {count} documents restored, {info['documents']} backed up")
                 restored[f"{name}.{coll}"] = count
@@ -338,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{done.blobs_written} database blobs written, {done.seconds:.1f}s; "
                 f"manifest sha256 {done.manifest_sha256} (keep it apart from the backup)"
             )
+            for warning in done.warnings:
+                print(f"backup: WARNING: {warning}", file=sys.stderr)
         elif args.command == "restore":
             manifest, counts, seconds = restore(_backup_location(args.source), site_from_env(), args.sequence)
             print(

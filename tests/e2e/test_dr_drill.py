@@ -90,7 +90,6 @@ async def _until_settled(settings: StackSettings, sops: set[str], keys: dict[int
 
 def test_backup_destroy_restore_verify(servers: Servers, idp: LocalIssuer, own_mongo: OwnMongo, tmp_path: Path) -> None:
     unique = uuid.uuid4().hex[:8]
-    keys = CheckpointSigner(VaultSession(VaultAuth(servers.vault_addr, token=servers.vault_token))).public_keys()
     primary = site_settings(servers, idp, tmp_path / "primary", "dr", partitions=2)
     locations = {
         "s3": StoreSettings(f"s3://{TEST_BUCKET}/dr-backup-{unique}", s3_settings(servers.s3)),
@@ -101,6 +100,9 @@ def test_backup_destroy_restore_verify(servers: Servers, idp: LocalIssuer, own_m
     stack = Stack(primary)
     try:
         stack.start()
+        # The checkpoint signing key exists once the site's Vault setup ran (a fresh Vault: now).
+        vault = VaultSession(VaultAuth(servers.vault_addr, token=servers.vault_token))
+        keys = CheckpointSigner(vault).public_keys()
         asyncio.run(publish(primary, sent.values()))
         asyncio.run(_until_settled(primary, set(sent), keys))
         first = {name: backup.backup(_site(primary), where) for name, where in locations.items()}
@@ -120,6 +122,12 @@ def test_backup_destroy_restore_verify(servers: Servers, idp: LocalIssuer, own_m
         # Incremental: only the objects stored since the first backup were copied again.
         assert first[name].objects_copied == FIRST and second[name].objects_copied == SECOND
         assert second[name].manifest["previous_sha256"] == first[name].manifest_sha256
+        # The audit trail too: the second backup added one segment, of the records since the first.
+        events_then = first[name].manifest["databases"]["audit"]["collections"][COLLECTION]
+        events_now = second[name].manifest["databases"]["audit"]["collections"][COLLECTION]
+        assert events_now["segments"][:-1] == events_then["segments"]
+        assert events_now["segments"][-1]["documents"] == audit_records - events_then["documents"] > 0
+        assert events_now["documents"] == audit_records
     primary_index = asyncio.run(_collections(primary.mongodb_uri, primary.index_db))
     primary_audit = asyncio.run(_collections(primary.mongodb_uri, primary.audit_db))[COLLECTION]
     newest_record = max(r["recorded_at"] for r in primary_audit).replace(tzinfo=dt.UTC)
