@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import grpc
@@ -127,7 +128,12 @@ class GrpcClient:
         """Seconds to seal ``data`` as a new object, seconds to open it again."""
         object_id = secrets.token_hex(32)
         meta = crypto_pb2.SealMetadata(
-            object_id=object_id, sop_instance_uid="1.2.3.4", study_instance_uid="1.2.3", expected_sha256=sha
+            object_id=object_id,
+            # A new instance each round, as in service: crypto refuses a second, different object
+            # under a SOP Instance UID it has stored (the duplicate-instance policy).
+            sop_instance_uid=f"2.25.{uuid.uuid4().int}",
+            study_instance_uid="1.2.3",
+            expected_sha256=sha,
         )
         t0 = time.perf_counter()
         await self._sealer.seal(data, meta)
