@@ -20,6 +20,7 @@ from dicomsafe.common.grpc_runtime import new_server, run_until_stopped, service
 from dicomsafe.common.kafka import Topics, new_producer
 from dicomsafe.v1 import authz_pb2_grpc
 from services.authz.config import AuthzConfig
+from services.authz.grant_cache import GrantCache
 from services.authz.grants import GrantStore
 from services.authz.policy import load_policy
 from services.authz.service import SERVICE_NAME, AuthzServicer
@@ -97,10 +98,12 @@ async def run(cfg: AuthzConfig, stop: asyncio.Event) -> None:
     log.info("policy loaded", extra={"policy_version": policy.version, "roles": len(policy.roles)})
     mongo: AsyncMongoClient[dict[str, Any]] | None = None
     grants = None
+    cache = None
     if cfg.mongodb_uri:
         mongo = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
         grants = GrantStore(mongo, cfg.mongodb_db)
         await grants.ensure_indexes()
+        cache = GrantCache(grants, cfg.grant_cache_poll_ms / 1000)
     else:
         log.warning("no AUTHZ_MONGODB_URI: time-limited grants and break-glass are unavailable")
     verifier = None
@@ -112,7 +115,7 @@ async def run(cfg: AuthzConfig, stop: asyncio.Event) -> None:
     else:
         log.warning("no identity provider configured: subjects are trusted as sent (development only)")
     trail = Trail(cfg.audit_timeout_s)
-    servicer = AuthzServicer(policy, trail, verifier, grants)
+    servicer = AuthzServicer(policy, trail, verifier, grants, cache if cache and cache.enabled else None)
     link = AuditLink(cfg.kafka_bootstrap, Topics(cfg.topic_prefix), trail)
     try:
         # First attempt before serving, so a healthy start never reports SERVING without an audit trail.
@@ -130,6 +133,8 @@ async def run(cfg: AuthzConfig, stop: asyncio.Event) -> None:
         ]
         if servicer.announcer is not None:
             background.append(servicer.announcer.keep(cfg.break_glass_sweep_s, stop))
+        if cache is not None and cache.enabled:
+            background.append(cache.keep(stop))
         await run_until_stopped(server, health_servicer, [SERVICE_NAME], stop, log, background=background)
     finally:
         await link.close()

@@ -40,6 +40,10 @@ class AuthzConfig:
     # Stopped" (also those that ended while the service was down). Access itself ends on time
     # regardless: every check compares the grant window with the clock.
     break_glass_sweep_s: float = 5.0
+    # Checks read grants from memory, emptied whenever the grants' generation counter moves,
+    # which is polled this often: the longest a change on another replica goes unseen. 0 reads
+    # the store on every check.
+    grant_cache_poll_ms: int = 250
     # None only under the explicit development opt-out (dicomsafe.common.tls).
     tls: TlsConfig | None = None
     grpc_allow: PeerAllowlist = DEFAULT_ALLOWLIST
@@ -62,6 +66,7 @@ class AuthzConfig:
             mongodb_db=env_str("AUTHZ_MONGODB_DB", "dicomsafe_authz"),
             audit_timeout_s=float(env_int("AUTHZ_AUDIT_TIMEOUT_S", 5)),
             break_glass_sweep_s=float(env_int("AUTHZ_BREAK_GLASS_SWEEP_S", 5)),
+            grant_cache_poll_ms=env_int("AUTHZ_GRANT_CACHE_POLL_MS", 250),
             tls=tls_from_env(),
             grpc_allow=PeerAllowlist.parse(env_str("AUTHZ_GRPC_ALLOW", DEFAULT_GRPC_ALLOW)),
         )

@@ -1,11 +1,13 @@
 """Time-limited grants in MongoDB (authz's own database).
 
-Read on every check and never cached, so an expiry or a revocation takes effect on the very
-next decision, on every replica. Window, holder and scope are judged by ``policy.decide``; the
-store only narrows the read to the grants that have not ended of the subject itself and of the
-roles it holds (a grant names either one ``subject`` or a ``grantee_role``: every holder of
-that role). Each half of the read has its own index (``subject_expiry``,
-``grantee_role_expiry``), so a check never scans the collection.
+Every change (a grant created or revoked, an override announced) also increments one
+generation counter (``GENERATION``), which ``grant_cache.GrantCache`` polls: checks are answered
+from a cache that a change empties on every replica within the poll interval.
+
+Window, holder and scope are judged by ``policy.decide``; the store only narrows the read to the
+grants that have not ended of the subject itself and of the roles it holds (a grant names either
+one ``subject`` or a ``grantee_role``: every holder of that role). Each half of the read has its
+own index (``subject_expiry``, ``grantee_role_expiry``), so a check never scans the collection.
 
 Break-glass grants also carry the durable markers of their announcements: ``started_announced_at``
 (set once the "Emergency Override Started" audit event and alert were acknowledged; until then
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -26,6 +29,8 @@ from pymongo.write_concern import WriteConcern
 from services.authz.policy import RoleGrant, Scope
 
 COLLECTION = "grants"
+# One document: {_id: "grants", n: <changes so far>}.
+GENERATION = "grants_generation"
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,22 @@ def _from_doc(doc: dict[str, Any]) -> StoredGrant:
 
 class GrantStore:
     def __init__(self, client: AsyncMongoClient[dict[str, Any]], database: str) -> None:
-        self._grants = client[database].get_collection(COLLECTION, write_concern=WriteConcern(w="majority", j=True))
+        durable = WriteConcern(w="majority", j=True)
+        self._grants = client[database].get_collection(COLLECTION, write_concern=durable)
+        self._generation = client[database].get_collection(GENERATION, write_concern=durable)
+        # Called after each change this process made (its cache empties at once, not a poll later).
+        self.on_change: list[Callable[[], None]] = []
+
+    async def generation(self) -> int:
+        """How many changes the grants have seen: unchanged means every cached read is current."""
+        doc = await self._generation.find_one({"_id": COLLECTION})
+        return int(doc["n"]) if doc else 0
+
+    async def _changed(self) -> None:
+        # After the change itself: a replica that reads the new generation reads the change too.
+        for callback in self.on_change:
+            callback()  # first: even if the counter's write fails, this replica is current
+        await self._generation.update_one({"_id": COLLECTION}, {"$inc": {"n": 1}}, upsert=True)
 
     async def ensure_indexes(self) -> None:
         await self._grants.create_index("grant_id", unique=True, name="grant_id")
@@ -137,13 +157,17 @@ class GrantStore:
             grantee_role=grantee_role,
         )
         await self._grants.insert_one({**asdict(grant), "created_at": dt.datetime.now(dt.UTC)})
+        await self._changed()
         return grant
 
     async def revoke(self, grant_id: str, now: dt.datetime) -> StoredGrant | None:
         doc = await self._grants.find_one_and_update(
             {"grant_id": grant_id, "revoked_at": None}, {"$set": {"revoked_at": now}}, return_document=True
         )
-        return _from_doc(doc) if doc else None
+        if doc is None:
+            return None
+        await self._changed()
+        return _from_doc(doc)
 
     async def active(self, subject: str, now: dt.datetime, roles: frozenset[str] = frozenset()) -> list[StoredGrant]:
         """The grants that have not ended (any scope, including not yet started) of the subject
@@ -158,6 +182,7 @@ class GrantStore:
 
     async def mark_started_announced(self, grant_id: str, now: dt.datetime) -> None:
         await self._grants.update_one({"grant_id": grant_id}, {"$set": {"started_announced_at": now}})
+        await self._changed()  # the override now confers its role
 
     async def unannounced_stops(self, now: dt.datetime) -> list[StoredGrant]:
         """Break-glass grants that ended (expired or revoked) without their "Stopped" announcement."""

@@ -19,6 +19,7 @@ from dicomsafe.common.metrics import DECISIONS, DURATION
 from dicomsafe.common.token_fingerprint import token_fingerprint
 from dicomsafe.v1 import audit_pb2, authz_pb2, authz_pb2_grpc
 from services.authz.break_glass import OverrideAnnouncer
+from services.authz.grant_cache import GrantCache
 from services.authz.grants import GrantStore, StoredGrant
 from services.authz.policy import (
     Decision,
@@ -64,11 +65,15 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
         trail: Trail,
         verifier: TokenVerifier | None,
         grants: GrantStore | None = None,
+        grant_cache: GrantCache | None = None,
     ) -> None:
         self._policy = policy
         self._trail = trail
         self._verifier = verifier
         self._grants = grants
+        # Checks read grants through it when given; management (and break-glass's renewal check)
+        # always read the store itself.
+        self._grant_reader: GrantCache | GrantStore | None = grant_cache or grants
         self.announcer = OverrideAnnouncer(grants, trail) if grants is not None else None
 
     @property
@@ -164,7 +169,8 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
         if self._grants is None or not subject:
             return []
         try:
-            return [g for g in await self._grants.active(subject, now, roles) if g.usable]
+            assert self._grant_reader is not None
+            return [g for g in await self._grant_reader.active(subject, now, roles) if g.usable]
         except PyMongoError:
             # Without the grant store, decide on the policy file alone: grants only ever add access.
             log.warning("grant store unavailable; deciding without grants")
