@@ -11,6 +11,7 @@ so what a researcher finds is what they can retrieve, and nothing in it leads ba
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from pydicom.datadict import keyword_for_tag
@@ -38,6 +39,8 @@ QUERY_ACTION = "study.query"
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 CONTROL = frozenset({"limit", "offset", "includefield", "fuzzymatching"})
+# Per-study checks of one QIDO page in flight at once.
+CHECKS_IN_FLIGHT = 16
 UID_LEVEL = {"StudyInstanceUID": "study", "SeriesInstanceUID": "series", "SOPInstanceUID": "instance"}
 
 
@@ -185,13 +188,20 @@ async def _visible(
     A study the caller may see only de-identified is left out of an identified query: its keys
     (patient name, real UIDs) would have matched on what the caller must not learn.
     """
-    verdicts: dict[str, Verdict] = {}
+    first: dict[str, Found] = {}
     for hit in hits:
-        if hit.study_uid not in verdicts:
+        first.setdefault(hit.study_uid, hit)
+    # Decided concurrently (a page of 100 studies was 100 checks one after another), bounded so
+    # one query cannot take every authz stream.
+    limit = asyncio.Semaphore(CHECKS_IN_FLIGHT)
+
+    async def decide(hit: Found) -> Verdict:
+        async with limit:
             where = Where(hit.site, hit.department, hit.patient_ref)
-            verdicts[hit.study_uid] = await authorise(
-                backends, token, QUERY_ACTION, "study", hit.study_uid, hit.labels, where
-            )
+            return await authorise(backends, token, QUERY_ACTION, "study", hit.study_uid, hit.labels, where)
+
+    decided = await asyncio.gather(*(decide(hit) for hit in first.values()))
+    verdicts = dict(zip(first, decided, strict=True))
     return [
         (hit, verdict)
         for hit in hits

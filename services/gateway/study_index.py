@@ -439,14 +439,12 @@ class StudyIndex:
             query["_id"] = study_uid
         collection = {"study": self._studies, "series": self._series, "instance": self._instances}[level]
         docs = [doc async for doc in collection.find(query).sort("_id", ASCENDING).skip(offset).limit(limit)]
-        context = await self._study_context({str(d.get("study_uid", d["_id"])) for d in docs})
-        series_attrs: dict[str, Any] = {}
-        if level == "instance":
-            wanted = sorted({str(d["series_uid"]) for d in docs})
-            series_attrs = {
-                str(s["_id"]): s.get("attrs", {}) async for s in self._series.find({"_id": {"$in": wanted}})
-            }
-        counts = await self._counts(level, docs)
+        # Independent reads of the page's context: concurrent, not one round trip after another.
+        context, series_attrs, counts = await asyncio.gather(
+            self._study_context({str(d.get("study_uid", d["_id"])) for d in docs}),
+            self._series_attrs(docs) if level == "instance" else _nothing(),
+            self._counts(level, docs),
+        )
         hits: list[Found] = []
         for doc in docs:
             owner = str(doc["_id"]) if level == "study" else str(doc["study_uid"])
@@ -502,23 +500,37 @@ class StudyIndex:
         return [str(doc["_id"]) async for doc in collection.find(query, {"_id": 1})]
 
     async def _counts(self, level: Level, docs: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
-        """(series, instances) per study, or (0, instances) per series, for one page."""
-        out: dict[str, tuple[int, int]] = {}
-        for doc in docs:
-            uid = str(doc["_id"])
-            if level == "study":
-                out[uid] = (
-                    await self._series.count_documents({"study_uid": uid}),
-                    await self._instances.count_documents({"study_uid": uid}),
-                )
-            elif level == "series":
-                out[uid] = (0, await self._instances.count_documents({"series_uid": uid}))
-        return out
+        """(series, instances) per study, or (0, instances) per series, for one page: one grouped
+        count per collection, whatever the page size (a worklist page of 100 studies made 200
+        sequential counts)."""
+        uids = [str(doc["_id"]) for doc in docs]
+        if level not in ("study", "series") or not uids:
+            return {}
+        key = "study_uid" if level == "study" else "series_uid"
+        instances = self._grouped_count(self._instances, key, uids)
+        if level == "series":
+            per_series = await instances
+            return {uid: (0, per_series.get(uid, 0)) for uid in uids}
+        series, per_study = await asyncio.gather(self._grouped_count(self._series, key, uids), instances)
+        return {uid: (series.get(uid, 0), per_study.get(uid, 0)) for uid in uids}
+
+    @staticmethod
+    async def _grouped_count(collection: Any, key: str, uids: list[str]) -> dict[str, int]:
+        pipeline = [{"$match": {key: {"$in": uids}}}, {"$group": {"_id": f"${key}", "n": {"$sum": 1}}}]
+        return {str(d["_id"]): int(d["n"]) async for d in await collection.aggregate(pipeline)}
+
+    async def _series_attrs(self, docs: list[dict[str, Any]]) -> dict[str, Any]:
+        wanted = sorted({str(d["series_uid"]) for d in docs})
+        return {str(s["_id"]): s.get("attrs", {}) async for s in self._series.find({"_id": {"$in": wanted}})}
 
     async def _study_context(self, study_uids: set[str]) -> dict[str, dict[str, Any]]:
         if not study_uids:
             return {}
         return {str(d["_id"]): d async for d in self._studies.find({"_id": {"$in": sorted(study_uids)}})}
+
+
+async def _nothing() -> dict[str, Any]:
+    return {}
 
 
 def _parents(level: Level) -> Sequence[Level]:

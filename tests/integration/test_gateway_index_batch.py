@@ -268,3 +268,34 @@ async def test_indexer_leaves_a_fresh_event_to_the_stow_request_that_caused_it(
     await Indexer(crypto, index, 60, grace_s=0).handle(fresh)
     [located] = await index.locate(str(ds.StudyInstanceUID))
     assert located.object_id == object_id
+
+
+async def test_a_page_of_many_studies_counts_each_of_its_own(
+    mongo: AsyncMongoClient[dict[str, Any]], unique: str
+) -> None:
+    """The related counts of a page come from one grouped count per collection: each study and
+    series still gets its own numbers."""
+    index = StudyIndex(mongo, f"counts_{unique}")
+    await index.ensure_indexes()
+    shape: dict[str, tuple[int, ...]] = {}  # study -> instances of each of its series
+    entries = []
+    for s, per_series in enumerate([(1,), (2, 3), (1, 1, 4), (5,)]):
+        study = str(generate_uid())
+        shape[study] = per_series
+        for k, n in enumerate(per_series):
+            series = generate_uid()
+            for i in range(n):
+                ds = dicom_samples.ct_image(study_uid=study, seed=100 * s + 10 * k + i, rows=16, columns=16)
+                ds.SeriesInstanceUID = series
+                ds.PatientID = f"PAT-{unique}"
+                entries.append(_entry(ds))
+    await index.add_many(entries)
+
+    studies = await index.search("study", {"PatientID": f"PAT-{unique}"})
+    got = {hit.study_uid: (hit.attrs["00201206"]["Value"][0], hit.attrs["00201208"]["Value"][0]) for hit in studies}
+    assert got == {study: (len(per), sum(per)) for study, per in shape.items()}
+
+    # Series level under one study: instances per series.
+    three = next(uid for uid, per in shape.items() if len(per) == 3)
+    series_hits = await index.search("series", {}, study_uid=three)
+    assert sorted(hit.attrs["00201209"]["Value"][0] for hit in series_hits) == [1, 1, 4]
