@@ -53,7 +53,7 @@ from pymongo import AsyncMongoClient
 from dicomsafe.common.audit_emitter import AuditEmitter
 from dicomsafe.common.config import env_opt, env_secret, env_str
 from dicomsafe.common.kafka import Topics, new_producer
-from dicomsafe.common.mongo_users import ensure_role_and_user
+from dicomsafe.common.mongo_users import ensure_role_and_user, provision_with_password_file
 from dicomsafe.v1 import audit_pb2
 from services.crypto.object_store import StoreSettings, TierStore, copy_verified, open_store, sha256_of
 
@@ -184,14 +184,12 @@ async def _due(index: Any, policy: Policy, now: dt.datetime) -> tuple[int, list[
     return considered, due
 
 
-async def _audit_move(
-    audit: AuditEmitter, inst: dict[str, Any], object_id: str, details: dict[str, str], actor: str = ACTOR
-) -> None:
+async def _audit_move(audit: AuditEmitter, inst: dict[str, Any], object_id: str, details: dict[str, str]) -> None:
     await asyncio.wait_for(
         audit.emit(
             audit_pb2.AuditAction.AUDIT_ACTION_OBJECT_TIERED,
             audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS,
-            actor,
+            ACTOR,
             study_instance_uid=str(inst.get("study_uid", "")),
             sop_instance_uid=str(inst["_id"]),
             object_id=object_id,
@@ -344,11 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             admin_uri = env_secret("MONGODB_ADMIN_URI")
             if not admin_uri:
                 raise PolicyError("MONGODB_ADMIN_URI (or _FILE) is required")
-            existing = args.password_file.read_text().strip() if args.password_file.exists() else None
-            user, password = asyncio.run(provision(admin_uri, args.database, existing))
-            if existing is None:
-                args.password_file.parent.mkdir(parents=True, exist_ok=True)
-                args.password_file.write_text(password)
+            user = provision_with_password_file(args.password_file, lambda pw: provision(admin_uri, args.database, pw))
             print(f"tiering job's index user {user} ready")
             return 0
         if args.command == "recall":

@@ -3,8 +3,11 @@ connection by deployment tooling, so a service never runs with more than its rol
 
 from __future__ import annotations
 
+import asyncio
+import os
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from pymongo import AsyncMongoClient
@@ -50,3 +53,19 @@ def user_uri(admin_uri: str, database: str, user: str, password: str) -> str:
     return urllib.parse.urlunsplit(
         (parts.scheme, f"{userinfo}@{hosts}", parts.path or "/", urllib.parse.urlencode(query), "")
     )
+
+
+def provision_with_password_file(
+    password_file: Path, provision: Callable[[str | None], Coroutine[Any, Any, tuple[str, str]]]
+) -> str:
+    """Runs ``provision(password)`` with the password kept in ``password_file`` or, the first
+    time, with a new one that is then written there (owner-only, never over another file).
+    Returns the user. Re-running keeps the password, so the deployed connection string stays valid."""
+    existing = password_file.read_text(encoding="utf-8").strip() if password_file.exists() else None
+    user, password = asyncio.run(provision(existing))
+    if existing is None:
+        password_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(password)
+    return user

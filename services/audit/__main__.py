@@ -24,6 +24,7 @@ from typing import Any
 from pymongo import AsyncMongoClient
 
 from dicomsafe.common.kafka import Topics
+from dicomsafe.common.mongo_users import provision_with_password_file
 from dicomsafe.common.token_fingerprint import token_fingerprint
 from dicomsafe.common.vault import VaultSession
 from dicomsafe.v1 import audit_pb2
@@ -170,13 +171,7 @@ def _provision(password_file: Path) -> int:
         print("set MONGODB_ADMIN_URI (an administrator's connection string)", file=sys.stderr)
         return 2
     database = os.environ.get("AUDIT_MONGODB_DB", "dicomsafe_audit")
-    existing = password_file.read_text(encoding="utf-8").strip() if password_file.exists() else None
-    user, password = asyncio.run(provision(admin_uri, database, existing))
-    if existing is None:
-        password_file.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(password)
+    user = provision_with_password_file(password_file, lambda pw: provision(admin_uri, database, pw))
     print(f"{database}: indexes ready; user {user} may only insert and find (password in {password_file})")
     return 0
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from pymongo import AsyncMongoClient
 
-from dicomsafe.common.mongo_users import ensure_role_and_user
+from dicomsafe.common.mongo_users import ensure_role_and_user, provision_with_password_file
 from services.gateway.study_index import StudyIndex
 
 INDEX_ROLE = "dicomsafe-gateway-index"
@@ -32,7 +32,6 @@ async def provision_index(admin_uri: str, database: str, password: str | None = 
 def main() -> None:
     """``MONGODB_ADMIN_URI=... python -m services.gateway.provision --password-file F [--database D]``"""
     import argparse
-    import asyncio
     from pathlib import Path
 
     from dicomsafe.common.config import env_secret
@@ -44,11 +43,7 @@ def main() -> None:
     admin_uri = env_secret("MONGODB_ADMIN_URI")
     if not admin_uri:
         raise SystemExit("MONGODB_ADMIN_URI (or _FILE) is required")
-    existing = args.password_file.read_text().strip() if args.password_file.exists() else None
-    user, password = asyncio.run(provision_index(admin_uri, args.database, existing))
-    if existing is None:
-        args.password_file.parent.mkdir(parents=True, exist_ok=True)
-        args.password_file.write_text(password)
+    user = provision_with_password_file(args.password_file, lambda pw: provision_index(admin_uri, args.database, pw))
     print(f"study index ready; user {user}")
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
@@ -90,7 +89,7 @@ async def test_a_change_on_one_replica_is_in_force_on_the_other_within_the_poll(
 
 
 async def test_cached_grants_stop_counting_when_the_store_is_gone(
-    pki: Pki, servers: Servers, idp: LocalIssuer, unique: str, own_mongo: OwnMongo, tmp_path: Path
+    pki: Pki, servers: Servers, idp: LocalIssuer, unique: str, own_mongo: OwnMongo
 ) -> None:
     topics = await _topics(servers, unique)
     cfg = authz_config(
