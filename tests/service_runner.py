@@ -17,13 +17,14 @@ from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.mongo_users import user_uri
 from dicomsafe.common.peer_auth import PeerAllowlist
 from dicomsafe.common.tls import TlsConfig
-from dicomsafe.v1 import authz_pb2_grpc
+from dicomsafe.storage.object_store import S3Settings, StoreSettings, file_url, open_store
+from dicomsafe.storage.sealer import Sealer
+from dicomsafe.v1 import authz_pb2_grpc, crypto_pb2_grpc
 from services.audit.config import AuditConfig
 from services.audit.provision import provision as provision_audit
 from services.authz.app import run as run_authz
 from services.authz.config import AuthzConfig
 from services.crypto.config import CryptoConfig
-from services.crypto.object_store import S3Settings, StoreSettings, file_url
 from services.crypto.vault_keys import VaultSettings
 from tests.servers import S3Endpoint
 from tools.oidc_issuer import LocalIssuer
@@ -187,3 +188,9 @@ async def audit_config(
         database=database,
     )
     return dataclasses.replace(cfg, **overrides)
+
+
+def sealer_for(stub: crypto_pb2_grpc.CryptoServiceAsyncStub, cfg: CryptoConfig) -> Sealer:
+    """What ingest and the gateway do to store an object: a key from this crypto service, the
+    bytes sealed here and put into the same store."""
+    return Sealer(stub, open_store(cfg.store), 60)

@@ -6,7 +6,7 @@ verify) and the grant store, copied to a second location (a directory or an S3 b
     python -m tools.backup restore --from URL [--sequence N]   # into empty stores
     python -m tools.backup list    --from URL
 
-The backup is itself an object store (``services.crypto.object_store``: the same two backends,
+The backup is itself an object store (``dicomsafe.storage.object_store``: the same two backends,
 so the same promises: nothing half-written is visible, nothing is ever deleted):
 - each sealed object under its own id, byte for byte (sealed bytes only: a backup holds no
   plaintext and no key; Vault's keys are backed up by a Vault snapshot, see docs/operations.md);
@@ -49,9 +49,7 @@ from bson.raw_bson import RawBSONDocument
 from pymongo import AsyncMongoClient
 
 from dicomsafe.common.config import env_opt, env_secret, env_str
-from services.audit.store import CHECKPOINTS, FORWARDED
-from services.audit.store import COLLECTION as EVENTS
-from services.crypto.object_store import (
+from dicomsafe.storage.object_store import (
     COPY_BLOCK,
     CopyMismatch,
     ObjectStore,
@@ -61,7 +59,9 @@ from services.crypto.object_store import (
     open_store,
     sha256_of,
 )
-from services.crypto.store_tiered import TieredStore
+from dicomsafe.storage.store_tiered import TieredStore
+from services.audit.store import CHECKPOINTS, FORWARDED
+from services.audit.store import COLLECTION as EVENTS
 
 FORMAT = "dicomsafe-backup/1"
 # What each database is to the site; its name comes from the services' settings.
@@ -379,7 +379,7 @@ def _backup_location(url: str) -> StoreSettings:
 
 
 def site_from_env() -> Site:
-    from services.crypto.config import archive_from_env, store_from_env
+    from dicomsafe.storage.store_env import archive_from_env, store_from_env
 
     return Site(
         store=store_from_env(),

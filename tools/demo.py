@@ -31,8 +31,8 @@ from pydicom.uid import generate_uid
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, dlq_topic, ensure_topics, headers_for, new_producer, topic_specs
 from dicomsafe.common.tls import TlsConfig
+from dicomsafe.storage.object_store import S3Settings, StoreSettings, open_store
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc, events_pb2, retrieval_pb2, retrieval_pb2_grpc
-from services.crypto.object_store import S3Settings, StoreSettings, open_store
 from tools import dicom_samples, infra
 from tools.oidc_issuer import LocalIssuer
 from tools.stack import Stack, StackSettings

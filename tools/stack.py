@@ -29,8 +29,8 @@ from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.mongo_users import ensure_role_and_user, user_uri
 from dicomsafe.common.tls import TlsConfig
 from dicomsafe.common.tls13_pin import CIPHER_SUITES_VAR, TLS13_ONLY_CIPHER_SUITES
+from dicomsafe.storage.object_store import S3Settings
 from services.audit.provision import provision
-from services.crypto.object_store import S3Settings
 from services.gateway.provision import provision_index
 from tools import vault_setup
 from tools.pki import Pki, make_pki
@@ -154,13 +154,15 @@ def free_base_port() -> int:
     raise RuntimeError("no free port range")
 
 
-def _crypto_store_env(s: StackSettings) -> dict[str, str]:
+def _store_env(s: StackSettings, archive_tier: bool) -> dict[str, str]:
+    """The object store: crypto reads both tiers; ingest and the gateway, which seal what they
+    store, put into the hot tier only."""
     archive = (
         {
             "CRYPTO_ARCHIVE_STORE_URL": s.crypto_archive_url,
             "CRYPTO_ARCHIVE_RETENTION_DAYS": str(s.crypto_archive_retention_days),
         }
-        if s.crypto_archive_url
+        if s.crypto_archive_url and archive_tier
         else {}
     )
     if not s.crypto_store_url:
@@ -171,15 +173,15 @@ def _crypto_store_env(s: StackSettings) -> dict[str, str]:
         if s.s3.access_key_id:
             secrets_dir = s.work_dir / "secrets"
             env |= {
-                "S3_ACCESS_KEY_ID_FILE": str(secrets_dir / "crypto-s3-access-key-id"),
-                "S3_SECRET_ACCESS_KEY_FILE": str(secrets_dir / "crypto-s3-secret-access-key"),
+                "S3_ACCESS_KEY_ID_FILE": str(secrets_dir / "store-s3-access-key-id"),
+                "S3_SECRET_ACCESS_KEY_FILE": str(secrets_dir / "store-s3-secret-access-key"),
             }
     return env
 
 
 def service_env(s: StackSettings, service: str, replica: int = 0, peer_replica: int = 0) -> dict[str, str]:
     """``replica``: which replica of ``service`` (its ports); ``peer_replica``: the replica of
-    crypto (and, for a gateway, of ingest) it talks to."""
+    crypto it talks to."""
     common = {
         "KAFKA_BOOTSTRAP": s.kafka_bootstrap,
         "KAFKA_TOPIC_PREFIX": s.topic_prefix,
@@ -193,7 +195,7 @@ def service_env(s: StackSettings, service: str, replica: int = 0, peer_replica: 
     specific: dict[str, dict[str, str]] = {
         "crypto": {
             "CRYPTO_GRPC_BIND": bind,
-            **_crypto_store_env(s),
+            **_store_env(s, archive_tier=True),
             "VAULT_ADDR": s.vault_addr,
             "VAULT_ROLE_ID_FILE": str(secrets_dir / "crypto-role-id"),
             "VAULT_SECRET_ID_FILE": str(secrets_dir / "crypto-secret-id"),
@@ -222,7 +224,7 @@ def service_env(s: StackSettings, service: str, replica: int = 0, peer_replica: 
             "GATEWAY_GRPC_BIND": bind,
             "GATEWAY_AUTHZ_TARGET": s.target("authz"),
             "GATEWAY_CRYPTO_TARGET": s.target("crypto", peer_replica),
-            "GATEWAY_INGEST_TARGET": s.target("ingest", peer_replica),
+            **_store_env(s, archive_tier=False),
             "GATEWAY_HTTP_BIND": f"127.0.0.1:{s.https_port_of(replica)}",
             "GATEWAY_TLS_CERT_FILE": str(s.pki.directory / f"{HTTPS_CERT}.crt"),
             "GATEWAY_TLS_KEY_FILE": str(s.pki.directory / f"{HTTPS_CERT}.key"),
@@ -236,6 +238,7 @@ def service_env(s: StackSettings, service: str, replica: int = 0, peer_replica: 
         "ingest": {
             "INGEST_GRPC_BIND": bind,
             "INGEST_CRYPTO_TARGET": s.target("crypto", peer_replica),
+            **_store_env(s, archive_tier=False),
             "INGEST_GROUP_ID": f"{s.topic_prefix}dicomsafe-ingest",
         },
     }
@@ -299,8 +302,8 @@ class Stack:
         self._secret("crypto-secret-id", creds.secret_id)
         s3 = self.settings.s3
         if s3 is not None and s3.access_key_id:
-            self._secret("crypto-s3-access-key-id", s3.access_key_id)
-            self._secret("crypto-s3-secret-access-key", s3.secret_access_key or "")
+            self._secret("store-s3-access-key-id", s3.access_key_id)
+            self._secret("store-s3-secret-access-key", s3.secret_access_key or "")
 
     def _provision_audit(self) -> None:
         s = self.settings

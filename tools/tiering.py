@@ -54,8 +54,8 @@ from dicomsafe.common.audit_emitter import AuditEmitter
 from dicomsafe.common.config import env_opt, env_secret, env_str
 from dicomsafe.common.kafka import Topics, new_producer
 from dicomsafe.common.mongo_users import ensure_role_and_user, provision_with_password_file
+from dicomsafe.storage.object_store import StoreSettings, TierStore, copy_verified, open_store, sha256_of
 from dicomsafe.v1 import audit_pb2
-from services.crypto.object_store import StoreSettings, TierStore, copy_verified, open_store, sha256_of
 
 ACTOR = "tiering-job"
 INDEX_ROLE = "dicomsafe-tiering-index"
@@ -292,7 +292,7 @@ async def recall(
 
 async def _with_site(job: Callable[[TierStore, TierStore, Any, AuditEmitter], Awaitable[_T]]) -> _T:
     """Runs ``job(hot, archive, index, audit)`` against the site the environment names."""
-    from services.crypto.config import archive_from_env, store_from_env
+    from dicomsafe.storage.store_env import archive_from_env, store_from_env
 
     archive_settings: StoreSettings | None = archive_from_env()
     if archive_settings is None:

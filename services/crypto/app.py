@@ -8,11 +8,11 @@ import logging
 from dicomsafe.common.audit_emitter import AuditEmitter
 from dicomsafe.common.grpc_runtime import new_server, run_until_stopped, service_main
 from dicomsafe.common.kafka import Topics, new_producer
+from dicomsafe.storage.object_store import ObjectStore, open_store
+from dicomsafe.storage.store_tiered import TieredStore
 from dicomsafe.v1 import crypto_pb2_grpc
 from services.crypto.config import CryptoConfig
-from services.crypto.object_store import ObjectStore, open_store
 from services.crypto.service import SERVICE_NAME, CryptoServicer
-from services.crypto.store_tiered import TieredStore
 from services.crypto.vault_keys import TransitKeys
 
 log = logging.getLogger("dicomsafe.crypto")
@@ -50,10 +50,7 @@ async def _serve(cfg: CryptoConfig, store: ObjectStore, keys: TransitKeys, stop:
             tls=cfg.tls,
             allow=cfg.grpc_allow,
         )
-        try:
-            await run_until_stopped(server, health, [SERVICE_NAME], stop, log)
-        finally:
-            servicer.close()
+        await run_until_stopped(server, health, [SERVICE_NAME], stop, log)
     finally:
         await producer.stop()
 

@@ -3,16 +3,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicomsafe.common.config import ConfigError, env_int, env_opt, env_secret, env_str
+from dicomsafe.common.config import ConfigError, env_int, env_opt, env_str
 from dicomsafe.common.peer_auth import PeerAllowlist
 from dicomsafe.common.tls import TlsConfig, tls_from_env
 from dicomsafe.common.vault import vault_auth_from_env
-from services.crypto.object_store import S3Settings, StoreSettings, file_url
-from services.crypto.sealed_format import DEFAULT_CHUNK_SIZE
+from dicomsafe.storage.object_store import StoreSettings
+from dicomsafe.storage.sealed_format import DEFAULT_CHUNK_SIZE
+from dicomsafe.storage.store_env import archive_from_env, store_from_env
 from services.crypto.vault_keys import VaultSettings
 
-# Least privilege by caller: ingest seals, the gateway reads, ops tooling manages keys.
-DEFAULT_GRPC_ALLOW = "Seal=ingest; Open,Describe=gateway; RotateKey,GetKeyStatus,Rewrap=ops"
+# Least privilege by caller: ingest and the gateway (STOW-RS) get seal keys for what they store,
+# the gateway reads, ops tooling manages keys.
+DEFAULT_GRPC_ALLOW = "PrepareSeal=ingest,gateway; Open,Describe=gateway; RotateKey,GetKeyStatus,Rewrap=ops"
 DEFAULT_ALLOWLIST = PeerAllowlist.parse(DEFAULT_GRPC_ALLOW)
 
 
@@ -68,39 +70,3 @@ class CryptoConfig:
             tls=tls_from_env(),
             grpc_allow=PeerAllowlist.parse(env_str("CRYPTO_GRPC_ALLOW", DEFAULT_GRPC_ALLOW)),
         )
-
-
-def s3_from_env() -> S3Settings:
-    """The S3 API named by ``S3_*`` (the same names ``tools.infra env`` prints); keys also as
-    ``*_FILE``. No keys: botocore's default chain (e.g. a service account's web identity)."""
-    return S3Settings(
-        endpoint_url=env_opt("S3_ENDPOINT_URL"),
-        region=env_str("S3_REGION", "us-east-1"),
-        access_key_id=env_secret("S3_ACCESS_KEY_ID"),
-        secret_access_key=env_secret("S3_SECRET_ACCESS_KEY"),
-        ca_bundle=env_opt("S3_CA_BUNDLE"),
-    )
-
-
-def archive_from_env() -> StoreSettings | None:
-    """``CRYPTO_ARCHIVE_STORE_URL`` (same forms as the hot store; S3 through the same ``S3_*``)."""
-    url = env_opt("CRYPTO_ARCHIVE_STORE_URL")
-    if not url:
-        return None
-    return StoreSettings(
-        url=url,
-        s3=s3_from_env() if url.startswith("s3://") else S3Settings(),
-        part_size=env_int("CRYPTO_STORE_PART_SIZE", StoreSettings.part_size),
-        retention_days=env_int("CRYPTO_ARCHIVE_RETENTION_DAYS", 0),
-        retention_mode=env_str("CRYPTO_ARCHIVE_RETENTION_MODE", "COMPLIANCE"),
-    )
-
-
-def store_from_env() -> StoreSettings:
-    # CRYPTO_STORE_DIR is the older name of a filesystem store, still honoured.
-    url = env_opt("CRYPTO_STORE_URL") or file_url(Path(env_str("CRYPTO_STORE_DIR", "var/store")))
-    return StoreSettings(
-        url=url,
-        s3=s3_from_env() if url.startswith("s3://") else S3Settings(),
-        part_size=env_int("CRYPTO_STORE_PART_SIZE", StoreSettings.part_size),
-    )

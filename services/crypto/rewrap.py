@@ -14,9 +14,9 @@ from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 
 from dicomsafe.common.audit_emitter import AuditEmitter
+from dicomsafe.storage import sealed_format as fmt
+from dicomsafe.storage.object_store import ObjectStore, rewrite_header
 from dicomsafe.v1 import audit_pb2, crypto_pb2
-from services.crypto import sealed_format as fmt
-from services.crypto.object_store import ObjectStore, rewrite_header
 from services.crypto.vault_keys import TransitKeys, WrappedKeyRejected, key_version_of
 
 log = logging.getLogger("dicomsafe.crypto.rewrap")

@@ -1,11 +1,10 @@
-"""CryptoService gRPC: seal into the object store, open (whole or a byte range), describe."""
+"""CryptoService gRPC: issue seal keys (the key broker), open (whole or a byte range), describe."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, TypeVar
 
 import grpc
@@ -14,10 +13,9 @@ from dicomsafe.common.audit_emitter import AuditEmitter, stable_event_id
 from dicomsafe.common.metrics import BYTES, DURATION
 from dicomsafe.common.tls import peer_identity
 from dicomsafe.common.vault import VaultUnavailable
+from dicomsafe.storage import sealed_format as fmt
+from dicomsafe.storage.object_store import InvalidObjectId, ObjectStore, validate_object_id
 from dicomsafe.v1 import audit_pb2, crypto_pb2, crypto_pb2_grpc
-from services.crypto import sealed_format as fmt
-from services.crypto.object_store import InvalidObjectId, ObjectStore, PendingObject, validate_object_id
-from services.crypto.pipeline import SealSink
 from services.crypto.rewrap import Rewrapper
 from services.crypto.vault_keys import (
     KeyVersions,
@@ -37,7 +35,15 @@ OPEN_PIECE_BYTES = 1024 * 1024
 # chunk costs as much as a network read; more would only hold more plaintext in memory.
 OPEN_BATCH_BYTES = 1024 * 1024
 
+# Objects per PrepareSeal call: a STOW-RS request's instances in flight, with room to spare.
+MAX_PREPARE_BATCH = 64
+
 T = TypeVar("T")
+
+
+class AuditUnavailable(Exception):
+    """The audit event of an issued key was not acknowledged."""
+
 
 Action = audit_pb2.AuditAction
 Outcome = audit_pb2.AuditOutcome
@@ -81,12 +87,6 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         self._chunk_size = chunk_size
         self._max_object_bytes = max_object_bytes
         self._rewrapper = Rewrapper(store, keys, audit)
-        # Two threads: one seal's step runs while another seal's hashing/writing releases the GIL.
-        self._seal_steps = ThreadPoolExecutor(max_workers=2, thread_name_prefix="seal")
-
-    def close(self) -> None:
-        """After the server has drained: no seal is running any more."""
-        self._seal_steps.shutdown(wait=True)
 
     async def _store_io(self, fn: Callable[..., T], *args: object) -> T:
         """Store calls that may wait on the network run off the event loop; a filesystem's
@@ -140,51 +140,63 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         f.close()
         return desc
 
-    # -- seal -------------------------------------------------------------------------------
+    # -- key broker -------------------------------------------------------------------------
 
-    async def Seal(
-        self, request_iterator: AsyncIterator[crypto_pb2.SealRequest], context: grpc.aio.ServicerContext[object, object]
-    ) -> crypto_pb2.SealResponse:
-        first = await anext(request_iterator, None)
-        if first is None or not first.HasField("metadata"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first Seal message must carry metadata")
-        meta = first.metadata
+    async def PrepareSeal(
+        self, request: crypto_pb2.PrepareSealRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> crypto_pb2.PrepareSealResponse:
+        if not request.objects:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no objects to prepare")
+        if len(request.objects) > MAX_PREPARE_BATCH:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_PREPARE_BATCH} objects per call")
+        caller = _caller(context)
+        try:
+            with DURATION.labels("crypto", "prepare_seal").time():
+                prepared = await asyncio.gather(*(self._prepare(meta, caller) for meta in request.objects))
+        except VaultUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except AuditUnavailable:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "audit trail unavailable")
+        return crypto_pb2.PrepareSealResponse(objects=prepared)
+
+    async def _prepare(self, meta: crypto_pb2.SealMetadata, caller: str) -> crypto_pb2.PreparedSeal:
+        Status = crypto_pb2.PrepareStatus
         try:
             validate_object_id(meta.object_id)
         except InvalidObjectId as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return crypto_pb2.PreparedSeal(
+                object_id=meta.object_id, status=Status.PREPARE_STATUS_INVALID, detail=str(exc)
+            )
         if meta.expected_size > self._max_object_bytes:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"object exceeds {self._max_object_bytes} bytes")
-
+            return crypto_pb2.PreparedSeal(
+                object_id=meta.object_id,
+                status=Status.PREPARE_STATUS_INVALID,
+                detail=f"object exceeds {self._max_object_bytes} bytes",
+            )
         if await self._store_io(self._store.exists, meta.object_id):
-            # Redelivery of an object already sealed: the id is derived from the content, so
-            # nothing new to write. Drain the stream without keeping it.
-            async for _ in request_iterator:
-                pass
-            return await self._already_stored(meta, context)
+            # A redelivery of an object already sealed: the id derives from the content, so
+            # there is nothing new to write and no key to issue.
+            stored = await self._describe_stored(meta.object_id)
+            if stored is not None:
+                return crypto_pb2.PreparedSeal(
+                    object_id=meta.object_id, status=Status.PREPARE_STATUS_ALREADY_STORED, object=stored
+                )
         if meta.sop_instance_uid:
-            # Claimed before sealing, so that of two instances with one UID and different content
-            # only the first is ever stored; the claim of a seal that then fails stays with it, and
-            # its redelivery (same content, same object id) finds the claim its own.
+            # Claimed before a key is issued, so that of two instances with one UID and different
+            # content only the first is ever stored; the claim of a seal that then fails stays with
+            # it, and its redelivery (same content, same object id) finds the claim its own.
             holder = await self._store_io(self._store.claim, meta.sop_instance_uid, meta.object_id)
             if holder != meta.object_id:
-                async for _ in request_iterator:
-                    pass
-                # Audited by ingest as the instance's rejection (one record of it, with the sender).
-                await context.abort(
-                    grpc.StatusCode.ALREADY_EXISTS,
-                    "duplicate_sop_instance: an instance with this SOP Instance UID and other content is stored",
+                # Audited by the caller as the instance's rejection (one record of it, with the sender).
+                return crypto_pb2.PreparedSeal(
+                    object_id=meta.object_id, status=Status.PREPARE_STATUS_DUPLICATE_SOP_INSTANCE
                 )
-
+        dek = await self._keys.new_data_key()
+        erasure_ref, erasure_key = "", None
         try:
-            dek = await self._keys.new_data_key()
-            erasure_ref, erasure_key = "", None
             if meta.patient_id:
                 erasure_ref = await self._keys.erasure_ref(meta.issuer_of_patient_id, meta.patient_id)
                 erasure_key = await self._keys.erasure_key_for_seal(erasure_ref)
-        except VaultUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        try:
             header = fmt.SealedHeader.create(
                 key_name=dek.key_name,
                 key_version=dek.key_version,
@@ -195,119 +207,54 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
                 chunk_size=self._chunk_size,
                 erasure_key_ref=erasure_ref,
             )
-            writer = fmt.SealWriter(fmt.content_key(dek.plaintext, erasure_key, header), header)
+            key = fmt.content_key(dek.plaintext, erasure_key, header)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad metadata: {exc}")
+            return crypto_pb2.PreparedSeal(
+                object_id=meta.object_id, status=Status.PREPARE_STATUS_INVALID, detail=f"bad metadata: {exc}"
+            )
         finally:
-            # The writer holds its own AES context; drop our copies of the keys now.
             zero(dek.plaintext)
             if erasure_key is not None:
                 zero(erasure_key)
-        pending = self._store.begin_write(meta.object_id)
-        try:
-            with DURATION.labels("crypto", "seal").time():
-                sealed = await self._write_sealed(request_iterator, writer, pending, meta, context)
-        except BaseException:
-            if self._store.reads_block:
-                # Even when the call is being cancelled; at worst the upload stays a leftover,
-                # never a visible object.
-                await asyncio.shield(asyncio.to_thread(pending.abort))
-            else:
-                pending.abort()  # at once: a cancelled handler must not leave a temp file behind
-            raise
-        if sealed is None:
-            # Another replica stored this id while we sealed: its object is the one kept.
-            return await self._already_stored(meta, context)
-        desc, plain_sha = sealed
-        await self._audit_sealed(meta, desc, context, already=False)
-        return crypto_pb2.SealResponse(object=desc, plaintext_sha256=plain_sha)
+        await self._audit_key_issued(header, caller)
+        return crypto_pb2.PreparedSeal(
+            object_id=meta.object_id, status=Status.PREPARE_STATUS_READY, header=header.encode(), content_key=key
+        )
 
-    async def _already_stored(
-        self, meta: crypto_pb2.SealMetadata, context: grpc.aio.ServicerContext[object, object]
-    ) -> crypto_pb2.SealResponse:
-        f, desc, _, _ = await self._open_existing(meta.object_id, context)
-        f.close()
-        await self._audit_sealed(meta, desc, context, already=True)
-        return crypto_pb2.SealResponse(object=desc, already_stored=True)
-
-    async def _write_sealed(
-        self,
-        request_iterator: AsyncIterator[crypto_pb2.SealRequest],
-        writer: fmt.SealWriter,
-        pending: PendingObject,
-        meta: crypto_pb2.SealMetadata,
-        context: grpc.aio.ServicerContext[object, object],
-    ) -> tuple[crypto_pb2.ObjectDescription, str] | None:
-        """The stored object's description and the plaintext's SHA-256; None when the id was
-        stored by another writer first."""
-        sink = SealSink(writer, pending, self._seal_steps)
+    async def _describe_stored(self, object_id: str) -> crypto_pb2.ObjectDescription | None:
+        """The stored object's description; None if it is gone or unreadable (then sealed anew:
+        a second put of an id already stored is harmless, each copy opens to the same plaintext)."""
         try:
-            async for req in request_iterator:
-                if req.HasField("metadata"):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "metadata may only be sent once")
-                data = req.data
-                if sink.plaintext_size + len(data) > self._max_object_bytes:
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"object exceeds {self._max_object_bytes} bytes"
-                    )
-                await sink.feed(data)
-            plain_sha = await sink.finish()
-        except BaseException:
-            await sink.settle()
-            raise
-        size = sink.plaintext_size
-        if meta.expected_sha256 and meta.expected_sha256 != plain_sha:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "received bytes do not match expected_sha256")
-        if meta.expected_size and meta.expected_size != size:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "received size does not match expected_size")
-        if not await asyncio.to_thread(pending.commit):
+            f = await self._store_io(self._store.open_read, object_id)
+        except FileNotFoundError:
             return None
-        header = writer.header
-        desc = crypto_pb2.ObjectDescription(
-            object_id=header.object_id,
-            sop_instance_uid=header.sop_instance_uid,
-            study_instance_uid=header.study_instance_uid,
-            plaintext_size=size,
-            sealed_size=pending.size,
-            key_name=header.key_name,
-            key_version=header.key_version,
-            chunk_size=header.chunk_size,
-            format_version=fmt.FORMAT_VERSION,
-            erasure_key_ref=header.erasure_key_ref,
-        )
-        BYTES.labels("crypto", "seal").inc(size)
-        log.info(
-            "object sealed", extra={"object_id": header.object_id, "bytes": size, "key_version": header.key_version}
-        )
-        return desc, plain_sha
+        try:
+            desc, _, _ = await self._store_io(self._describe_file, f)
+        except fmt.SealedFormatError:
+            log.error("stored object unreadable, sealing it again", extra={"object_id": object_id})
+            return None
+        finally:
+            f.close()
+        return desc
 
-    async def _audit_sealed(
-        self,
-        meta: crypto_pb2.SealMetadata,
-        desc: crypto_pb2.ObjectDescription,
-        context: grpc.aio.ServicerContext[object, object],
-        already: bool,
-    ) -> None:
+    async def _audit_key_issued(self, header: fmt.SealedHeader, caller: str) -> None:
         try:
             await self._audit.emit(
                 Action.AUDIT_ACTION_OBJECT_SEALED,
                 Outcome.AUDIT_OUTCOME_SUCCESS,
-                _caller(context),
-                study_instance_uid=desc.study_instance_uid,
-                sop_instance_uid=desc.sop_instance_uid,
-                object_id=desc.object_id,
-                patient_ref=desc.erasure_key_ref,
-                details={
-                    "key_name": desc.key_name,
-                    "key_version": str(desc.key_version),
-                    "redelivery": str(already).lower(),
-                },
-                # Same id on redelivery: the audit store records the sealing once.
-                event_id=stable_event_id("sealed", meta.object_id),
+                caller,
+                study_instance_uid=header.study_instance_uid,
+                sop_instance_uid=header.sop_instance_uid,
+                object_id=header.object_id,
+                patient_ref=header.erasure_key_ref,
+                details={"key_name": header.key_name, "key_version": str(header.key_version), "sealed_by": caller},
+                # Same id when a seal is retried: the audit store records the object's sealing once.
+                event_id=stable_event_id("sealed", header.object_id),
             )
-        except Exception:
-            log.exception("audit event for seal not delivered", extra={"object_id": desc.object_id})
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "audit trail unavailable")
+        except Exception as exc:
+            log.exception("audit event for seal not delivered", extra={"object_id": header.object_id})
+            # No key without its record: the caller retries.
+            raise AuditUnavailable from exc
 
     # -- open -------------------------------------------------------------------------------
 

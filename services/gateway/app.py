@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiokafka import ConsumerRecord
@@ -23,7 +24,10 @@ from dicomsafe.common.kafka import (
     require_topics,
 )
 from dicomsafe.common.tls import tls13_server_context
-from dicomsafe.v1 import authz_pb2_grpc, crypto_pb2_grpc, ingest_pb2_grpc, retrieval_pb2_grpc
+from dicomsafe.storage.instance_storer import InstanceStorer
+from dicomsafe.storage.object_store import open_store
+from dicomsafe.storage.sealer import Sealer
+from dicomsafe.v1 import authz_pb2_grpc, crypto_pb2_grpc, retrieval_pb2_grpc
 from services.gateway.access import AccessChecker
 from services.gateway.config import GatewayConfig
 from services.gateway.deidentify import Deidentifier
@@ -48,7 +52,9 @@ async def run(cfg: GatewayConfig, stop: asyncio.Event) -> None:
     consumer = new_consumer(cfg.kafka_bootstrap, cfg.index_group_id, consumed, "dicomsafe-gateway-index")
     authz_channel = new_channel(cfg.authz_target, cfg.tls)
     crypto_channel = new_channel(cfg.crypto_target, cfg.tls)
-    ingest_channel = new_channel(cfg.ingest_target, cfg.tls)
+    store = await asyncio.to_thread(open_store, cfg.store)
+    # Two threads: one part's AES-GCM runs while another's hashing and writes release the GIL.
+    seal_threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="seal")
     mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(cfg.mongodb_uri, serverSelectionTimeoutMS=5000)
     deidentifier = Deidentifier(cfg.deid_uid_key)
     index = StudyIndex(mongo, cfg.index_database, deidentifier)
@@ -65,7 +71,13 @@ async def run(cfg: GatewayConfig, stop: asyncio.Event) -> None:
             backends = Backends(
                 access=AccessChecker(authz, cfg.call_deadline_s),
                 crypto=crypto,
-                ingest=ingest_pb2_grpc.IngestServiceStub(ingest_channel),
+                storer=InstanceStorer(
+                    Sealer(crypto, store, cfg.call_deadline_s, seal_threads, "gateway"),
+                    producer,
+                    audit,
+                    topics,
+                    cfg.max_instance_bytes,
+                ),
                 index=index,
                 audit=audit,
                 deidentifier=deidentifier,
@@ -112,9 +124,10 @@ async def run(cfg: GatewayConfig, stop: asyncio.Event) -> None:
             await index.drain_access_writes()
     finally:
         await mongo.close()
-        for channel in (authz_channel, crypto_channel, ingest_channel):
+        for channel in (authz_channel, crypto_channel):
             await channel.close()
         await producer.stop()
+        seal_threads.shutdown(wait=True)
 
 
 def main() -> None:

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from dicomsafe.common.config import ConfigError, env_int, env_opt, env_secret, env_str
 from dicomsafe.common.peer_auth import PeerAllowlist
 from dicomsafe.common.tls import TlsConfig, tls_from_env
+from dicomsafe.storage.object_store import StoreSettings
+from dicomsafe.storage.store_env import store_from_env
 
 # Retrieval is for the trusted front ends (viewer back-ends) holding a "viewer" certificate;
 # the user's own rights come from the access token, checked by authz.
@@ -25,7 +27,8 @@ class GatewayConfig:
     public_url: str
     tls_cert_file: str
     tls_key_file: str
-    ingest_target: str
+    # Where STOW-RS puts the instances it seals (the hot store crypto reads from).
+    store: StoreSettings
     mongodb_uri: str = field(repr=False)
     index_database: str
     index_group_id: str
@@ -60,7 +63,7 @@ class GatewayConfig:
             public_url=env_opt("GATEWAY_PUBLIC_URL"),
             tls_cert_file=env_str("GATEWAY_TLS_CERT_FILE"),
             tls_key_file=env_str("GATEWAY_TLS_KEY_FILE"),
-            ingest_target=env_str("GATEWAY_INGEST_TARGET", "127.0.0.1:50055"),
+            store=store_from_env(),
             mongodb_uri=mongodb_uri,
             index_database=env_str("GATEWAY_INDEX_DATABASE", "dicomsafe_index"),
             index_group_id=env_str("GATEWAY_INDEX_GROUP_ID", "dicomsafe-gateway-index"),

@@ -11,7 +11,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from dicomsafe.common.audit_emitter import AuditEmitter
-from dicomsafe.v1 import audit_pb2, crypto_pb2, crypto_pb2_grpc, ingest_pb2_grpc
+from dicomsafe.storage.instance_storer import InstanceStorer
+from dicomsafe.v1 import audit_pb2, crypto_pb2, crypto_pb2_grpc
 from services.gateway.access import AccessChecker, AuthzUnavailable, Verdict, Where, resource
 from services.gateway.deidentify import Deidentifier
 from services.gateway.study_index import StudyIndex
@@ -29,7 +30,8 @@ ERROR_COMMENT = "00000902"
 class Backends:
     access: AccessChecker
     crypto: crypto_pb2_grpc.CryptoServiceAsyncStub
-    ingest: ingest_pb2_grpc.IngestServiceAsyncStub
+    # STOW-RS: validates, seals (key from crypto) and announces each instance in this process.
+    storer: InstanceStorer
     index: StudyIndex
     audit: AuditEmitter
     deidentifier: Deidentifier

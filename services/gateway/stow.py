@@ -1,7 +1,8 @@
-"""STOW-RS (PS3.18 10.5): a multipart/related upload, stored instance by instance through ingest.
+"""STOW-RS (PS3.18 10.5): a multipart/related upload, stored instance by instance.
 
 Each part is checked against authz (`instance.store` on its study, once per study per request),
-then streamed to ingest's Store RPC, the same validation and sealing path as the Kafka topic.
+then stored here, where its bytes already are, on the same validation, sealing (a key from
+crypto's PrepareSeal) and announcement path as the Kafka topic (dicomsafe.storage.instance_storer).
 The response lists every instance as stored (ReferencedSOPSequence) or failed with a reason
 (FailedSOPSequence), so one bad file never hides the fate of the others.
 """
@@ -11,15 +12,15 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 from pydicom.errors import InvalidDicomError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from dicomsafe.v1 import ingest_pb2
+from dicomsafe.common.kafka import TransientError
+from dicomsafe.dicom.validation import META_CLASS_MISMATCH
+from dicomsafe.storage.instance_storer import DUPLICATE, Refused, StoreContext
 from services.gateway.access import Verdict, Where
 from services.gateway.dicomweb_common import (
     DICOM_JSON,
@@ -40,7 +41,7 @@ from services.gateway.instance_layout import InstanceLayout, LayoutError, layout
 from services.gateway.multipart import MediaType, MultipartError, Part, PartTooLarge, parse_parts
 
 STORE_ACTION = "instance.store"
-PIECE = 1024 * 1024
+STOW_SOURCE = "gateway/stow-rs"
 
 # PS3.4 / PS3.18 failure reasons.
 CANNOT_UNDERSTAND = 0xC000
@@ -52,7 +53,7 @@ OUT_OF_RESOURCES = 0xA700
 DUPLICATE_SOP_INSTANCE = 0x0111
 # PS3.18 warning reason: stored, but the file meta names another SOP Class than the dataset.
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xB007
-META_CLASS_MISMATCH = "meta_sop_class_uid_mismatch"
+_REFUSAL_REASONS = {DUPLICATE: DUPLICATE_SOP_INSTANCE, "oversized": OUT_OF_RESOURCES}
 
 # Parts stored at once per request, and the bytes they may hold together.
 IN_FLIGHT_PARTS = 8
@@ -186,34 +187,45 @@ class StowUpload:
         if not verdict.allow:
             self._fail(sop_class, sop_uid, NOT_AUTHORISED)
             return
-        # Taken before the call, so never later than the seal: an erasure racing this store errs
-        # toward removing the entry, never toward keeping names whose images no longer open.
+        # Taken before the seal, so never later than it: an erasure racing this store errs toward
+        # removing the entry, never toward keeping names whose images no longer open.
         sent_at = dt.datetime.now(dt.UTC)
+        request_id = f"{self._request_id}/{number}"
+        ctx = StoreContext(
+            source=STOW_SOURCE,
+            request_id=request_id,
+            trace_id=self._request_id,
+            actor=verdict.subject,
+            position=f"{STOW_SOURCE}/{request_id}",
+        )
         try:
-            stored = await self._b.ingest.Store(
-                self._requests(part.body, verdict.subject, number), timeout=self._b.deadline_s
-            )
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            if code == grpc.StatusCode.INVALID_ARGUMENT:
-                self._fail(sop_class, sop_uid, CANNOT_UNDERSTAND)
-            elif code == grpc.StatusCode.ALREADY_EXISTS:
-                self._fail(sop_class, sop_uid, DUPLICATE_SOP_INSTANCE)
-            elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                self._fail(sop_class, sop_uid, OUT_OF_RESOURCES)
-            else:
-                # Nothing was stored for this part; the client may send it again (stores are idempotent).
+            instance = await self._b.storer.store(part.body, ctx, self._b.max_instance_bytes)
+        except Refused as exc:
+            try:
+                await self._b.storer.record_refusal(ctx, exc)
+            except TransientError:
+                # Not stored and its refusal not yet on record: the client may send it again.
                 self._fail(sop_class, sop_uid, PROCESSING_FAILURE)
+                return
+            self._fail(sop_class, sop_uid, _REFUSAL_REASONS.get(exc.code, CANNOT_UNDERSTAND))
             return
+        except TransientError as exc:
+            # Nothing was stored for this part; the client may send it again (stores are idempotent).
+            log.warning("store deferred", extra={"request_id": request_id, "reason": str(exc)})
+            self._fail(sop_class, sop_uid, PROCESSING_FAILURE)
+            return
+        stored = instance.event
         try:
             layout = layout_from(part.body, ds, header_end)
         except LayoutError:
             # Stored and sealed; without a layout it is served only as a whole instance.
             layout = InstanceLayout(0, None, (), False)
         # An object stored earlier was sealed at an unknown earlier time: as old as can be.
-        stored_at = _LONG_AGO if stored.already_stored else sent_at
+        stored_at = _LONG_AGO if stored.redelivery else sent_at
         try:
-            self._entries.append(entry_for(ds, layout, stored.object_id, stored.size, stored.patient_ref, stored_at))
+            self._entries.append(
+                entry_for(ds, layout, stored.object_id, stored.plaintext_size, instance.patient_ref, stored_at)
+            )
         except Exception as exc:  # noqa: BLE001 - the dicom.stored consumer indexes it later
             log.warning("index update deferred", extra={"object_id": stored.object_id, "error": type(exc).__name__})
         item: dict[str, Any] = {
@@ -269,20 +281,6 @@ class StowUpload:
                 # A bad token fails the whole request while nothing has been stored yet.
                 raise refusal(verdict)
         return verdict
-
-    async def _requests(self, data: bytes, subject: str, number: int) -> AsyncIterator[ingest_pb2.StoreRequest]:
-        yield ingest_pb2.StoreRequest(
-            metadata=ingest_pb2.StoreMetadata(
-                request_id=f"{self._request_id}/{number}",
-                source="gateway/stow-rs",
-                on_behalf_of=subject,
-                size=len(data),
-                trace_id=self._request_id,
-            )
-        )
-        view = memoryview(data)
-        for i in range(0, len(data), PIECE):
-            yield ingest_pb2.StoreRequest(data=bytes(view[i : i + PIECE]))
 
     def _fail(self, sop_class: str, sop_uid: str, reason: int) -> None:
         item: dict[str, Any] = {"00081197": {"vr": "US", "Value": [reason]}}

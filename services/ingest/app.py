@@ -1,9 +1,10 @@
-"""Wiring of the ingest service: Kafka consumer group, crypto client, gRPC Store (STOW-RS path) and health."""
+"""Wiring of the ingest service: Kafka consumer group, crypto key client, object store, health."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 from dicomsafe.common.audit_emitter import AuditEmitter
 from dicomsafe.common.grpc_runtime import new_channel, new_server, run_until_stopped, service_main
@@ -16,12 +17,12 @@ from dicomsafe.common.kafka import (
     new_producer,
     require_topics,
 )
-from dicomsafe.v1 import crypto_pb2_grpc, ingest_pb2_grpc
+from dicomsafe.storage.instance_storer import InstanceStorer
+from dicomsafe.storage.object_store import open_store
+from dicomsafe.storage.sealer import Sealer
+from dicomsafe.v1 import crypto_pb2_grpc
 from services.ingest.config import IngestConfig
 from services.ingest.pipeline import IngestPipeline
-from services.ingest.sealing import Sealer
-from services.ingest.store_service import SERVICE_NAME as STORE_SERVICE
-from services.ingest.store_service import StoreServicer
 
 log = logging.getLogger("dicomsafe.ingest")
 SERVICE_NAME = "dicomsafe.ingest"
@@ -32,27 +33,21 @@ async def run(cfg: IngestConfig, stop: asyncio.Event) -> None:
     await require_topics(cfg.kafka_bootstrap, [topics.ingest, dlq_topic(topics.ingest), topics.stored, topics.audit])
     producer = new_producer(cfg.kafka_bootstrap, "dicomsafe-ingest")
     consumer = new_consumer(cfg.kafka_bootstrap, cfg.group_id, [topics.ingest], "dicomsafe-ingest")
+    store = await asyncio.to_thread(open_store, cfg.store)
     channel = new_channel(cfg.crypto_target, cfg.tls)
+    # Two threads: one seal's AES-GCM runs while another's hashing and writes release the GIL.
+    seal_threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="seal")
     await producer.start()
     try:
         await consumer.start()
         try:
-            pipeline = IngestPipeline(
-                Sealer(crypto_pb2_grpc.CryptoServiceStub(channel), cfg.seal_piece_bytes, cfg.seal_deadline_s),
-                producer,
-                AuditEmitter(producer, "ingest", topics.audit),
-                topics,
-                cfg.max_instance_bytes,
+            sealer = Sealer(
+                crypto_pb2_grpc.CryptoServiceStub(channel), store, cfg.seal_deadline_s, seal_threads, "ingest"
             )
-            store = StoreServicer(pipeline, cfg.store_max_bytes)
-            names = [SERVICE_NAME, STORE_SERVICE]
-            server, health = new_server(
-                [lambda s: ingest_pb2_grpc.add_IngestServiceServicer_to_server(store, s)],
-                names,
-                cfg.grpc_bind,
-                tls=cfg.tls,
-                allow=cfg.grpc_allow,
-            )
+            audit = AuditEmitter(producer, "ingest", topics.audit)
+            pipeline = IngestPipeline(InstanceStorer(sealer, producer, audit, topics, cfg.max_instance_bytes))
+            names = [SERVICE_NAME]
+            server, health = new_server([], names, cfg.grpc_bind, tls=cfg.tls, allow=cfg.grpc_allow)
             loop = consume_forever(consumer, pipeline.handle, DeadLetterPublisher(producer, "ingest"), stop, log)
             await run_until_stopped(server, health, names, stop, log, background=[loop])
         finally:
@@ -60,6 +55,7 @@ async def run(cfg: IngestConfig, stop: asyncio.Event) -> None:
     finally:
         await channel.close()
         await producer.stop()
+        seal_threads.shutdown(wait=True)
 
 
 def main() -> None:

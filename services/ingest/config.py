@@ -1,15 +1,13 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dicomsafe.common.config import env_int, env_opt, env_str
 from dicomsafe.common.kafka import DEFAULT_MAX_RECORD_BYTES
 from dicomsafe.common.peer_auth import PeerAllowlist
 from dicomsafe.common.tls import TlsConfig, tls_from_env
-
-# Store (the STOW-RS path) only for the gateway.
-DEFAULT_GRPC_ALLOW = "Store=gateway"
-DEFAULT_ALLOWLIST = PeerAllowlist.parse(DEFAULT_GRPC_ALLOW)
+from dicomsafe.storage.object_store import StoreSettings
+from dicomsafe.storage.store_env import store_from_env
 
 
 @dataclass(frozen=True)
@@ -18,14 +16,16 @@ class IngestConfig:
     topic_prefix: str
     group_id: str
     crypto_target: str
+    # Where sealed objects are put (the hot store crypto reads from: same CRYPTO_STORE_URL).
+    store: StoreSettings
+    # The health service only: ingest serves no RPC of its own.
     grpc_bind: str
     max_instance_bytes: int
-    store_max_bytes: int
-    seal_piece_bytes: int
     seal_deadline_s: int
     # None only under the explicit development opt-out (dicomsafe.common.tls).
     tls: TlsConfig | None = None
-    grpc_allow: PeerAllowlist = DEFAULT_ALLOWLIST
+    # Every RPC refused (deny by default); the health service answers any peer.
+    grpc_allow: PeerAllowlist = field(default_factory=PeerAllowlist)
 
     @classmethod
     def from_env(cls) -> IngestConfig:
@@ -34,12 +34,9 @@ class IngestConfig:
             topic_prefix=env_opt("KAFKA_TOPIC_PREFIX"),
             group_id=env_str("INGEST_GROUP_ID", "dicomsafe-ingest"),
             crypto_target=env_str("INGEST_CRYPTO_TARGET", "127.0.0.1:50051"),
+            store=store_from_env(),
             grpc_bind=env_str("INGEST_GRPC_BIND", "127.0.0.1:50055"),
             max_instance_bytes=env_int("INGEST_MAX_INSTANCE_BYTES", DEFAULT_MAX_RECORD_BYTES),
-            # Instances stored over gRPC (STOW-RS) are not bound by the broker's record size.
-            store_max_bytes=env_int("INGEST_STORE_MAX_BYTES", 256 * 1024 * 1024),
-            seal_piece_bytes=env_int("INGEST_SEAL_PIECE_BYTES", 1024 * 1024),
             seal_deadline_s=env_int("INGEST_SEAL_DEADLINE_S", 120),
             tls=tls_from_env(),
-            grpc_allow=PeerAllowlist.parse(env_str("INGEST_GRPC_ALLOW", DEFAULT_GRPC_ALLOW)),
         )

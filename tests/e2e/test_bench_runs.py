@@ -18,7 +18,7 @@ from tests.servers import Servers
 REPO = Path(__file__).resolve().parents[2]
 KEYS = {"metric", "value", "unit", "baseline", "ratio", "target", "higher_is_better"}
 PARTS = {
-    "crypto": (["--rounds", "1", "--sizes-mib", "1"], "crypto_seal_grpc_1MiB"),
+    "crypto": (["--rounds", "1", "--sizes-mib", "1"], "crypto_seal_local_1MiB"),
     "store": (["--rounds", "1", "--store-sizes-mib", "1"], "crypto_seal_put_s3_vs_fs_1MiB"),
     "audit": (["--audit-events", "300"], "audit_append_vs_indexed_insert"),
     "authz": (["--authz-checks", "100"], "authz_check_grants_p99"),

@@ -34,8 +34,8 @@ from pymongo import AsyncMongoClient
 
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics
+from dicomsafe.storage import sealed_format as fmt
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc, authz_pb2, authz_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
-from services.crypto import sealed_format as fmt
 from tools import dicom_samples
 from tools.oidc_issuer import LocalIssuer
 from tools.stack import Stack

@@ -27,9 +27,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pymongo import AsyncMongoClient
 
 from dicomsafe.common.vault import VaultAuth, VaultSession
+from dicomsafe.storage.object_store import StoreSettings, open_store, sha256_of
 from services.audit.checkpoints import CheckpointSigner
 from services.audit.store import CHECKPOINTS, COLLECTION
-from services.crypto.object_store import StoreSettings, open_store, sha256_of
 from tests.audit_trail import verify_directly
 from tests.own_site import instances, publish, site_settings, wado_uri
 from tests.restartable import OwnMongo

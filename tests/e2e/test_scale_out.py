@@ -20,7 +20,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pymongo import AsyncMongoClient
 
-from services.crypto.object_store import StoreSettings, open_store
+from dicomsafe.storage.object_store import StoreSettings, open_store
 from tests.own_site import instances, publish, site_settings, wado_uri
 from tests.servers import Servers
 from tests.service_runner import TEST_BUCKET, s3_settings

@@ -27,10 +27,10 @@ from dicomsafe.common.audit_emitter import AuditEmitter
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, new_producer
 from dicomsafe.common.mongo_users import user_uri
+from dicomsafe.storage.object_store import S3Settings, StoreSettings, copy_verified, open_store, sha256_of
+from dicomsafe.storage.store_s3 import new_client
 from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc
 from services.audit.store import COLLECTION
-from services.crypto.object_store import S3Settings, StoreSettings, copy_verified, open_store, sha256_of
-from services.crypto.store_s3 import new_client
 from tests.own_site import instances, publish, site_settings, wado_uri
 from tests.servers import Servers
 from tests.service_runner import TEST_BUCKET, s3_settings

@@ -11,8 +11,8 @@ from typing import Any
 
 from pymongo import AsyncMongoClient
 
+from dicomsafe.storage.object_store import StoreSettings
 from services.audit.store import COLLECTION
-from services.crypto.object_store import StoreSettings
 from tests.servers import Servers
 from tools import backup
 

@@ -16,11 +16,11 @@ import pytest
 
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
+from dicomsafe.storage.object_store import ObjectStore, StoreSettings, open_store
+from dicomsafe.storage.sealer import Sealer
 from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc
 from services.crypto.app import run
 from services.crypto.config import CryptoConfig
-from services.crypto.object_store import ObjectStore, StoreSettings, open_store
-from services.ingest.sealing import Sealer
 from tests.servers import Servers
 from tests.service_runner import TEST_CLIENT, crypto_config, free_port, running, s3_store_settings, with_tls
 from tools import dicom_samples, vault_setup
@@ -116,7 +116,7 @@ async def test_seal_to_s3_and_open_whole_and_ranges(crypto: Stub, store_settings
     store = await asyncio.to_thread(open_store, store_settings)
     for data, sop in ((instance, "1.2.3.1"), (large, "1.2.3.2")):
         meta = _meta(data, sop)
-        sealed = await Sealer(crypto, 256 * 1024, 60).seal(data, meta)
+        sealed = await Sealer(crypto, store, 60).seal(data, meta)
         assert not sealed.already_stored
         assert sealed.plaintext_sha256 == meta.expected_sha256
         raw = await asyncio.to_thread(_stored, store, meta.object_id)
@@ -131,7 +131,7 @@ async def test_seal_to_s3_and_open_whole_and_ranges(crypto: Stub, store_settings
         )
         desc = await crypto.Describe(crypto_pb2.DescribeRequest(object_id=meta.object_id))
         assert desc.plaintext_size == len(data) and desc.sealed_size == len(raw)
-        again = await Sealer(crypto, 256 * 1024, 60).seal(data, meta)
+        again = await Sealer(crypto, store, 60).seal(data, meta)
         assert again.already_stored
         assert await asyncio.to_thread(_stored, store, meta.object_id) == raw
     assert sorted(await asyncio.to_thread(lambda: list(store.object_ids()))) == sorted(
@@ -149,21 +149,23 @@ async def test_two_replicas_share_one_store(
 ) -> None:
     async with AsyncExitStack() as stack:
         a, b = await _replicas(2, pki, servers, tmp_path, creds, store_settings, unique, stack)
+        # Two writers on one bucket, as two ingest or gateway pods are, each with its crypto replica.
+        store = await asyncio.to_thread(open_store, store_settings)
         data = os.urandom(6 * 1024 * 1024 + 5)
         meta = _meta(data, "1.2.3.10")
         # One seals, the other opens and describes it: no state outside the store and Vault.
-        sealed = await Sealer(a, 256 * 1024, 60).seal(data, meta)
+        sealed = await Sealer(a, store, 60).seal(data, meta)
         assert await _open(b, meta.object_id) == data
         assert await _open(b, meta.object_id, 1_000_000, 50_000) == data[1_000_000:1_050_000]
         desc = await b.Describe(crypto_pb2.DescribeRequest(object_id=meta.object_id))
         assert desc.sealed_size == sealed.object.sealed_size
         # Redelivered to the other replica: recognised as stored there too.
-        assert (await Sealer(b, 256 * 1024, 60).seal(data, meta)).already_stored
+        assert (await Sealer(b, store, 60).seal(data, meta)).already_stored
         # The same new instance reaching both replicas at once: both succeed, both open it.
         other = os.urandom(300_000)
         other_meta = _meta(other, "1.2.3.11")
         results = await asyncio.gather(
-            Sealer(a, 64 * 1024, 60).seal(other, other_meta), Sealer(b, 64 * 1024, 60).seal(other, other_meta)
+            Sealer(a, store, 60).seal(other, other_meta), Sealer(b, store, 60).seal(other, other_meta)
         )
         assert all(r.plaintext_sha256 == other_meta.expected_sha256 or r.already_stored for r in results)
         assert await _open(a, other_meta.object_id) == other

@@ -16,13 +16,14 @@ import pytest
 
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
+from dicomsafe.storage import sealed_format as fmt
+from dicomsafe.storage.object_store import object_id_for
+from dicomsafe.storage.sealer import SealFailure
 from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc
-from services.crypto import sealed_format as fmt
 from services.crypto.app import run
 from services.crypto.config import CryptoConfig
-from services.ingest.sealing import Sealer, SealFailure, object_id_for
 from tests.servers import Servers
-from tests.service_runner import TEST_CLIENT, crypto_config, running, with_tls
+from tests.service_runner import TEST_CLIENT, crypto_config, running, sealer_for, with_tls
 from tools import dicom_samples, vault_setup
 from tools.pki import Pki
 
@@ -99,7 +100,7 @@ def _samples() -> list[tuple[str, bytes]]:
 async def test_seal_then_open_round_trips_and_leaves_no_plaintext_on_disk(crypto, name: str, data: bytes) -> None:  # type: ignore[no-untyped-def]
     stub, cfg = crypto
     meta = _meta(data)
-    sealed = await Sealer(stub, 256 * 1024, 60).seal(data, meta)
+    sealed = await sealer_for(stub, cfg).seal(data, meta)
     assert not sealed.already_stored
     assert sealed.plaintext_sha256 == meta.expected_sha256
     assert sealed.object.plaintext_size == len(data)
@@ -126,7 +127,7 @@ async def test_resealing_the_same_object_is_idempotent(crypto) -> None:  # type:
     stub, cfg = crypto
     data = _samples()[0][1]
     meta = _meta(data)
-    sealer = Sealer(stub, 64 * 1024, 60)
+    sealer = sealer_for(stub, cfg)
     first = await sealer.seal(data, meta)
     path = next(cfg.store_dir.rglob("*.dso"))
     before = path.read_bytes()
@@ -142,7 +143,7 @@ async def test_hash_mismatch_is_refused_and_nothing_is_stored(crypto) -> None:  
     meta = _meta(data)
     meta.expected_sha256 = hashlib.sha256(b"something else").hexdigest()
     with pytest.raises(SealFailure) as info:
-        await Sealer(stub, 64 * 1024, 60).seal(data, meta)
+        await sealer_for(stub, cfg).seal(data, meta)
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert not list(cfg.store_dir.rglob("*.dso"))
     assert not list(cfg.store_dir.rglob("*.tmp"))
@@ -160,7 +161,7 @@ async def test_large_object_in_odd_pieces_round_trips_through_the_seal_pipeline(
         expected_sha256=sha,
         expected_size=len(data),
     )
-    sealed = await Sealer(stub, 100_003, 60).seal(data, meta)
+    sealed = await sealer_for(stub, cfg).seal(data, meta)
     chunks = -(-len(data) // CHUNK)
     assert sealed.plaintext_sha256 == sha
     header_len = sealed.object.sealed_size - len(data) - chunks * fmt.TAG_SIZE
@@ -170,10 +171,10 @@ async def test_large_object_in_odd_pieces_round_trips_through_the_seal_pipeline(
     assert not list(cfg.store_dir.rglob("*.tmp"))
 
 
-async def test_seal_over_the_size_limit_mid_stream_leaves_nothing(
+async def test_seal_over_the_size_limit_is_refused_before_a_key_is_issued(
     pki: Pki, servers: Servers, tmp_path: Path, creds: vault_setup.AppRoleCredentials, unique: str
 ) -> None:
-    # No expected_size, so the limit is only found out while batches are being sealed.
+    # No expected_size from the caller: the sealer sends the size it holds, crypto refuses it.
     cfg = dataclasses.replace(_config(pki, servers, tmp_path, creds, unique), max_object_bytes=3 * 1024 * 1024)
     await ensure_topics(servers.kafka_bootstrap, topic_specs(Topics(cfg.topic_prefix), partitions=1))
     async with (
@@ -184,19 +185,19 @@ async def test_seal_over_the_size_limit_mid_stream_leaves_nothing(
         data = os.urandom(5 * 1024 * 1024)
         meta = crypto_pb2.SealMetadata(object_id="ab" * 32, sop_instance_uid="1.2.3.4", study_instance_uid="1.2.3")
         with pytest.raises(SealFailure) as info:
-            await Sealer(stub, 256 * 1024, 60).seal(data, meta)
+            await sealer_for(stub, cfg).seal(data, meta)
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert not list(cfg.store_dir.rglob("*.dso"))
     assert not list(cfg.store_dir.rglob("*.tmp"))
 
 
 async def test_bad_object_ids_are_refused(crypto) -> None:  # type: ignore[no-untyped-def]
-    stub, _ = crypto
+    stub, cfg = crypto
     data = _samples()[0][1]
     meta = _meta(data)
     meta.object_id = "../../etc/passwd"
     with pytest.raises(SealFailure) as info:
-        await Sealer(stub, 64 * 1024, 60).seal(data, meta)
+        await sealer_for(stub, cfg).seal(data, meta)
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await _open(stub, "nothex")
@@ -210,7 +211,7 @@ async def test_tampered_ciphertext_fails_with_data_loss(crypto) -> None:  # type
     stub, cfg = crypto
     data = _samples()[1][1]
     meta = _meta(data)
-    await Sealer(stub, 64 * 1024, 60).seal(data, meta)
+    await sealer_for(stub, cfg).seal(data, meta)
     path = next(cfg.store_dir.rglob("*.dso"))
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0x01
@@ -225,7 +226,7 @@ async def _sealed_path(
 ) -> tuple[str, Path, bytes]:
     data = dicom_samples.to_bytes(dicom_samples.us_multiframe(study_uid=None, seed=seed, frames=6))
     meta = _meta(data)
-    await Sealer(stub, 64 * 1024, 60).seal(data, meta)
+    await sealer_for(stub, cfg).seal(data, meta)
     return meta.object_id, next(cfg.store_dir.rglob(f"{meta.object_id}.dso")), data
 
 
@@ -289,7 +290,7 @@ async def test_vault_unreachable_fails_closed(pki: Pki, servers: Servers, tmp_pa
         stub = crypto_pb2_grpc.CryptoServiceStub(channel)
         data = _samples()[0][1]
         with pytest.raises(SealFailure) as info:
-            await Sealer(stub, 64 * 1024, 60).seal(data, _meta(data))
+            await sealer_for(stub, cfg).seal(data, _meta(data))
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
     assert info.value.retryable
     assert not list(cfg.store_dir.rglob("*.dso"))

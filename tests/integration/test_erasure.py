@@ -17,13 +17,13 @@ import pytest
 
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
+from dicomsafe.storage.object_store import object_id_for
 from dicomsafe.v1 import audit_pb2, crypto_pb2, crypto_pb2_grpc
 from services.authz.app import run as run_authz
 from services.crypto.app import run as run_crypto
 from services.crypto.config import CryptoConfig
-from services.ingest.sealing import Sealer, object_id_for
 from tests.servers import Servers
-from tests.service_runner import TEST_CLIENT, authz_config, crypto_config, free_port, running, with_tls
+from tests.service_runner import TEST_CLIENT, authz_config, crypto_config, free_port, running, sealer_for, with_tls
 from tests.topic_reader import read_to_end
 from tools import dicom_samples, vault_setup
 from tools.erase_patient import ErasureRefused, ErasureRequest, erase_patient
@@ -58,7 +58,7 @@ async def stack(
         yield crypto_pb2_grpc.CryptoServiceStub(channel), crypto_cfg, authz_cfg.grpc_bind
 
 
-async def _seal(stub: Stub, patient_id: str, seed: int) -> tuple[str, bytes]:
+async def _seal(stub: Stub, cfg: CryptoConfig, patient_id: str, seed: int) -> tuple[str, bytes]:
     patient = dicom_samples.synthetic_patient(seed)
     ds = dicom_samples.ct_image(study_uid=None, seed=seed, rows=64, columns=64, patient=patient)
     ds.PatientID = patient_id
@@ -70,7 +70,7 @@ async def _seal(stub: Stub, patient_id: str, seed: int) -> tuple[str, bytes]:
         patient_id=patient_id,
         issuer_of_patient_id="HOSP-A",
     )
-    await Sealer(stub, 64 * 1024, 60).seal(data, meta)
+    await sealer_for(stub, cfg).seal(data, meta)
     return meta.object_id, data
 
 
@@ -82,8 +82,8 @@ async def test_erasing_one_patient_shreds_only_their_objects(  # type: ignore[no
     pki: Pki, stack, servers: Servers, idp: LocalIssuer, unique: str
 ) -> None:
     stub, cfg, authz_target = stack
-    alice = [await _seal(stub, f"ALICE-{unique}", seed) for seed in (1, 2)]
-    bob = [await _seal(stub, f"BOB-{unique}", 3)]
+    alice = [await _seal(stub, cfg, f"ALICE-{unique}", seed) for seed in (1, 2)]
+    bob = [await _seal(stub, cfg, f"BOB-{unique}", 3)]
     desc = await stub.Describe(crypto_pb2.DescribeRequest(object_id=alice[0][0]))
     same_patient = await stub.Describe(crypto_pb2.DescribeRequest(object_id=alice[1][0]))
     other = await stub.Describe(crypto_pb2.DescribeRequest(object_id=bob[0][0]))
@@ -154,7 +154,7 @@ async def test_erasing_one_patient_shreds_only_their_objects(  # type: ignore[no
 
 
 async def test_objects_without_patient_id_have_no_erasure_layer(stack) -> None:  # type: ignore[no-untyped-def]
-    stub, _, _ = stack
+    stub, cfg, _ = stack
     ds = dicom_samples.mr_image(study_uid=None, seed=5)
     data = dicom_samples.to_bytes(ds)
     meta = crypto_pb2.SealMetadata(
@@ -162,6 +162,6 @@ async def test_objects_without_patient_id_have_no_erasure_layer(stack) -> None: 
         sop_instance_uid=ds.SOPInstanceUID,
         study_instance_uid=ds.StudyInstanceUID,
     )
-    await Sealer(stub, 64 * 1024, 60).seal(data, meta)
+    await sealer_for(stub, cfg).seal(data, meta)
     assert (await stub.Describe(crypto_pb2.DescribeRequest(object_id=meta.object_id))).erasure_key_ref == ""
     assert await _open(stub, meta.object_id) == data

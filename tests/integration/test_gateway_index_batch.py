@@ -22,6 +22,9 @@ from pymongo import AsyncMongoClient
 
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import PermanentError, Topics, ensure_topics, topic_specs
+from dicomsafe.storage.object_store import object_id_for
+from dicomsafe.storage.sealer import Sealer
+from dicomsafe.storage.store_fs import FileStore
 from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc, events_pb2
 from services.crypto.app import run as run_crypto
 from services.gateway.deidentify import Deidentifier
@@ -29,7 +32,6 @@ from services.gateway.index_entry import IndexEntry, entry_for
 from services.gateway.indexer import Indexer
 from services.gateway.instance_layout import layout_of
 from services.gateway.study_index import StudyIndex
-from services.ingest.sealing import Sealer, object_id_for
 from tests.servers import Servers
 from tests.service_runner import TEST_CLIENT, crypto_config, running, with_tls
 from tools import dicom_samples, vault_setup
@@ -178,7 +180,7 @@ async def crypto(pki: Pki, servers: Servers, tmp_path: Path, unique: str) -> Asy
         yield crypto_pb2_grpc.CryptoServiceStub(channel)
 
 
-async def _seal(stub: Stub, ds: FileDataset) -> tuple[str, bytes]:
+async def _seal(stub: Stub, store_dir: Path, ds: FileDataset) -> tuple[str, bytes]:
     data = dicom_samples.to_bytes(ds)
     meta = crypto_pb2.SealMetadata(
         object_id=object_id_for(ds.SOPInstanceUID, hashlib.sha256(data).hexdigest()),
@@ -187,7 +189,7 @@ async def _seal(stub: Stub, ds: FileDataset) -> tuple[str, bytes]:
         patient_id=str(ds.PatientID),
         issuer_of_patient_id="HOSP-A",
     )
-    await Sealer(stub, 64 * 1024, 60).seal(data, meta)
+    await Sealer(stub, FileStore(store_dir), 60).seal(data, meta)
     return meta.object_id, data
 
 
@@ -202,13 +204,13 @@ def _stored(ds: FileDataset, object_id: str) -> bytes:
 
 
 async def test_indexer_batch_reads_back_only_what_is_not_indexed(
-    crypto: Stub, mongo: AsyncMongoClient[dict[str, Any]], unique: str
+    crypto: Stub, mongo: AsyncMongoClient[dict[str, Any]], unique: str, tmp_path: Path
 ) -> None:
     study = generate_uid()
     by_stow, by_event = (dicom_samples.ct_image(study_uid=study, seed=s, rows=16, columns=16) for s in (41, 42))
     index = StudyIndex(mongo, f"index_{unique}")
     await index.ensure_indexes()
-    sealed = [await _seal(crypto, ds) for ds in (by_stow, by_event)]
+    sealed = [await _seal(crypto, tmp_path / "store", ds) for ds in (by_stow, by_event)]
     description = await crypto.Describe(crypto_pb2.DescribeRequest(object_id=sealed[0][0]))
     await index.add(_entry(by_stow, description.erasure_key_ref, object_id=sealed[0][0]))  # as STOW-RS does
     instances = mongo[f"index_{unique}"]["instances"]
@@ -233,7 +235,7 @@ async def test_indexer_dead_letters_an_object_that_fails_authentication(
 ) -> None:
     # An altered sealed object never opens: retrying its event would block the partition forever.
     ds = dicom_samples.ct_image(seed=51, rows=16, columns=16)
-    object_id, _ = await _seal(crypto, ds)
+    object_id, _ = await _seal(crypto, tmp_path / "store", ds)
     [sealed_file] = (tmp_path / "store").rglob(f"{object_id}*")
     body = bytearray(sealed_file.read_bytes())
     body[-40] ^= 0x01  # inside the last chunk's ciphertext
@@ -246,12 +248,12 @@ async def test_indexer_dead_letters_an_object_that_fails_authentication(
 
 
 async def test_indexer_leaves_a_fresh_event_to_the_stow_request_that_caused_it(
-    crypto: Stub, mongo: AsyncMongoClient[dict[str, Any]], unique: str
+    crypto: Stub, mongo: AsyncMongoClient[dict[str, Any]], unique: str, tmp_path: Path
 ) -> None:
     # The dicom.stored event of a STOW-RS instance reaches the indexer about when the request
     # indexes it; during the grace period the indexer reads nothing back through crypto.
     ds = dicom_samples.ct_image(seed=61, rows=16, columns=16)
-    object_id, _ = await _seal(crypto, ds)
+    object_id, _ = await _seal(crypto, tmp_path / "store", ds)
     index = StudyIndex(mongo, f"index_{unique}")
     await index.ensure_indexes()
     value = _stored(ds, object_id)

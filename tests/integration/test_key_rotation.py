@@ -13,13 +13,13 @@ import pytest
 
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
+from dicomsafe.storage import sealed_format as fmt
+from dicomsafe.storage.object_store import object_id_for
 from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc
-from services.crypto import sealed_format as fmt
 from services.crypto.app import run
 from services.crypto.config import CryptoConfig
-from services.ingest.sealing import Sealer, object_id_for
 from tests.servers import Servers
-from tests.service_runner import TEST_CLIENT, crypto_config, running, with_tls
+from tests.service_runner import TEST_CLIENT, crypto_config, running, sealer_for, with_tls
 from tools import dicom_samples, vault_setup
 from tools.pki import Pki
 
@@ -52,7 +52,7 @@ async def crypto(pki: Pki, servers: Servers, tmp_path: Path, unique: str) -> Asy
         yield crypto_pb2_grpc.CryptoServiceStub(ch), cfg
 
 
-async def _seal(stub: Stub, seed: int) -> tuple[str, bytes]:
+async def _seal(stub: Stub, cfg: CryptoConfig, seed: int) -> tuple[str, bytes]:
     ds = dicom_samples.ct_image(study_uid=None, seed=seed, rows=128, columns=128)
     data = dicom_samples.to_bytes(ds)
     sha = hashlib.sha256(data).hexdigest()
@@ -61,7 +61,7 @@ async def _seal(stub: Stub, seed: int) -> tuple[str, bytes]:
         sop_instance_uid=ds.SOPInstanceUID,
         study_instance_uid=ds.StudyInstanceUID,
     )
-    await Sealer(stub, 64 * 1024, 60).seal(data, meta)
+    await sealer_for(stub, cfg).seal(data, meta)
     return meta.object_id, data
 
 
@@ -77,13 +77,13 @@ def _split(path: Path) -> tuple[fmt.SealedHeader, bytes]:
 
 async def test_rotate_rewrap_retire_keeps_every_object_readable(crypto, tmp_path: Path, servers: Servers) -> None:  # type: ignore[no-untyped-def]
     stub, cfg = crypto
-    old = [await _seal(stub, seed) for seed in range(3)]
+    old = [await _seal(stub, cfg, seed) for seed in range(3)]
     status = await stub.GetKeyStatus(crypto_pb2.KeyStatusRequest())
     assert status.latest_version == 1
 
     rotated = await stub.RotateKey(crypto_pb2.RotateKeyRequest())
     assert rotated.latest_version == 2
-    new = [await _seal(stub, seed) for seed in range(10, 12)]
+    new = [await _seal(stub, cfg, seed) for seed in range(10, 12)]
     store = cfg.store_dir
     paths = {oid: next(store.rglob(f"{oid}.dso")) for oid, _ in old + new}
     assert {_split(paths[oid])[0].key_version for oid, _ in new} == {2}

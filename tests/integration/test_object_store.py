@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
-from services.crypto.object_store import ObjectStore, StoreConfigError, StoreSettings, open_store, rewrite_header
-from services.crypto.store_fs import FileStore
-from services.crypto.store_s3 import S3Store, new_client
+from dicomsafe.storage.object_store import ObjectStore, StoreConfigError, StoreSettings, open_store, rewrite_header
+from dicomsafe.storage.store_fs import FileStore
+from dicomsafe.storage.store_s3 import S3Store, new_client
 from tests.servers import Servers
 from tests.service_runner import TEST_BUCKET, TEST_PART_SIZE, s3_settings
 
@@ -54,7 +54,7 @@ def _leftovers(store: ObjectStore) -> int:
 @pytest.fixture(params=["file", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path, servers: Servers, unique: str) -> Iterator[ObjectStore]:
     if request.param == "file":
-        yield FileStore(tmp_path / "store")
+        yield FileStore(tmp_path / "store", leftover_age_s=0)
         return
     # Leftover age 0: this test's own interrupted uploads count as leftovers at once.
     s3 = S3Store(

@@ -142,7 +142,7 @@ async def test_the_plaintext_health_port_answers_health_only(authz: tuple[str, s
 
 
 async def test_crypto_rpcs_follow_least_privilege(pki: Pki, servers: Servers, tmp_path: Path, unique: str) -> None:
-    """crypto with its production allowlist: Seal from ingest, Open/Describe from the gateway,
+    """crypto with its production allowlist: PrepareSeal from ingest and the gateway, Open/Describe from the gateway,
     key administration from ops — and each refused to everyone else."""
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
@@ -167,15 +167,13 @@ async def test_crypto_rpcs_follow_least_privilege(pki: Pki, servers: Servers, tm
                 return exc.code()
             return grpc.StatusCode.OK
 
-    async def seal_as(identity: str) -> grpc.StatusCode:
-        async def nothing() -> AsyncIterator[crypto_pb2.SealRequest]:
-            # No message at all: an authorised caller gets INVALID_ARGUMENT from the servicer.
-            for _ in ():
-                yield crypto_pb2.SealRequest()
-
+    async def prepare_as(identity: str) -> grpc.StatusCode:
         async with new_channel(cfg.grpc_bind, pki.tls(identity)) as channel:
             try:
-                await crypto_pb2_grpc.CryptoServiceStub(channel).Seal(nothing(), timeout=20)
+                # No object at all: an authorised caller gets INVALID_ARGUMENT from the servicer.
+                await crypto_pb2_grpc.CryptoServiceStub(channel).PrepareSeal(
+                    crypto_pb2.PrepareSealRequest(), timeout=20
+                )
             except grpc.aio.AioRpcError as exc:
                 return exc.code()
             return grpc.StatusCode.OK
@@ -186,8 +184,10 @@ async def test_crypto_rpcs_follow_least_privilege(pki: Pki, servers: Servers, tm
         assert [await describe_as(i) for i in ("ingest", "ops", "authz", "viewer")] == [denied] * 4
         assert await key_status_as("ops") == grpc.StatusCode.OK
         assert [await key_status_as(i) for i in ("gateway", "ingest")] == [denied] * 2
-        assert await seal_as("ingest") == grpc.StatusCode.INVALID_ARGUMENT  # allowed: the servicer judged it
-        assert [await seal_as(i) for i in ("gateway", "ops")] == [denied] * 2
+        # Seal keys for the two processes that store (ingest from the topic, the gateway for STOW-RS).
+        for allowed in ("ingest", "gateway"):
+            assert await prepare_as(allowed) == grpc.StatusCode.INVALID_ARGUMENT  # the servicer judged it
+        assert [await prepare_as(i) for i in ("ops", "authz", "viewer")] == [denied] * 3
 
 
 async def test_a_renewed_server_certificate_is_served_without_a_restart(

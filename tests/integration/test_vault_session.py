@@ -16,11 +16,12 @@ import pytest
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
 from dicomsafe.common.vault import VaultAuth, VaultSession, VaultUnavailable
+from dicomsafe.storage.object_store import object_id_for
+from dicomsafe.storage.sealer import SealFailure
 from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc
 from services.crypto.app import run as run_crypto
-from services.ingest.sealing import Sealer, SealFailure, object_id_for
 from tests.servers import Servers
-from tests.service_runner import TEST_CLIENT, crypto_config, free_port, running, with_tls
+from tests.service_runner import TEST_CLIENT, crypto_config, free_port, running, sealer_for, with_tls
 from tools import dicom_samples, vault_setup
 from tools.pki import Pki
 
@@ -103,7 +104,7 @@ async def test_crypto_with_a_refused_approle_answers_unavailable_on_open_and_sea
         running(lambda stop: run_crypto(good, stop), good.grpc_bind, pki.tls(TEST_CLIENT)),
         new_channel(good.grpc_bind, pki.tls(TEST_CLIENT)) as channel,
     ):
-        await Sealer(crypto_pb2_grpc.CryptoServiceStub(channel), 64 * 1024, 60).seal(data, meta)
+        await sealer_for(crypto_pb2_grpc.CryptoServiceStub(channel), good).seal(data, meta)
 
     # Same store, same role, but a secret-id Vault does not know (e.g. one that expired).
     refused = dataclasses.replace(
@@ -131,7 +132,7 @@ async def test_crypto_with_a_refused_approle_answers_unavailable_on_open_and_sea
                 _ = [p async for p in stub.Open(request)]
             assert opened.value.code() == grpc.StatusCode.UNAVAILABLE, opened.value.details()
         with pytest.raises(SealFailure) as sealed:
-            await Sealer(stub, 64 * 1024, 60).seal(other_data, other_meta)
+            await sealer_for(stub, good).seal(other_data, other_meta)
         assert sealed.value.code == grpc.StatusCode.UNAVAILABLE, sealed.value.detail
         with pytest.raises(grpc.aio.AioRpcError) as status:
             await stub.GetKeyStatus(crypto_pb2.KeyStatusRequest())

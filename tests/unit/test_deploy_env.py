@@ -73,16 +73,28 @@ def _reads(tree: ast.AST, only_functions: set[str] | None = None) -> tuple[set[s
 
 
 def env_spec(service: str) -> EnvSpec:
-    """Parse services/<service>/config.py, plus the dicomsafe.common helpers it calls
+    """Parse services/<service>/config.py, plus the dicomsafe.common/storage helpers it calls
     (e.g. vault_auth_from_env) and the shared plumbing every service uses."""
     tree = ast.parse((REPO / "services" / service / "config.py").read_text(encoding="utf-8"))
     readable, required, called = _reads(tree)
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dicomsafe.common."):
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.startswith(("dicomsafe.common.", "dicomsafe.storage."))
+        ):
             helpers = {a.name for a in node.names if a.name in called and a.name not in _READERS}
             if helpers:
                 path = REPO / (node.module.replace(".", "/") + ".py")
-                r, q, _ = _reads(ast.parse(path.read_text(encoding="utf-8")), helpers)
+                helper_tree = ast.parse(path.read_text(encoding="utf-8"))
+                # A helper may call the module's other helpers (store_from_env -> s3_from_env).
+                local = {n.name for n in ast.walk(helper_tree) if isinstance(n, ast.FunctionDef)}
+                while True:
+                    _, _, inner = _reads(helper_tree, helpers)
+                    if not (inner & local) - helpers:
+                        break
+                    helpers |= inner & local
+                r, q, _ = _reads(helper_tree, helpers)
                 readable |= r
                 required |= q
     for module in _COMMON_MODULES:
@@ -93,11 +105,11 @@ def env_spec(service: str) -> EnvSpec:
 
 def tool_env_spec(tool: str) -> frozenset[str]:
     """What a site job (``tools/<tool>.py``) may read: its own module, the store settings it
-    shares with crypto (services/crypto/config.py's *_from_env) and Kafka's client settings."""
+    shares with the services (dicomsafe/storage/store_env.py) and Kafka's client settings."""
     readable: set[str] = set()
     for path, functions in (
         (f"tools/{tool}.py", None),
-        ("services/crypto/config.py", {"store_from_env", "archive_from_env", "s3_from_env"}),
+        ("dicomsafe/storage/store_env.py", None),
         ("dicomsafe/common/kafka.py", None),
     ):
         r, _, _ = _reads(ast.parse((REPO / path).read_text(encoding="utf-8")), functions)

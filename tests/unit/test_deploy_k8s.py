@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from dicomsafe.common.kafka import Topics, topic_specs
+from dicomsafe.storage.store_env import archive_from_env
 from services.authz.policy import load_policy
-from services.crypto.config import archive_from_env
 from tests.unit.test_deploy_env import REPO, SERVICES, config_class, env_spec, environment, tool_env_spec
 from tools.backup import site_from_env
 from tools.tiering import load_policy as load_tiering_policy
@@ -328,13 +328,13 @@ def test_only_the_architecture_paths_are_open_between_services(objects: tuple[Ob
                     policies, pods[dst], "ingress", src, port, pods=pods, ns=ns
                 ):
                     open_paths.add((src, dst, port))
-    # ARCHITECTURE.md: ingest → crypto (seal); gateway → authz (Check), gateway → crypto (Open);
-    # audit → authz (Check: who may read the trail)
+    # ARCHITECTURE.md: ingest → crypto (seal keys); gateway → authz (Check), gateway → crypto
+    # (seal keys for STOW-RS, Open); audit → authz (Check: who may read the trail). No one calls
+    # ingest: STOW-RS seals in the gateway, where its bytes are.
     assert open_paths == {
         ("ingest", "crypto", 50051),
         ("gateway", "crypto", 50051),
         ("gateway", "authz", 50052),
-        ("gateway", "ingest", 50055),
         ("audit", "authz", 50052),
     }
 
@@ -360,7 +360,8 @@ def test_only_the_identity_holders_reach_vault_and_mongodb(objects: tuple[Obj, .
         mongo_users = {"authz", "audit", "audit-verify", "gateway", *SITE_JOBS}
         assert (("mongodb", 27017) in reach) == (name in mongo_users), name
         assert (("kafka", 9092) in reach) == (name in {*SERVICES, "tiering"}), name
-        assert (("s3", 8333) in reach) == (name in {"crypto", *SITE_JOBS}), name
+        # The sealers (ingest, the gateway) put into the store; crypto reads it; the jobs move it.
+        assert (("s3", 8333) in reach) == (name in {"crypto", "ingest", "gateway", *SITE_JOBS}), name
 
 
 def test_ip_blocks_never_cover_private_ranges(objects: tuple[Obj, ...]) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pydicom
 import pytest
 
-from services.ingest.validation import InvalidInstance, validate_instance
+from dicomsafe.dicom.validation import InvalidInstance, validate_instance
 from tools import dicom_samples
 
 LIMIT = 64 * 1024 * 1024

@@ -1,4 +1,4 @@
-"""Unit tests for the sealed-object format (services/crypto/sealed_format.py)."""
+"""Unit tests for the sealed-object format (dicomsafe/storage/sealed_format.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from services.crypto import sealed_format as sf
-from services.crypto.sealed_format import (
+from dicomsafe.storage import sealed_format as sf
+from dicomsafe.storage.sealed_format import (
     MAGIC,
     MAX_CHUNK_INDEX,
     SealedFormatError,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import ssl
@@ -23,7 +24,7 @@ from services.audit.config import DEFAULT_ALLOWLIST as AUDIT_ALLOW
 from services.authz.config import DEFAULT_ALLOWLIST as AUTHZ_ALLOW
 from services.crypto.config import DEFAULT_ALLOWLIST as CRYPTO_ALLOW
 from services.gateway.config import DEFAULT_ALLOWLIST as GATEWAY_ALLOW
-from services.ingest.config import DEFAULT_ALLOWLIST as INGEST_ALLOW
+from services.ingest.config import IngestConfig
 from tools.pki import Pki, make_pki
 
 TLS_VARS = ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CA_FILE", "DICOMSAFE_INSECURE_DEV")
@@ -124,7 +125,7 @@ def test_allowlist_syntax_and_deny_by_default() -> None:
 
 def test_default_allowlists_are_least_privilege() -> None:
     assert CRYPTO_ALLOW.rules == {
-        "Seal": {"ingest"},
+        "PrepareSeal": {"ingest", "gateway"},
         "Open": {"gateway"},
         "Describe": {"gateway"},
         "RotateKey": {"ops"},
@@ -139,7 +140,9 @@ def test_default_allowlists_are_least_privilege() -> None:
         "QueryPage": {"gateway", "ops"},
     }
     assert GATEWAY_ALLOW.rules == {"Retrieve": {"viewer"}}
-    assert INGEST_ALLOW.rules == {"Store": {"gateway"}}
+    # ingest serves no RPC of its own, only health: every method refused.
+    ingest_allow = {f.name: f for f in dataclasses.fields(IngestConfig)}["grpc_allow"].default_factory
+    assert callable(ingest_allow) and ingest_allow().rules == {}
 
 
 def test_peer_identity_needs_exactly_one_dicomsafe_spiffe_id() -> None:

@@ -12,7 +12,7 @@ import argparse
 import os
 from pathlib import Path
 
-from services.crypto.object_store import S3Settings
+from dicomsafe.storage.object_store import S3Settings
 from tools import infra
 from tools.bench import audit_append, audit_verify, authz_check, crypto_throughput, dicomweb, store_throughput
 from tools.bench.results import Result, report

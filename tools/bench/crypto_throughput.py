@@ -1,15 +1,16 @@
-"""Crypto seal/open throughput through gRPC, as a ratio of raw AES-256-GCM on the same bytes
-measured in the same run (the machines are noisy; ratios travel, MB/s don't), plus the
-service's peak RSS for each object size.
+"""Seal and open throughput, as a ratio of raw AES-256-GCM on the same bytes measured in the same
+run (the machines are noisy; ratios travel, MB/s don't), plus crypto's peak RSS for each object
+size. A seal is what ingest and the gateway do: a key from crypto's PrepareSeal, the bytes sealed
+in the caller and put durably into crypto's store. An open streams plaintext from crypto over gRPC.
 
 Like with like: the raw baseline encrypts the same bytes in the same chunks as the sealed
 format (256 KiB, 32-byte associated data, one AEAD call per chunk), not in one call over the
 whole object (which for large objects mostly measures page faults on a fresh output buffer).
 
 Two reference bounds, measured in the same run on the same bytes, say where the time goes:
-the gRPC transport alone (tools.bench.grpc_floor: same stub calls, no crypto, no disk) and a
-durable write (temp file, fsync, rename in the store's file system). Seal cannot be faster
-than either; open cannot be faster than the transport.
+the gRPC transport alone for open (tools.bench.grpc_floor: same stub calls, no crypto, no disk)
+and a durable write for seal (temp file, fsync, rename in the store's file system). Neither can
+be beaten.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
+from dicomsafe.storage.object_store import ObjectStore
+from dicomsafe.storage.sealed_format import DEFAULT_CHUNK_SIZE
+from dicomsafe.storage.sealer import Sealer
+from dicomsafe.storage.store_fs import FileStore
 from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc
-from services.crypto.sealed_format import DEFAULT_CHUNK_SIZE
-from services.ingest.sealing import Sealer
 from tools.bench.results import Result, ratio
 from tools.pki import Pki
 from tools.stack import REPO, Stack, StackSettings, free_base_port, serving
@@ -46,8 +49,6 @@ TARGET_RATIO = 0.25
 # factor (allocator slack).
 TARGET_SIZE_MIB = 16
 TARGET_RSS_GROWTH = 1.25
-# Same piece size as ingest uses: one sealed chunk per message.
-PIECE_BYTES = 1024 * 1024  # ingest's default (INGEST_SEAL_PIECE_BYTES)
 
 
 def _best_rate(size: int, seconds: list[float]) -> float:
@@ -117,15 +118,18 @@ def durable_write(data: bytes, directory: Path, chunk: int = DEFAULT_CHUNK_SIZE)
     return elapsed
 
 
-class GrpcClient:
-    """Seal as ingest and open as the gateway, each over its own mutual-TLS channel, as deployed."""
+class Client:
+    """Seal as ingest does (key from crypto, sealed and stored here) and open as the gateway,
+    each over its own mutual-TLS channel, as deployed. ``store`` None: open only (the floor)."""
 
-    def __init__(self, seal_channel: grpc.aio.Channel, open_channel: grpc.aio.Channel) -> None:
+    def __init__(
+        self, seal_channel: grpc.aio.Channel, open_channel: grpc.aio.Channel, store: ObjectStore | None
+    ) -> None:
         self._stub = crypto_pb2_grpc.CryptoServiceStub(open_channel)
-        self._sealer = Sealer(crypto_pb2_grpc.CryptoServiceStub(seal_channel), PIECE_BYTES, 600)
+        self._sealer = Sealer(crypto_pb2_grpc.CryptoServiceStub(seal_channel), store, 600) if store else None
 
     async def round(self, data: bytes, sha: str) -> tuple[float, float]:
-        """Seconds to seal ``data`` as a new object, seconds to open it again."""
+        """Seconds to seal ``data`` as a new object (0 for the floor), seconds to open it again."""
         object_id = secrets.token_hex(32)
         meta = crypto_pb2.SealMetadata(
             object_id=object_id,
@@ -136,17 +140,22 @@ class GrpcClient:
             expected_sha256=sha,
         )
         t0 = time.perf_counter()
-        await self._sealer.seal(data, meta)
+        if self._sealer is not None:
+            await self._sealer.seal(data, meta)
         t1 = time.perf_counter()
         total = 0
-        async for piece in self._stub.Open(crypto_pb2.OpenRequest(object_id=object_id), timeout=600):
+        # The floor streams back ``length`` bytes; the service, the whole object (length 0).
+        request = crypto_pb2.OpenRequest(object_id=object_id, length=0 if self._sealer else len(data))
+        async for piece in self._stub.Open(request, timeout=600):
             total += len(piece.data)
         t2 = time.perf_counter()
         assert total == len(data)
         return t1 - t0, t2 - t1
 
 
-async def measure(service: str, floor: str, pki: Pki, store_fs: Path, data: bytes, rounds: int) -> dict[str, float]:
+async def measure(
+    service: str, floor: str, pki: Pki, store: Path, scratch: Path, data: bytes, rounds: int
+) -> dict[str, float]:
     """Best rates (MiB/s) of every path over the same bytes. The paths take turns within each
     round, so a burst of load from elsewhere on the machine hits them alike."""
     sha = hashlib.sha256(data).hexdigest()
@@ -160,14 +169,13 @@ async def measure(service: str, floor: str, pki: Pki, store_fs: Path, data: byte
     async with (
         new_channel(service, ingest) as service_seal,
         new_channel(service, gateway) as service_open,
-        new_channel(floor, ingest) as floor_seal,
         new_channel(floor, gateway) as floor_open,
     ):
-        real, transport = GrpcClient(service_seal, service_open), GrpcClient(floor_seal, floor_open)
+        real, transport = Client(service_seal, service_open, FileStore(store)), Client(floor_open, floor_open, None)
         # One untimed round each: connections, first allocations and code paths warm up.
         await real.round(data[: 64 * 1024], hashlib.sha256(data[: 64 * 1024]).hexdigest())
         await transport.round(data[: 64 * 1024], "")
-        paths = [(("seal", "open"), real, sha), (("floor_seal", "floor_open"), transport, "")]
+        paths = [(("seal", "open"), real, sha), (("", "floor_open"), transport, "")]
         for i in range(rounds):
             for name, seconds in zip(("raw_enc", "raw_dec"), raw.round(), strict=True):
                 add(name, seconds)
@@ -175,8 +183,9 @@ async def measure(service: str, floor: str, pki: Pki, store_fs: Path, data: byte
             # real seal or open, which would otherwise always land on the transport-only run.
             for names, client, digest in paths[:: 1 if i % 2 == 0 else -1]:
                 for name, seconds in zip(names, await client.round(data, digest), strict=True):
-                    add(name, seconds)
-            add("disk", durable_write(data, store_fs))
+                    if name:  # the floor does not seal
+                        add(name, seconds)
+            add("disk", durable_write(data, scratch))
     return {name: _best_rate(len(data), seconds) for name, seconds in times.items()}
 
 
@@ -238,14 +247,13 @@ def run(kafka: str, vault_addr: str, vault_token: str, sizes: list[int], rounds:
                 n = rounds if size <= 16 else max(2, rounds // 2)
                 _reset_peak_rss(pid)
                 crypto, floor_target = stack.settings.target("crypto"), f"127.0.0.1:{floor_port}"
-                rate = asyncio.run(measure(crypto, floor_target, stack.settings.pki, work, data, n))
+                store = work / "store"  # the stack's crypto store (CRYPTO_STORE_DIR)
+                rate = asyncio.run(measure(crypto, floor_target, stack.settings.pki, store, work, data, n))
                 peaks.append((size, _peak_rss_mib(pid)))
                 results += [
-                    _throughput("crypto_seal_grpc", size, rate["seal"], rate["raw_enc"], TARGET_RATIO),
+                    _throughput("crypto_seal_local", size, rate["seal"], rate["raw_enc"], TARGET_RATIO),
                     _throughput("crypto_open_grpc", size, rate["open"], rate["raw_dec"], TARGET_RATIO),
-                    _throughput("grpc_transport_only_seal_vs_aes", size, rate["floor_seal"], rate["raw_enc"], None),
                     _throughput("grpc_transport_only_open_vs_aes", size, rate["floor_open"], rate["raw_dec"], None),
-                    _throughput("crypto_seal_vs_transport_only", size, rate["seal"], rate["floor_seal"], None),
                     _throughput("crypto_open_vs_transport_only", size, rate["open"], rate["floor_open"], None),
                     _throughput("crypto_seal_vs_durable_write", size, rate["seal"], rate["disk"], None),
                 ]

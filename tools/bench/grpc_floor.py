@@ -1,10 +1,10 @@
 """A CryptoService that only moves bytes: the gRPC transport floor for the crypto bench.
 
-Seal drains the stream and remembers the object's size; Open streams that many bytes back in
-pieces of the sealed chunk size. Same server options, same stub calls, a process of its own as
-the real service is: whatever the real service loses beyond this is ours (AES-GCM, SHA-256,
-file writes, fsync, Vault, audit), the rest is Python gRPC. Not a test double: the tests
-always talk to the real service.
+Open streams ``length`` bytes back in pieces of the sealed chunk size (sealing no longer moves
+bytes over gRPC: it happens where they are, with a key from PrepareSeal). Same server options,
+same stub calls, a process of its own as the real service is: whatever the real service loses
+beyond this is ours (AES-GCM, Vault, audit), the rest is Python gRPC. Not a test double: the
+tests always talk to the real service.
 
     python -m tools.bench.grpc_floor --bind 127.0.0.1:PORT
 """
@@ -21,33 +21,20 @@ import grpc
 
 from dicomsafe.common.grpc_runtime import new_server, run_until_stopped, service_main
 from dicomsafe.common.tls import tls_from_env
+from dicomsafe.storage.sealed_format import DEFAULT_CHUNK_SIZE
 from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc
 from services.crypto.config import DEFAULT_ALLOWLIST
-from services.crypto.sealed_format import DEFAULT_CHUNK_SIZE
 from services.crypto.service import SERVICE_NAME
 
 
 class TransportOnly(crypto_pb2_grpc.CryptoServiceServicer):
     def __init__(self) -> None:
-        self._sizes: dict[str, int] = {}
         self._source = bytearray(os.urandom(DEFAULT_CHUNK_SIZE))
-
-    async def Seal(
-        self, request_iterator: AsyncIterator[crypto_pb2.SealRequest], context: grpc.aio.ServicerContext[object, object]
-    ) -> crypto_pb2.SealResponse:
-        object_id, size = "", 0
-        async for req in request_iterator:
-            if req.HasField("metadata"):
-                object_id = req.metadata.object_id
-            else:
-                size += len(req.data)
-        self._sizes[object_id] = size
-        return crypto_pb2.SealResponse(object=crypto_pb2.ObjectDescription(object_id=object_id, plaintext_size=size))
 
     async def Open(
         self, request: crypto_pb2.OpenRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[crypto_pb2.OpenResponse]:
-        left = self._sizes.get(request.object_id, 0)
+        left = request.length
         while left > 0:
             # A fresh bytes object per message, as decryption yields one per chunk: sending the
             # same object again and again is markedly slower through protobuf and grpc.aio.
@@ -56,6 +43,11 @@ class TransportOnly(crypto_pb2_grpc.CryptoServiceServicer):
             yield crypto_pb2.OpenResponse(data=piece)
 
     # Only the data path is measured; the rest of the contract is not offered.
+    async def PrepareSeal(
+        self, request: crypto_pb2.PrepareSealRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> crypto_pb2.PrepareSealResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "transport floor only")
+
     async def Describe(
         self, request: crypto_pb2.DescribeRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> crypto_pb2.ObjectDescription:

@@ -20,8 +20,9 @@ from pathlib import Path
 
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
-from services.crypto.object_store import S3Settings
-from tools.bench.crypto_throughput import MIB, GrpcClient
+from dicomsafe.storage.object_store import S3Settings, StoreSettings, open_store
+from dicomsafe.storage.store_fs import FileStore
+from tools.bench.crypto_throughput import MIB, Client
 from tools.bench.results import Result, ratio
 from tools.stack import Stack, StackSettings, free_base_port
 
@@ -37,13 +38,19 @@ async def _measure(stacks: dict[str, Stack], data: bytes, rounds: int) -> dict[s
     sha = hashlib.sha256(data).hexdigest()
     times: dict[str, list[float]] = {}
     async with AsyncExitStack() as channels:
-        clients: dict[str, GrpcClient] = {}
+        clients: dict[str, Client] = {}
         for name, stack in stacks.items():
             s = stack.settings
-            # Seal as ingest, open as the gateway, over mutual TLS, as deployed.
+            # Seal as ingest (key from crypto, put into the same store), open as the gateway, over
+            # mutual TLS, as deployed.
             seal_ch = await channels.enter_async_context(new_channel(s.target("crypto"), s.pki.tls("ingest")))
             open_ch = await channels.enter_async_context(new_channel(s.target("crypto"), s.pki.tls("gateway")))
-            clients[name] = GrpcClient(seal_ch, open_ch)
+            store = (
+                open_store(StoreSettings(s.crypto_store_url, s.s3))
+                if s.crypto_store_url and s.s3
+                else FileStore(s.work_dir / "store")
+            )
+            clients[name] = Client(seal_ch, open_ch, store)
             # Untimed: connections, the bucket's first writes and code paths warm up.
             await clients[name].round(data[: 64 * 1024], hashlib.sha256(data[: 64 * 1024]).hexdigest())
         order = list(clients)

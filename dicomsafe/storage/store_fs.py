@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from services.crypto.object_store import SUFFIX, claim_key, relative_key
+from dicomsafe.storage.object_store import LEFTOVER_AGE_S, SUFFIX, claim_key, relative_key
 
 
 class FileStore:
     # Reads come from the page cache: cheaper on the event loop than a thread hand-off (measured).
     reads_block = False
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, leftover_age_s: float = LEFTOVER_AGE_S) -> None:
         self.root = root
+        self.leftover_age_s = leftover_age_s
         root.mkdir(parents=True, exist_ok=True)
 
     def describe_location(self) -> str:
@@ -83,7 +85,17 @@ class FileStore:
         return len(leftovers)
 
     def leftover_temp_files(self) -> list[Path]:
-        return sorted(self.root.rglob("*.tmp"))
+        # Only files no live seal can still be writing: several processes put into one store
+        # (crypto's replicas are not the only writers since seals happen where the bytes are).
+        cutoff = time.time() - self.leftover_age_s
+        found = []
+        for path in self.root.rglob("*.tmp"):
+            try:
+                if path.stat().st_mtime <= cutoff:
+                    found.append(path)
+            except FileNotFoundError:
+                pass  # committed or aborted meanwhile
+        return sorted(found)
 
 
 class FilePending:

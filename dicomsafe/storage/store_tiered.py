@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 from prometheus_client import Histogram
 
-from services.crypto.object_store import ObjectStore, PendingObject
+from dicomsafe.storage.object_store import ObjectStore, PendingObject
 
 # How long opening an object takes per tier: the archive's latency, as callers see it.
 TIER_OPEN_SECONDS = Histogram(

@@ -34,7 +34,7 @@ import botocore.session
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from services.crypto.object_store import S3Settings, StoreConfigError, claim_key, relative_key
+from dicomsafe.storage.object_store import LEFTOVER_AGE_S, S3Settings, StoreConfigError, claim_key, relative_key
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -45,9 +45,6 @@ MIN_PART_SIZE = 5 * 1024 * 1024  # S3's smallest part but the last
 # Read-ahead of one GET: several 256 KiB chunks per round trip on a whole-object open, while
 # an open of one frame still costs one GET.
 READ_AHEAD = 4 * 1024 * 1024
-# An upload older than this cannot belong to a seal still running (4 GiB at a few MB/s), so a
-# replica starting up may abort it without racing its peers' live seals.
-LEFTOVER_AGE_S = 6 * 3600.0
 CONTENT_TYPE = "application/vnd.dicomsafe.sealed"
 _KEY = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{2}/([0-9a-f]{32,64})\.dso$")
 

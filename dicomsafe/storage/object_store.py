@@ -29,6 +29,9 @@ from typing import BinaryIO, Protocol
 OBJECT_ID = re.compile(r"^[0-9a-f]{32,64}$")
 SUFFIX = ".dso"
 COPY_BLOCK = 1024 * 1024
+# An unfinished put older than this cannot belong to a seal still running (4 GiB at a few MB/s),
+# so a process starting up may drop it without racing other writers' live seals.
+LEFTOVER_AGE_S = 6 * 3600.0
 
 
 class InvalidObjectId(ValueError):
@@ -44,6 +47,11 @@ def validate_object_id(object_id: str) -> str:
     if not OBJECT_ID.match(object_id):
         raise InvalidObjectId("object id must be 32-64 lowercase hex characters")
     return object_id
+
+
+def object_id_for(sop_instance_uid: str, content_sha256: str) -> str:
+    """Same instance, same bytes → same object id: what makes redelivery idempotent."""
+    return hashlib.sha256(f"{sop_instance_uid}\0{content_sha256}".encode()).hexdigest()
 
 
 def relative_key(object_id: str) -> str:
@@ -217,10 +225,10 @@ def open_store(settings: StoreSettings) -> TierStore:
     if scheme == "file":
         if settings.retention_days:
             raise StoreConfigError("retention (Object Lock) needs an s3:// store")
-        from services.crypto.store_fs import FileStore
+        from dicomsafe.storage.store_fs import FileStore
 
         return FileStore(Path(rest))
-    from services.crypto.store_s3 import Retention, S3Store
+    from dicomsafe.storage.store_s3 import Retention, S3Store
 
     bucket, _, prefix = rest.partition("/")
     retention = Retention(settings.retention_mode, settings.retention_days) if settings.retention_days else None

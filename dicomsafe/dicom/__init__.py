@@ -1,0 +1,1 @@
+"""DICOM rules shared by every way in (Kafka topic, STOW-RS)."""
