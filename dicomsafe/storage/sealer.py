@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from dicomsafe.common.batching import NaturalBatcher
 from dicomsafe.common.metrics import BYTES, DURATION
 from dicomsafe.storage import sealed_format as fmt
 from dicomsafe.storage.object_store import ObjectStore, PendingObject
@@ -31,6 +32,9 @@ log = logging.getLogger("dicomsafe.sealer")
 
 # Plaintext sealed per write: bounds the ciphertext held at once whatever the instance's size.
 WRITE_PIECE = 1024 * 1024
+# Objects per PrepareSeal call (the contract's limit, enforced by crypto): a STOW-RS request's
+# parts in flight, or a fetched batch of topic records, with room to spare.
+MAX_PREPARE_BATCH = 64
 
 Status = crypto_pb2.PrepareStatus
 
@@ -60,6 +64,12 @@ class Sealed:
     plaintext_sha256: str
     # A redelivery: the object was stored before, nothing was written.
     already_stored: bool
+
+
+def _prepare_failure(cause: BaseException | None) -> BaseException:
+    if cause is None:
+        return SealFailure(grpc.StatusCode.UNAVAILABLE, "seal key request interrupted")
+    return SealFailure(grpc.StatusCode.INTERNAL, f"seal key request failed ({type(cause).__name__})")
 
 
 class _HashMismatch(Exception):
@@ -103,6 +113,16 @@ class Sealer:
         # the default pool's many threads each kept freed chunks (measured: +50 MiB RSS).
         self._executor = executor
         self._service = service
+        # Seals in flight together (a study's instances) share one PrepareSeal call, and so one
+        # round trip, one batch of Transit wraps and one batch of audit records in crypto.
+        self._prepares: NaturalBatcher[crypto_pb2.SealMetadata, crypto_pb2.PreparedSeal] = NaturalBatcher(
+            self._prepare_batch, _prepare_failure, MAX_PREPARE_BATCH
+        )
+
+    @property
+    def prepare_calls(self) -> int:
+        """PrepareSeal calls made (batching makes them fewer than the seals)."""
+        return self._prepares.calls
 
     async def seal(self, data: bytes, request: crypto_pb2.SealMetadata) -> Sealed:
         if request.expected_size and request.expected_size != len(data):
@@ -132,15 +152,25 @@ class Sealer:
         return await self._write(writer, data, metadata)
 
     async def _prepare(self, metadata: crypto_pb2.SealMetadata) -> crypto_pb2.PreparedSeal:
+        return await self._prepares.submit(metadata)
+
+    async def _prepare_batch(
+        self, objects: list[crypto_pb2.SealMetadata]
+    ) -> list[crypto_pb2.PreparedSeal | BaseException]:
         try:
             response: crypto_pb2.PrepareSealResponse = await self._stub.PrepareSeal(
-                crypto_pb2.PrepareSealRequest(objects=[metadata]), timeout=self._deadline
+                crypto_pb2.PrepareSealRequest(objects=objects), timeout=self._deadline
             )
         except grpc.aio.AioRpcError as exc:
-            raise SealFailure(exc.code(), exc.details() or "") from None
-        if len(response.objects) != 1 or response.objects[0].object_id != metadata.object_id:
-            raise SealFailure(grpc.StatusCode.INTERNAL, "crypto answered for another object")
-        return response.objects[0]
+            return [SealFailure(exc.code(), exc.details() or "") for _ in objects]
+        if len(response.objects) != len(objects):
+            return [SealFailure(grpc.StatusCode.INTERNAL, "crypto answered for other objects") for _ in objects]
+        return [
+            prepared
+            if prepared.object_id == meta.object_id
+            else SealFailure(grpc.StatusCode.INTERNAL, "crypto answered for another object")
+            for meta, prepared in zip(objects, response.objects, strict=True)
+        ]
 
     async def _write(self, writer: fmt.SealWriter, data: bytes, metadata: crypto_pb2.SealMetadata) -> Sealed:
         loop = asyncio.get_running_loop()

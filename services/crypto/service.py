@@ -15,6 +15,7 @@ from dicomsafe.common.tls import peer_identity
 from dicomsafe.common.vault import VaultUnavailable
 from dicomsafe.storage import sealed_format as fmt
 from dicomsafe.storage.object_store import InvalidObjectId, ObjectStore, validate_object_id
+from dicomsafe.storage.sealer import MAX_PREPARE_BATCH
 from dicomsafe.v1 import audit_pb2, crypto_pb2, crypto_pb2_grpc
 from services.crypto.rewrap import Rewrapper
 from services.crypto.vault_keys import (
@@ -34,9 +35,6 @@ OPEN_PIECE_BYTES = 1024 * 1024
 # Plaintext decrypted per thread hand-off when the store's reads block (S3): a hop per 256 KiB
 # chunk costs as much as a network read; more would only hold more plaintext in memory.
 OPEN_BATCH_BYTES = 1024 * 1024
-
-# Objects per PrepareSeal call: a STOW-RS request's instances in flight, with room to spare.
-MAX_PREPARE_BATCH = 64
 
 T = TypeVar("T")
 

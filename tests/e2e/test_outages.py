@@ -1,7 +1,8 @@
 """Outages in the middle of an ingest of 2,000 instances, every service its own process:
 OpenBao stopped for 20 s, the MongoDB-wire server stopped for 20 s, Kafka restarted, the audit
-service killed with SIGKILL. Afterwards, with nobody stepping in (the killed service is started
-again, as Kubernetes restarts a pod; no other service is touched):
+service killed with SIGKILL, ingest (which seals and stores) killed with SIGKILL. Afterwards,
+with nobody stepping in (the killed service is started again, as Kubernetes restarts a pod; no
+other service is touched):
 
 - every instance published is stored, sealed and indexed: 0 lost, nothing dead-lettered;
 - exactly one sealed object per instance: 0 duplicates, however often a message was redelivered;
@@ -34,6 +35,7 @@ from pymongo.errors import PyMongoError
 
 from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics, dlq_topic, ensure_topics, topic_specs
+from dicomsafe.storage.store_fs import FileStore
 from dicomsafe.v1 import events_pb2, retrieval_pb2, retrieval_pb2_grpc
 from services.audit.store import COLLECTION
 from tests.audit_trail import verify_directly
@@ -290,3 +292,20 @@ async def test_audit_killed_mid_ingest(shared: Servers3, idp: LocalIssuer, tmp_p
         await asyncio.to_thread(audit.wait, 30)
 
     await _ingest_through(outage, shared, idp, tmp_path, restart_after=("audit",))
+
+
+async def test_ingest_killed_mid_ingest(shared: Servers3, idp: LocalIssuer, tmp_path: Path) -> None:
+    """ingest seals and puts the objects itself (#15): killed mid-put, every record it had not
+    committed is redelivered and stored once, and a put it left half-written never became an
+    object (only a temp file, dropped by the store's leftover clean-up)."""
+
+    async def outage(stack: Stack) -> None:
+        ingest = stack.processes.pop("ingest")
+        os.killpg(ingest.pid, signal.SIGKILL)  # mid-seal: no chance to abort a put or commit an offset
+        await asyncio.to_thread(ingest.wait, 30)
+
+    await _ingest_through(outage, shared, idp, tmp_path, restart_after=("ingest",))
+    store = FileStore(tmp_path / "stack" / "store", leftover_age_s=0)
+    store.remove_leftovers()
+    assert store.leftover_temp_files() == []
+    assert len(list(store.object_ids())) == INSTANCES

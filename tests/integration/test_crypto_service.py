@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import io
@@ -315,3 +316,56 @@ def test_crypto_vault_identity_is_least_privilege(servers: Servers, creds: vault
         transit.delete_key("dicomsafe-dek")
     with pytest.raises(hvac.exceptions.Forbidden):
         transit.encrypt_data("dicomsafe-pseudonym", plaintext="aGVsbG8=")
+
+
+async def test_prepare_seal_answers_each_object_in_order(crypto) -> None:  # type: ignore[no-untyped-def]
+    """The key broker's batch: a new object gets its header and content key, a stored one its
+    description and no key, another object under a claimed SOP Instance UID and a bad id are
+    refused, each on its own; an empty or oversized batch is refused whole."""
+    stub, cfg = crypto
+    stored, new = _samples()[0][1], _samples()[1][1]
+    stored_meta, new_meta = _meta(stored), _meta(new)
+    await sealer_for(stub, cfg).seal(stored, stored_meta)
+    same_uid = crypto_pb2.SealMetadata()
+    same_uid.CopyFrom(stored_meta)
+    same_uid.object_id = "ef" * 32  # other content under the stored instance's SOP Instance UID
+    bad = crypto_pb2.SealMetadata(object_id="../x", sop_instance_uid="1.2.3", study_instance_uid="1.2")
+    reply = await stub.PrepareSeal(crypto_pb2.PrepareSealRequest(objects=[new_meta, stored_meta, same_uid, bad]))
+    S = crypto_pb2.PrepareStatus
+    assert [p.status for p in reply.objects] == [
+        S.PREPARE_STATUS_READY,
+        S.PREPARE_STATUS_ALREADY_STORED,
+        S.PREPARE_STATUS_DUPLICATE_SOP_INSTANCE,
+        S.PREPARE_STATUS_INVALID,
+    ]
+    ready, already, duplicate, invalid = reply.objects
+    header, _ = fmt.SealedHeader.decode(ready.header)
+    assert header.object_id == new_meta.object_id and header.wrapped_dek.startswith("vault:v")
+    assert len(ready.content_key) == 32
+    assert already.object.plaintext_size == len(stored) and not already.content_key and not already.header
+    assert not duplicate.content_key and not invalid.content_key and "hex" in invalid.detail
+    # The key issued for one object opens that object only: not the one stored before it.
+    sealed_new = b"".join(
+        [(w := fmt.SealWriter(ready.content_key, header)).header_bytes(), w.update(new), w.finalize()]
+    )
+    assert fmt.open_bytes(ready.content_key, sealed_new)[1] == new
+    stored_bytes = next(cfg.store_dir.rglob(f"{stored_meta.object_id}.dso")).read_bytes()
+    with pytest.raises(fmt.SealedFormatError):
+        fmt.open_bytes(ready.content_key, stored_bytes)
+    for objects in ([], [new_meta] * 65):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.PrepareSeal(crypto_pb2.PrepareSealRequest(objects=objects))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_concurrent_seals_share_prepare_calls(crypto) -> None:  # type: ignore[no-untyped-def]
+    stub, cfg = crypto
+    data = [
+        dicom_samples.to_bytes(dicom_samples.ct_image(study_uid=None, seed=s, rows=32, columns=32)) for s in range(12)
+    ]
+    sealer = sealer_for(stub, cfg)
+    sealed = await asyncio.gather(*(sealer.seal(d, _meta(d)) for d in data))
+    assert [s.plaintext_sha256 for s in sealed] == [hashlib.sha256(d).hexdigest() for d in data]
+    assert sealer.prepare_calls <= 2, "a study's instances in flight share their key requests"
+    for d, s in zip(data, sealed, strict=True):
+        assert await _open(stub, s.object.object_id) == d
