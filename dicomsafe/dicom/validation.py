@@ -15,10 +15,11 @@ import io
 from dataclasses import dataclass, field
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 META_INSTANCE_MISMATCH = "meta_sop_instance_uid_mismatch"
@@ -49,7 +50,30 @@ class InstanceFacts:
     warnings: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class ParsedInstance:
+    """An instance parsed once, every element read, for each caller that needs its attributes."""
+
+    dataset: Dataset = field(repr=False)
+    size: int
+    # Offset of the first pixel data element (Float/Double/Pixel Data), or the size when there is
+    # none: what a header-only read (``stop_before_pixels``) would stop at.
+    header_end: int
+
+
+# The elements a header-only read stops before (pydicom's stop_before_pixels).
+_PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)
+# Explicit VR OB/OW/OF/OD: tag, VR, two reserved bytes, a 4-byte length. Implicit VR: tag, length.
+_EXPLICIT_LONG_HEADER = 12
+_IMPLICIT_HEADER = 8
+
+
 def validate_instance(data: bytes, max_bytes: int) -> InstanceFacts:
+    return check_instance(parse_instance(data, max_bytes))
+
+
+def parse_instance(data: bytes, max_bytes: int) -> ParsedInstance:
+    """Parse the whole instance; InvalidInstance when it is not a readable Part 10 file."""
     if not data:
         raise InvalidInstance("empty", "payload is empty")
     if len(data) > max_bytes:
@@ -59,12 +83,20 @@ def validate_instance(data: bytes, max_bytes: int) -> InstanceFacts:
         raise InvalidInstance("not_dicom", "no DICOM Part 10 preamble (DICM) at offset 128")
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=False)
+        # Taken before the walk below converts the raw elements, which drops their file offsets.
+        header_end = _header_end(ds, len(data))
         # Reading is lazy for some values; touching every element makes truncation and
         # malformed values surface here rather than in a viewer later.
         for _ in ds.iterall():
             pass
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError, NotImplementedError) as exc:
         raise InvalidInstance("unparseable", f"DICOM parse failed ({type(exc).__name__})") from None
+    return ParsedInstance(ds, len(data), header_end)
+
+
+def check_instance(parsed: ParsedInstance) -> InstanceFacts:
+    """The storability rules on a parsed instance, and its identifiers."""
+    ds = parsed.dataset
     meta = ds.file_meta
     ts = meta.get("TransferSyntaxUID")
     if not ts:
@@ -91,11 +123,26 @@ def validate_instance(data: bytes, max_bytes: int) -> InstanceFacts:
         study_instance_uid=uids["StudyInstanceUID"],
         series_instance_uid=uids["SeriesInstanceUID"],
         transfer_syntax_uid=str(ts),
-        size=len(data),
+        size=parsed.size,
         patient_id=str(ds.get("PatientID", "") or "").strip(),
         issuer_of_patient_id=str(ds.get("IssuerOfPatientID", "") or "").strip(),
         warnings=tuple(warnings),
     )
+
+
+def _header_end(ds: Dataset, size: int) -> int:
+    ts = ds.file_meta.get("TransferSyntaxUID")
+    if ts is not None and UID(str(ts)) == DeflatedExplicitVRLittleEndian:
+        # Offsets are in the inflated stream, not in the file: no byte range into the pixels.
+        return size
+    for tag in _PIXEL_TAGS:
+        if tag in ds:
+            raw = ds.get_item(tag)
+            if not isinstance(raw, RawDataElement):
+                return size  # not from a file read: no offset to go by
+            header = _IMPLICIT_HEADER if raw.is_implicit_VR else _EXPLICIT_LONG_HEADER
+            return int(raw.value_tell) - header
+    return size
 
 
 def _check_pixel_data(ds: Dataset, ts: UID) -> None:

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaProducer
 
 from dicomsafe.common.audit_emitter import AuditEmitter, stable_event_id
 from dicomsafe.common.kafka import Topics, TransientError, headers_for
-from dicomsafe.dicom.validation import InstanceFacts, InvalidInstance, validate_instance
+from dicomsafe.dicom.validation import InstanceFacts, InvalidInstance, ParsedInstance, check_instance, validate_instance
 from dicomsafe.storage.object_store import object_id_for
 from dicomsafe.storage.sealer import Sealer, SealFailure
 from dicomsafe.v1 import audit_pb2, crypto_pb2, events_pb2
@@ -69,14 +69,23 @@ class InstanceStorer:
         self._topics = topics
         self._max = max_instance_bytes
 
-    async def store(self, data: bytes, ctx: StoreContext, max_bytes: int | None = None) -> StoredInstance:
+    async def store(
+        self, data: bytes, ctx: StoreContext, max_bytes: int | None = None, parsed: ParsedInstance | None = None
+    ) -> StoredInstance:
         """Validate, seal and announce one instance. Raises Refused or TransientError.
 
         ``max_bytes`` overrides the Kafka record limit for callers that stream the instance
         (STOW-RS): the broker's message size then does not bound what a study can hold.
+        ``parsed`` is ``data`` already parsed (parse_instance) by a caller that needed its
+        attributes first: parsing is the costliest step of validation, done once.
         """
         try:
-            facts = validate_instance(data, max_bytes or self._max)
+            if parsed is None:
+                facts = validate_instance(data, max_bytes or self._max)
+            else:
+                if parsed.size != len(data):
+                    raise ValueError("parsed is not the parse of data")
+                facts = check_instance(parsed)
         except InvalidInstance as exc:
             raise Refused(exc.code, exc.reason) from None
 

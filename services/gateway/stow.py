@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from dicomsafe.common.kafka import TransientError
-from dicomsafe.dicom.validation import META_CLASS_MISMATCH
+from dicomsafe.dicom.validation import META_CLASS_MISMATCH, InvalidInstance, ParsedInstance, parse_instance
 from dicomsafe.storage.instance_storer import DUPLICATE, Refused, StoreContext
 from services.gateway.access import Verdict, Where
 from services.gateway.dicomweb_common import (
@@ -172,8 +172,17 @@ class StowUpload:
         if MediaType.parse(part.content_type or "application/dicom").type != "application/dicom":
             self._fail("", "", CANNOT_UNDERSTAND)
             return
+        parsed: ParsedInstance | None = None
+        invalid: Refused | None = None
         try:
-            ds, header_end = read_header(part.body)
+            try:
+                parsed = parse_instance(part.body, self._b.max_instance_bytes)
+                ds, header_end = parsed.dataset, parsed.header_end
+            except InvalidInstance as exc:
+                # Refused whatever it holds; its header, when it has one, names the study the
+                # refusal is authorised and recorded against, as for any other refusal.
+                invalid = Refused(exc.code, exc.reason)
+                ds, header_end = read_header(part.body)
             sop_class, sop_uid = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
             study_uid = str(ds.StudyInstanceUID)
         except (InvalidDicomError, AttributeError, EOFError, ValueError, KeyError, TypeError):
@@ -199,7 +208,9 @@ class StowUpload:
             position=f"{STOW_SOURCE}/{request_id}",
         )
         try:
-            instance = await self._b.storer.store(part.body, ctx, self._b.max_instance_bytes)
+            if invalid is not None:
+                raise invalid
+            instance = await self._b.storer.store(part.body, ctx, self._b.max_instance_bytes, parsed)
         except Refused as exc:
             try:
                 await self._b.storer.record_refusal(ctx, exc)

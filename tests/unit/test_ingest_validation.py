@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import io
+
 import pydicom
 import pytest
 
-from dicomsafe.dicom.validation import InvalidInstance, validate_instance
+from dicomsafe.dicom.validation import InvalidInstance, check_instance, parse_instance, validate_instance
 from tools import dicom_samples
 
 LIMIT = 64 * 1024 * 1024
@@ -148,3 +150,21 @@ def test_pixel_length_follows_subsampling_packing_and_frames(
             validate_instance(data, LIMIT)
         assert info.value.code == "truncated"
         assert info.value.reason == f"pixel data holds {length - 1} of {length} bytes"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        *(path.read_bytes() for path in dicom_samples.bundled_files()),
+        dicom_samples.to_bytes(dicom_samples.us_multiframe(study_uid=None, seed=10, frames=3)),
+        dicom_samples.to_bytes(dicom_samples.rle_lossless_ct(study_uid=None, seed=11)),
+        dicom_samples.to_bytes(dicom_samples.mr_image(study_uid=None, seed=12)),
+    ],
+)
+def test_one_parse_finds_the_pixel_data_where_a_header_read_stops(data: bytes) -> None:
+    # STOW-RS parses each part once: the offset it frames byte ranges by must be the header read's.
+    fp = io.BytesIO(data)
+    pydicom.dcmread(fp, stop_before_pixels=True)
+    parsed = parse_instance(data, LIMIT)
+    assert parsed.header_end == fp.tell()
+    assert check_instance(parsed) == validate_instance(data, LIMIT)

@@ -30,6 +30,12 @@ def main() -> int:
     parser.add_argument("--store-sizes-mib", default="1,16", help="object sizes of the S3-vs-filesystem part")
     parser.add_argument("--only", choices=["crypto", "store", "audit", "authz", "dicomweb"], help="run one part only")
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="also profile the STOW-RS path with py-spy after the measured runs; folded stacks go to DIR",
+    )
     args = parser.parse_args()
 
     kafka, mongo = os.environ.get("KAFKA_BOOTSTRAP", ""), os.environ.get("MONGODB_URI", "")
@@ -71,7 +77,7 @@ def main() -> int:
         if args.only in (None, "dicomweb"):
             try:
                 results += dicomweb.run(
-                    kafka, vault_addr, vault_token, mongo, args.dicomweb_instances, args.dicomweb_rounds
+                    kafka, vault_addr, vault_token, mongo, args.dicomweb_instances, args.dicomweb_rounds, args.profile
                 )
             except dicomweb.OrthancMissing as exc:
                 # No invented baseline: the comparison is reported as not run, and the exit

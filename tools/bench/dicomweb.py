@@ -31,6 +31,7 @@ import requests
 
 from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
 from tools import dicom_samples, infra
+from tools.bench import flame
 from tools.bench.process_cpu import cpu_seconds
 from tools.bench.results import Result, ratio
 from tools.oidc_issuer import running_issuer
@@ -54,6 +55,9 @@ RETRIEVE_TARGET = 1.0
 QUERY_TARGET = 1.0
 CLIENTS = 4
 QIDO_ROUNDS = 100
+# --profile: the STOW-RS path's services, sampled while they store this many more instances.
+PROFILED = ("gateway", "crypto", "authz", "audit")
+PROFILE_INSTANCES = 400
 
 
 class OrthancMissing(RuntimeError):
@@ -228,7 +232,15 @@ def _p(samples: list[float], q: float) -> float:
     return statistics.quantiles(samples, n=100, method="inclusive")[int(q) - 1]
 
 
-def run(kafka: str, vault_addr: str, vault_token: str, mongodb_uri: str, count: int, rounds: int) -> list[Result]:
+def run(
+    kafka: str,
+    vault_addr: str,
+    vault_token: str,
+    mongodb_uri: str,
+    count: int,
+    rounds: int,
+    profile_dir: Path | None = None,
+) -> list[Result]:
     files = sample_files(count)
     warm_up = sample_files(WARM_UP_INSTANCES)
     # Other instances for the concurrent clients: each side stores every file once.
@@ -287,6 +299,15 @@ def run(kafka: str, vault_addr: str, vault_token: str, mongodb_uri: str, count: 
             ours.auth = token("dr.house")
             our_wado = wado_latencies(ours, stack.settings.dicomweb_url, files[:WADO_FILES], rounds)
             our_qido = qido_latencies(ours, stack.settings.dicomweb_url, patient_id, QIDO_ROUNDS)
+            if profile_dir is not None:
+                # After the measured runs, on files of its own: sampling must not colour the figures.
+                ours.auth = token("tech.jane")
+                profiled = sample_files(PROFILE_INSTANCES)
+                pids = {name: stack.processes[name].pid for name in PROFILED}
+                with flame.recording(pids, profile_dir):
+                    stow_rate(ours, stack.settings.dicomweb_url, profiled)
+                print(f"STOW-RS profile (py-spy, {PROFILE_INSTANCES} instances, 1 client):")
+                print(flame.report(profile_dir, list(PROFILED)))
         finally:
             stack.stop()
         with running_orthanc(work) as orthanc:
