@@ -70,6 +70,8 @@ class StackSettings:
     crypto_archive_url: str = ""
     # Object Lock days on the archive tier (its bucket is created with Object Lock when > 0).
     crypto_archive_retention_days: int = 0
+    # ingest's DIMSE listener, with these peers (services/ingest/dimse_peers.py); None = off.
+    dimse_peers_file: Path | None = None
 
     @property
     def https_port(self) -> int:
@@ -85,6 +87,11 @@ class StackSettings:
 
     def dicomweb_url_of(self, replica: int) -> str:
         return f"https://127.0.0.1:{self.https_port_of(replica)}/dicomweb"
+
+    @property
+    def dimse_port(self) -> int:
+        """ingest's DIMSE listener (replica 0)."""
+        return self.port("ingest") + DIMSE_PORT_OFFSET
 
     @property
     def ca_file(self) -> Path:
@@ -114,6 +121,8 @@ class StackSettings:
 # Each service's /metrics listens this far above its gRPC port.
 METRICS_PORT_OFFSET = 100
 HTTPS_PORT_OFFSET = 200
+DIMSE_PORT_OFFSET = 300
+DIMSE_AE_TITLE = "DICOMSAFE"
 # The DICOMweb listener's certificate: same CA, no service identity (users are no services).
 HTTPS_CERT = "gateway-https"
 
@@ -137,10 +146,10 @@ def _ephemeral_low() -> int:
 
 
 def free_base_port() -> int:
-    """A base port whose whole span (gRPC, metrics and HTTPS ports) is free now, below the
+    """A base port whose whole span (gRPC, metrics, HTTPS and DIMSE ports) is free now, below the
     ephemeral range: a port free when checked could otherwise be taken by any outgoing
     connection (Kafka, MongoDB, Vault clients) before the service binds it."""
-    span = HTTPS_PORT_OFFSET + (MAX_REPLICAS - 1) * REPLICA_PORT_STRIDE + 1
+    span = DIMSE_PORT_OFFSET + len(SERVICES) + (MAX_REPLICAS - 1) * REPLICA_PORT_STRIDE + 1
     top = min(40000, _ephemeral_low()) - span
     for _ in range(50):
         base = random.randint(20000, top)  # noqa: S311 - picks a port range, no secret
@@ -240,6 +249,15 @@ def service_env(s: StackSettings, service: str, replica: int = 0, peer_replica: 
             "INGEST_CRYPTO_TARGET": s.target("crypto", peer_replica),
             **_store_env(s, archive_tier=False),
             "INGEST_GROUP_ID": f"{s.topic_prefix}dicomsafe-ingest",
+            **(
+                {
+                    "INGEST_DIMSE_BIND": f"127.0.0.1:{s.port(service, replica) + DIMSE_PORT_OFFSET}",
+                    "INGEST_DIMSE_AE_TITLE": DIMSE_AE_TITLE,
+                    "INGEST_DIMSE_PEERS_FILE": str(s.dimse_peers_file),
+                }
+                if s.dimse_peers_file is not None
+                else {}
+            ),
         },
     }
     # A clean environment: no inherited Vault token or Mongo admin URI leaks into a service.

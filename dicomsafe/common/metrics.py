@@ -34,6 +34,16 @@ REFUSED_CALLS = Counter(
     "gRPC calls refused before the servicer: caller identity not allowed (identity) or not mutual TLS 1.3 (tls)",
     ["method", "reason"],
 )
+DIMSE_ASSOCIATIONS = Counter(
+    "dicomsafe_dimse_associations_total",
+    "DIMSE associations by outcome (accepted, refused, handshake_failed)",
+    ["outcome"],
+)
+DIMSE_REQUESTS = Counter(
+    "dicomsafe_dimse_requests_total",
+    "DIMSE requests answered, by service (echo, store) and result (success, refused, retry_later, not_authorised)",
+    ["service", "result"],
+)
 
 
 def serve_metrics() -> str | None:

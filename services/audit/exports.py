@@ -44,6 +44,8 @@ EVENTS: dict[int, DicomEvent] = {
     A.AUDIT_ACTION_INSTANCE_RETRIEVED: DicomEvent("110104", "DICOM Instances Transferred", "R"),
     A.AUDIT_ACTION_STUDY_QUERIED: DicomEvent("110112", "Query", "E"),
     A.AUDIT_ACTION_AUDIT_QUERIED: DicomEvent("110101", "Audit Log Used", "R"),
+    # PS3.15 A.5.3.10 records node authentication, accepted or refused, as a Security Alert.
+    A.AUDIT_ACTION_PEER_ASSOCIATION: DicomEvent("110113", "Security Alert", "E"),
 }
 # EventOutcomeIndicator: 0 success, 4 minor failure (a refusal), 8 serious failure.
 OUTCOMES = {Out.AUDIT_OUTCOME_SUCCESS: "0", Out.AUDIT_OUTCOME_DENIED: "4", Out.AUDIT_OUTCOME_FAILURE: "8"}

@@ -7,6 +7,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from dicomsafe.common.audit_emitter import AuditEmitter
+from dicomsafe.common.config import ConfigError
 from dicomsafe.common.grpc_runtime import new_channel, new_server, run_until_stopped, service_main
 from dicomsafe.common.kafka import (
     DeadLetterPublisher,
@@ -22,6 +23,7 @@ from dicomsafe.storage.object_store import open_store
 from dicomsafe.storage.sealer import Sealer
 from dicomsafe.v1 import crypto_pb2_grpc
 from services.ingest.config import IngestConfig
+from services.ingest.dimse_listener import DimseListener
 from services.ingest.pipeline import IngestPipeline
 
 log = logging.getLogger("dicomsafe.ingest")
@@ -45,11 +47,23 @@ async def run(cfg: IngestConfig, stop: asyncio.Event) -> None:
                 crypto_pb2_grpc.CryptoServiceStub(channel), store, cfg.seal_deadline_s, seal_threads, "ingest"
             )
             audit = AuditEmitter(producer, "ingest", topics.audit)
-            pipeline = IngestPipeline(InstanceStorer(sealer, producer, audit, topics, cfg.max_instance_bytes))
-            names = [SERVICE_NAME]
-            server, health = new_server([], names, cfg.grpc_bind, tls=cfg.tls, allow=cfg.grpc_allow)
-            loop = consume_forever(consumer, pipeline.handle, DeadLetterPublisher(producer, "ingest"), stop, log)
-            await run_until_stopped(server, health, names, stop, log, background=[loop])
+            storer = InstanceStorer(sealer, producer, audit, topics, cfg.max_instance_bytes)
+            pipeline = IngestPipeline(storer)
+            dimse = None
+            if cfg.dimse is not None:
+                if cfg.tls is None:
+                    raise ConfigError("the DIMSE listener needs TLS (TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE)")
+                dimse = DimseListener(cfg.dimse, cfg.tls, storer, audit)
+                await dimse.start()
+            try:
+                names = [SERVICE_NAME]
+                server, health = new_server([], names, cfg.grpc_bind, tls=cfg.tls, allow=cfg.grpc_allow)
+                loop = consume_forever(consumer, pipeline.handle, DeadLetterPublisher(producer, "ingest"), stop, log)
+                await run_until_stopped(server, health, names, stop, log, background=[loop])
+            finally:
+                # Before the producer stops: C-STOREs in progress still need it to finish.
+                if dimse is not None:
+                    await dimse.stop()
         finally:
             await consumer.stop()
     finally:

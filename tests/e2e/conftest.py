@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +17,17 @@ from tools.stack import Stack, StackSettings, free_base_port
 
 
 @pytest.fixture(scope="module")
-def stack(servers: Servers, idp: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(
+    servers: Servers, idp: LocalIssuer, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Stack]:
+    """A test module with ``DIMSE_PEERS`` (entries of services/ingest/dimse_peers.py) gets
+    ingest's DIMSE listener with those peers."""
     work: Path = tmp_path_factory.mktemp("stack")
+    peers = getattr(request.module, "DIMSE_PEERS", None)
+    peers_file = None
+    if peers is not None:
+        peers_file = work / "dimse-peers.json"
+        peers_file.write_text(json.dumps({"peers": peers}))
     unique = uuid.uuid4().hex[:8]
     topics = Topics(prefix=f"e2e{unique}.")
     asyncio.run(ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=3)))
@@ -39,6 +49,7 @@ def stack(servers: Servers, idp: LocalIssuer, tmp_path_factory: pytest.TempPathF
         # Every other e2e response is smaller, so authenticated before its status; the streamed
         # path is taken by the one test that stores a larger instance on purpose.
         gateway_verify_before_send_bytes=512 * 1024,
+        dimse_peers_file=peers_file,
     )
     running = Stack(settings)
     try:

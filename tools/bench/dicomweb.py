@@ -13,7 +13,6 @@ import asyncio
 import io
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -34,6 +33,7 @@ from tools import dicom_samples, infra
 from tools.bench import flame
 from tools.bench.process_cpu import cpu_seconds
 from tools.bench.results import Result, ratio
+from tools.debian_packages import PackageMissing, apt_install
 from tools.oidc_issuer import running_issuer
 from tools.stack import Stack, StackSettings, free_base_port
 
@@ -82,16 +82,10 @@ def sample_files(count: int) -> list[bytes]:
 def ensure_orthanc() -> None:
     if ORTHANC.exists() and ORTHANC_DICOMWEB.exists():
         return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise OrthancMissing("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "--no-install-recommends", "orthanc", "orthanc-dicomweb"]
-    # A fresh machine has empty package lists: the first install fails until they are read.
-    if subprocess.run(install, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env).returncode != 0:
-        subprocess.run(["apt-get", "update", "-qq"], stdout=subprocess.DEVNULL, env=env, check=False)
-        failed = subprocess.run(install, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
-        if failed.returncode != 0:
-            raise OrthancMissing(f"apt-get could not install Orthanc: {failed.stderr.strip()[-300:]}")
+    try:
+        apt_install("orthanc", "orthanc-dicomweb")
+    except PackageMissing as exc:
+        raise OrthancMissing(str(exc)) from None
     if not (ORTHANC.exists() and ORTHANC_DICOMWEB.exists()):
         raise OrthancMissing(f"Orthanc packages installed but {ORTHANC} or {ORTHANC_DICOMWEB} is missing")
     # The package's maintainer script may start a system Orthanc; it would compete for CPU.
