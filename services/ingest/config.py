@@ -58,11 +58,14 @@ def dimse_from_env(store_timeout_s: int) -> DimseSettings | None:
     host, sep, port = bind.rpartition(":")
     if not sep or not port.isdigit():
         raise ConfigError(f"INGEST_DIMSE_BIND {bind!r} is not host:port")
+    peers_file = env_opt("INGEST_DIMSE_PEERS_FILE")
+    if not peers_file:
+        raise ConfigError("INGEST_DIMSE_BIND needs INGEST_DIMSE_PEERS_FILE (the peers it admits)")
     return DimseSettings(
         host=host or "0.0.0.0",  # noqa: S104 - a listener for modalities on other hosts
         port=int(port),
         ae_title=env_str("INGEST_DIMSE_AE_TITLE", "DICOMSAFE"),
-        peers=PeerDirectory.load(Path(env_str("INGEST_DIMSE_PEERS_FILE"))),
+        peers=PeerDirectory.load(Path(peers_file)),
         max_instance_bytes=env_int("INGEST_DIMSE_MAX_INSTANCE_BYTES", DEFAULT_DIMSE_MAX_INSTANCE_BYTES),
         store_timeout_s=float(store_timeout_s),
         max_associations=env_int("INGEST_DIMSE_MAX_ASSOCIATIONS", 16),
