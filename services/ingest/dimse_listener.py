@@ -317,9 +317,10 @@ class DimseListener:
             DIMSE_REQUESTS.labels("store", "retry_later").inc()
             log.warning("C-STORE not stored, sender to retry", extra={"calling_ae": peer.ae_title, "reason": str(exc)})
             return _status(OUT_OF_RESOURCES, "temporarily unavailable, send again later")
-        except Exception:
-            # Unexpected: the instance is not acknowledged, so the sender still holds it.
-            log.exception("C-STORE failed", extra={"calling_ae": peer.ae_title})
+        except Exception as exc:  # noqa: BLE001
+            # Unexpected: the instance is not acknowledged, so the sender still holds it. The
+            # type only: a parser's message may quote the data set's values.
+            log.error("C-STORE failed", extra={"calling_ae": peer.ae_title, "error": type(exc).__name__})
             DIMSE_REQUESTS.labels("store", "retry_later").inc()
             return _status(OUT_OF_RESOURCES, "internal error, send again later")
         DIMSE_REQUESTS.labels("store", "success").inc()
