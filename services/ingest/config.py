@@ -36,6 +36,7 @@ class IngestConfig:
 
     @classmethod
     def from_env(cls) -> IngestConfig:
+        seal_deadline_s = env_int("INGEST_SEAL_DEADLINE_S", 120)
         return cls(
             kafka_bootstrap=env_str("KAFKA_BOOTSTRAP"),
             topic_prefix=env_opt("KAFKA_TOPIC_PREFIX"),
@@ -44,9 +45,9 @@ class IngestConfig:
             store=store_from_env(),
             grpc_bind=env_str("INGEST_GRPC_BIND", "127.0.0.1:50055"),
             max_instance_bytes=env_int("INGEST_MAX_INSTANCE_BYTES", DEFAULT_MAX_RECORD_BYTES),
-            seal_deadline_s=env_int("INGEST_SEAL_DEADLINE_S", 120),
+            seal_deadline_s=seal_deadline_s,
             tls=tls_from_env(),
-            dimse=dimse_from_env(env_int("INGEST_SEAL_DEADLINE_S", 120)),
+            dimse=dimse_from_env(seal_deadline_s),
         )
 
 

@@ -1,8 +1,8 @@
 """ingest's DIMSE listener against real peers: pynetdicom and DCMTK (storescu, echoscu) over
 mutual TLS 1.3, with the whole stack behind it.
 
-- a configured modality's C-STOREs are sealed, indexed, retrievable byte for byte through
-  DICOMweb and audited under the modality's name; its association is audited;
+- a configured modality's C-STOREs are sealed, indexed, retrievable through DICOMweb
+  with the same pixel data and audited under the modality's name; its association is audited;
 - an unknown AE title is rejected at association, a certificate from another CA fails the
   handshake, a peer granted only C-ECHO is refused C-STORE: each of them audited;
 - a malformed data set is refused with a failure status and an Error Comment, and the
