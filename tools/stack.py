@@ -70,7 +70,8 @@ class StackSettings:
     crypto_archive_url: str = ""
     # Object Lock days on the archive tier (its bucket is created with Object Lock when > 0).
     crypto_archive_retention_days: int = 0
-    # ingest's DIMSE listener, with these peers (services/ingest/dimse_peers.py); None = off.
+    # ingest's DIMSE storage and the gateway's query/retrieve listeners, both with these peers
+    # (dicomsafe/dimse/peers.py); None = off.
     dimse_peers_file: Path | None = None
 
     @property
@@ -92,6 +93,11 @@ class StackSettings:
     def dimse_port(self) -> int:
         """ingest's DIMSE listener (replica 0)."""
         return self.port("ingest") + DIMSE_PORT_OFFSET
+
+    @property
+    def qr_port(self) -> int:
+        """The gateway's DIMSE query/retrieve listener (replica 0)."""
+        return self.port("gateway") + DIMSE_PORT_OFFSET
 
     @property
     def ca_file(self) -> Path:
@@ -123,6 +129,7 @@ METRICS_PORT_OFFSET = 100
 HTTPS_PORT_OFFSET = 200
 DIMSE_PORT_OFFSET = 300
 DIMSE_AE_TITLE = "DICOMSAFE"
+QR_AE_TITLE = "DICOMSAFE_QR"
 # The DICOMweb listener's certificate: same CA, no service identity (users are no services).
 HTTPS_CERT = "gateway-https"
 
@@ -243,6 +250,15 @@ def service_env(s: StackSettings, service: str, replica: int = 0, peer_replica: 
             "GATEWAY_DEID_UID_KEY_FILE": str(secrets_dir / "gateway-deid-uid-key"),
             "GATEWAY_MAX_INSTANCE_BYTES": str(s.gateway_max_instance_bytes),
             "GATEWAY_VERIFY_BEFORE_SEND_BYTES": str(s.gateway_verify_before_send_bytes),
+            **(
+                {
+                    "GATEWAY_DIMSE_BIND": f"127.0.0.1:{s.port(service, replica) + DIMSE_PORT_OFFSET}",
+                    "GATEWAY_DIMSE_AE_TITLE": QR_AE_TITLE,
+                    "GATEWAY_DIMSE_PEERS_FILE": str(s.dimse_peers_file),
+                }
+                if s.dimse_peers_file is not None
+                else {}
+            ),
         },
         "ingest": {
             "INGEST_GRPC_BIND": bind,

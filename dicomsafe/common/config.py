@@ -47,3 +47,18 @@ def env_secret(name: str, default: str | None = None) -> str | None:
             raise ConfigError(f"cannot read {name}_FILE ({path}): {exc.strerror}") from exc
     value = os.environ.get(name)
     return value if value else default
+
+
+def host_port(value: str, default_host: str = "") -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or ``:port`` (then ``default_host``) as (host, port).
+
+    One parser for every bind address and target, so each refuses the same malformed values
+    with the same message instead of failing later inside a server library.
+    """
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{value!r} is not host:port")
+    host = host.strip("[]") or default_host
+    if not host:
+        raise ConfigError(f"{value!r} needs a host")
+    return host, int(port)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram, start_http_server
 
-from dicomsafe.common.config import env_opt
+from dicomsafe.common.config import env_opt, host_port
 
 RECORDS = Counter(
     "dicomsafe_kafka_records_total",
@@ -51,6 +51,6 @@ def serve_metrics() -> str | None:
     bind = env_opt("METRICS_BIND")
     if not bind:
         return None
-    host, _, port = bind.rpartition(":")
-    start_http_server(int(port), addr=host or "127.0.0.1")
+    host, port = host_port(bind, "127.0.0.1")
+    start_http_server(port, addr=host)
     return bind

@@ -16,6 +16,7 @@ from pymongo.errors import PyMongoError
 
 from dicomsafe.common.alert_emitter import AlertEmitter
 from dicomsafe.common.audit_emitter import AuditEmitter
+from dicomsafe.common.config import ConfigError, host_port
 from dicomsafe.common.grpc_runtime import new_channel, new_server, run_until_stopped, service_main
 from dicomsafe.common.kafka import (
     DeadLetterPublisher,
@@ -146,10 +147,13 @@ async def checkpoint_forever(
 
 
 def syslog_target(cfg: AuditConfig) -> SyslogTarget:
-    host, _, port = cfg.syslog_target.rpartition(":")
-    if not host or not port.isdigit() or not cfg.syslog_ca_file:
+    try:
+        host, port = host_port(cfg.syslog_target)
+    except ConfigError:
+        host, port = "", 0
+    if not host or not cfg.syslog_ca_file:
         raise ValueError("AUDIT_SYSLOG_TARGET must be host:port, with AUDIT_SYSLOG_CA_FILE")
-    return SyslogTarget(host, int(port), cfg.syslog_ca_file, cfg.syslog_hostname)
+    return SyslogTarget(host, port, cfg.syslog_ca_file, cfg.syslog_hostname)
 
 
 def main() -> None:

@@ -115,7 +115,9 @@ async def run(cfg: AuthzConfig, stop: asyncio.Event) -> None:
     else:
         log.warning("no identity provider configured: subjects are trusted as sent (development only)")
     trail = Trail(cfg.audit_timeout_s)
-    servicer = AuthzServicer(policy, trail, verifier, grants, cache if cache and cache.enabled else None)
+    servicer = AuthzServicer(
+        policy, trail, verifier, grants, cache if cache and cache.enabled else None, cfg.dimse_vouchers
+    )
     link = AuditLink(cfg.kafka_bootstrap, Topics(cfg.topic_prefix), trail)
     try:
         # First attempt before serving, so a healthy start never reports SERVING without an audit trail.

@@ -47,6 +47,9 @@ class AuthzConfig:
     # None only under the explicit development opt-out (dicomsafe.common.tls).
     tls: TlsConfig | None = None
     grpc_allow: PeerAllowlist = DEFAULT_ALLOWLIST
+    # Service identities whose word for a DICOM peer authz takes (the peer is authenticated by
+    # its certificate at their DIMSE listener, not by a token).
+    dimse_vouchers: frozenset[str] = frozenset({"gateway"})
 
     @classmethod
     def from_env(cls) -> AuthzConfig:
@@ -69,4 +72,7 @@ class AuthzConfig:
             grant_cache_poll_ms=env_int("AUTHZ_GRANT_CACHE_POLL_MS", 250),
             tls=tls_from_env(),
             grpc_allow=PeerAllowlist.parse(env_str("AUTHZ_GRPC_ALLOW", DEFAULT_GRPC_ALLOW)),
+            dimse_vouchers=frozenset(
+                v.strip() for v in env_str("AUTHZ_DIMSE_VOUCHERS", "gateway").split(",") if v.strip()
+            ),
         )

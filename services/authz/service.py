@@ -16,7 +16,9 @@ import grpc
 from pymongo.errors import PyMongoError
 
 from dicomsafe.common.metrics import DECISIONS, DURATION
+from dicomsafe.common.tls import peer_identity
 from dicomsafe.common.token_fingerprint import token_fingerprint
+from dicomsafe.dimse.peers import PRINCIPAL_PREFIX as DIMSE_PRINCIPAL_PREFIX
 from dicomsafe.v1 import audit_pb2, authz_pb2, authz_pb2_grpc
 from services.authz.break_glass import OverrideAnnouncer
 from services.authz.grant_cache import GrantCache
@@ -44,6 +46,15 @@ _REPLY_MARGIN_S = 0.2
 # A patient scope names crypto's keyed pseudonym (erasure key reference), never a Patient ID:
 # anything else is refused, so no identifier in clear lands in the grant store.
 _PATIENT_REF = re.compile(r"[0-9a-f]{32}")
+# A DICOM peer's configured name (dicomsafe.dimse.peers): the subject is "dimse:<name>".
+_PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _authenticated_by(subject: authz_pb2.Subject, tokens: bool) -> str:
+    """How the subject was established, for the trail: a token, a DIMSE peer certificate, or nothing."""
+    if subject.dimse_peer:
+        return "dimse-certificate"
+    return "token" if tokens else "none"
 
 
 @dataclass(frozen=True)
@@ -66,8 +77,10 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
         verifier: TokenVerifier | None,
         grants: GrantStore | None = None,
         grant_cache: GrantCache | None = None,
+        dimse_vouchers: frozenset[str] = frozenset(),
     ) -> None:
         self._policy = policy
+        self._dimse_vouchers = dimse_vouchers
         self._trail = trail
         self._verifier = verifier
         self._grants = grants
@@ -113,8 +126,29 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
         log.info("policy reloaded", extra={"from_version": old, "to_version": new.version})
         return True
 
-    async def _identify(self, subject: authz_pb2.Subject, policy: Policy) -> Caller:
+    def _dimse_peer(self, subject: authz_pb2.Subject, workload: str | None) -> Caller:
+        """A DICOM peer, on the word of the listener that admitted it by its certificate."""
+        name = subject.dimse_peer
+        if subject.id or subject.access_token:
+            reason = "a DICOM peer is named alone, without a user id or token"
+        elif not _PEER_NAME.fullmatch(name):
+            reason = "malformed DICOM peer name"
+        elif workload is None and self._verifier is None:
+            # Development without TLS: as with a bare subject id, taken on trust.
+            return Caller(f"{DIMSE_PRINCIPAL_PREFIX}{name}")
+        elif workload not in self._dimse_vouchers:
+            reason = "this caller may not vouch for DICOM peers"
+        else:
+            return Caller(f"{DIMSE_PRINCIPAL_PREFIX}{name}")
+        refusal = Decision(
+            False, f"unauthenticated: {reason}", policy_version=self._policy.version, code="unauthenticated"
+        )
+        return Caller(f"{DIMSE_PRINCIPAL_PREFIX}{name}" if _PEER_NAME.fullmatch(name) else "", refusal=refusal)
+
+    async def _identify(self, subject: authz_pb2.Subject, policy: Policy, workload: str | None = None) -> Caller:
         """With tokens required, the caller is the verified token's subject (and its claims)."""
+        if subject.dimse_peer:
+            return self._dimse_peer(subject, workload)
         if self._verifier is None:
             return Caller(subject.id)
         try:
@@ -146,9 +180,9 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
             claim_values=caller.claim_values,
         )
 
-    async def _decide(self, request: authz_pb2.CheckRequest) -> tuple[Caller, Decision]:
+    async def _decide(self, request: authz_pb2.CheckRequest, workload: str | None) -> tuple[Caller, Decision]:
         policy = self._policy  # one policy for the whole decision, even across a reload
-        caller = await self._identify(request.subject, policy)
+        caller = await self._identify(request.subject, policy, workload)
         if caller.refusal is not None:
             return caller, caller.refusal
         r = request.resource
@@ -179,15 +213,17 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
     async def Check(
         self, request: authz_pb2.CheckRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> authz_pb2.CheckResponse:
-        if not (request.subject.id or request.subject.access_token) or not request.action:
+        s = request.subject
+        if not (s.id or s.access_token or s.dimse_peer) or not request.action:
             await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "a subject (id or access token) and an action are required"
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "a subject (id, access token or DICOM peer) and an action are required",
             )
         if request.resource.patient_ref and not _PATIENT_REF.fullmatch(request.resource.patient_ref):
             # Refused before any decision, so a Patient ID sent by mistake never reaches the trail.
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "resource.patient_ref must be a patient pseudonym")
         started = time.perf_counter()
-        caller, decision = await self._decide(request)
+        caller, decision = await self._decide(request, peer_identity(context.auth_context()))
         subject, mfa = caller.subject, caller.mfa
         decision_id = str(uuid.uuid4())
         outcome = (
@@ -215,7 +251,7 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
                     "site": request.resource.site,
                     "department": request.resource.department,
                     "purpose": request.context.get("purpose", ""),
-                    "authenticated": "token" if self._verifier else "none",
+                    "authenticated": _authenticated_by(request.subject, self._verifier is not None),
                     "mfa": str(mfa).lower(),
                     "labels": ",".join(request.resource.labels),
                     # "break-glass" here flags every access made under an emergency override.

@@ -97,10 +97,12 @@ class AccessChecker:
         *,
         access_token: str = "",
         subject_id: str = "",
+        dimse_peer: str = "",
         context: Mapping[str, str] | None = None,
     ) -> Verdict:
+        """``dimse_peer``: a DICOM peer our DIMSE listener admitted, in place of a user."""
         request = authz_pb2.CheckRequest(
-            subject=authz_pb2.Subject(id=subject_id, access_token=access_token),
+            subject=authz_pb2.Subject(id=subject_id, access_token=access_token, dimse_peer=dimse_peer),
             action=action,
             resource=target,
             context=dict(context or {}),

@@ -12,6 +12,7 @@ from aiokafka import ConsumerRecord
 from pymongo import AsyncMongoClient
 
 from dicomsafe.common.audit_emitter import AuditEmitter
+from dicomsafe.common.config import ConfigError
 from dicomsafe.common.grpc_runtime import new_channel, new_server, run_until_stopped, service_main
 from dicomsafe.common.kafka import (
     DeadLetterPublisher,
@@ -33,6 +34,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.deidentify import Deidentifier
 from services.gateway.dicomweb_app import create_app
 from services.gateway.dicomweb_common import Backends
+from services.gateway.dimse_qr import QueryRetrieveListener
 from services.gateway.erasure import IndexEraser
 from services.gateway.https import serve_https
 from services.gateway.indexer import Indexer
@@ -118,7 +120,17 @@ async def run(cfg: GatewayConfig, stop: asyncio.Event) -> None:
                 handle_batch=index_batch,
             )
             https = serve_https(create_app(backends), cfg.http_bind, https_context, stop)
-            await run_until_stopped(server, health, [SERVICE_NAME], stop, log, background=[indexing, https])
+            dimse = None
+            if cfg.dimse is not None:
+                if cfg.tls is None:
+                    raise ConfigError("the DIMSE listener needs TLS (TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE)")
+                dimse = QueryRetrieveListener(cfg.dimse, cfg.tls, backends)
+                await dimse.start()
+            try:
+                await run_until_stopped(server, health, [SERVICE_NAME], stop, log, background=[indexing, https])
+            finally:
+                if dimse is not None:
+                    await dimse.stop()
         finally:
             await consumer.stop()
             await index.drain_access_writes()

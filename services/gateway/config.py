@@ -5,8 +5,10 @@ from dataclasses import dataclass, field
 from dicomsafe.common.config import ConfigError, env_int, env_opt, env_secret, env_str
 from dicomsafe.common.peer_auth import PeerAllowlist
 from dicomsafe.common.tls import TlsConfig, tls_from_env
+from dicomsafe.dimse.associations import listener_from_env
 from dicomsafe.storage.object_store import StoreSettings
 from dicomsafe.storage.store_env import store_from_env
+from services.gateway.dimse_qr import QrSettings
 
 # Retrieval is for the trusted front ends (viewer back-ends) holding a "viewer" certificate;
 # the user's own rights come from the access token, checked by authz.
@@ -43,6 +45,8 @@ class GatewayConfig:
     # None only under the explicit development opt-out (dicomsafe.common.tls).
     tls: TlsConfig | None = None
     grpc_allow: PeerAllowlist = DEFAULT_ALLOWLIST
+    # The DIMSE query/retrieve listener (services.gateway.dimse_qr); None = off.
+    dimse: QrSettings | None = None
 
     @classmethod
     def from_env(cls) -> GatewayConfig:
@@ -52,13 +56,14 @@ class GatewayConfig:
         mongodb_uri = env_secret("GATEWAY_MONGODB_URI")
         if not mongodb_uri:
             raise ConfigError("GATEWAY_MONGODB_URI (or _FILE) is required for the study index")
+        call_deadline_s = env_int("GATEWAY_CALL_DEADLINE_S", 60)
         return cls(
             grpc_bind=env_str("GATEWAY_GRPC_BIND", "127.0.0.1:50054"),
             kafka_bootstrap=env_str("KAFKA_BOOTSTRAP"),
             topic_prefix=env_opt("KAFKA_TOPIC_PREFIX"),
             authz_target=env_str("GATEWAY_AUTHZ_TARGET", "127.0.0.1:50052"),
             crypto_target=env_str("GATEWAY_CRYPTO_TARGET", "127.0.0.1:50051"),
-            call_deadline_s=env_int("GATEWAY_CALL_DEADLINE_S", 60),
+            call_deadline_s=call_deadline_s,
             http_bind=env_str("GATEWAY_HTTP_BIND", "127.0.0.1:8443"),
             public_url=env_opt("GATEWAY_PUBLIC_URL"),
             tls_cert_file=env_str("GATEWAY_TLS_CERT_FILE"),
@@ -74,4 +79,18 @@ class GatewayConfig:
             deid_uid_key=deid.encode(),
             tls=tls_from_env(),
             grpc_allow=PeerAllowlist.parse(env_str("GATEWAY_GRPC_ALLOW", DEFAULT_GRPC_ALLOW)),
+            dimse=dimse_from_env(float(call_deadline_s)),
         )
+
+
+def dimse_from_env(call_timeout_s: float) -> QrSettings | None:
+    """``GATEWAY_DIMSE_BIND`` (host:port) turns the query/retrieve listener on."""
+    listener = listener_from_env("GATEWAY", "DICOMSAFE_QR")
+    if listener is None:
+        return None
+    return QrSettings(
+        listener=listener,
+        call_timeout_s=call_timeout_s,
+        max_matches=env_int("GATEWAY_DIMSE_MAX_MATCHES", 1000),
+        max_retrieve=env_int("GATEWAY_DIMSE_MAX_RETRIEVE", 10000),
+    )

@@ -9,13 +9,15 @@ import ssl
 import uvicorn
 from starlette.types import ASGIApp
 
+from dicomsafe.common.config import host_port
+
 
 async def serve_https(app: ASGIApp, bind: str, context: ssl.SSLContext, stop: asyncio.Event) -> None:
-    host, _, port = bind.rpartition(":")
+    host, port = host_port(bind, "0.0.0.0")  # noqa: S104 - only when the operator binds ":port"
     config = uvicorn.Config(
         app,
-        host=host.strip("[]") or "0.0.0.0",  # noqa: S104 - only when the operator binds ":port"
-        port=int(port),
+        host=host,
+        port=port,
         lifespan="off",
         log_config=None,
         access_log=False,  # request lines carry UIDs; the audit trail records accesses instead

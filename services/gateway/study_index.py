@@ -108,6 +108,7 @@ class Located:
     department: str
     site: str
     patient_ref: str
+    sop_class_uid: str = ""
 
 
 def matching_filter(level: Level, params: Mapping[str, str]) -> dict[str, Any]:
@@ -484,6 +485,7 @@ class StudyIndex:
                 department=str(study.get("department", "")),
                 site=str(study.get("site", "")),
                 patient_ref=str(study.get("patient_ref", "")),
+                sop_class_uid=str(doc.get("match", {}).get("SOPClassUID", "")),
             )
             async for doc in self._instances.find(query).sort("_id", ASCENDING)
         ]

@@ -1,16 +1,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from dicomsafe.common.config import ConfigError, env_int, env_opt, env_str
+from dicomsafe.common.config import env_int, env_opt, env_str
 from dicomsafe.common.kafka import DEFAULT_MAX_RECORD_BYTES
 from dicomsafe.common.peer_auth import PeerAllowlist
 from dicomsafe.common.tls import TlsConfig, tls_from_env
+from dicomsafe.dimse.associations import listener_from_env
 from dicomsafe.storage.object_store import StoreSettings
 from dicomsafe.storage.store_env import store_from_env
 from services.ingest.dimse_listener import DimseSettings
-from services.ingest.dimse_peers import PeerDirectory
 
 DEFAULT_DIMSE_MAX_INSTANCE_BYTES = 1024 * 1024 * 1024
 
@@ -52,22 +51,12 @@ class IngestConfig:
 
 
 def dimse_from_env(store_timeout_s: int) -> DimseSettings | None:
-    """``INGEST_DIMSE_BIND`` (host:port) turns the listener on; it then needs its peers file."""
-    bind = env_opt("INGEST_DIMSE_BIND")
-    if not bind:
+    """``INGEST_DIMSE_BIND`` (host:port) turns the listener on (dicomsafe.dimse.associations)."""
+    listener = listener_from_env("INGEST", "DICOMSAFE")
+    if listener is None:
         return None
-    host, sep, port = bind.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"INGEST_DIMSE_BIND {bind!r} is not host:port")
-    peers_file = env_opt("INGEST_DIMSE_PEERS_FILE")
-    if not peers_file:
-        raise ConfigError("INGEST_DIMSE_BIND needs INGEST_DIMSE_PEERS_FILE (the peers it admits)")
     return DimseSettings(
-        host=host or "0.0.0.0",  # noqa: S104 - a listener for modalities on other hosts
-        port=int(port),
-        ae_title=env_str("INGEST_DIMSE_AE_TITLE", "DICOMSAFE"),
-        peers=PeerDirectory.load(Path(peers_file)),
+        listener=listener,
         max_instance_bytes=env_int("INGEST_DIMSE_MAX_INSTANCE_BYTES", DEFAULT_DIMSE_MAX_INSTANCE_BYTES),
         store_timeout_s=float(store_timeout_s),
-        max_associations=env_int("INGEST_DIMSE_MAX_ASSOCIATIONS", 16),
     )

@@ -13,24 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
-from pymongo import AsyncMongoClient
-from pynetdicom import AE
+from pynetdicom import build_context
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from services.audit.store import COLLECTION
+from tests.dimse_peer import associate, audit_records
 from tests.own_site import wado_uri
 from tools import dicom_samples
 from tools.debian_packages import PackageMissing, ensure_binaries
 from tools.oidc_issuer import LocalIssuer
-from tools.pki import make_pki
 from tools.stack import DIMSE_AE_TITLE, Stack
 
 pytestmark = pytest.mark.e2e
@@ -56,21 +53,8 @@ DIMSE_PEERS = [
 
 
 def _associate(stack: Stack, calling: str, identity: str, cert_dir: Path | None = None) -> Association:
-    pki = stack.settings.pki
-    if cert_dir is None:
-        if not pki.tls(identity).cert_file.exists():
-            pki.issue(identity)
-        tls = pki.tls(identity)
-    else:
-        tls = make_pki(cert_dir, identities=(identity,)).tls(identity)
-    ctx = tls.client_ssl_context()
-    if cert_dir is not None:
-        # The foreign certificate is ours to present; the server is still checked against our CA.
-        ctx.load_verify_locations(cafile=pki.ca_file)
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(Verification)
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    return ae.associate("127.0.0.1", stack.settings.dimse_port, ae_title=DIMSE_AE_TITLE, tls_args=(ctx, "localhost"))
+    contexts = [build_context(Verification), build_context(CTImageStorage, ExplicitVRLittleEndian)]
+    return associate(stack, stack.settings.dimse_port, DIMSE_AE_TITLE, calling, identity, contexts, cert_dir=cert_dir)
 
 
 def _ct(marker: str, seed: int, study: str) -> pydicom.Dataset:
@@ -79,17 +63,8 @@ def _ct(marker: str, seed: int, study: str) -> pydicom.Dataset:
     return ds
 
 
-async def _audit(stack: Stack, query: dict[str, Any], at_least: int, timeout_s: float = 60.0) -> list[dict[str, Any]]:
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(stack.settings.mongodb_uri)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            found = await client[stack.settings.audit_db][COLLECTION].find(query).to_list(None)
-            if len(found) >= at_least or time.monotonic() > deadline:
-                return found
-            await asyncio.sleep(0.5)
-    finally:
-        await client.close()
+def _audit(stack: Stack, query: dict[str, Any], at_least: int) -> list[dict[str, Any]]:
+    return asyncio.run(audit_records(stack, query, at_least))
 
 
 def test_modality_stores_over_tls_and_reads_back(stack: Stack, idp: LocalIssuer) -> None:
@@ -115,11 +90,9 @@ def test_modality_stores_over_tls_and_reads_back(stack: Stack, idp: LocalIssuer)
         assert back.PixelData == ds.PixelData
 
     sops = [str(ds.SOPInstanceUID) for ds in sent]
-    stored = asyncio.run(
-        _audit(stack, {"event.action": "AUDIT_ACTION_INSTANCE_STORED", "event.sop_instance_uid": {"$in": sops}}, 3)
-    )
+    stored = _audit(stack, {"event.action": "AUDIT_ACTION_INSTANCE_STORED", "event.sop_instance_uid": {"$in": sops}}, 3)
     assert {r["event"]["actor"] for r in stored} == {CT_PEER}
-    accepted = asyncio.run(_audit(stack, {"event.action": "AUDIT_ACTION_PEER_ASSOCIATION", "event.actor": CT_PEER}, 1))
+    accepted = _audit(stack, {"event.action": "AUDIT_ACTION_PEER_ASSOCIATION", "event.actor": CT_PEER}, 1)
     assert accepted and accepted[0]["event"]["outcome"] == "AUDIT_OUTCOME_SUCCESS"
     assert accepted[0]["event"]["details"]["tls_version"] == "TLSv1.3"
 
@@ -127,8 +100,8 @@ def test_modality_stores_over_tls_and_reads_back(stack: Stack, idp: LocalIssuer)
 def test_unknown_ae_title_is_rejected_and_audited(stack: Stack) -> None:
     assoc = _associate(stack, "INTRUDER", CT_PEER)
     assert assoc.is_rejected and not assoc.is_established
-    refused = asyncio.run(
-        _audit(stack, {"event.action": "AUDIT_ACTION_PEER_ASSOCIATION", "event.details.calling_ae": "INTRUDER"}, 1)
+    refused = _audit(
+        stack, {"event.action": "AUDIT_ACTION_PEER_ASSOCIATION", "event.details.calling_ae": "INTRUDER"}, 1
     )
     assert refused and refused[0]["event"]["outcome"] == "AUDIT_OUTCOME_DENIED"
     assert refused[0]["event"]["reason"] == "unknown calling AE title"
@@ -143,8 +116,8 @@ def test_certificate_of_another_ae_is_rejected(stack: Stack) -> None:
 def test_certificate_from_another_ca_fails_the_handshake(stack: Stack, tmp_path: Path) -> None:
     assoc = _associate(stack, "CT1", CT_PEER, cert_dir=tmp_path / "foreign-ca")
     assert not assoc.is_established
-    failed = asyncio.run(
-        _audit(stack, {"event.action": "AUDIT_ACTION_PEER_ASSOCIATION", "event.outcome": "AUDIT_OUTCOME_FAILURE"}, 1)
+    failed = _audit(
+        stack, {"event.action": "AUDIT_ACTION_PEER_ASSOCIATION", "event.outcome": "AUDIT_OUTCOME_FAILURE"}, 1
     )
     assert failed and failed[0]["event"]["reason"].startswith("TLS handshake failed")
 
@@ -158,9 +131,7 @@ def test_echo_only_peer_may_not_store(stack: Stack) -> None:
         assert assoc.send_c_store(ds).Status == 0x0124
     finally:
         assoc.release()
-    rejected = asyncio.run(
-        _audit(stack, {"event.action": "AUDIT_ACTION_INSTANCE_REJECTED", "event.actor": ECHO_PEER}, 1)
-    )
+    rejected = _audit(stack, {"event.action": "AUDIT_ACTION_INSTANCE_REJECTED", "event.actor": ECHO_PEER}, 1)
     assert rejected and rejected[0]["event"]["reason"].startswith("not_authorised")
 
 

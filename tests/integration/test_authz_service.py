@@ -55,7 +55,7 @@ async def test_decisions_are_answered_and_audited(pki: Pki, servers: Servers, un
         clear_patient_id.resource.patient_ref = "MRN-0042"
         with pytest.raises(grpc.aio.AioRpcError) as not_a_pseudonym:
             await stub.Check(clear_patient_id)
-    assert allowed.allow and allowed.roles == ["radiologist"] and allowed.policy_version == "2026-11-26.2"
+    assert allowed.allow and allowed.roles == ["radiologist"] and allowed.policy_version == "2026-12-07.1"
     assert allowed.reason_code == "granted" and allowed.obligations == [] and allowed.subject == "dr.house"
     assert not denied.allow and denied.reason == "no role of the subject grants instance.read"
     assert denied.reason_code == "no_role" and denied.roles == ["researcher"]
@@ -81,7 +81,7 @@ async def test_decisions_are_answered_and_audited(pki: Pki, servers: Servers, un
     for event in events:
         assert event.service == "authz"
         assert event.action == audit_pb2.AuditAction.AUDIT_ACTION_ACCESS_DECISION
-        assert event.details["policy_version"] == "2026-11-26.2"
+        assert event.details["policy_version"] == "2026-12-07.1"
         assert event.details["purpose"] == "treatment"
         assert event.study_instance_uid == "1.2.3"
     ok, no = by_decision[allowed.decision_id], by_decision[denied.decision_id]
@@ -192,7 +192,7 @@ async def test_policy_reloads_without_restart_and_a_bad_file_changes_nothing(
         changed = re.sub(
             r'(\[roles\.referring_physician\]\n[^\[]*?actions = \[)"instance\.read", ',
             r"\1",
-            original.replace('version = "2026-11-26.2"', 'version = "2026-11-26.3"'),
+            original.replace('version = "2026-12-07.1"', 'version = "2026-12-07.2"'),
         )
         assert '"instance.read"' not in changed.split("[roles.referring_physician]")[1].split("[roles.")[0]
         assert changed != original
@@ -202,12 +202,12 @@ async def test_policy_reloads_without_restart_and_a_bad_file_changes_nothing(
         while decision.allow and time.monotonic() < deadline:
             await asyncio.sleep(0.3)
             decision = await stub.Check(_check("dr.wilson"))
-        assert not decision.allow and decision.policy_version == "2026-11-26.3"
+        assert not decision.allow and decision.policy_version == "2026-12-07.2"
 
         policy.write_text("version = ", encoding="utf-8")  # a broken edit
         await asyncio.sleep(2.5)
         still = await stub.Check(_check("dr.house"))
-        assert still.allow and still.policy_version == "2026-11-26.3"
+        assert still.allow and still.policy_version == "2026-12-07.2"
 
     consumer = AIOKafkaConsumer(topics.audit, bootstrap_servers=servers.kafka_bootstrap, auto_offset_reset="earliest")
     await consumer.start()
@@ -224,4 +224,4 @@ async def test_policy_reloads_without_restart_and_a_bad_file_changes_nothing(
         audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS,
         audit_pb2.AuditOutcome.AUDIT_OUTCOME_FAILURE,
     ]
-    assert changes[0].details["to_version"] == "2026-11-26.3"
+    assert changes[0].details["to_version"] == "2026-12-07.2"

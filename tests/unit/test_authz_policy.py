@@ -106,7 +106,7 @@ POLICY = load_policy(POLICY_FILE)
 def test_decision_table(subject: str, action: str, allow: bool) -> None:
     decision = decide(POLICY, subject, action)
     assert decision.allow is allow
-    assert decision.policy_version == POLICY.version == "2026-11-26.2"
+    assert decision.policy_version == POLICY.version == "2026-12-07.1"
     assert decision.code == ("granted" if allow else "no_role")
     assert decision.roles == POLICY.subjects[subject]
 

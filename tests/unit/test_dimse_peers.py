@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dicomsafe.common.config import ConfigError
-from services.ingest.dimse_peers import CertificateIdentity, Peer, PeerDirectory, Refusal
+from dicomsafe.dimse.peers import CertificateIdentity, Peer, PeerDirectory, Refusal
 
 CT: dict[str, object] = {
     "name": "modality-ct1",
@@ -80,7 +80,10 @@ def test_tls12_only_for_the_peer_with_the_exception(tmp_path: Path) -> None:
     [
         {**CT, "addresses": []},
         {**CT, "addresses": ["10.20.0.300/24"]},
-        {**CT, "services": ["store", "move"]},
+        {**CT, "services": ["store", "print"]},
+        {**CT, "store_scp": "no-port"},
+        {**CT, "move_destinations": ["ct1"]},
+        {**CT, "services": ["move"], "move_destinations": "ct1"},
         {**CT, "services": []},
         {**CT, "ae_title": "A_TITLE_LONGER_THAN_16"},
         {**CT, "ae_title": "BACK\\SLASH"},

@@ -1,4 +1,5 @@
-"""Which DICOM peers (modalities, PACS) may open an association with ingest's DIMSE listener.
+"""Which DICOM peers (modalities, PACS, workstations) may open an association with one of our
+DIMSE listeners: ingest's storage AE and the gateway's query/retrieve AE.
 
 A peer is admitted only when all of these match one configured entry: its calling AE title,
 the identity in its TLS client certificate (verified against our CA during the handshake), its
@@ -6,10 +7,17 @@ source address, and the TLS version it negotiated (1.3, unless the entry names 1
 documented exception). Anything else is refused (deny by default), with a reason for the audit
 trail that names what did not match but never echoes certificate contents.
 
-The file (``INGEST_DIMSE_PEERS_FILE``) is JSON::
+The file (``INGEST_DIMSE_PEERS_FILE``, ``GATEWAY_DIMSE_PEERS_FILE``) is JSON::
 
     {"peers": [{"name": "modality-ct1", "ae_title": "CT1", "certificate": "modality-ct1",
-                "addresses": ["10.20.0.0/24"], "services": ["echo", "store"]}]}
+                "addresses": ["10.20.0.0/24"], "services": ["echo", "store"]},
+               {"name": "reading-ws1", "ae_title": "WS1", "certificate": "reading-ws1",
+                "addresses": ["10.30.0.7/32"], "services": ["echo", "find", "get", "move"],
+                "store_scp": "10.30.0.7:11112", "move_destinations": ["reading-ws1"]}]}
+
+``store_scp`` is where a peer takes C-STOREs: it makes the peer a possible C-MOVE destination
+(reached over the same mutual TLS, its certificate checked as on admission). A peer may move
+only to the destinations its own ``move_destinations`` names.
 
 ``certificate`` matches the certificate's subject CN or one of its URI/DNS SANs, so both a
 hospital PKI's CN and a SPIFFE id (``spiffe://dicomsafe/<name>``) can name the peer.
@@ -24,14 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dicomsafe.common.config import ConfigError
+from dicomsafe.common.config import ConfigError, host_port
 
 # DIMSE services a peer may be granted; a peer granted none of them cannot do anything.
-SERVICES = frozenset({"echo", "store"})
+SERVICES = frozenset({"echo", "store", "find", "get", "move"})
 TLS13 = "TLSv1.3"
 TLS12 = "TLSv1.2"
 # PS3.8 9.3.2.1: an AE title is at most 16 characters of the default repertoire, no backslash.
 MAX_AE_TITLE = 16
+# authz subjects of peers are "dimse:<name>": no user id of the identity provider looks like it.
+PRINCIPAL_PREFIX = "dimse:"
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -46,6 +56,15 @@ class Peer:
     services: frozenset[str]
     # TLS 1.2 for this peer only (an older modality); documented per peer, never a default.
     allow_tls12: bool = False
+    # Where the peer takes C-STOREs as an SCP (host, port), when it may be a C-MOVE destination.
+    store_scp: tuple[str, int] | None = None
+    # Names of the peers this one may C-MOVE to.
+    move_destinations: frozenset[str] = frozenset()
+
+    @property
+    def principal(self) -> str:
+        """The subject authz decides about for this peer (its roles are in the policy file)."""
+        return f"{PRINCIPAL_PREFIX}{self.name}"
 
     def admits_address(self, address: str) -> bool:
         try:
@@ -92,7 +111,17 @@ class PeerDirectory:
         titles = [p.ae_title for p in peers]
         if len(set(titles)) != len(titles):
             raise ConfigError("DIMSE peers: each AE title may be configured once")
+        names = {p.name: p for p in peers}
+        if len(names) != len(peers):
+            raise ConfigError("DIMSE peers: each name may be configured once")
+        for peer in peers:
+            for destination in sorted(peer.move_destinations):
+                if names.get(destination) is None or names[destination].store_scp is None:
+                    raise ConfigError(
+                        f"DIMSE peer {peer.name}: move destination {destination!r} is not a peer with a store_scp"
+                    )
         self._by_title = {p.ae_title: p for p in peers}
+        self._by_name = names
 
     @property
     def peers(self) -> Iterable[Peer]:
@@ -116,6 +145,13 @@ class PeerDirectory:
             raise ConfigError(f"DIMSE peers file ({path}) needs a 'peers' list")
         return cls([_peer(entry, i) for i, entry in enumerate(entries)])
 
+    def move_destination(self, requestor: Peer, ae_title: str) -> Peer | None:
+        """The peer ``requestor`` may C-MOVE to under this AE title, or None (unknown or not allowed)."""
+        peer = self._by_title.get(ae_title.strip())
+        if peer is None or peer.name not in requestor.move_destinations:
+            return None
+        return peer
+
     def admit(self, calling_ae: str, address: str, identity: CertificateIdentity, tls_version: str) -> Peer | Refusal:
         """The configured peer this association comes from, or why it is refused."""
         peer = self._by_title.get(calling_ae.strip())
@@ -130,11 +166,16 @@ class PeerDirectory:
         return peer
 
 
+_KEYS = frozenset(
+    {"name", "ae_title", "certificate", "addresses", "services", "allow_tls12", "store_scp", "move_destinations"}
+)
+
+
 def _peer(entry: object, index: int) -> Peer:
     where = f"DIMSE peer #{index + 1}"
     if not isinstance(entry, dict):
         raise ConfigError(f"{where} is not an object")
-    unknown = set(entry) - {"name", "ae_title", "certificate", "addresses", "services", "allow_tls12"}
+    unknown = set(entry) - _KEYS
     if unknown:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
     name, title, cert = (str(entry.get(k, "")).strip() for k in ("name", "ae_title", "certificate"))
@@ -156,4 +197,15 @@ def _peer(entry: object, index: int) -> Peer:
     allow_tls12 = entry.get("allow_tls12", False)
     if not isinstance(allow_tls12, bool):
         raise ConfigError(f"{where}: 'allow_tls12' must be true or false")
-    return Peer(name, title, cert, networks, services, allow_tls12)
+    store_scp = None
+    if "store_scp" in entry:
+        try:
+            store_scp = host_port(str(entry["store_scp"]))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: store_scp: {exc}") from None
+    destinations = entry.get("move_destinations", [])
+    if not isinstance(destinations, list) or not all(isinstance(d, str) and d for d in destinations):
+        raise ConfigError(f"{where}: 'move_destinations' must be a list of peer names")
+    if destinations and "move" not in services:
+        raise ConfigError(f"{where}: 'move_destinations' without the 'move' service")
+    return Peer(name, title, cert, networks, services, allow_tls12, store_scp, frozenset(destinations))
