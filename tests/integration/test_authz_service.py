@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import re
 import time
 from pathlib import Path
@@ -225,3 +227,38 @@ async def test_policy_reloads_without_restart_and_a_bad_file_changes_nothing(
         audit_pb2.AuditOutcome.AUDIT_OUTCOME_FAILURE,
     ]
     assert changes[0].details["to_version"] == "2026-12-07.2"
+
+
+async def test_a_dicom_peer_is_decided_only_on_a_vouching_service_s_word(
+    pki: Pki, servers: Servers, unique: str
+) -> None:
+    """``Subject.dimse_peer``: the peer's policy roles decide, but only when the calling workload
+    (its mTLS identity) may vouch for DICOM peers; anyone else naming a peer is unauthenticated."""
+    topics = Topics(f"t{unique}.")
+    await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
+    base = with_tls(
+        AuthzConfig(f"127.0.0.1:{free_port()}", POLICY_FILE, servers.kafka_bootstrap, topics.prefix), pki, "authz"
+    )
+    peer = authz_pb2.CheckRequest(
+        subject=authz_pb2.Subject(dimse_peer="reading-ws1"),
+        action="instance.read",
+        resource=authz_pb2.Resource(type="study", study_instance_uid="1.2.3"),
+    )
+    answers = []
+    for vouchers in (frozenset({TEST_CLIENT}), frozenset({"gateway"})):
+        cfg = dataclasses.replace(base, grpc_bind=f"127.0.0.1:{free_port()}", dimse_vouchers=vouchers)
+        async with (
+            running(functools.partial(run, cfg), cfg.grpc_bind, pki.tls(TEST_CLIENT)),
+            new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as ch,
+        ):
+            stub = authz_pb2_grpc.AuthzServiceStub(ch)
+            answers.append(await stub.Check(peer))
+            both = authz_pb2.CheckRequest()
+            both.CopyFrom(peer)
+            both.subject.id = "dr.house"
+            answers.append(await stub.Check(both))
+    vouched, with_an_id, unvouched, _ = answers
+    assert (vouched.allow, vouched.subject, list(vouched.roles)) == (True, "dimse:reading-ws1", ["dimse_workstation"])
+    assert (with_an_id.allow, with_an_id.reason_code) == (False, "unauthenticated")
+    assert (unvouched.allow, unvouched.reason_code) == (False, "unauthenticated")
+    assert unvouched.reason == "unauthenticated: this caller may not vouch for DICOM peers"

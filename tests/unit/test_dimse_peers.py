@@ -111,3 +111,40 @@ def test_an_unreadable_or_shapeless_file_is_a_configuration_error(tmp_path: Path
     (tmp_path / "list.json").write_text("[]")
     with pytest.raises(ConfigError, match="'peers' list"):
         PeerDirectory.load(tmp_path / "list.json")
+
+
+WS: dict[str, object] = {
+    "name": "reading-ws1",
+    "ae_title": "WS1",
+    "certificate": "reading-ws1",
+    "addresses": ["10.30.0.7/32"],
+    "services": ["find", "get", "move"],
+    "store_scp": "10.30.0.7:11112",
+    "move_destinations": ["reading-ws1"],
+}
+
+
+def test_move_goes_only_to_destinations_the_requestor_names(tmp_path: Path) -> None:
+    archive = {**CT, "name": "archive", "ae_title": "ARCHIVE", "store_scp": "[fd00::5]:104"}
+    peers = _directory(tmp_path, WS, archive, {**CT, "ae_title": "CT1"})
+    ws = peers.admit("WS1", "10.30.0.7", _cert(cn="reading-ws1"), "TLSv1.3")
+    assert isinstance(ws, Peer) and ws.principal == "dimse:reading-ws1"
+    own = peers.move_destination(ws, "WS1 ")
+    assert own is not None and own.store_scp == ("10.30.0.7", 11112)
+    # A configured peer with a store SCP, but not one WS1 may send to; and an unknown title.
+    assert peers.move_destination(ws, "ARCHIVE") is None
+    assert peers.move_destination(ws, "NOSUCH") is None
+
+
+@pytest.mark.parametrize(
+    "destinations",
+    [["nobody"], ["modality-ct1"]],  # not configured; configured but takes no C-STOREs
+)
+def test_move_destinations_must_be_peers_with_a_store_scp(tmp_path: Path, destinations: list[str]) -> None:
+    with pytest.raises(ConfigError, match="move destination"):
+        _directory(tmp_path, CT, {**WS, "move_destinations": destinations})
+
+
+def test_a_name_is_configured_once(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="name may be configured once"):
+        _directory(tmp_path, CT, {**CT, "ae_title": "CT2"})
