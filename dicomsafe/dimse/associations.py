@@ -37,7 +37,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomsafe.common.audit_emitter import AuditEmitter
-from dicomsafe.common.config import ConfigError, env_int, env_opt, env_str, host_port
+from dicomsafe.common.config import ConfigError, host_port
 from dicomsafe.common.kafka import TransientError
 from dicomsafe.common.metrics import DIMSE_ASSOCIATIONS, DIMSE_REQUESTS
 from dicomsafe.common.tls import TlsConfig
@@ -80,25 +80,26 @@ class ListenerSettings:
     drain_s: float = 10.0
 
 
-def listener_from_env(prefix: str, default_ae_title: str) -> ListenerSettings | None:
-    """``<prefix>_DIMSE_BIND`` (host:port) turns a listener on; it then needs its peers file
-    (``<prefix>_DIMSE_PEERS_FILE``). Also ``_AE_TITLE`` and ``_MAX_ASSOCIATIONS``."""
-    bind = env_opt(f"{prefix}_DIMSE_BIND")
+def listener_settings(
+    prefix: str, *, bind: str, peers_file: str, ae_title: str, max_associations: int
+) -> ListenerSettings | None:
+    """A listener from a service's ``<prefix>_DIMSE_*`` settings (each service reads its own,
+    by name, so deployment checks see them): a bind address turns it on, and then it needs
+    its peers file."""
     if not bind:
         return None
     try:
         host, port = host_port(bind, "0.0.0.0")  # noqa: S104 - a listener for peers on other hosts
     except ConfigError as exc:
         raise ConfigError(f"{prefix}_DIMSE_BIND: {exc}") from None
-    peers_file = env_opt(f"{prefix}_DIMSE_PEERS_FILE")
     if not peers_file:
         raise ConfigError(f"{prefix}_DIMSE_BIND needs {prefix}_DIMSE_PEERS_FILE (the peers it admits)")
     return ListenerSettings(
         host=host,
         port=port,
-        ae_title=env_str(f"{prefix}_DIMSE_AE_TITLE", default_ae_title),
+        ae_title=ae_title,
         peers=PeerDirectory.load(Path(peers_file)),
-        max_associations=env_int(f"{prefix}_DIMSE_MAX_ASSOCIATIONS", 16),
+        max_associations=max_associations,
     )
 
 

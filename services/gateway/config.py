@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from dicomsafe.common.config import ConfigError, env_int, env_opt, env_secret, env_str
 from dicomsafe.common.peer_auth import PeerAllowlist
 from dicomsafe.common.tls import TlsConfig, tls_from_env
-from dicomsafe.dimse.associations import listener_from_env
+from dicomsafe.dimse.associations import listener_settings
 from dicomsafe.storage.object_store import StoreSettings
 from dicomsafe.storage.store_env import store_from_env
 from services.gateway.dimse_qr import QrSettings
@@ -85,7 +85,13 @@ class GatewayConfig:
 
 def dimse_from_env(call_timeout_s: float) -> QrSettings | None:
     """``GATEWAY_DIMSE_BIND`` (host:port) turns the query/retrieve listener on."""
-    listener = listener_from_env("GATEWAY", "DICOMSAFE_QR")
+    listener = listener_settings(
+        "GATEWAY",
+        bind=env_opt("GATEWAY_DIMSE_BIND"),
+        peers_file=env_opt("GATEWAY_DIMSE_PEERS_FILE"),
+        ae_title=env_str("GATEWAY_DIMSE_AE_TITLE", "DICOMSAFE_QR"),
+        max_associations=env_int("GATEWAY_DIMSE_MAX_ASSOCIATIONS", 16),
+    )
     if listener is None:
         return None
     return QrSettings(

@@ -6,7 +6,7 @@ from dicomsafe.common.config import env_int, env_opt, env_str
 from dicomsafe.common.kafka import DEFAULT_MAX_RECORD_BYTES
 from dicomsafe.common.peer_auth import PeerAllowlist
 from dicomsafe.common.tls import TlsConfig, tls_from_env
-from dicomsafe.dimse.associations import listener_from_env
+from dicomsafe.dimse.associations import listener_settings
 from dicomsafe.storage.object_store import StoreSettings
 from dicomsafe.storage.store_env import store_from_env
 from services.ingest.dimse_listener import DimseSettings
@@ -52,7 +52,13 @@ class IngestConfig:
 
 def dimse_from_env(store_timeout_s: int) -> DimseSettings | None:
     """``INGEST_DIMSE_BIND`` (host:port) turns the listener on (dicomsafe.dimse.associations)."""
-    listener = listener_from_env("INGEST", "DICOMSAFE")
+    listener = listener_settings(
+        "INGEST",
+        bind=env_opt("INGEST_DIMSE_BIND"),
+        peers_file=env_opt("INGEST_DIMSE_PEERS_FILE"),
+        ae_title=env_str("INGEST_DIMSE_AE_TITLE", "DICOMSAFE"),
+        max_associations=env_int("INGEST_DIMSE_MAX_ASSOCIATIONS", 16),
+    )
     if listener is None:
         return None
     return DimseSettings(

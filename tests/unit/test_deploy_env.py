@@ -29,6 +29,10 @@ _COMMON_MODULES = (
 )
 
 
+# Files that are configuration, not secrets, parsed at start: a valid document of their kind.
+_PLACEHOLDERS = {"_DIMSE_PEERS_FILE": '{"peers": []}\n'}
+
+
 @dataclass(frozen=True)
 class EnvSpec:
     """The variables a service reads; ``required`` = env_str without a default."""
@@ -135,7 +139,8 @@ def environment(env: Mapping[str, str], secret_dir: Path) -> Iterator[None]:
     for key, value in env.items():
         if key.endswith("_FILE"):
             dummy = secret_dir / key
-            dummy.write_text("placeholder-secret\n", encoding="utf-8")
+            content = next((c for suffix, c in _PLACEHOLDERS.items() if key.endswith(suffix)), "placeholder-secret\n")
+            dummy.write_text(content, encoding="utf-8")
             value = str(dummy)
         os.environ[key] = value
     try:

@@ -498,6 +498,12 @@ def test_authz_policy_copy_matches_the_repository_policy() -> None:
     ).read_bytes(), "run: cp deploy/policy/policy.toml deploy/k8s/base/authz-policy.toml"
 
 
+def test_dimse_peers_copy_matches_the_repository_file() -> None:
+    assert (K8S / "base" / "dimse-peers.json").read_bytes() == (
+        REPO / "deploy" / "policy" / "dimse-peers.json"
+    ).read_bytes()
+
+
 def test_production_policy_has_the_sample_roles_and_no_demo_people() -> None:
     sample = load_policy(REPO / "deploy" / "policy" / "policy.toml")
     production = load_policy(K8S / "overlays" / "production" / "authz-policy.toml")
@@ -596,11 +602,14 @@ def test_disruption_budgets_select_their_pods_and_allow_drains(objects: tuple[Ob
 
 def test_services_route_to_named_container_ports(objects: tuple[Obj, ...]) -> None:
     for svc in of_kind(objects, "Service"):
-        name = svc["metadata"]["name"]
-        pod = named(objects, "Deployment", name)["spec"]["template"]
-        assert _selects({"matchLabels": svc["spec"]["selector"]}, pod["metadata"]["labels"])
+        selector = {"matchLabels": svc["spec"]["selector"]}
+        # Each Service fronts one Deployment (several may front the same one: dicom, dicom-qr).
+        [deployment] = [
+            d for d in of_kind(objects, "Deployment") if _selects(selector, d["spec"]["template"]["metadata"]["labels"])
+        ]
+        name, pod = deployment["metadata"]["name"], deployment["spec"]["template"]
         ports = {p["name"] for p in main_container(name, pod)["ports"]}
-        assert {p["targetPort"] for p in svc["spec"]["ports"]} <= ports, name
+        assert {p["targetPort"] for p in svc["spec"]["ports"]} <= ports, svc["metadata"]["name"]
 
 
 def test_each_service_serves_mutual_tls_with_its_own_certificate() -> None:
