@@ -18,8 +18,8 @@ from typing import TypeVar
 import hvac
 from pymongo import MongoClient
 
-from tests.service_runner import free_port
 from tools import infra
+from tools.ports import free_port
 
 START_TIMEOUT_S = 90.0
 

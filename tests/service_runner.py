@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,6 +28,7 @@ from services.crypto.vault_keys import VaultSettings
 from tests.servers import S3Endpoint
 from tools.oidc_issuer import LocalIssuer
 from tools.pki import Pki
+from tools.ports import free_port
 from tools.stack import POLICY_FILE
 from tools.vault_setup import AppRoleCredentials
 
@@ -37,12 +37,6 @@ from tools.vault_setup import AppRoleCredentials
 TEST_CLIENT = "tester"
 
 C = TypeVar("C")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def wait_serving(target: str, task: asyncio.Task[None], tls: TlsConfig, timeout_s: float = 60.0) -> None:

@@ -16,7 +16,6 @@ may not move to (A801), a malformed identifier (A900).
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 import subprocess
 import threading
@@ -44,15 +43,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from tests.dimse_peer import associate, audit_records, peer_tls
 from tools import dicom_samples
 from tools.debian_packages import PackageMissing, ensure_binaries
+from tools.ports import free_port as _free_port
 from tools.stack import DIMSE_AE_TITLE, QR_AE_TITLE, Stack
 
 pytestmark = pytest.mark.e2e
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 CT_PEER = "modality-ct1"

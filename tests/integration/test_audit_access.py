@@ -22,9 +22,10 @@ from services.audit.app import run as run_audit
 from services.audit.config import AuditConfig
 from services.authz.app import run as run_authz
 from tests.servers import Servers
-from tests.service_runner import TEST_CLIENT, audit_config, authz_config, free_port, running, with_tls
+from tests.service_runner import TEST_CLIENT, audit_config, authz_config, running, with_tls
 from tools.oidc_issuer import LocalIssuer
 from tools.pki import Pki
+from tools.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 A, Out = audit_pb2.AuditAction, audit_pb2.AuditOutcome

@@ -19,10 +19,11 @@ from services.authz.app import run
 from services.authz.config import AuthzConfig
 from services.authz.tokens import TokenVerifier
 from tests.servers import Servers
-from tests.service_runner import TEST_CLIENT, free_port, running, with_tls
+from tests.service_runner import TEST_CLIENT, running, with_tls
 from tests.topic_reader import read_to_end
 from tools.oidc_issuer import LocalIssuer
 from tools.pki import Pki
+from tools.ports import free_port
 from tools.stack import POLICY_FILE
 
 if TYPE_CHECKING:

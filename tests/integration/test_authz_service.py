@@ -21,8 +21,9 @@ from services.authz.app import run
 from services.authz.config import AuthzConfig
 from services.authz.service import SERVICE_NAME
 from tests.servers import Servers
-from tests.service_runner import TEST_CLIENT, free_port, running, with_tls
+from tests.service_runner import TEST_CLIENT, running, with_tls
 from tools.pki import Pki
+from tools.ports import free_port
 from tools.stack import POLICY_FILE
 
 

@@ -22,9 +22,10 @@ from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc
 from services.crypto.app import run
 from services.crypto.config import CryptoConfig
 from tests.servers import Servers
-from tests.service_runner import TEST_CLIENT, crypto_config, free_port, running, s3_store_settings, with_tls
+from tests.service_runner import TEST_CLIENT, crypto_config, running, s3_store_settings, with_tls
 from tools import dicom_samples, vault_setup
 from tools.pki import Pki
+from tools.ports import free_port
 
 if TYPE_CHECKING:
     from dicomsafe.v1.crypto_pb2_grpc import CryptoServiceAsyncStub as Stub

@@ -23,12 +23,13 @@ from services.authz.app import run as run_authz
 from services.crypto.app import run as run_crypto
 from services.crypto.config import CryptoConfig
 from tests.servers import Servers
-from tests.service_runner import TEST_CLIENT, authz_config, crypto_config, free_port, running, sealer_for, with_tls
+from tests.service_runner import TEST_CLIENT, authz_config, crypto_config, running, sealer_for, with_tls
 from tests.topic_reader import read_to_end
 from tools import dicom_samples, vault_setup
 from tools.erase_patient import ErasureRefused, ErasureRequest, erase_patient
 from tools.oidc_issuer import LocalIssuer
 from tools.pki import Pki
+from tools.ports import free_port
 
 if TYPE_CHECKING:
     Stub = crypto_pb2_grpc.CryptoServiceAsyncStub

@@ -25,9 +25,9 @@ from pymongo.errors import PyMongoError
 
 from dicomsafe.v1 import audit_pb2
 from services.audit.store import AuditStore
-from tests.service_runner import free_port
 from tools import infra
 from tools.pki import Pki
+from tools.ports import free_port
 
 
 @dataclass(frozen=True)

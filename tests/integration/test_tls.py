@@ -24,9 +24,10 @@ from services.authz.app import run as run_authz
 from services.authz.config import AuthzConfig
 from services.crypto.app import run as run_crypto
 from tests.servers import Servers
-from tests.service_runner import crypto_config, free_port, running
+from tests.service_runner import crypto_config, running
 from tools import vault_setup
 from tools.pki import Pki, make_pki
+from tools.ports import free_port
 from tools.stack import POLICY_FILE
 
 # One study id for the Check requests; nothing here is about the decision itself.

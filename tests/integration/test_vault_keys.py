@@ -14,8 +14,8 @@ from dicomsafe.common.vault import VaultUnavailable
 from services.crypto.dek_wrapper import DEFAULT_MAX_BATCH
 from services.crypto.vault_keys import ObjectErased, TransitKeys, VaultSettings
 from tests.servers import Servers
-from tests.service_runner import free_port
 from tools import vault_setup
+from tools.ports import free_port
 
 ERASURE_MOUNT = "dicomsafe-erasure"
 

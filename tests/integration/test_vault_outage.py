@@ -21,9 +21,10 @@ from services.ingest.app import run as run_ingest
 from services.ingest.config import IngestConfig
 from tests.restartable import PersistentBao
 from tests.servers import Servers
-from tests.service_runner import TEST_CLIENT, crypto_config, free_port, running, with_tls
+from tests.service_runner import TEST_CLIENT, crypto_config, running, with_tls
 from tools import dicom_samples, vault_setup
 from tools.pki import Pki
+from tools.ports import free_port
 
 
 async def _stored(bootstrap: str, topic: str, want: int, timeout_s: float) -> list[events_pb2.StoredEvent]:

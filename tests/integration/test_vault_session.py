@@ -21,9 +21,10 @@ from dicomsafe.storage.sealer import SealFailure
 from dicomsafe.v1 import crypto_pb2, crypto_pb2_grpc
 from services.crypto.app import run as run_crypto
 from tests.servers import Servers
-from tests.service_runner import TEST_CLIENT, crypto_config, free_port, running, sealer_for, with_tls
+from tests.service_runner import TEST_CLIENT, crypto_config, running, sealer_for, with_tls
 from tools import dicom_samples, vault_setup
 from tools.pki import Pki
+from tools.ports import free_port
 
 
 def _short_lived_role(servers: Servers, name: str, ttl: str, max_ttl: str) -> VaultAuth:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from tools.bench.process_cpu import cpu_seconds
 from tools.bench.results import Result, ratio
 from tools.oidc_issuer import LocalIssuer, running_issuer
 from tools.pki import make_pki
+from tools.ports import free_port as _free_port
 from tools.stack import POLICY_FILE, REPO
 
 TARGET_P99_MS = 2.0
@@ -152,12 +152,6 @@ async def _drive(
         elapsed = time.perf_counter() - t0
         cpu = cpu_seconds(pid) - cpu0
     return Measured(n / elapsed, statistics.median(latencies) * 1000, _percentile(latencies, 0.99) * 1000, cpu)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _health_floor(target: str, tls: TlsConfig, n: int, concurrency: int, pid: int) -> float:

@@ -11,18 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import os
-import socket
 import statistics
-import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
@@ -33,12 +28,10 @@ from tools import dicom_samples, infra
 from tools.bench import flame
 from tools.bench.process_cpu import cpu_seconds
 from tools.bench.results import Result, ratio
-from tools.debian_packages import PackageMissing, apt_install
 from tools.oidc_issuer import running_issuer
+from tools.orthanc import running_orthanc
 from tools.stack import Stack, StackSettings, free_base_port
 
-ORTHANC = Path("/usr/sbin/Orthanc")
-ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 STOW_BATCH = 10
 # Stored first on each side and not measured: the broker's JIT compiler and both servers'
 # caches reach their working state on other files than the measured ones.
@@ -60,10 +53,6 @@ PROFILED = ("gateway", "crypto", "authz", "audit")
 PROFILE_INSTANCES = 400
 
 
-class OrthancMissing(RuntimeError):
-    pass
-
-
 def sample_files(count: int) -> list[bytes]:
     """A mixed load: 512x512 CT slices (most of a real study), compressed slices, a cine."""
     files: list[bytes] = []
@@ -77,70 +66,6 @@ def sample_files(count: int) -> list[bytes]:
             ds = dicom_samples.ct_image(study_uid=study, seed=i)
         files.append(dicom_samples.to_bytes(ds))
     return files
-
-
-def ensure_orthanc() -> None:
-    if ORTHANC.exists() and ORTHANC_DICOMWEB.exists():
-        return
-    try:
-        apt_install("orthanc", "orthanc-dicomweb")
-    except PackageMissing as exc:
-        raise OrthancMissing(str(exc)) from None
-    if not (ORTHANC.exists() and ORTHANC_DICOMWEB.exists()):
-        raise OrthancMissing(f"Orthanc packages installed but {ORTHANC} or {ORTHANC_DICOMWEB} is missing")
-    # The package's maintainer script may start a system Orthanc; it would compete for CPU.
-    subprocess.run(["pkill", "-x", "Orthanc"], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass(frozen=True)
-class RunningOrthanc:
-    root: str
-    pid: int
-
-
-@contextmanager
-def running_orthanc(work: Path) -> Iterator[RunningOrthanc]:
-    ensure_orthanc()
-    http, dicom = _free_port(), _free_port()
-    storage = work / "orthanc"
-    storage.mkdir()
-    config = {
-        "Name": "bench",
-        "StorageDirectory": str(storage),
-        "IndexDirectory": str(storage),
-        "HttpPort": http,
-        "DicomPort": dicom,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "Plugins": [str(ORTHANC_DICOMWEB)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    path = work / "orthanc.json"
-    path.write_text(json.dumps(config))
-    with (work / "orthanc.log").open("wb") as log:
-        proc = subprocess.Popen([str(ORTHANC), str(path)], stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{http}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"{base}/system", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"Orthanc did not start; see {work / 'orthanc.log'}")
-            time.sleep(0.3)
-        yield RunningOrthanc(f"{base}/dicom-web", proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def _multipart(files: list[bytes]) -> tuple[bytes, str]:
