@@ -14,8 +14,17 @@ from pathlib import Path
 
 from dicomsafe.storage.object_store import S3Settings
 from tools import infra
-from tools.bench import audit_append, audit_verify, authz_check, crypto_throughput, dicomweb, store_throughput
+from tools.bench import (
+    audit_append,
+    audit_verify,
+    authz_check,
+    crypto_throughput,
+    dicomweb,
+    dimse_store,
+    store_throughput,
+)
 from tools.bench.results import Result, report
+from tools.debian_packages import PackageMissing
 from tools.orthanc import OrthancMissing
 
 
@@ -28,8 +37,11 @@ def main() -> int:
     # Enough that the servers' idle polling and JIT, counted in the CPU per instance, are spread thin.
     parser.add_argument("--dicomweb-instances", type=int, default=200)
     parser.add_argument("--dicomweb-rounds", type=int, default=5)
+    parser.add_argument("--dimse-instances", type=int, default=200, help="0.5 MB CT instances C-STOREd per side")
     parser.add_argument("--store-sizes-mib", default="1,16", help="object sizes of the S3-vs-filesystem part")
-    parser.add_argument("--only", choices=["crypto", "store", "audit", "authz", "dicomweb"], help="run one part only")
+    parser.add_argument(
+        "--only", choices=["crypto", "store", "audit", "authz", "dicomweb", "dimse"], help="run one part only"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
     parser.add_argument(
         "--profile",
@@ -85,6 +97,12 @@ def main() -> int:
                 # status says so after the other results are written.
                 print(f"dicomweb bench NOT RUN: {exc}")
                 missing.append("dicomweb (Orthanc baseline unavailable)")
+        if args.only in (None, "dimse"):
+            try:
+                results += dimse_store.run(kafka, vault_addr, vault_token, mongo, args.dimse_instances)
+            except (OrthancMissing, PackageMissing) as exc:
+                print(f"dimse bench NOT RUN: {exc}")
+                missing.append("dimse (Orthanc or DCMTK unavailable)")
     finally:
         if need:
             infra.down(need)

@@ -9,7 +9,6 @@ flatters the baseline: the ratios are what the security costs or saves.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import os
 import statistics
@@ -23,14 +22,12 @@ from pathlib import Path
 import pydicom
 import requests
 
-from dicomsafe.common.kafka import Topics, ensure_topics, topic_specs
-from tools import dicom_samples, infra
+from tools import dicom_samples
 from tools.bench import flame
+from tools.bench.bench_stack import running_stack, stack_cpu_seconds
 from tools.bench.process_cpu import cpu_seconds
 from tools.bench.results import Result, ratio
-from tools.oidc_issuer import running_issuer
 from tools.orthanc import running_orthanc
-from tools.stack import Stack, StackSettings, free_base_port
 
 STOW_BATCH = 10
 # Stored first on each side and not measured: the broker's JIT compiler and both servers'
@@ -129,24 +126,6 @@ def wado_latencies(session: requests.Session, root: str, files: list[bytes], rou
     return samples
 
 
-def _process_cpu_s(pid: int) -> float:
-    try:
-        return cpu_seconds(pid)
-    except OSError:
-        return 0.0  # ended between listing and reading
-
-
-def _cpu_seconds(stack: Stack) -> dict[str, float]:
-    """CPU time of each service and, when they run here, of the servers under them: on a
-    two-core machine the broker, Vault and the MongoDB-wire server share the cores too."""
-    out = {name: _process_cpu_s(proc.pid) for name, proc in stack.processes.items()}
-    for server in infra.ALL:
-        pids = infra.server_pids(server)
-        if pids:
-            out[server] = sum(map(_process_cpu_s, pids))
-    return out
-
-
 def _p(samples: list[float], q: float) -> float:
     return statistics.quantiles(samples, n=100, method="inclusive")[int(q) - 1]
 
@@ -165,29 +144,9 @@ def run(
     # Other instances for the concurrent clients: each side stores every file once.
     concurrent_files = sample_files(count)
     patient_id = str(pydicom.dcmread(io.BytesIO(files[0]), stop_before_pixels=True).PatientID)
-    with tempfile.TemporaryDirectory(prefix="dicomsafe-bench-dicomweb-") as tmp, running_issuer() as idp:
+    with tempfile.TemporaryDirectory(prefix="dicomsafe-bench-dicomweb-") as tmp:
         work = Path(tmp)
-        unique = uuid.uuid4().hex[:8]
-        topics = Topics(prefix=f"benchweb{unique}.")
-        asyncio.run(ensure_topics(kafka, topic_specs(topics, partitions=3)))
-        stack = Stack(
-            StackSettings(
-                kafka_bootstrap=kafka,
-                vault_addr=vault_addr,
-                mongodb_uri=mongodb_uri,
-                vault_admin_token=vault_token,
-                work_dir=work / "stack",
-                topic_prefix=topics.prefix,
-                base_port=free_base_port(),
-                audit_db=f"bench_audit_{unique}",
-                authz_db=f"bench_authz_{unique}",
-                index_db=f"bench_index_{unique}",
-                oidc_issuer=idp.url,
-                oidc_jwks_url=idp.jwks_url,
-            )
-        )
-        stack.start()
-        try:
+        with running_stack(kafka, vault_addr, vault_token, mongodb_uri, work, "benchweb") as (stack, idp):
             ours = requests.Session()
             ours.trust_env = False
             ours.verify = str(stack.settings.ca_file)
@@ -202,11 +161,11 @@ def run(
 
             ours.auth = token("tech.jane")
             stow_rate(ours, stack.settings.dicomweb_url, warm_up)
-            before = _cpu_seconds(stack)
+            before = stack_cpu_seconds(stack)
             our_stow = stow_rate(ours, stack.settings.dicomweb_url, files)
             # The audit consumer and the indexer finish their share after the last response.
             time.sleep(SETTLE_S)
-            after = _cpu_seconds(stack)
+            after = stack_cpu_seconds(stack)
             spent = {name: after[name] - before[name] for name in before}
             # Where a stored instance's CPU goes, to steer optimisation.
             print("STOW-RS CPU ms per instance:", {k: round(v * 1000 / len(files), 1) for k, v in spent.items()})
@@ -227,8 +186,6 @@ def run(
                     stow_rate(ours, stack.settings.dicomweb_url, profiled)
                 print(f"STOW-RS profile (py-spy, {PROFILE_INSTANCES} instances, 1 client):")
                 print(flame.report(profile_dir, list(PROFILED)))
-        finally:
-            stack.stop()
         with running_orthanc(work) as orthanc:
             theirs = requests.Session()
             theirs.trust_env = False
