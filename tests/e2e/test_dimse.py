@@ -6,7 +6,9 @@ mutual TLS 1.3, with the whole stack behind it.
 - an unknown AE title is rejected at association, a certificate from another CA fails the
   handshake, a peer granted only C-ECHO is refused C-STORE: each of them audited;
 - a malformed data set is refused with a failure status and an Error Comment, and the
-  association goes on to store the next instance.
+  association goes on to store the next instance;
+- a SOP class the storage AE does not serve is rejected at negotiation, and a peer's abort
+  loses none of the instances it had been told were stored.
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import build_context
 from pynetdicom.association import Association
-from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
 
 from tests.dimse_peer import associate, audit_records
 from tests.own_site import wado_uri
@@ -149,6 +155,44 @@ def test_malformed_instance_is_refused_and_the_association_goes_on(stack: Stack)
         assert assoc.send_c_store(good).Status == 0x0000
     finally:
         assoc.release()
+
+
+def test_unsupported_sop_class_is_refused_at_negotiation(stack: Stack) -> None:
+    # A query model on the storage AE: the context is rejected, the rest of the association stands.
+    contexts = [build_context(CTImageStorage), build_context(StudyRootQueryRetrieveInformationModelFind)]
+    assoc = associate(stack, stack.settings.dimse_port, DIMSE_AE_TITLE, "CT1", CT_PEER, contexts)
+    assert assoc.is_established
+    try:
+        accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+        rejected = {cx.abstract_syntax for cx in assoc.rejected_contexts}
+        assert accepted == {CTImageStorage} and rejected == {StudyRootQueryRetrieveInformationModelFind}
+        ds = _ct("DIMSE^NEGOTIATED", 1, pydicom.uid.generate_uid())
+        assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+
+
+def test_a_peer_abort_loses_nothing_acknowledged(stack: Stack, idp: LocalIssuer) -> None:
+    """What got 0000 before the peer aborted is stored and readable; the listener takes the
+    next association as before."""
+    study = pydicom.uid.generate_uid()
+    sent = [_ct("DIMSE^ABORT", i, study) for i in range(2)]
+    assoc = _associate(stack, "CT1", CT_PEER)
+    assert assoc.is_established
+    for ds in sent:
+        assert assoc.send_c_store(ds).Status == 0x0000
+    assoc.abort()
+    asyncio.run(stack.wait_indexed({study}))
+    reader = idp.token("dr.house")
+    for ds in sent:
+        got = wado_uri(stack.settings, reader, dicom_samples.to_bytes(ds))
+        assert got.status_code == 200
+    again = _associate(stack, "CT1", CT_PEER)
+    assert again.is_established
+    try:
+        assert again.send_c_echo().Status == 0x0000
+    finally:
+        again.release()
 
 
 def test_dcmtk_storescu_and_echoscu_over_tls(stack: Stack, tmp_path: Path) -> None:
