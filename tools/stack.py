@@ -255,6 +255,8 @@ def service_env(s: StackSettings, service: str, replica: int = 0, peer_replica: 
                     "GATEWAY_DIMSE_BIND": f"127.0.0.1:{s.port(service, replica) + DIMSE_PORT_OFFSET}",
                     "GATEWAY_DIMSE_AE_TITLE": QR_AE_TITLE,
                     "GATEWAY_DIMSE_PEERS_FILE": str(s.dimse_peers_file),
+                    # Tests ask about instances that never arrive; a minute each would be long.
+                    "GATEWAY_DIMSE_COMMITMENT_WAIT_S": "10",
                 }
                 if s.dimse_peers_file is not None
                 else {}

@@ -99,4 +99,5 @@ def dimse_from_env(call_timeout_s: float) -> QrSettings | None:
         call_timeout_s=call_timeout_s,
         max_matches=env_int("GATEWAY_DIMSE_MAX_MATCHES", 1000),
         max_retrieve=env_int("GATEWAY_DIMSE_MAX_RETRIEVE", 10000),
+        commitment_wait_s=float(env_int("GATEWAY_DIMSE_COMMITMENT_WAIT_S", 60)),
     )

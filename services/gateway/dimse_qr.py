@@ -31,12 +31,13 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AllStoragePresentationContexts, build_context, evt
-from pynetdicom.events import Event
+from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
+    StorageCommitmentPushModel,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -59,6 +60,7 @@ from dicomsafe.dimse.peers import Peer
 from dicomsafe.v1 import audit_pb2, crypto_pb2
 from services.gateway.access import BREAK_GLASS, AuthzUnavailable, Verdict, Where, resource
 from services.gateway.dicomweb_common import Backends
+from services.gateway.storage_commitment import CommitmentScp
 from services.gateway.study_index import MATCHABLE, Found, Level, Located, QueryError
 
 log = logging.getLogger("dicomsafe.gateway.dimse")
@@ -105,6 +107,9 @@ class QrSettings:
     max_matches: int = 1000
     # Instances one C-GET or C-MOVE sends.
     max_retrieve: int = 10000
+    # How long a storage commitment waits for instances to reach the index before reporting
+    # them failed (a modality's C-STORE and its commitment request may race the indexer).
+    commitment_wait_s: float = 60.0
 
 
 class Refusal(Exception):
@@ -205,6 +210,9 @@ class QueryRetrieveListener:
         self._server = DimseServer(settings.listener, tls, backends.audit)
         self._gate = self._server.gate
         self._peers = settings.listener.peers
+        self._commitment = CommitmentScp(
+            self._gate, backends.index, tls, settings.listener.ae_title, settings.commitment_wait_s
+        )
 
     @property
     def address(self) -> tuple[str, int]:
@@ -214,8 +222,15 @@ class QueryRetrieveListener:
         models = [SupportedContext(m) for m in (*_FIND_MODELS, *_GET_MODELS, *_MOVE_MODELS)]
         # C-GET sends on the requestor's own association, where it is the storage SCP.
         storage = [SupportedContext(uid, role=True) for uid in STORAGE_SOP_CLASSES]
-        handlers = [(evt.EVT_C_FIND, self._on_find), (evt.EVT_C_GET, self._on_get), (evt.EVT_C_MOVE, self._on_move)]
-        await self._server.start([*models, *storage], handlers)
+        handlers: list[EventHandlerType] = [
+            (evt.EVT_C_FIND, self._on_find),
+            (evt.EVT_C_GET, self._on_get),
+            (evt.EVT_C_MOVE, self._on_move),
+            (evt.EVT_N_ACTION, self._commitment.on_action),
+            (evt.EVT_DIMSE_SENT, self._commitment.on_sent),
+        ]
+        commitment = SupportedContext(StorageCommitmentPushModel)
+        await self._server.start([*models, *storage, commitment], handlers)
 
     async def stop(self) -> None:
         await self._server.stop()
@@ -335,7 +350,7 @@ class QueryRetrieveListener:
         host, port = destination.store_scp
         # Without instances pynetdicom opens no association; with a failure it does, to answer it.
         contexts = _storage_contexts(release.instances) or [build_context(STORAGE_SOP_CLASSES[0])]
-        yield host, port, {"tls_args": (client_context(self._tls, destination), None), "contexts": contexts}
+        yield host, port, {"tls_args": (client_context(self._tls, destination), host), "contexts": contexts}
         if failure is not None:
             yield 1
             yield failure, None

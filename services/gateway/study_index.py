@@ -404,6 +404,14 @@ class StudyIndex:
         found = self._instances.find({"_id": {"$in": sorted({uid for uid, _ in wanted})}}, {"object_id": 1})
         return {pair async for doc in found if (pair := (str(doc["_id"]), str(doc.get("object_id", "")))) in wanted}
 
+    async def stored_classes(self, sop_uids: Sequence[str]) -> dict[str, str]:
+        """SOP Class UID of each of these instances that is indexed, i.e. sealed, stored and
+        announced (the indexer only sees instances after their `dicom.stored` event)."""
+        if not sop_uids:
+            return {}
+        found = self._instances.find({"_id": {"$in": sorted(set(sop_uids))}}, {"match.SOPClassUID": 1})
+        return {str(doc["_id"]): str(doc.get("match", {}).get("SOPClassUID", "")) async for doc in found}
+
     async def search(
         self,
         level: Level,

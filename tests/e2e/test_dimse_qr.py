@@ -34,6 +34,7 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     PatientRootQueryRetrieveInformationModelFind,
+    StorageCommitmentPushModel,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -54,8 +55,17 @@ WORKSTATION = "reading-ws1"  # has the dimse_workstation role in deploy/policy/p
 NO_ROLE = "reading-ws2"  # a configured peer that the policy gives nothing
 ECHO_ONLY = "reading-ws3"
 WS1_STORE_PORT = _free_port()
+CT1_SCP_PORT = _free_port()
 DIMSE_PEERS = [
-    {"name": CT_PEER, "ae_title": "CT1", "certificate": CT_PEER, "addresses": ["127.0.0.1/32"], "services": ["store"]},
+    {
+        "name": CT_PEER,
+        "ae_title": "CT1",
+        "certificate": CT_PEER,
+        "addresses": ["127.0.0.1/32"],
+        "services": ["store"],
+        # Where a storage commitment report goes when the modality has closed its association.
+        "store_scp": f"127.0.0.1:{CT1_SCP_PORT}",
+    },
     {
         "name": WORKSTATION,
         "ae_title": "WS1",
@@ -347,6 +357,100 @@ def test_peer_not_granted_the_service_is_refused(stack: Stack) -> None:
     finally:
         assoc.release()
     assert final == 0x0124
+
+
+def test_storage_commitment_commits_only_what_is_stored(stack: Stack, study: list[Dataset]) -> None:
+    """N-ACTION for two stored instances and one never sent: the N-EVENT-REPORT, on the same
+    association, commits the two and fails the third (no such object instance)."""
+    reports: list[tuple[int | None, Dataset]] = []
+    arrived = threading.Event()
+
+    def on_report(event: Event) -> int:
+        reports.append((event.event_type, event.event_information))
+        arrived.set()
+        return 0x0000
+
+    assoc = associate(
+        stack,
+        stack.settings.qr_port,
+        QR_AE_TITLE,
+        "CT1",
+        CT_PEER,
+        [build_context(StorageCommitmentPushModel)],
+        handlers=[(evt.EVT_N_EVENT_REPORT, on_report)],
+    )
+    assert assoc.is_established
+    missing = pydicom.uid.generate_uid()
+    request = Dataset()
+    request.TransactionUID = pydicom.uid.generate_uid()
+    request.ReferencedSOPSequence = []
+    for sop_class, sop in [(ds.SOPClassUID, ds.SOPInstanceUID) for ds in study[:2]] + [(CTImageStorage, missing)]:
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class, sop
+        request.ReferencedSOPSequence.append(item)
+    try:
+        status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
+        assert status.Status == 0x0000
+        assert arrived.wait(90), "no N-EVENT-REPORT"
+    finally:
+        assoc.release()
+    event_type, info = reports[0]
+    assert event_type == 2 and info.TransactionUID == request.TransactionUID
+    assert {str(i.ReferencedSOPInstanceUID) for i in info.ReferencedSOPSequence} == {
+        str(ds.SOPInstanceUID) for ds in study[:2]
+    }
+    assert [(str(i.ReferencedSOPInstanceUID), i.FailureReason) for i in info.FailedSOPSequence] == [(missing, 0x0112)]
+
+
+def test_storage_commitment_report_follows_on_a_new_association(stack: Stack, study: list[Dataset]) -> None:
+    """The modality releases right after the N-ACTION response: the report comes on an
+    association the gateway opens to the modality's configured address, over mutual TLS."""
+    reports: list[tuple[int | None, Dataset, str]] = []
+    arrived = threading.Event()
+
+    def on_report(event: Event) -> int:
+        reports.append((event.event_type, event.event_information, str(event.assoc.requestor.ae_title).strip()))
+        arrived.set()
+        return 0x0000
+
+    tls = peer_tls(stack, CT_PEER)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    ctx.load_verify_locations(cafile=tls.ca_file)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    modality = AE(ae_title="CT1")
+    modality.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+    server: Any = modality.start_server(
+        ("127.0.0.1", CT1_SCP_PORT), block=False, ssl_context=ctx, evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)]
+    )
+    try:
+        assoc = associate(
+            stack, stack.settings.qr_port, QR_AE_TITLE, "CT1", CT_PEER, [build_context(StorageCommitmentPushModel)]
+        )
+        assert assoc.is_established
+        request = Dataset()
+        request.TransactionUID = pydicom.uid.generate_uid()
+        # One never sent: the report waits the commitment wait (10 s in tools.stack) for it, so
+        # the modality has surely released by then.
+        missing = pydicom.uid.generate_uid()
+        request.ReferencedSOPSequence = []
+        for sop_class, sop in [(study[0].SOPClassUID, study[0].SOPInstanceUID), (CTImageStorage, missing)]:
+            item = Dataset()
+            item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class, sop
+            request.ReferencedSOPSequence.append(item)
+        try:
+            status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
+        finally:
+            assoc.release()
+        assert status.Status == 0x0000
+        assert arrived.wait(90), "no N-EVENT-REPORT"
+    finally:
+        server.shutdown()
+    event_type, info, caller = reports[0]
+    assert (event_type, caller) == (2, QR_AE_TITLE)
+    assert [str(i.ReferencedSOPInstanceUID) for i in info.ReferencedSOPSequence] == [str(study[0].SOPInstanceUID)]
+    assert [str(i.ReferencedSOPInstanceUID) for i in info.FailedSOPSequence] == [missing]
 
 
 def test_dcmtk_findscu_and_storescp_as_move_destination(stack: Stack, study: list[Dataset], tmp_path: Path) -> None:
