@@ -286,7 +286,9 @@ class AssociationGate:
             _reject(assoc, (verdict.result, verdict.source, verdict.diagnostic))
             return
         try:
-            self.wait(self._audit_association(Outcome.AUDIT_OUTCOME_SUCCESS, verdict.name, "", details), _AUDIT_WAIT_S)
+            self.wait(
+                self._audit_association(Outcome.AUDIT_OUTCOME_SUCCESS, verdict.principal, "", details), _AUDIT_WAIT_S
+            )
         except Exception:  # noqa: BLE001
             # No association without its record: the peer is told to come back later.
             log.error("audit unavailable, DIMSE association turned away", extra={"calling_ae": calling})

@@ -48,7 +48,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 @dataclass(frozen=True)
 class Peer:
-    # The principal recorded as the audit actor of everything the peer does.
+    # Names the peer in this file; its principal (audit actor, authz subject) is "dimse:<name>".
     name: str
     ae_title: str
     certificate: str

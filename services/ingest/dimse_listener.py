@@ -79,7 +79,7 @@ class DimseListener:
             source=f"dimse:{peer.ae_title}",
             request_id=f"{admitted.association_id}/{message_id}",
             trace_id="",
-            actor=peer.name,
+            actor=peer.principal,
             position=f"dimse/{peer.ae_title}/{admitted.association_id}/{message_id}",
         )
         timeout = self._settings.store_timeout_s

@@ -97,8 +97,8 @@ def test_modality_stores_over_tls_and_reads_back(stack: Stack, idp: LocalIssuer)
 
     sops = [str(ds.SOPInstanceUID) for ds in sent]
     stored = _audit(stack, {"event.action": "AUDIT_ACTION_INSTANCE_STORED", "event.sop_instance_uid": {"$in": sops}}, 3)
-    assert {r["event"]["actor"] for r in stored} == {CT_PEER}
-    accepted = _audit(stack, {"event.action": "AUDIT_ACTION_PEER_ASSOCIATION", "event.actor": CT_PEER}, 1)
+    assert {r["event"]["actor"] for r in stored} == {f"dimse:{CT_PEER}"}
+    accepted = _audit(stack, {"event.action": "AUDIT_ACTION_PEER_ASSOCIATION", "event.actor": f"dimse:{CT_PEER}"}, 1)
     assert accepted and accepted[0]["event"]["outcome"] == "AUDIT_OUTCOME_SUCCESS"
     assert accepted[0]["event"]["details"]["tls_version"] == "TLSv1.3"
 
@@ -137,7 +137,7 @@ def test_echo_only_peer_may_not_store(stack: Stack) -> None:
         assert assoc.send_c_store(ds).Status == 0x0124
     finally:
         assoc.release()
-    rejected = _audit(stack, {"event.action": "AUDIT_ACTION_INSTANCE_REJECTED", "event.actor": ECHO_PEER}, 1)
+    rejected = _audit(stack, {"event.action": "AUDIT_ACTION_INSTANCE_REJECTED", "event.actor": f"dimse:{ECHO_PEER}"}, 1)
     assert rejected and rejected[0]["event"]["reason"].startswith("not_authorised")
 
 

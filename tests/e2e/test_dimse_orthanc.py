@@ -111,9 +111,9 @@ def test_orthanc_stores_finds_and_moves_back_over_tls(stack: Stack, orthanc: Run
     stored = asyncio.run(
         audit_records(stack, {"event.action": "AUDIT_ACTION_INSTANCE_STORED", "event.study_instance_uid": study_uid}, 3)
     )
-    assert {r["event"]["actor"] for r in stored} == {PACS}
+    assert {r["event"]["actor"] for r in stored} == {f"dimse:{PACS}"}
     associations = asyncio.run(
-        audit_records(stack, {"event.action": "AUDIT_ACTION_PEER_ASSOCIATION", "event.actor": PACS}, 3)
+        audit_records(stack, {"event.action": "AUDIT_ACTION_PEER_ASSOCIATION", "event.actor": f"dimse:{PACS}"}, 3)
     )
     # Orthanc's associations to both AEs (echo, store, find, move), each on TLS 1.3.
     assert {r["event"]["details"]["called_ae"] for r in associations} == {DIMSE_AE_TITLE, QR_AE_TITLE}
