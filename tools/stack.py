@@ -130,6 +130,8 @@ HTTPS_PORT_OFFSET = 200
 DIMSE_PORT_OFFSET = 300
 DIMSE_AE_TITLE = "DICOMSAFE"
 QR_AE_TITLE = "DICOMSAFE_QR"
+# The browser origin a development viewer is served from (GATEWAY_CORS_ORIGINS).
+VIEWER_ORIGIN = "https://viewer.dicomsafe.test"
 # The DICOMweb listener's certificate: same CA, no service identity (users are no services).
 HTTPS_CERT = "gateway-https"
 
@@ -250,6 +252,7 @@ def service_env(s: StackSettings, service: str, replica: int = 0, peer_replica: 
             "GATEWAY_DEID_UID_KEY_FILE": str(secrets_dir / "gateway-deid-uid-key"),
             "GATEWAY_MAX_INSTANCE_BYTES": str(s.gateway_max_instance_bytes),
             "GATEWAY_VERIFY_BEFORE_SEND_BYTES": str(s.gateway_verify_before_send_bytes),
+            "GATEWAY_CORS_ORIGINS": VIEWER_ORIGIN,
             **(
                 {
                     "GATEWAY_DIMSE_BIND": f"127.0.0.1:{s.port(service, replica) + DIMSE_PORT_OFFSET}",

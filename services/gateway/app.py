@@ -119,7 +119,7 @@ async def run(cfg: GatewayConfig, stop: asyncio.Event) -> None:
                 log,
                 handle_batch=index_batch,
             )
-            https = serve_https(create_app(backends), cfg.http_bind, https_context, stop)
+            https = serve_https(create_app(backends, cfg.cors_origins), cfg.http_bind, https_context, stop)
             dimse = None
             if cfg.dimse is not None:
                 if cfg.tls is None:

@@ -8,6 +8,7 @@ from dicomsafe.common.tls import TlsConfig, tls_from_env
 from dicomsafe.dimse.associations import listener_settings
 from dicomsafe.storage.object_store import StoreSettings
 from dicomsafe.storage.store_env import store_from_env
+from services.gateway.cors import parse_origins
 from services.gateway.dimse_qr import QrSettings
 
 # Retrieval is for the trusted front ends (viewer back-ends) holding a "viewer" certificate;
@@ -45,6 +46,8 @@ class GatewayConfig:
     # None only under the explicit development opt-out (dicomsafe.common.tls).
     tls: TlsConfig | None = None
     grpc_allow: PeerAllowlist = DEFAULT_ALLOWLIST
+    # Browser origins allowed to call DICOMweb (services.gateway.cors); empty = no CORS at all.
+    cors_origins: frozenset[str] = frozenset()
     # The DIMSE query/retrieve listener (services.gateway.dimse_qr); None = off.
     dimse: QrSettings | None = None
 
@@ -80,7 +83,15 @@ class GatewayConfig:
             tls=tls_from_env(),
             grpc_allow=PeerAllowlist.parse(env_str("GATEWAY_GRPC_ALLOW", DEFAULT_GRPC_ALLOW)),
             dimse=dimse_from_env(float(call_deadline_s)),
+            cors_origins=cors_from_env(),
         )
+
+
+def cors_from_env() -> frozenset[str]:
+    try:
+        return parse_origins(env_opt("GATEWAY_CORS_ORIGINS"))
+    except ValueError as exc:
+        raise ConfigError(f"GATEWAY_CORS_ORIGINS: {exc}") from None
 
 
 def dimse_from_env(call_timeout_s: float) -> QrSettings | None:

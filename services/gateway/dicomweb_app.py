@@ -9,8 +9,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
+from starlette.types import ASGIApp
 
 from services.gateway import break_glass, qido, stow, wado
+from services.gateway.cors import Cors
 from services.gateway.dicomweb_common import Backends, HttpError, error_response, log
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -18,7 +20,12 @@ Handler = Callable[[Request], Awaitable[Response]]
 API_ROOT = "/api/v1"
 
 
-def create_app(backends: Backends) -> Starlette:
+def create_app(backends: Backends, cors_origins: frozenset[str] = frozenset()) -> ASGIApp:
+    """The routes, wrapped so browsers of the allowed origins may call them (services.gateway.cors)."""
+    return Cors(_routes_app(backends), cors_origins)
+
+
+def _routes_app(backends: Backends) -> Starlette:
     root = backends.root
 
     def route(

@@ -38,7 +38,7 @@ from dicomsafe.storage import sealed_format as fmt
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc, authz_pb2, authz_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 from tools import dicom_samples
 from tools.oidc_issuer import LocalIssuer
-from tools.stack import Stack
+from tools.stack import VIEWER_ORIGIN, Stack
 
 MFA = ("pwd", "otp")
 
@@ -1019,3 +1019,37 @@ async def _gateway_events(stack: Stack) -> list[audit_pb2.AuditEvent]:
     finally:
         await consumer.stop()
     return [e for e in events if e.service in ("gateway", "ingest")]
+
+
+def test_a_browser_viewer_of_the_allowed_origin_may_call_and_read_errors(stack: Stack, idp: LocalIssuer) -> None:
+    url = f"{stack.settings.dicomweb_url}/studies"
+    ca = str(stack.settings.ca_file)
+    preflight = requests.options(
+        url,
+        headers={
+            "Origin": VIEWER_ORIGIN,
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization",
+        },
+        timeout=30,
+        verify=ca,
+    )
+    assert preflight.status_code == 204
+    assert preflight.headers["Access-Control-Allow-Origin"] == VIEWER_ORIGIN
+    assert "Authorization" in preflight.headers["Access-Control-Allow-Headers"]
+    # The 401 a viewer must react to is readable by it, WWW-Authenticate included.
+    anonymous = requests.get(url, headers={"Origin": VIEWER_ORIGIN}, timeout=30, verify=ca)
+    assert anonymous.status_code == 401
+    assert anonymous.headers["Access-Control-Allow-Origin"] == VIEWER_ORIGIN
+    assert "WWW-Authenticate" in anonymous.headers["Access-Control-Expose-Headers"]
+    signed_in = requests.get(
+        url,
+        params={"PatientID": "nobody"},
+        headers={"Origin": VIEWER_ORIGIN, "Authorization": f"Bearer {idp.token('dr.house')}"},
+        timeout=30,
+        verify=ca,
+    )
+    assert signed_in.status_code in (200, 204)
+    assert signed_in.headers["Access-Control-Allow-Origin"] == VIEWER_ORIGIN
+    elsewhere = requests.get(url, headers={"Origin": "https://evil.example"}, timeout=30, verify=ca)
+    assert "Access-Control-Allow-Origin" not in elsewhere.headers
