@@ -94,7 +94,8 @@ async def search(
                 details={**details, "keys": ",".join(sorted(params)), "deidentified": "true"},
             )
             raise exc from None
-    hits = [] if query is None else await _search(backends, level, *query, offset, limit)
+    fuzzy = request.query_params.get("fuzzymatching", "").lower() == "true"
+    hits = [] if query is None else await _search(backends, level, *query, offset, limit, fuzzy)
     visible = await _visible(backends, token, hits, deidentified)
     base = base_url(request, backends)
     results = [_shaped(level, hit, base, backends.deidentifier if deidentified else None) for hit, _ in visible]
@@ -140,11 +141,18 @@ def _parameters(request: Request) -> tuple[dict[str, str], int, int]:
 
 
 async def _search(
-    backends: Backends, level: Level, params: dict[str, str], study_uid: str, series_uid: str, offset: int, limit: int
+    backends: Backends,
+    level: Level,
+    params: dict[str, str],
+    study_uid: str,
+    series_uid: str,
+    offset: int,
+    limit: int,
+    fuzzy: bool = False,
 ) -> list[Found]:
     try:
         return await backends.index.search(
-            level, params, study_uid=study_uid, series_uid=series_uid, offset=offset, limit=limit
+            level, params, study_uid=study_uid, series_uid=series_uid, offset=offset, limit=limit, fuzzy=fuzzy
         )
     except QueryError as exc:
         raise HttpError(400, str(exc)) from None

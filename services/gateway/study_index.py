@@ -111,8 +111,13 @@ class Located:
     sop_class_uid: str = ""
 
 
-def matching_filter(level: Level, params: Mapping[str, str]) -> dict[str, Any]:
-    """Mongo filter for QIDO matching keys of one level (single value, wildcard, range, UID list)."""
+def matching_filter(level: Level, params: Mapping[str, str], fuzzy: bool = False) -> dict[str, Any]:
+    """Mongo filter for QIDO matching keys of one level (single value, wildcard, range, UID list).
+
+    ``fuzzy`` (QIDO ``fuzzymatching=true``, PS3.18 8.3.4.6): a person name matches when any of
+    its name components starts with the value, case-insensitively ("doe" finds "DOE^JANE" and
+    "SMITH^JOHN DOE"); wildcards keep their exact meaning.
+    """
     query: dict[str, Any] = {}
     for keyword, raw in params.items():
         if keyword not in MATCHABLE[level]:
@@ -130,6 +135,8 @@ def matching_filter(level: Level, params: Mapping[str, str]) -> dict[str, Any]:
             pattern = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in value)
             flags = "i" if keyword in PERSON_NAMES else ""
             query[field] = {"$regex": f"^{pattern}$", "$options": flags} if flags else {"$regex": f"^{pattern}$"}
+        elif keyword in PERSON_NAMES and fuzzy:
+            query[field] = {"$regex": f"(^|[\\^ =]){re.escape(value)}", "$options": "i"}
         elif keyword in PERSON_NAMES:
             query[field] = {"$regex": f"^{re.escape(value)}$", "$options": "i"}
         else:
@@ -421,6 +428,7 @@ class StudyIndex:
         series_uid: str = "",
         offset: int = 0,
         limit: int = 100,
+        fuzzy: bool = False,
     ) -> list[Found]:
         """Hits of one level, study-level keys applying to the parents of series and instances."""
         own = {k: v for k, v in params.items() if k in MATCHABLE[level]}
@@ -428,10 +436,10 @@ class StudyIndex:
         for keyword in parent_keys:
             if not any(keyword in MATCHABLE[lv] for lv in _parents(level)):
                 raise QueryError(f"{keyword} is not a supported matching key at {level} level")
-        query = matching_filter(level, own)
+        query = matching_filter(level, own, fuzzy)
         if level != "study":
             studies = await self._matching_parents(
-                "study", {k: v for k, v in parent_keys.items() if k in MATCHABLE["study"]}, study_uid
+                "study", {k: v for k, v in parent_keys.items() if k in MATCHABLE["study"]}, study_uid, fuzzy=fuzzy
             )
             query["study_uid"] = {"$in": studies}
         if level == "instance":
@@ -440,6 +448,7 @@ class StudyIndex:
                 {k: v for k, v in parent_keys.items() if k in MATCHABLE["series"]},
                 series_uid,
                 study_uid=study_uid,
+                fuzzy=fuzzy,
             )
             query["series_uid"] = {"$in": series}
         elif series_uid:
@@ -499,9 +508,9 @@ class StudyIndex:
         ]
 
     async def _matching_parents(
-        self, level: Level, params: Mapping[str, str], uid: str, study_uid: str = ""
+        self, level: Level, params: Mapping[str, str], uid: str, study_uid: str = "", fuzzy: bool = False
     ) -> list[str]:
-        query = matching_filter(level, params)
+        query = matching_filter(level, params, fuzzy)
         if uid:
             query["_id"] = uid
         if study_uid and level == "series":

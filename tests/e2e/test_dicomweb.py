@@ -240,6 +240,14 @@ def test_qido_matches_pages_and_hides_sensitive_studies(stack: Stack, idp: Local
     name = str(upload.datasets[next(iter(upload.originals))].PatientName)
     wildcard = house.search_for_studies(search_filters={"PatientName": name[:3].lower() + "*"})
     assert upload.ct_study in {s["0020000D"]["Value"][0] for s in wildcard}
+    # fuzzymatching: a given name alone, in any case, finds the patient; without it, it does not.
+    given = name.split("^")[1] if "^" in name else name
+    fuzzy = house.search_for_studies(search_filters={"PatientName": given.lower()}, fuzzymatching=True)
+    assert upload.ct_study in {s["0020000D"]["Value"][0] for s in fuzzy}
+    if "^" in name:
+        assert upload.ct_study not in {
+            s["0020000D"]["Value"][0] for s in house.search_for_studies(search_filters={"PatientName": given.lower()})
+        }
 
     series = house.search_for_series(upload.us_study)
     assert sorted({s["00080060"]["Value"][0] for s in series}) == us_modalities

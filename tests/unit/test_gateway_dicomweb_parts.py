@@ -117,6 +117,13 @@ def test_qido_matching_rules() -> None:
     assert matching_filter("study", {"AccessionNumber": ""}) == {}  # universal matching
     # Regex metacharacters in a value are literals, not a pattern.
     assert matching_filter("study", {"AccessionNumber": "A.1*"})["match.AccessionNumber"]["$regex"] == r"^A\.1.*$"
+    # Fuzzy: any name component's start, any case; other keys and wildcards as before.
+    fuzzy = matching_filter("study", {"PatientName": "do.e", "PatientID": "P1"}, fuzzy=True)
+    assert fuzzy == {
+        "match.PatientName": {"$regex": r"(^|[\^ =])do\.e", "$options": "i"},
+        "match.PatientID": "P1",
+    }
+    assert matching_filter("study", {"PatientName": "doe*"}, fuzzy=True)["match.PatientName"]["$regex"] == "^doe.*$"
     with pytest.raises(QueryError):
         matching_filter("study", {"PixelData": "x"})
     with pytest.raises(QueryError):
