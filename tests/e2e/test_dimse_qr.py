@@ -16,7 +16,6 @@ may not move to (A801), a malformed identifier (A900).
 from __future__ import annotations
 
 import asyncio
-import ssl
 import subprocess
 import threading
 import time
@@ -158,6 +157,13 @@ def _find(
     return matches, final
 
 
+def _get_study(assoc: Association, study_uid: str) -> list[tuple[Dataset, Dataset | None]]:
+    """Every C-GET response for one study, the final one last."""
+    return list(
+        assoc.send_c_get(_identifier("STUDY", StudyInstanceUID=study_uid), StudyRootQueryRetrieveInformationModelGet)
+    )
+
+
 def _audit(stack: Stack, query: dict[str, Any], at_least: int) -> list[dict[str, Any]]:
     return asyncio.run(audit_records(stack, query, at_least))
 
@@ -223,12 +229,7 @@ def test_get_sends_the_study_on_the_same_association(stack: Stack, study: list[D
     assoc = _qr(stack, "WS1", WORKSTATION, handlers=[(evt.EVT_C_STORE, on_store)])
     assert assoc.is_established
     try:
-        responses = list(
-            assoc.send_c_get(
-                _identifier("STUDY", StudyInstanceUID=str(study[0].StudyInstanceUID)),
-                StudyRootQueryRetrieveInformationModelGet,
-            )
-        )
+        responses = _get_study(assoc, str(study[0].StudyInstanceUID))
     finally:
         assoc.release()
     final = responses[-1][0]
@@ -255,11 +256,7 @@ class _StoreScp:
 
     def __init__(self, stack: Stack) -> None:
         tls = peer_tls(stack, WORKSTATION)
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.load_cert_chain(tls.cert_file, tls.key_file)
-        ctx.load_verify_locations(cafile=tls.ca_file)
-        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx = tls.server_ssl_context(require_client_cert=True)
         self.received: list[Dataset] = []
         self.callers: list[str] = []
         self._lock = threading.Lock()
@@ -323,12 +320,7 @@ def test_peer_without_a_role_finds_and_gets_nothing(stack: Stack, study: list[Da
     assert assoc.is_established
     try:
         found, final = _find(assoc, _identifier("STUDY", PatientID=PATIENT_ID, StudyInstanceUID=""))
-        got = list(
-            assoc.send_c_get(
-                _identifier("STUDY", StudyInstanceUID=str(study[0].StudyInstanceUID)),
-                StudyRootQueryRetrieveInformationModelGet,
-            )
-        )
+        got = _get_study(assoc, str(study[0].StudyInstanceUID))
     finally:
         assoc.release()
     assert (found, final) == ([], 0x0000)
@@ -414,11 +406,7 @@ def test_storage_commitment_report_follows_on_a_new_association(stack: Stack, st
         return 0x0000
 
     tls = peer_tls(stack, CT_PEER)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.load_cert_chain(tls.cert_file, tls.key_file)
-    ctx.load_verify_locations(cafile=tls.ca_file)
-    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx = tls.server_ssl_context(require_client_cert=True)
     modality = AE(ae_title="CT1")
     modality.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
     server: Any = modality.start_server(
