@@ -90,6 +90,14 @@ S3: Final = "s3"
 ALL: Final[tuple[str, ...]] = (KAFKA, VAULT, MONGO, S3)
 
 READY_TIMEOUT_S: Final[dict[str, float]] = {KAFKA: 120.0, VAULT: 30.0, MONGO: 60.0, S3: 60.0}
+# Which MongoDB-wire server `up` starts: "python" (SecantusDB's reference server, from the
+# servers' venv; the tests' default) or "rust" (the same project's compiled server, built once
+# from crates.io: what the benches use, since a deployment runs a compiled mongod and the Python
+# server's own CPU would be charged to every stored instance). Same flags, same on-disk format.
+MONGO_SERVER_ENV: Final = "DICOMSAFE_MONGO_SERVER"
+MONGO_RUST_CRATE: Final = ("secantus-mdb", "0.5.3-beta.196")
+# The crate declares rust-version 1.98; rustup installs that toolchain beside the machine's own.
+MONGO_RUST_TOOLCHAIN: Final = "1.98"
 STOP_GRACE_S: Final = 15.0
 LOG_TAIL_LINES: Final = 40
 
@@ -375,6 +383,53 @@ def _ensure_weed() -> str:
     if not os.access(weed, os.X_OK):
         raise InfraError(f"s3: weed binary at {weed} is not executable")
     return str(weed)
+
+
+def mongo_server_kind() -> str:
+    kind = os.environ.get(MONGO_SERVER_ENV, "python").strip().lower() or "python"
+    if kind not in ("python", "rust"):
+        raise InfraError(f"{MONGO_SERVER_ENV} must be python or rust, not {kind!r}")
+    return kind
+
+
+def ensure_mongo_rust() -> Path:
+    """secantusd-rs, built once with cargo into .infra/cache (about 10 minutes on two cores)."""
+    crate, version = MONGO_RUST_CRATE
+    root = _cache_dir() / f"{crate}-{version}"
+    binary = root / "bin" / "secantusd-rs"
+    if os.access(binary, os.X_OK):
+        return binary
+    for tool in ("rustup", "cargo"):
+        if shutil.which(tool) is None:
+            raise InfraError(f"mongo: {MONGO_SERVER_ENV}=rust needs {tool} on PATH")
+    log.info("mongo: building %s %s with cargo (first run only, ~10 min)", crate, version)
+    blog = _logs_dir() / "cargo-mongo.log"
+    _mkdir_private(_logs_dir())
+    _run(
+        ["rustup", "toolchain", "install", MONGO_RUST_TOOLCHAIN, "--profile", "minimal"],
+        what=f"rustup toolchain install {MONGO_RUST_TOOLCHAIN}",
+        log_to=blog,
+    )
+    tmp = root.with_name(root.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _run(
+        [
+            "cargo",
+            f"+{MONGO_RUST_TOOLCHAIN}",
+            "install",
+            crate,
+            "--version",
+            version,
+            "--locked",
+            "--root",
+            str(tmp),
+        ],
+        what=f"cargo install {crate}",
+        log_to=blog,
+    )
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)  # whole or absent: an interrupted build is redone, never half used
+    return binary
 
 
 def _bao_binary() -> str:
@@ -976,10 +1031,10 @@ def _start_vault() -> int:
     )
 
 
-def _mongo_cmd(auth: bool) -> list[str]:
+def _mongo_cmd(auth: bool, binary: Path) -> list[str]:
     run = _run_dir(MONGO)
     cmd = [
-        str(_venv_dir() / "bin" / "secantusd-py"),
+        str(binary),
         # An explicit (empty) config turns off auto-discovery of ./, ~/.secantus/ and /etc/.
         "--config",
         str(run / "secantusd.toml"),
@@ -992,27 +1047,36 @@ def _mongo_cmd(auth: bool) -> list[str]:
         "--log-level",
         "INFO",
     ]
+    if binary.name == "secantusd-rs":
+        cmd += ["--cache-size", "512M"]  # its 4G default is sized for a database host
     return [*cmd, "--auth"] if auth else cmd
 
 
 def _start_mongo() -> int:
-    _ensure_servers_venv()
+    _ensure_servers_venv()  # the user setup and probes run in it, whichever server runs
+    binary = ensure_mongo_rust() if mongo_server_kind() == "rust" else _venv_dir() / "bin" / "secantusd-py"
     _require_ports(MONGO, MONGO_PORT)
     run = _mkdir_private(_run_dir(MONGO))
     (run / "secantusd.toml").write_text("# intentionally empty: flags from tools/infra.py\n")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     pw_file = run / "admin-password"
+    kind_file = run / "server"
+    if _read_text(kind_file) not in (None, binary.name):
+        # The other server's test data: started afresh rather than trusted to be shared.
+        shutil.rmtree(run / "data", ignore_errors=True)
+        pw_file.unlink(missing_ok=True)
+    kind_file.write_text(binary.name)
     if _read_text(pw_file) is None:
         # Users can only be created on a server without --auth; it listens on loopback only
         # and for a second or two, then comes back with --auth.
-        pid = _spawn(MONGO, _mongo_cmd(auth=False), env=env)
+        pid = _spawn(MONGO, _mongo_cmd(auth=False, binary=binary), env=env)
         _wait_ready(MONGO, pid, lambda: _mongo_helper("ping", _mongo_uri(None)), READY_TIMEOUT_S[MONGO])
         password = secrets.token_urlsafe(24)
         _mongo_helper("create-admin", _mongo_uri(None), password)
         _write_secret(pw_file, password)
         _stop_pid(MONGO, pid)
         log.info("mongo: created admin user %s, restarting with --auth", MONGO_ADMIN_USER)
-    return _spawn(MONGO, _mongo_cmd(auth=True), env=env)
+    return _spawn(MONGO, _mongo_cmd(auth=True, binary=binary), env=env)
 
 
 def _start_s3() -> int:
@@ -1182,6 +1246,11 @@ def bao_binary() -> str:
     with _global_lock():
         _ensure_servers_venv()
     return _bao_binary()
+
+
+def mongo_server_started() -> str | None:
+    """Which MongoDB-wire server the local one is (its binary's name), if started here."""
+    return _read_text(_run_dir(MONGO) / "server") if _is_up(MONGO) else None
 
 
 def secantusd_binary() -> str:

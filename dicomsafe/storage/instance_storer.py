@@ -101,7 +101,7 @@ class InstanceStorer:
             issuer_of_patient_id=facts.issuer_of_patient_id,
         )
         try:
-            sealed = await self._sealer.seal(data, metadata)
+            sealed = await self._sealer.seal(data, metadata, sha256_of_data=content_sha)
         except SealFailure as exc:
             if exc.retryable:
                 raise TransientError(f"crypto {exc.code.name}") from None

@@ -77,19 +77,21 @@ class _HashMismatch(Exception):
 
 
 def _seal_and_put(
-    writer: fmt.SealWriter, pending: PendingObject, data: bytes, expected_sha256: str
+    writer: fmt.SealWriter, pending: PendingObject, data: bytes, expected_sha256: str, known_sha256: str = ""
 ) -> tuple[str, bool]:
     """(plaintext SHA-256, committed); runs off the event loop: SHA-256 and the writes release
-    the GIL. Raises _HashMismatch before anything is published."""
+    the GIL. Raises _HashMismatch before anything is published. ``known_sha256`` is the digest
+    of ``data`` taken by this process (bytes are immutable): hashing again would only repeat it."""
     view = memoryview(data)
-    digest = hashlib.sha256()
+    digest = None if known_sha256 else hashlib.sha256()
     pending.write(writer.header_bytes())
     for i in range(0, len(data), WRITE_PIECE):
         piece = view[i : i + WRITE_PIECE]
-        digest.update(piece)
+        if digest is not None:
+            digest.update(piece)
         pending.write(writer.update(piece))
     pending.write(writer.finalize())
-    sha = digest.hexdigest()
+    sha = known_sha256 or (digest.hexdigest() if digest is not None else "")
     if expected_sha256 and sha != expected_sha256:
         raise _HashMismatch
     return sha, pending.commit()
@@ -124,7 +126,10 @@ class Sealer:
         """PrepareSeal calls made (batching makes them fewer than the seals)."""
         return self._prepares.calls
 
-    async def seal(self, data: bytes, request: crypto_pb2.SealMetadata) -> Sealed:
+    async def seal(self, data: bytes, request: crypto_pb2.SealMetadata, *, sha256_of_data: str = "") -> Sealed:
+        """Seal and store ``data``. ``sha256_of_data``: its SHA-256, when the caller has just taken
+        it from this same bytes object (it named the object by it), so the write skips a second
+        pass over the plaintext; otherwise ``request.expected_sha256``, if set, is checked."""
         if request.expected_size and request.expected_size != len(data):
             raise SealFailure(grpc.StatusCode.INVALID_ARGUMENT, "size does not match expected_size")
         # The size goes with the request either way: crypto's object limit is checked before
@@ -149,7 +154,7 @@ class Sealer:
             raise SealFailure(grpc.StatusCode.INTERNAL, f"unusable seal header ({type(exc).__name__})") from None
         if header.object_id != metadata.object_id:
             raise SealFailure(grpc.StatusCode.INTERNAL, "seal header names another object")
-        return await self._write(writer, data, metadata)
+        return await self._write(writer, data, metadata, sha256_of_data)
 
     async def _prepare(self, metadata: crypto_pb2.SealMetadata) -> crypto_pb2.PreparedSeal:
         return await self._prepares.submit(metadata)
@@ -172,11 +177,15 @@ class Sealer:
             for meta, prepared in zip(objects, response.objects, strict=True)
         ]
 
-    async def _write(self, writer: fmt.SealWriter, data: bytes, metadata: crypto_pb2.SealMetadata) -> Sealed:
+    async def _write(
+        self, writer: fmt.SealWriter, data: bytes, metadata: crypto_pb2.SealMetadata, known_sha256: str
+    ) -> Sealed:
         loop = asyncio.get_running_loop()
         pending = self._store.begin_write(metadata.object_id)
         with DURATION.labels(self._service, "seal").time():
-            work = loop.run_in_executor(self._executor, _seal_and_put, writer, pending, data, metadata.expected_sha256)
+            work = loop.run_in_executor(
+                self._executor, _seal_and_put, writer, pending, data, metadata.expected_sha256, known_sha256
+            )
             try:
                 sha, committed = await asyncio.shield(work)
             except BaseException as exc:

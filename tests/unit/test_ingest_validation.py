@@ -168,3 +168,55 @@ def test_one_parse_finds_the_pixel_data_where_a_header_read_stops(data: bytes) -
     parsed = parse_instance(data, LIMIT)
     assert parsed.header_end == fp.tell()
     assert check_instance(parsed) == validate_instance(data, LIMIT)
+
+
+def _converts_every_value(data: bytes) -> bool:
+    """The reference the validator is held to: pydicom converting every element (iterall)."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        for _ in ds.iterall():
+            pass
+    except Exception:
+        return False
+    return True
+
+
+def _with_sequences() -> bytes:
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = dicom_samples.ct_image(study_uid=None, seed=11, rows=64, columns=64)
+    inner = Dataset()
+    inner.CodeValue, inner.CodingSchemeDesignator = "X1", "DCM"
+    item = Dataset()
+    item.CodeValue, item.CodeMeaning = "ABCDEFGH", "meaning"
+    item.ConceptNameCodeSequence = Sequence([inner])
+    ds.ProcedureCodeSequence = Sequence([item, item])
+    return dicom_samples.to_bytes(ds)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_mutated_instances_are_refused_whenever_converting_every_value_refuses_them() -> None:
+    """Validation converts sequences only and checks the other elements raw (cheaper): on bytes
+    mutated in and around nested sequences it must refuse everything full conversion refuses."""
+    import random
+
+    data = _with_sequences()
+    start = data.find(b"\x08\x00\x32\x10")  # (0008,1032) Procedure Code Sequence
+    assert start > 0
+    rng = random.Random(5)
+    refused = 0
+    for _ in range(1500):
+        mutated = bytearray(data)
+        for _ in range(rng.randint(1, 3)):
+            mutated[rng.randrange(start - 200, start + 160)] = rng.randrange(256)
+        sample = bytes(mutated)
+        reference = _converts_every_value(sample)
+        try:
+            parse_instance(sample, LIMIT)
+            accepted = True
+        except InvalidInstance:
+            accepted = False
+        assert accepted <= reference, "accepted an instance that full conversion refuses"
+        refused += not reference
+    assert refused > 100  # the mutations do reach the sequences

@@ -60,7 +60,17 @@ def main() -> int:
         for n, have in (("kafka", kafka), ("vault", vault_addr and vault_token), ("mongo", mongo), ("s3", have_s3))
         if not have
     ]
+    if "mongo" in need and not os.environ.get(infra.MONGO_SERVER_ENV):
+        # A deployment runs a compiled mongod: the compiled MongoDB-wire server, not the Python
+        # one, is what the stack's instances are charged for (docs/performance.md).
+        try:
+            infra.ensure_mongo_rust()
+            os.environ[infra.MONGO_SERVER_ENV] = "rust"
+        except infra.InfraError as exc:
+            print(f"compiled MongoDB-wire server unavailable, benches use the Python one: {exc}")
     local = infra.up(need) if need else None
+    if "mongo" in need:
+        print(f"MongoDB-wire server: {infra.mongo_server_started()}")
     if local:
         kafka, mongo = kafka or local.kafka_bootstrap, mongo or local.mongodb_uri
         if "vault" in need:
