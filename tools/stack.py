@@ -282,7 +282,11 @@ def service_env(s: StackSettings, service: str, replica: int = 0, peer_replica: 
         },
     }
     # A clean environment: no inherited Vault token or Mongo admin URI leaks into a service.
-    base = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH")}
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "EVENT_LOOP")
+    }
     return {**base, **common, **specific[service]}
 
 

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from dicomsafe.common.config import env_opt
+from dicomsafe.common.config import ConfigError, env_opt
 from dicomsafe.common.logs import setup_logging
 from dicomsafe.common.metrics import serve_metrics
 from dicomsafe.common.peer_auth import PeerAllowlist, PeerAuthorizer
@@ -129,4 +129,12 @@ def service_main(service: str, run: Callable[[asyncio.Event], Awaitable[None]]) 
         install_stop_signals(stop)
         await run(stop)
 
-    asyncio.run(_main())
+    loop = env_opt("EVENT_LOOP", "uvloop").strip().lower()
+    if loop == "uvloop":
+        import uvloop
+
+        uvloop.run(_main())
+    elif loop == "asyncio":
+        asyncio.run(_main())
+    else:
+        raise ConfigError("EVENT_LOOP must be uvloop or asyncio")

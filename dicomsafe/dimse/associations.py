@@ -316,10 +316,13 @@ class AssociationGate:
 class DimseServer:
     """One listener: a pynetdicom AE on DICOM TLS, its associations admitted by the gate."""
 
-    def __init__(self, settings: ListenerSettings, tls: TlsConfig, audit: AuditEmitter) -> None:
+    def __init__(self, settings: ListenerSettings, tls: TlsConfig | None, audit: AuditEmitter) -> None:
+        if tls is None:
+            # DICOM TLS only: a peer is identified by its certificate, never by its AE title alone.
+            raise ConfigError("the DIMSE listener needs TLS (TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE)")
         self.settings = settings
         self.gate = AssociationGate(settings.ae_title, settings.peers, audit)
-        self._tls = tls
+        self.tls = tls
         self._ae: AE | None = None
         self._server: ThreadedAssociationServer | None = None
 
@@ -349,7 +352,7 @@ class DimseServer:
         for cx in contexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES, scu_role=cx.role, scp_role=cx.role)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
-        ctx = self.gate.tls_context(self._tls, s.handshake_timeout_s)
+        ctx = self.gate.tls_context(self.tls, s.handshake_timeout_s)
         all_handlers: list[EventHandlerType] = [
             (evt.EVT_REQUESTED, self.gate.on_requested),
             (evt.EVT_C_ECHO, self.gate.on_echo),

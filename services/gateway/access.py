@@ -14,6 +14,9 @@ DEIDENTIFY = "deidentify"
 # Allowed only by an emergency override: released, and every release flagged for review.
 BREAK_GLASS = "break-glass"
 HONOURED = frozenset({DEIDENTIFY, BREAK_GLASS})
+# What the routes that release identified data only (gRPC retrieval, DIMSE) honour: they have no
+# de-identified release, so a de-identification obligation means nothing is released there.
+HONOURED_IDENTIFIED = frozenset({BREAK_GLASS})
 # The audit trail's purpose of use for a break-glass release (exported as HL7 ActReason ETREAT).
 EMERGENCY_PURPOSE = "emergency"
 
@@ -44,6 +47,11 @@ class Verdict:
     @property
     def unhonourable(self) -> frozenset[str]:
         return self.obligations - HONOURED
+
+    @property
+    def releases_identified(self) -> bool:
+        """Allowed, with nothing a route without de-identification cannot honour."""
+        return self.allow and not self.obligations - HONOURED_IDENTIFIED
 
     def audit_details(self) -> dict[str, str]:
         details = {"decision_id": self.decision_id, "policy_version": self.policy_version}

@@ -12,7 +12,6 @@ from aiokafka import ConsumerRecord
 from pymongo import AsyncMongoClient
 
 from dicomsafe.common.audit_emitter import AuditEmitter
-from dicomsafe.common.config import ConfigError
 from dicomsafe.common.grpc_runtime import new_channel, new_server, run_until_stopped, service_main
 from dicomsafe.common.kafka import (
     DeadLetterPublisher,
@@ -122,8 +121,6 @@ async def run(cfg: GatewayConfig, stop: asyncio.Event) -> None:
             https = serve_https(create_app(backends, cfg.cors_origins), cfg.http_bind, https_context, stop)
             dimse = None
             if cfg.dimse is not None:
-                if cfg.tls is None:
-                    raise ConfigError("the DIMSE listener needs TLS (TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE)")
                 dimse = QueryRetrieveListener(cfg.dimse, cfg.tls, backends)
                 await dimse.start()
             try:

@@ -58,7 +58,7 @@ from dicomsafe.dimse.associations import (
 )
 from dicomsafe.dimse.peers import Peer
 from dicomsafe.v1 import audit_pb2, crypto_pb2
-from services.gateway.access import BREAK_GLASS, AuthzUnavailable, Verdict, Where, resource
+from services.gateway.access import AuthzUnavailable, Verdict, Where, resource
 from services.gateway.dicomweb_common import Backends
 from services.gateway.storage_commitment import CommitmentScp
 from services.gateway.study_index import MATCHABLE, Found, Level, Located, QueryError
@@ -203,15 +203,15 @@ def _storage_contexts(instances: Sequence[Located]) -> list[PresentationContext]
 
 
 class QueryRetrieveListener:
-    def __init__(self, settings: QrSettings, tls: TlsConfig, backends: Backends) -> None:
+    def __init__(self, settings: QrSettings, tls: TlsConfig | None, backends: Backends) -> None:
         self._settings = settings
-        self._tls = tls
         self._backends = backends
         self._server = DimseServer(settings.listener, tls, backends.audit)
+        self._tls = self._server.tls  # the listener's own, for its C-MOVE and commitment associations
         self._gate = self._server.gate
         self._peers = settings.listener.peers
         self._commitment = CommitmentScp(
-            self._gate, backends.index, tls, settings.listener.ae_title, settings.commitment_wait_s
+            self._gate, backends.index, self._tls, settings.listener.ae_title, settings.commitment_wait_s
         )
 
     @property
@@ -277,7 +277,7 @@ class QueryRetrieveListener:
         index_level: Level = LEVELS.get(query.level, "study")
         hits = await self._search(index_level, query.params)
         verdicts = await self._decide(peer, QUERY_ACTION, {h.study_uid: h for h in hits})
-        visible = [h for h in hits if _released(verdicts[h.study_uid])]
+        visible = [h for h in hits if verdicts[h.study_uid].releases_identified]
         ae = self._settings.listener.ae_title
         if query.level == "PATIENT":
             answers = [_answer(query, attrs, ae) for attrs in _patients(visible)]
@@ -398,7 +398,7 @@ class QueryRetrieveListener:
         by_study = {loc.study_uid: loc for loc in located}
         verdicts = await self._decide(peer, READ_ACTION, by_study)
         for study_uid, verdict in sorted(verdicts.items()):
-            if not _released(verdict):
+            if not verdict.releases_identified:
                 loc = by_study[study_uid]
                 reason = "deidentified release only" if verdict.allow else verdict.reason_code or "denied"
                 details = {"route": route, "instances": str(sum(1 for x in located if x.study_uid == study_uid))}
@@ -411,7 +411,7 @@ class QueryRetrieveListener:
                     reason=reason,
                     details=details,
                 )
-        allowed = tuple(loc for loc in located if _released(verdicts[loc.study_uid]))
+        allowed = tuple(loc for loc in located if verdicts[loc.study_uid].releases_identified)
         return Release(allowed, verdicts)
 
     async def _locate(self, identifier: Dataset) -> list[Located]:
@@ -542,11 +542,6 @@ class QueryRetrieveListener:
             reason=reason,
             details={**verdict.audit_details(), **(details or {})},
         )
-
-
-def _released(verdict: Verdict) -> bool:
-    """Allowed with nothing DIMSE cannot honour: no de-identification, no unknown obligation."""
-    return verdict.allow and not verdict.obligations - {BREAK_GLASS}
 
 
 def _patients(hits: Sequence[Found]) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from dicomsafe.v1 import (
     retrieval_pb2,
     retrieval_pb2_grpc,
 )
-from services.gateway.access import BREAK_GLASS, Where, break_glass_details, resource
+from services.gateway.access import HONOURED_IDENTIFIED, Where, break_glass_details, resource
 from services.gateway.study_index import StudyIndex
 
 log = logging.getLogger("dicomsafe.gateway")
@@ -26,9 +26,6 @@ SERVICE_NAME = "dicomsafe.v1.RetrievalService"
 READ_ACTION = "instance.read"
 # One answer for "no such object" and "not yours": a caller must not learn which objects exist.
 NOT_PERMITTED = "not found or not permitted"
-# What Retrieve can honour: it streams the stored object as is, so an emergency override (released
-# and flagged) but not de-identification (that is DICOMweb's, which re-encodes the instance).
-HONOURED = frozenset({BREAK_GLASS})
 
 Action = audit_pb2.AuditAction
 Outcome = audit_pb2.AuditOutcome
@@ -99,7 +96,9 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                 # The user holds a role for this; tell the client to step up and retry.
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, "mfa-required")
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, NOT_PERMITTED)
-        if set(decision.obligations) - HONOURED:
+        # Retrieve streams the stored object as is: an emergency override is honoured (released
+        # and flagged), de-identification is not (that is DICOMweb's, which re-encodes it).
+        if set(decision.obligations) - HONOURED_IDENTIFIED:
             # Any other obligation (e.g. de-identification) means no release here.
             await self._record(request, desc, Outcome.AUDIT_OUTCOME_DENIED, "unsupported obligation", decision)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, NOT_PERMITTED)

@@ -7,7 +7,6 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from dicomsafe.common.audit_emitter import AuditEmitter
-from dicomsafe.common.config import ConfigError
 from dicomsafe.common.grpc_runtime import new_channel, new_server, run_until_stopped, service_main
 from dicomsafe.common.kafka import (
     DeadLetterPublisher,
@@ -51,8 +50,6 @@ async def run(cfg: IngestConfig, stop: asyncio.Event) -> None:
             pipeline = IngestPipeline(storer)
             dimse = None
             if cfg.dimse is not None:
-                if cfg.tls is None:
-                    raise ConfigError("the DIMSE listener needs TLS (TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE)")
                 dimse = DimseListener(cfg.dimse, cfg.tls, storer, audit)
                 await dimse.start()
             try:

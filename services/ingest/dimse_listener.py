@@ -48,7 +48,9 @@ class DimseSettings:
 
 
 class DimseListener:
-    def __init__(self, settings: DimseSettings, tls: TlsConfig, storer: InstanceStorer, audit: AuditEmitter) -> None:
+    def __init__(
+        self, settings: DimseSettings, tls: TlsConfig | None, storer: InstanceStorer, audit: AuditEmitter
+    ) -> None:
         self._settings = settings
         self._storer = storer
         self._server = DimseServer(settings.listener, tls, audit)

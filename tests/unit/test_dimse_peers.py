@@ -148,3 +148,16 @@ def test_move_destinations_must_be_peers_with_a_store_scp(tmp_path: Path, destin
 def test_a_name_is_configured_once(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="name may be configured once"):
         _directory(tmp_path, CT, {**CT, "ae_title": "CT2"})
+
+
+def test_a_listener_without_tls_is_a_configuration_error(tmp_path: Path) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    from dicomsafe.common.audit_emitter import AuditEmitter
+    from dicomsafe.dimse.associations import DimseServer, ListenerSettings
+
+    settings = ListenerSettings("127.0.0.1", 0, "DICOMSAFE", _directory(tmp_path, CT))
+    # Refused while being built, before anything connects: the producer is never started.
+    audit = AuditEmitter(AIOKafkaProducer.__new__(AIOKafkaProducer), "ingest", "audit.events")
+    with pytest.raises(ConfigError, match="needs TLS"):
+        DimseServer(settings, None, audit)
