@@ -91,7 +91,7 @@ def _seal_and_put(
             digest.update(piece)
         pending.write(writer.update(piece))
     pending.write(writer.finalize())
-    sha = known_sha256 or (digest.hexdigest() if digest is not None else "")
+    sha = digest.hexdigest() if digest is not None else known_sha256
     if expected_sha256 and sha != expected_sha256:
         raise _HashMismatch
     return sha, pending.commit()
