@@ -92,7 +92,8 @@ def test_sign_in_then_tokens_for_the_gateway_and_the_client(idp: LocalIssuer) ->
     )
     assert claims["sub"] == "dr.house" and claims["amr"] == ["pwd"]
     id_token = tokens["id_token"]
-    id_claims = jwt.decode(id_token, keys.get_signing_key_from_jwt(id_token).key, algorithms=["ES256"], audience="viewer")
+    id_key = keys.get_signing_key_from_jwt(id_token).key
+    id_claims = jwt.decode(id_token, id_key, algorithms=["ES256"], audience="viewer")
     assert id_claims["nonce"] == "n-7"
 
     info = requests.get(f"{idp.url}/userinfo", headers={"Authorization": f"Bearer {access}"}, timeout=10)
