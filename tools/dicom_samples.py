@@ -409,6 +409,20 @@ def ct_image(
     return ds
 
 
+def ct_series(
+    *, study_uid: str, slices: int = 4, seed: int = 0, patient: SyntheticPatient | None = None, size: int = 128
+) -> list[FileDataset]:
+    """Consecutive axial CT slices of one series (one Series Instance UID, instance numbers 1..n)."""
+    series = [
+        ct_image(study_uid=study_uid, seed=seed + i, patient=patient, rows=size, columns=size) for i in range(slices)
+    ]
+    for number, slice_ in enumerate(series, start=1):
+        slice_.SeriesInstanceUID = series[0].SeriesInstanceUID
+        slice_.SeriesNumber = series[0].SeriesNumber
+        slice_.InstanceNumber = number
+    return series
+
+
 def mr_image(
     *,
     study_uid: str | None = None,

@@ -149,7 +149,7 @@ def infra_dir() -> Path:
     return p.resolve()
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
     return infra_dir() / "cache"
 
 
@@ -268,7 +268,7 @@ _venv_lock = threading.Lock()  # vault and mongo both need the venv; their threa
 def _ensure_kafka_libs() -> Path:
     """Copy the broker's runtime jars from Maven into the cache, unless already complete."""
     pom = INFRA_SRC / "kafka" / "pom.xml"
-    dest = _cache_dir() / "kafka-libs"
+    dest = cache_dir() / "kafka-libs"
     manifest = dest / ".complete.json"
     pom_hash = _sha256_file(pom)
     # A copy interrupted half-way must not count as a cache hit, hence the manifest that is
@@ -395,7 +395,7 @@ def mongo_server_kind() -> str:
 def ensure_mongo_rust() -> Path:
     """secantusd-rs, built once with cargo into .infra/cache (about 10 minutes on two cores)."""
     crate, version = MONGO_RUST_CRATE
-    root = _cache_dir() / f"{crate}-{version}"
+    root = cache_dir() / f"{crate}-{version}"
     binary = root / "bin" / "secantusd-rs"
     if os.access(binary, os.X_OK):
         return binary

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -22,7 +23,15 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from tools.oidc_login import Login, LoginError, login_page, origin_of, redirect_with
+from tools.oidc_login import (
+    SESSION_COOKIE,
+    SESSION_LIFETIME_S,
+    Login,
+    LoginError,
+    login_page,
+    origin_of,
+    redirect_with,
+)
 
 # A sign-in or token request is a few hundred bytes.
 MAX_FORM_BYTES = 16 * 1024
@@ -104,19 +113,27 @@ class LocalIssuer:
                     self._json(exc.status, {"error": exc.error, "error_description": exc.description})
                     return
                 state = {"state": params["state"]} if "state" in params else {}
+                session = ""
                 try:
-                    issuer.login.check_request(params)
                     if credentials is None:
-                        self._page(200, login_page(params))
-                        return
-                    code = issuer.login.sign_in(params, *credentials)
+                        code = issuer.login.resume(params, self._session_cookie())
+                        if code is None:
+                            self._page(200, login_page(params))
+                            return
+                    else:
+                        code, session = issuer.login.sign_in(params, *credentials)
                 except LoginError as exc:
                     if exc.error == "access_denied":
                         self._page(401, login_page(params, failed=True))
                     else:
                         self._redirect(redirect_with(redirect_uri, {"error": exc.error, **state}))
                     return
-                self._redirect(redirect_with(redirect_uri, {"code": code, **state}))
+                cookie = (
+                    f"{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Lax; Max-Age={SESSION_LIFETIME_S}"
+                    if session
+                    else ""
+                )
+                self._redirect(redirect_with(redirect_uri, {"code": code, **state}), cookie)
 
             def _token(self, form: dict[str, str]) -> None:
                 try:
@@ -150,7 +167,8 @@ class LocalIssuer:
                     self._json(200, {"sub": subject, "preferred_username": subject})
 
             def _logout(self, params: dict[str, str]) -> None:
-                # Tokens are not revocable here (they expire); the browser session holds nothing else.
+                # Ends the sign-in session; tokens already issued are not revocable here (they expire).
+                issuer.login.end_session(self._session_cookie())
                 target = params.get("post_logout_redirect_uri", "")
                 if target and origin_of(target) in issuer.login.allowed_origins:
                     self._redirect(target)
@@ -185,9 +203,20 @@ class LocalIssuer:
                 self.end_headers()
                 self.wfile.write(page)
 
-            def _redirect(self, location: str) -> None:
+            def _session_cookie(self) -> str:
+                jar = SimpleCookie()
+                try:
+                    jar.load(self.headers.get("Cookie", ""))
+                except CookieError:
+                    return ""
+                morsel = jar.get(SESSION_COOKIE)
+                return morsel.value if morsel else ""
+
+            def _redirect(self, location: str, cookie: str = "") -> None:
                 self.send_response(302)
                 self.send_header("Location", location)
+                if cookie:
+                    self.send_header("Set-Cookie", cookie)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 

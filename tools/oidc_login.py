@@ -22,6 +22,10 @@ from dataclasses import dataclass
 from urllib.parse import urlencode, urlsplit
 
 CODE_LIFETIME_S = 60
+# The sign-in session (a cookie on the issuer's origin), as an identity provider keeps one: a
+# viewer that loads again is sent back with a code at once instead of asking for the password.
+SESSION_LIFETIME_S = 8 * 3600
+SESSION_COOKIE = "dicomsafe_dev_sid"
 
 
 class LoginError(Exception):
@@ -85,6 +89,7 @@ class Login:
         self._clients: dict[str, Client] = {}
         self._users: dict[str, User] = {}
         self._codes: dict[str, Authorization] = {}
+        self._sessions: dict[str, tuple[User, float]] = {}
         self._lock = threading.Lock()
 
     def register_client(self, client_id: str, redirect_uris: Sequence[str]) -> None:
@@ -122,9 +127,10 @@ class Login:
         if params.get("code_challenge_method") != "S256" or not params.get("code_challenge"):
             raise LoginError("invalid_request", "PKCE with code_challenge_method=S256 is required")
 
-    def sign_in(self, params: Mapping[str, str], username: str, password: str) -> str:
-        """A code for a correct password, else LoginError (the same for unknown users)."""
-        _client, redirect_uri = self.client_for(params)
+    def sign_in(self, params: Mapping[str, str], username: str, password: str) -> tuple[str, str]:
+        """A code and a new session id for a correct password, else LoginError (the same for
+        unknown users)."""
+        self.client_for(params)
         self.check_request(params)
         user = self._users.get(username)
         # Hash even for an unknown user: the answer's timing does not tell who exists.
@@ -132,11 +138,33 @@ class Login:
         offered = _hash_password(password, salt)
         if user is None or not hmac.compare_digest(offered, user.password_hash):
             raise LoginError("access_denied", "wrong user name or password", status=401)
+        session = secrets.token_urlsafe(32)
+        with self._lock:
+            self._sessions[session] = (user, time.monotonic() + SESSION_LIFETIME_S)
+        return self._code(params, user), session
+
+    def resume(self, params: Mapping[str, str], session: str) -> str | None:
+        """A code for the user of a live session, or None (sign in again; also on prompt=login)."""
+        self.client_for(params)
+        self.check_request(params)
+        if "login" in params.get("prompt", "").split():
+            return None
+        with self._lock:
+            found = self._sessions.get(session)
+        if found is None or found[1] < time.monotonic():
+            return None
+        return self._code(params, found[0])
+
+    def end_session(self, session: str) -> None:
+        with self._lock:
+            self._sessions.pop(session, None)
+
+    def _code(self, params: Mapping[str, str], user: User) -> str:
         code = secrets.token_urlsafe(32)
         with self._lock:
             self._codes[code] = Authorization(
                 client_id=params["client_id"],
-                redirect_uri=redirect_uri,
+                redirect_uri=params["redirect_uri"],
                 code_challenge=params["code_challenge"],
                 subject=user.subject,
                 amr=user.amr,

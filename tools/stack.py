@@ -73,6 +73,8 @@ class StackSettings:
     # ingest's DIMSE storage and the gateway's query/retrieve listeners, both with these peers
     # (dicomsafe/dimse/peers.py); None = off.
     dimse_peers_file: Path | None = None
+    # Browser origins the gateway answers cross-origin (GATEWAY_CORS_ORIGINS): a served viewer's.
+    cors_origins: tuple[str, ...] = ()
 
     @property
     def https_port(self) -> int:
@@ -252,7 +254,7 @@ def service_env(s: StackSettings, service: str, replica: int = 0, peer_replica: 
             "GATEWAY_DEID_UID_KEY_FILE": str(secrets_dir / "gateway-deid-uid-key"),
             "GATEWAY_MAX_INSTANCE_BYTES": str(s.gateway_max_instance_bytes),
             "GATEWAY_VERIFY_BEFORE_SEND_BYTES": str(s.gateway_verify_before_send_bytes),
-            "GATEWAY_CORS_ORIGINS": VIEWER_ORIGIN,
+            "GATEWAY_CORS_ORIGINS": ",".join((VIEWER_ORIGIN, *s.cors_origins)),
             **(
                 {
                     "GATEWAY_DIMSE_BIND": f"127.0.0.1:{s.port(service, replica) + DIMSE_PORT_OFFSET}",

@@ -21,7 +21,8 @@ def stack(
     servers: Servers, idp: LocalIssuer, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[Stack]:
     """A test module with ``DIMSE_PEERS`` (entries of services/ingest/dimse_peers.py) gets
-    ingest's DIMSE listener with those peers."""
+    ingest's DIMSE listener with those peers; one with ``CORS_ORIGINS`` gets a gateway that
+    answers those browser origins too."""
     work: Path = tmp_path_factory.mktemp("stack")
     peers = getattr(request.module, "DIMSE_PEERS", None)
     peers_file = None
@@ -50,6 +51,7 @@ def stack(
         # path is taken by the one test that stores a larger instance on purpose.
         gateway_verify_before_send_bytes=512 * 1024,
         dimse_peers_file=peers_file,
+        cors_origins=tuple(getattr(request.module, "CORS_ORIGINS", ())),
     )
     running = Stack(settings)
     try:

@@ -150,3 +150,25 @@ def test_other_origins_get_no_cors_grant(idp: LocalIssuer) -> None:
 def test_short_passwords_are_refused() -> None:
     with pytest.raises(ValueError, match="12 characters"):
         Login().add_user("x", "short")
+
+
+def test_a_signed_in_browser_gets_a_code_without_the_password_again(idp: LocalIssuer) -> None:
+    browser = requests.Session()
+    verifier = secrets.token_urlsafe(48)
+    form = {**_request(verifier), "username": "dr.house", "password": PASSWORD}
+    first = browser.post(f"{idp.url}/authorize", data=form, allow_redirects=False, timeout=10)
+    assert first.status_code == 302 and "HttpOnly" in first.headers["Set-Cookie"]
+
+    again = browser.get(f"{idp.url}/authorize", params=_request(verifier), allow_redirects=False, timeout=10)
+    assert again.status_code == 302
+    code = parse_qs(urlsplit(again.headers["Location"]).query)["code"][0]
+    assert _redeem(idp, code, verifier).status_code == 200
+    # prompt=login asks for the password whatever the session; signing out ends the session.
+    forced = browser.get(f"{idp.url}/authorize", params=_request(verifier, prompt="login"), timeout=10)
+    assert forced.status_code == 200 and 'name="password"' in forced.text
+    browser.get(f"{idp.url}/logout", timeout=10)
+    after = browser.get(f"{idp.url}/authorize", params=_request(verifier), allow_redirects=False, timeout=10)
+    assert after.status_code == 200 and 'name="password"' in after.text
+    # Without the cookie (another browser) the password is asked for.
+    fresh = requests.get(f"{idp.url}/authorize", params=_request(verifier), allow_redirects=False, timeout=10)
+    assert fresh.status_code == 200
