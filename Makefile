@@ -9,7 +9,7 @@ STAMPS := .stamps
 PROTOS := $(wildcard proto/dicomsafe/v1/*.proto)
 GEN    := $(patsubst proto/%.proto,%_pb2.py,$(PROTOS))
 
-.PHONY: help venv proto run run-keep test test-unit test-integration test-e2e dr-drill lint bench infra-up infra-down infra-status topics clean
+.PHONY: help venv proto run run-keep viewer test test-unit test-integration test-e2e dr-drill lint bench infra-up infra-down infra-status topics clean
 
 help:
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -38,6 +38,9 @@ run: proto ## demo: start servers + services, publish studies, retrieve, verify 
 
 run-keep: proto ## the demo, leaving servers and services running
 	$(PY) -m tools.demo --keep-running
+
+viewer: proto ## OHIF in a browser against every service: sample studies, sign-in users printed; Ctrl-C stops
+	$(PY) -m tools.viewer
 
 test: proto ## all tests against real Kafka, Vault API and MongoDB-wire servers
 	$(PY) -m pytest -q -rs

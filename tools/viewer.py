@@ -178,7 +178,10 @@ class ViewerServer:
                 self.send_header("Referrer-Policy", "no-referrer")
                 self.send_header("Cache-Control", "no-cache")
                 self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the browser left (a closed tab, a cancelled prefetch): nothing to answer
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
