@@ -53,6 +53,11 @@ def _routes_app(backends: Backends) -> Starlette:
         route("/studies/{study}/series/{series}/instances/{sop}/metadata", wado.metadata, "GET"),
         route("/studies/{study}/series/{series}/instances/{sop}/frames/{frame_list}", wado.frames, "GET"),
         route("/studies/{study}/series/{series}/instances/{sop}/bulkdata/7fe00010", wado.pixel_bulkdata, "GET"),
+        route("/studies/{study}/series/{series}/instances/{sop}/rendered", wado.rendered, "GET"),
+        route("/studies/{study}/series/{series}/instances/{sop}/frames/{frame}/rendered", wado.rendered, "GET"),
+        route("/studies/{study}/thumbnail", wado.thumbnail, "GET"),
+        route("/studies/{study}/series/{series}/thumbnail", wado.thumbnail, "GET"),
+        route("/studies/{study}/series/{series}/instances/{sop}/thumbnail", wado.thumbnail, "GET"),
         route("/wado", wado.uri, "GET"),
         route("/studies/{study}/break-glass", break_glass.request_override, "POST", prefix=API_ROOT),
     ]

@@ -5,7 +5,8 @@ the byte ranges the answer needs: the header for metadata, a frame's fragments f
 Every instance released is audited before its first byte leaves; a researcher's identified read
 is refused and the de-identified read (Annex E basic profile) is offered in its place, addressed
 by the pseudonymous UIDs of the release (those QIDO-RS gives a researcher), never the originals.
-Instances are served in their stored transfer syntax: no transcoding (406 if another is demanded).
+Instances are served in their stored transfer syntax: no transcoding (406 if another is demanded);
+rendered and thumbnail images (services.gateway.rendering) are decoded here for identified readers.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from dicomsafe.v1 import audit_pb2
+from services.gateway import rendering
 from services.gateway.access import Verdict, Where
 from services.gateway.dicomweb_common import (
     DICOM_JSON,
@@ -247,6 +249,44 @@ async def pixel_bulkdata(request: Request, backends: Backends, study: str, serie
     return StreamingResponse(
         body(), media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}'
     )
+
+
+async def rendered(
+    request: Request, backends: Backends, study: str, series: str, sop: str, frame: str = "1"
+) -> Response:
+    """An instance's frame (the first unless named) as image/jpeg or image/png."""
+    if not frame.isdigit() or int(frame) < 1:
+        raise HttpError(400, "one frame number, from 1")
+    part = f"rendered:{frame}"
+    release = await _release(request, backends, part, study, series, sop)
+    return await _image(request, backends, release, release.instances[0], part, int(frame), thumbnail=False)
+
+
+async def thumbnail(request: Request, backends: Backends, study: str, series: str = "", sop: str = "") -> Response:
+    """A small image standing for a study, series or instance: the middle instance of the first
+    series (of the series), its first frame."""
+    release = await _release(request, backends, "thumbnail", study, series, sop)
+    first_series = [loc for loc in release.instances if loc.series_uid == release.instances[0].series_uid]
+    chosen = first_series[len(first_series) // 2]
+    return await _image(request, backends, release, chosen, "thumbnail", 1, thumbnail=True)
+
+
+async def _image(
+    request: Request, backends: Backends, release: Release, located: Located, part: str, frame: int, thumbnail: bool
+) -> Response:
+    try:
+        if release.deidentified:
+            # Pixels can carry burned-in identifiers that de-identification of the header misses.
+            raise HttpError(403, "rendered images are not released under de-identification")
+        wanted = rendering.parse_request(
+            request.headers.get("accept", ""), dict(request.query_params), thumbnail=thumbnail
+        )
+        data = b"".join(await _verified(backends, release, located, part))
+        image = await asyncio.to_thread(rendering.render, data, frame, wanted)
+    except HttpError as exc:
+        raise await _unreleased(backends, release, part, exc) from None
+    await _audit_release(backends, release, located, part)
+    return Response(image, media_type=wanted.media, headers={"Cache-Control": "private, no-store"})
 
 
 async def uri(request: Request, backends: Backends) -> Response:

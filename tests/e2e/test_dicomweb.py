@@ -21,12 +21,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
 import requests
 from aiokafka import AIOKafkaConsumer
 from dicomweb_client.api import DICOMwebClient
 from google.protobuf.timestamp_pb2 import Timestamp
+from PIL import Image
 from pydicom.dataset import FileDataset
 from pydicom.encaps import generate_fragments
 from pydicom.uid import generate_uid
@@ -334,6 +336,51 @@ def test_wado_returns_exact_instances_metadata_and_frames(stack: Stack, idp: Loc
         media_types=(("image/dicom-rle", "1.2.840.10008.1.2.5"),),
     )
     assert rle_frames == [fragments[2]]
+
+
+def test_rendered_and_thumbnail_images(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
+    """Consumer images decoded from the stored pixels (PS3.18 rendered and thumbnail), audited."""
+    root, ca = stack.settings.dicomweb_url, str(stack.settings.ca_file)
+
+    def get(path: str, accept: str = "image/png", token: str | None = None, **query: str) -> requests.Response:
+        bearer = token if token is not None else idp.token("dr.house")
+        headers = {"Accept": accept, **({"Authorization": f"Bearer {bearer}"} if bearer else {})}
+        return requests.get(f"{root}{path}", params=query, headers=headers, verify=ca, timeout=60)
+
+    us = next(d for d in upload.datasets.values() if d.Modality == "US" and int(d.get("NumberOfFrames", 1)) > 1)
+    us_path = f"/studies/{us.StudyInstanceUID}/series/{us.SeriesInstanceUID}/instances/{us.SOPInstanceUID}"
+    second = get(f"{us_path}/frames/2/rendered")
+    assert second.status_code == 200 and second.headers["Content-Type"] == "image/png"
+    assert (np.asarray(Image.open(io.BytesIO(second.content))) == us.pixel_array[1]).all()
+
+    ct = next(d for d in upload.datasets.values() if str(d.StudyInstanceUID) == upload.ct_study)
+    ct_path = f"/studies/{ct.StudyInstanceUID}/series/{ct.SeriesInstanceUID}/instances/{ct.SOPInstanceUID}"
+    jpeg = get(f"{ct_path}/rendered", accept="image/jpeg", quality="80")
+    assert jpeg.status_code == 200
+    image = Image.open(io.BytesIO(jpeg.content))
+    assert image.format == "JPEG" and image.size == (ct.Columns, ct.Rows)
+    thumb = get(f"/studies/{upload.ct_study}/thumbnail", accept="*/*")
+    assert thumb.status_code == 200 and max(Image.open(io.BytesIO(thumb.content)).size) <= 128
+
+    assert get(f"{ct_path}/rendered", accept="application/dicom").status_code == 406
+    assert get(f"{us_path}/frames/99/rendered").status_code == 404
+    assert get(f"{ct_path}/rendered", token="").status_code == 401
+    assert get(f"/studies/{upload.ct_study}/thumbnail", token=idp.token("mallory")).status_code == 403
+
+    # The study's thumbnail is of one of its instances, whichever the gateway picked.
+    ours = (us.SOPInstanceUID, ct.SOPInstanceUID)
+    events = [
+        e
+        for e in asyncio.run(_gateway_events(stack))
+        if e.sop_instance_uid in ours
+        or (e.study_instance_uid == upload.ct_study and e.details.get("part") == "thumbnail")
+    ]
+    parts = {(e.actor, e.details.get("part"), e.outcome) for e in events}
+    Out = audit_pb2.AuditOutcome
+    assert ("dr.house", "rendered:2", Out.AUDIT_OUTCOME_SUCCESS) in parts
+    assert ("dr.house", "rendered:1", Out.AUDIT_OUTCOME_SUCCESS) in parts
+    assert ("dr.house", "thumbnail", Out.AUDIT_OUTCOME_SUCCESS) in parts
+    assert ("dr.house", "rendered:99", Out.AUDIT_OUTCOME_FAILURE) in parts
 
 
 def test_wado_refusals(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
