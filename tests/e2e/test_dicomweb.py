@@ -176,6 +176,42 @@ def _stow_raw(stack: Stack, token: str, parts: list[bytes]) -> requests.Response
     )
 
 
+def test_stow_with_a_chunked_body_split_anywhere(stack: Stack, idp: LocalIssuer) -> None:
+    """dicomweb-client and browsers send STOW-RS bodies chunked (no Content-Length): chunks of an
+    odd size cut boundaries, part headers and instances at every possible place."""
+    study = generate_uid()
+    sent = [dicom_samples.to_bytes(ds) for ds in dicom_samples.ct_series(study_uid=study, slices=3, size=64)]
+    sent.append(dicom_samples.to_bytes(dicom_samples.us_multiframe(study_uid=study, seed=8, frames=4, rows=64)))
+    boundary = "c" + uuid.uuid4().hex
+    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n" for p in sent)
+    body += f"--{boundary}--\r\n".encode()
+
+    def chunks(size: int = 7919) -> Iterator[bytes]:
+        for start in range(0, len(body), size):
+            yield body[start : start + size]
+
+    reply = requests.post(
+        f"{stack.settings.dicomweb_url}/studies/{study}",
+        data=chunks(),  # a generator: requests sends Transfer-Encoding: chunked
+        headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Authorization": f"Bearer {idp.token('tech.jane')}",
+            "Accept": "application/dicom+json",
+        },
+        verify=str(stack.settings.ca_file),
+        timeout=120,
+    )
+    assert reply.request.headers.get("Transfer-Encoding") == "chunked"
+    assert reply.status_code == 200, reply.text
+    stored = reply.json()["00081199"]["Value"]
+    assert len(stored) == len(sent)
+    asyncio.run(stack.wait_indexed({study}))
+    house = _client(stack, idp.token("dr.house"))
+    originals = {str(pydicom.dcmread(io.BytesIO(p)).SOPInstanceUID): p for p in sent}
+    for ds in house.retrieve_study(study):
+        assert ds.PixelData == pydicom.dcmread(io.BytesIO(originals[str(ds.SOPInstanceUID)])).PixelData
+
+
 def test_real_world_files_are_stored_as_sent_with_their_warnings(stack: Stack, idp: LocalIssuer) -> None:
     """RT Dose and RT Plan whose file meta names another SOP Instance UID, a 4:2:2 YBR image, and a
     CT whose file meta names another SOP Class: all stored and retrievable byte for byte by their
