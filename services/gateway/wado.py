@@ -5,8 +5,10 @@ the byte ranges the answer needs: the header for metadata, a frame's fragments f
 Every instance released is audited before its first byte leaves; a researcher's identified read
 is refused and the de-identified read (Annex E basic profile) is offered in its place, addressed
 by the pseudonymous UIDs of the release (those QIDO-RS gives a researcher), never the originals.
-Instances are served in their stored transfer syntax: no transcoding (406 if another is demanded);
-rendered and thumbnail images (services.gateway.rendering) are decoded here for identified readers.
+Instances are served in their stored transfer syntax (406 if another is demanded); frames of a
+lossless compressed syntax may be asked for decoded to Explicit VR Little Endian
+(services.gateway.transcoding); rendered and thumbnail images (services.gateway.rendering) are
+decoded here for identified readers.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from dicomsafe.v1 import audit_pb2
-from services.gateway import rendering
+from services.gateway import rendering, transcoding
 from services.gateway.access import Verdict, Where
 from services.gateway.dicomweb_common import (
     DICOM_JSON,
@@ -185,11 +187,16 @@ async def frames(request: Request, backends: Backends, study: str, series: str, 
             raise HttpError(406, "this instance's frames cannot be served separately")
         if max(numbers) > len(layout.frames):
             raise HttpError(404, "no such frame")
-        _accepted(request, (media, "application/octet-stream") if ts not in NATIVE else (media,), ts)
+        decode = _frames_decoded(request, media, ts)
+        if decode and located.size > backends.verify_before_send_bytes:
+            # Decoding needs the whole instance in memory: bounded like every buffered response.
+            raise HttpError(406, "instance too large to decode here: ask for its stored transfer syntax")
     except HttpError as exc:
         raise await _unreleased(backends, release, f"frames:{frame_list}", exc) from None
     boundary = new_boundary()
     part = f"frames:{frame_list}"
+    if decode:
+        return await _decoded_frames(backends, release, located, part, numbers, boundary)
     media_type = f'multipart/related; type="{media}"; boundary={boundary}'
     wanted = [span for number in numbers for span in layout.frames[number - 1]]
     if sum(length for _, length in wanted) <= backends.verify_before_send_bytes:
@@ -213,6 +220,39 @@ async def frames(request: Request, backends: Backends, study: str, series: str, 
         yield closing(boundary)
 
     return StreamingResponse(body(), media_type=media_type)
+
+
+def _frames_decoded(request: Request, media: str, ts: str) -> bool:
+    """Whether Accept asks for the frames decoded to native (else as stored; 406 if neither)."""
+    try:
+        _accepted(request, (media, "application/octet-stream") if ts not in NATIVE else (media,), ts)
+        return False
+    except HttpError:
+        if ts not in transcoding.DECODED_TO_NATIVE:
+            raise
+    try:
+        _accepted(request, ("application/octet-stream",), transcoding.EXPLICIT_LE)
+    except HttpError:
+        raise HttpError(406, f"frames are served as stored ({ts}) or decoded to {transcoding.EXPLICIT_LE}") from None
+    return True
+
+
+async def _decoded_frames(
+    backends: Backends, release: Release, located: Located, part: str, numbers: list[int], boundary: str
+) -> Response:
+    """Frames decoded from the whole instance (authenticated before anything is decoded or sent)."""
+    data = b"".join(await _verified(backends, release, located, part))
+    try:
+        decoded = await asyncio.to_thread(transcoding.native_frames, data, numbers)
+    except HttpError as exc:
+        raise await _unreleased(backends, release, part, exc) from None
+    header = part_header(f"application/octet-stream; transfer-syntax={transcoding.EXPLICIT_LE}")
+    pieces: list[bytes] = []
+    for n, frame in enumerate(decoded):
+        pieces += [opening(boundary) if n == 0 else between(boundary), header, frame]
+    pieces.append(closing(boundary))
+    await _audit_release(backends, release, located, part)
+    return _buffered(pieces, f'multipart/related; type="application/octet-stream"; boundary={boundary}')
 
 
 async def pixel_bulkdata(request: Request, backends: Backends, study: str, series: str, sop: str) -> Response:

@@ -372,6 +372,22 @@ def test_wado_returns_exact_instances_metadata_and_frames(stack: Stack, idp: Loc
         media_types=(("image/dicom-rle", "1.2.840.10008.1.2.5"),),
     )
     assert rle_frames == [fragments[2]]
+    # The same frame decoded to Explicit VR Little Endian for a client that cannot read RLE; and a
+    # JPEG 2000 frame likewise: exactly the pixels that were encoded.
+    native = (("application/octet-stream", "1.2.840.10008.1.2.1"),)
+    rle_path = (str(rle.StudyInstanceUID), str(rle.SeriesInstanceUID), str(rle.SOPInstanceUID))
+    decoded = client.retrieve_instance_frames(*rle_path, [3], media_types=native)
+    assert decoded == [rle.pixel_array[2].astype("<i2").tobytes()]
+    j2k = next(
+        d for d in upload.datasets.values() if str(d.file_meta.TransferSyntaxUID) == pydicom.uid.JPEG2000Lossless
+    )
+    j2k_path = (str(j2k.StudyInstanceUID), str(j2k.SeriesInstanceUID), str(j2k.SOPInstanceUID))
+    (j2k_frame,) = client.retrieve_instance_frames(*j2k_path, [1], media_types=native)
+    assert j2k_frame == j2k.pixel_array.astype(j2k.pixel_array.dtype.newbyteorder("<")).tobytes()
+    # A syntax neither stored nor decoded to: 406.
+    with pytest.raises(requests.HTTPError) as other:
+        client.retrieve_instance_frames(*rle_path, [3], media_types=(("image/jls", "1.2.840.10008.1.2.4.80"),))
+    assert other.value.response.status_code == 406
 
 
 def test_rendered_and_thumbnail_images(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
