@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import mimetypes
 import os
@@ -178,10 +179,9 @@ class ViewerServer:
                 self.send_header("Referrer-Policy", "no-referrer")
                 self.send_header("Cache-Control", "no-cache")
                 self.end_headers()
-                try:
+                # The browser may have left (a closed tab, a cancelled prefetch): nothing to answer.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the browser left (a closed tab, a cancelled prefetch): nothing to answer
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
