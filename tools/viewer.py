@@ -23,8 +23,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -88,14 +87,14 @@ class ViewerConfig:
     issuer_url: str
     client_id: str = CLIENT_ID
 
-    def window_config(self, origin: str) -> dict[str, Any]:
+    def window_config(self) -> dict[str, Any]:
         root = self.dicomweb_url.rstrip("/")
         return {
             "routerBasename": "/",
             "showStudyList": True,
             "extensions": [],
             "modes": [],
-            # The gateway answers QIDO with at most its page size; OHIF pages through with offset.
+            # Two cores is the machine this is sized for; OHIF decodes in its web workers.
             "maxNumberOfWebWorkers": 2,
             "showLoadingIndicator": True,
             "strictZSpacingForVolumeViewport": True,
@@ -136,8 +135,8 @@ class ViewerConfig:
             ],
         }
 
-    def app_config_js(self, origin: str) -> bytes:
-        return f"window.config = {json.dumps(self.window_config(origin), indent=2)};\n".encode()
+    def app_config_js(self) -> bytes:
+        return f"window.config = {json.dumps(self.window_config(), indent=2)};\n".encode()
 
 
 class ViewerServer:
@@ -162,7 +161,7 @@ class ViewerServer:
             def do_GET(self) -> None:
                 path = urlsplit(self.path).path
                 if path == "/app-config.js":
-                    self._send(200, "application/javascript", viewer._config.app_config_js(viewer.origin))
+                    self._send(200, "application/javascript", viewer._config.app_config_js())
                     return
                 file = viewer._file(path)
                 if file is None:
@@ -205,15 +204,6 @@ class ViewerServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
-
-
-@contextmanager
-def serving(config: ViewerConfig, port: int = 0) -> Iterator[ViewerServer]:
-    server = ViewerServer(ensure_ohif(), config, port).start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def store_instances(dicomweb_url: str, ca_file: Path, token: str, instances: Sequence[bytes]) -> None:
