@@ -19,6 +19,7 @@ from pydicom.pixels.processing import apply_modality_lut, convert_color_space
 
 from services.gateway.dicomweb_common import HttpError
 from services.gateway.multipart import MediaType
+from services.gateway.transcoding import decoded_frames
 
 JPEG, PNG = "image/jpeg", "image/png"
 # A thumbnail's box when the caller names no viewport (PS3.18 leaves it to the origin server).
@@ -92,12 +93,7 @@ def render(data: bytes, frame: int, request: RenderRequest) -> bytes:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if not 1 <= frame <= frames:
         raise HttpError(404, "no such frame")
-    try:
-        pixels = ds.pixel_array
-    except Exception:  # noqa: BLE001 - any decoder failure: the codec is missing or refuses the data
-        raise HttpError(406, "cannot render this instance's transfer syntax here") from None
-    if frames > 1:
-        pixels = pixels[frame - 1]
+    pixels = decoded_frames(ds, "cannot render this instance's transfer syntax here")[frame - 1]
     image = Image.fromarray(_display_pixels(ds, pixels, request.window))
     if request.viewport is not None:
         image.thumbnail(request.viewport, Image.Resampling.LANCZOS)

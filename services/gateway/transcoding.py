@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import numpy.typing as npt
 import pydicom
 
 from services.gateway.dicomweb_common import HttpError
@@ -38,13 +39,18 @@ def native_frames(data: bytes, numbers: list[int]) -> list[bytes]:
         raise HttpError(406, "bit-packed frames are served only as stored")
     if str(ds.get("PhotometricInterpretation", "")) not in _UNCHANGED_COLOUR:
         raise HttpError(406, "frames of this colour space are served only as stored")
+    frames = decoded_frames(ds, "cannot decode this instance's transfer syntax here")
+    if max(numbers) > len(frames):
+        raise HttpError(404, "no such frame")
+    little = frames.dtype.newbyteorder("<")
+    return [np.ascontiguousarray(frames[n - 1], dtype=little).tobytes() for n in numbers]
+
+
+def decoded_frames(ds: pydicom.Dataset, refusal: str) -> npt.NDArray[np.generic]:
+    """Every frame of ``ds`` decoded, frame first even for a single frame; HttpError 406 with
+    ``refusal`` when no installed decoder reads its pixel data."""
     try:
         pixels = ds.pixel_array
     except Exception:  # noqa: BLE001 - any decoder failure: the codec is missing or refuses the data
-        raise HttpError(406, "cannot decode this instance's transfer syntax here") from None
-    count = int(ds.get("NumberOfFrames", 1) or 1)
-    if max(numbers) > count:
-        raise HttpError(404, "no such frame")
-    frames = pixels if count > 1 else pixels[np.newaxis, ...]
-    little = frames.dtype.newbyteorder("<")
-    return [np.ascontiguousarray(frames[n - 1], dtype=little).tobytes() for n in numbers]
+        raise HttpError(406, refusal) from None
+    return pixels if int(ds.get("NumberOfFrames", 1) or 1) > 1 else pixels[np.newaxis, ...]

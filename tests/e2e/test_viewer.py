@@ -13,7 +13,6 @@ import base64
 import hashlib
 import io
 import secrets
-import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from dicomsafe.v1 import audit_pb2
 from tests.topic_reader import read_to_end
 from tools.debian_packages import PackageMissing, ensure_binaries
 from tools.oidc_issuer import LocalIssuer
+from tools.ports import free_port
 from tools.stack import HTTPS_CERT, Stack
 from tools.viewer import (
     CLIENT_ID,
@@ -40,15 +40,8 @@ from tools.viewer import (
     viewer_studies,
 )
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # The viewer's origin must be known before the gateway starts (its CORS allowlist).
-VIEWER_PORT = _free_port()
+VIEWER_PORT = free_port()
 VIEWER_ORIGIN = f"http://127.0.0.1:{VIEWER_PORT}"
 CORS_ORIGINS = (VIEWER_ORIGIN,)
 # A page that has not rendered within this long has failed; most take a few seconds.
