@@ -423,6 +423,41 @@ def ct_series(
     return series
 
 
+def ct_with_overlay_and_icon(
+    *, study_uid: str | None = None, seed: int = 0, patient: SyntheticPatient | None = None, size: int = 128
+) -> FileDataset:
+    """A CT slice carrying large binary values besides its pixels: a graphics overlay (60xx,3000)
+    of a ring around the phantom, an 64x64 icon image (0088,0200), and a 16-byte private blob
+    small enough to stay inline in DICOM JSON."""
+    ds = ct_image(study_uid=study_uid, seed=seed, patient=patient, rows=size, columns=size)
+    yy, xx = np.mgrid[0:size, 0:size]
+    radius = np.hypot(yy - size / 2, xx - size / 2)
+    ring = ((radius > size * 0.40) & (radius < size * 0.43)).astype(np.uint8)
+    ds.add_new(0x60000010, "US", size)
+    ds.add_new(0x60000011, "US", size)
+    ds.add_new(0x60000040, "CS", "G")
+    ds.add_new(0x60000050, "SS", [1, 1])
+    ds.add_new(0x60000100, "US", 1)
+    ds.add_new(0x60000102, "US", 0)
+    ds.add_new(0x60003000, "OW", np.packbits(ring.ravel(), bitorder="little").tobytes())
+    icon = Dataset()
+    icon.Rows = icon.Columns = 64
+    icon.SamplesPerPixel = 1
+    icon.PhotometricInterpretation = "MONOCHROME2"
+    icon.BitsAllocated = icon.BitsStored = 8
+    icon.HighBit = 7
+    icon.PixelRepresentation = 0
+    step = max(1, size // 64)
+    thumb = ds.pixel_array[::step, ::step][:64, :64].astype(np.float32)
+    scaled = (thumb - thumb.min()) / max(1.0, float(thumb.max() - thumb.min())) * 255
+    icon.PixelData = scaled.astype(np.uint8).tobytes()
+    icon["PixelData"].VR = "OB"
+    ds.IconImageSequence = [icon]
+    block = ds.private_block(0x0009, "DICOMSAFE SAMPLE", create=True)
+    block.add_new(0x01, "OB", bytes(range(16)))
+    return ds
+
+
 def mr_image(
     *,
     study_uid: str | None = None,

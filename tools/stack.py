@@ -246,6 +246,9 @@ def service_env(s: StackSettings, service: str, replica: int = 0, peer_replica: 
             "GATEWAY_CRYPTO_TARGET": s.target("crypto", peer_replica),
             **_store_env(s, archive_tier=False),
             "GATEWAY_HTTP_BIND": f"127.0.0.1:{s.https_port_of(replica)}",
+            # Retrieve URLs and BulkDataURIs point here whatever Host a client sends
+            # (dicomweb-client sends it without the port).
+            "GATEWAY_PUBLIC_URL": s.dicomweb_url_of(replica),
             "GATEWAY_TLS_CERT_FILE": str(s.pki.directory / f"{HTTPS_CERT}.crt"),
             "GATEWAY_TLS_KEY_FILE": str(s.pki.directory / f"{HTTPS_CERT}.key"),
             "GATEWAY_MONGODB_URI_FILE": str(secrets_dir / "gateway-mongodb-uri"),

@@ -53,6 +53,7 @@ def _routes_app(backends: Backends) -> Starlette:
         route("/studies/{study}/series/{series}/instances/{sop}/metadata", wado.metadata, "GET"),
         route("/studies/{study}/series/{series}/instances/{sop}/frames/{frame_list}", wado.frames, "GET"),
         route("/studies/{study}/series/{series}/instances/{sop}/bulkdata/7fe00010", wado.pixel_bulkdata, "GET"),
+        route("/studies/{study}/series/{series}/instances/{sop}/bulkdata/{path:path}", wado.header_bulkdata, "GET"),
         route("/studies/{study}/series/{series}/instances/{sop}/rendered", wado.rendered, "GET"),
         route("/studies/{study}/series/{series}/instances/{sop}/frames/{frame}/rendered", wado.rendered, "GET"),
         route("/studies/{study}/thumbnail", wado.thumbnail, "GET"),

@@ -47,13 +47,19 @@ class MediaType:
         return cls(head.strip().lower(), params)
 
 
+# RFC 2046 allows 70 characters; Orthanc's DICOMweb client (1.7) sends 73 (two UUIDs), so the
+# parser takes more, as Orthanc's and dcm4chee's servers do. Still bounded: the delimiter is
+# searched for in every chunk.
+MAX_BOUNDARY = 200
+
+
 def new_boundary() -> str:
     return f"dicomsafe-{secrets.token_hex(16)}"
 
 
 async def parse_parts(chunks: AsyncIterable[bytes], boundary: str, max_part_bytes: int) -> AsyncIterator[Part]:
-    if not boundary or len(boundary) > 70:
-        raise MultipartError("boundary missing or longer than 70 characters")
+    if not boundary or len(boundary) > MAX_BOUNDARY:
+        raise MultipartError(f"boundary missing or longer than {MAX_BOUNDARY} characters")
     delimiter = b"\r\n--" + boundary.encode("latin-1")
     # A leading CRLF lets the first boundary line match the same delimiter as the others.
     buffer = bytearray(b"\r\n")

@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from dicomsafe.v1 import audit_pb2
-from services.gateway import rendering, transcoding
+from services.gateway import bulk_data, rendering, transcoding
 from services.gateway.access import Verdict, Where
 from services.gateway.dicomweb_common import (
     DICOM_JSON,
@@ -71,8 +71,6 @@ FRAME_MEDIA = {
     "1.2.840.10008.1.2.4.203": "image/jphc",
 }
 NATIVE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"})
-# Binary values above this go out as BulkDataURI instead of inline (only pixel data is served so).
-INLINE_LIMIT = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -156,13 +154,19 @@ async def metadata(request: Request, backends: Backends, study: str, series: str
     for located, header in zip(release.instances, headers, strict=True):
         ds = pydicom.dcmread(io.BytesIO(header), stop_before_pixels=True)
         if release.deidentified:
+            # No bulk data is released de-identified: what the profile keeps goes inline.
             backends.deidentifier.dataset(ds)
-        attrs = ds.to_json_dict(bulk_data_threshold=INLINE_LIMIT, bulk_data_element_handler=lambda _e: "")
-        if located.layout.pixel_data and not release.deidentified:
+            out.append(ds.to_json_dict(bulk_data_threshold=1 << 62, bulk_data_element_handler=None))
+            continue
+        instance_uri = f"{base}/studies/{study}/series/{located.series_uid}/instances/{located.sop_uid}"
+        attrs = ds.to_json_dict(
+            bulk_data_threshold=bulk_data.PYDICOM_THRESHOLD,
+            bulk_data_element_handler=bulk_data.uri_handler(ds, instance_uri),
+        )
+        if located.layout.pixel_data:
             attrs["7FE00010"] = {
                 "vr": "OB" if located.layout.encapsulated else "OW",
-                "BulkDataURI": f"{base}/studies/{study}/series/{located.series_uid}/instances/{located.sop_uid}"
-                "/bulkdata/7fe00010",
+                "BulkDataURI": f"{instance_uri}/bulkdata/7fe00010",
             }
         out.append(attrs)
     return JSONResponse(out, media_type=DICOM_JSON)
@@ -289,6 +293,32 @@ async def pixel_bulkdata(request: Request, backends: Backends, study: str, serie
     return StreamingResponse(
         body(), media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}'
     )
+
+
+async def header_bulkdata(
+    request: Request, backends: Backends, study: str, series: str, sop: str, path: str
+) -> Response:
+    """A large binary value of the header, named by the BulkDataURI metadata gave (bulk_data)."""
+    wanted = bulk_data.parse_path(path)
+    if wanted == [0x7FE00010]:
+        # The pixel data's route, whatever the case of its hex digits.
+        return await pixel_bulkdata(request, backends, study, series, sop)
+    part = f"bulkdata:{path.strip('/')}"
+    release = await _release(request, backends, part, study, series, sop)
+    located = release.instances[0]
+    try:
+        if release.deidentified:
+            raise HttpError(403, "bulk data is not released under de-identification")
+        _accepted(request, ("application/octet-stream",))
+        header = b"".join(await _verified(backends, release, located, part, ((0, located.layout.header_length),)))
+        ds = pydicom.dcmread(io.BytesIO(header), stop_before_pixels=True)
+        value = bulk_data.value_at(ds, wanted)
+    except HttpError as exc:
+        raise await _unreleased(backends, release, part, exc) from None
+    boundary = new_boundary()
+    pieces = [opening(boundary), part_header("application/octet-stream"), value, closing(boundary)]
+    await _audit_release(backends, release, located, part)
+    return _buffered(pieces, f'multipart/related; type="application/octet-stream"; boundary={boundary}')
 
 
 async def rendered(

@@ -26,7 +26,6 @@ import pydicom
 import pytest
 import requests
 from aiokafka import AIOKafkaConsumer
-from dicomweb_client.api import DICOMwebClient
 from google.protobuf.timestamp_pb2 import Timestamp
 from PIL import Image
 from pydicom.dataset import FileDataset
@@ -38,6 +37,7 @@ from dicomsafe.common.grpc_runtime import new_channel
 from dicomsafe.common.kafka import Topics
 from dicomsafe.storage import sealed_format as fmt
 from dicomsafe.v1 import audit_pb2, audit_pb2_grpc, authz_pb2, authz_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
+from tests.dicomweb_session import gateway_client
 from tools import dicom_samples
 from tools.oidc_issuer import LocalIssuer
 from tools.stack import VIEWER_ORIGIN, Stack
@@ -52,16 +52,6 @@ class Upload:
     vip_study: str
     originals: dict[str, bytes]  # SOP Instance UID → Part 10 bytes
     datasets: dict[str, FileDataset]
-
-
-def _client(stack: Stack, token: str | None) -> DICOMwebClient:
-    session = requests.Session()
-    # Otherwise REQUESTS_CA_BUNDLE from the environment overrides the pinned CA (requests #3829).
-    session.trust_env = False
-    session.verify = str(stack.settings.ca_file)
-    if token:
-        session.headers["Authorization"] = f"Bearer {token}"
-    return DICOMwebClient(stack.settings.dicomweb_url, session=session)
 
 
 def _status(exc_info: pytest.ExceptionInfo[requests.HTTPError]) -> int:
@@ -96,7 +86,7 @@ def upload(stack: Stack, idp: LocalIssuer) -> Iterator[Upload]:
     # Re-read from bytes so what the client sends is exactly the Part 10 file we keep.
     parsed = [pydicom.dcmread(io.BytesIO(result.originals[str(ds.SOPInstanceUID)])) for ds in datasets]
     # The VIP study needs MFA to store as much as to read.
-    response = _client(stack, idp.token("tech.jane", amr=MFA)).store_instances(parsed)
+    response = gateway_client(stack, idp.token("tech.jane", amr=MFA)).store_instances(parsed)
     stored = response.get("ReferencedSOPSequence", [])
     assert sorted(str(item.ReferencedSOPInstanceUID) for item in stored) == sorted(result.originals)
     assert "FailedSOPSequence" not in response
@@ -106,7 +96,7 @@ def upload(stack: Stack, idp: LocalIssuer) -> Iterator[Upload]:
 def test_stow_reports_each_instance_and_refuses_bad_parts(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
     # Storing the same instances again is idempotent and still reported as stored.
     again = pydicom.dcmread(io.BytesIO(upload.originals[next(iter(upload.originals))]))
-    assert len(_client(stack, idp.token("tech.jane")).store_instances([again]).ReferencedSOPSequence) == 1
+    assert len(gateway_client(stack, idp.token("tech.jane")).store_instances([again]).ReferencedSOPSequence) == 1
 
     # One good and one broken part: 202 with the broken one listed as failed, the good one stored.
     boundary = "b" + uuid.uuid4().hex
@@ -138,17 +128,17 @@ def test_stow_reports_each_instance_and_refuses_bad_parts(stack: Stack, idp: Loc
     vip_uid = next(u for u, d in upload.datasets.items() if str(d.StudyInstanceUID) == upload.vip_study)
     vip = pydicom.dcmread(io.BytesIO(upload.originals[vip_uid]))
     with pytest.raises(requests.HTTPError) as no_mfa:
-        _client(stack, idp.token("tech.jane")).store_instances([vip])
+        gateway_client(stack, idp.token("tech.jane")).store_instances([vip])
     assert _status(no_mfa) == 409
     assert no_mfa.value.response is not None
     assert no_mfa.value.response.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0x0124]
 
     # A radiologist may read but not store; no token at all is 401; a wrong media type is 415.
     with pytest.raises(requests.HTTPError) as refused:
-        _client(stack, idp.token("dr.house")).store_instances([again])
+        gateway_client(stack, idp.token("dr.house")).store_instances([again])
     assert _status(refused) == 409
     with pytest.raises(requests.HTTPError) as anonymous:
-        _client(stack, None).store_instances([again])
+        gateway_client(stack, None).store_instances([again])
     assert _status(anonymous) == 401
     wrong = requests.post(
         f"{stack.settings.dicomweb_url}/studies",
@@ -206,7 +196,7 @@ def test_stow_with_a_chunked_body_split_anywhere(stack: Stack, idp: LocalIssuer)
     stored = reply.json()["00081199"]["Value"]
     assert len(stored) == len(sent)
     asyncio.run(stack.wait_indexed({study}))
-    house = _client(stack, idp.token("dr.house"))
+    house = gateway_client(stack, idp.token("dr.house"))
     originals = {str(pydicom.dcmread(io.BytesIO(p)).SOPInstanceUID): p for p in sent}
     for ds in house.retrieve_study(study):
         assert ds.PixelData == pydicom.dcmread(io.BytesIO(originals[str(ds.SOPInstanceUID)])).PixelData
@@ -234,7 +224,7 @@ def test_real_world_files_are_stored_as_sent_with_their_warnings(stack: Stack, i
     assert set(items) == {str(ds.SOPInstanceUID) for ds in datasets}
     assert items[str(ct.SOPInstanceUID)]["00081196"]["Value"] == [0xB007]
     assert all("00081196" not in i for uid, i in items.items() if uid != str(ct.SOPInstanceUID))
-    client = _client(stack, idp.token("dr.house"))
+    client = gateway_client(stack, idp.token("dr.house"))
     for data, ds in zip(files, datasets, strict=True):
         url = (
             f"{stack.settings.dicomweb_url}/wado?requestType=WADO&studyUID={ds.StudyInstanceUID}"
@@ -258,12 +248,12 @@ def test_same_uid_with_other_content_is_refused_and_the_first_kept(stack: Stack,
     assert failed["00081197"]["Value"] == [0x0111]
     assert failed["00081155"]["Value"] == [str(first.SOPInstanceUID)]
     assert _stow_raw(stack, token, [data]).status_code == 200  # the same bytes again: idempotent
-    got = _client(stack, idp.token("dr.house")).retrieve_instance(*_path(first))
+    got = gateway_client(stack, idp.token("dr.house")).retrieve_instance(*_path(first))
     assert got.SeriesDescription == first.SeriesDescription
 
 
 def test_qido_matches_pages_and_hides_sensitive_studies(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
-    house = _client(stack, idp.token("dr.house"))
+    house = gateway_client(stack, idp.token("dr.house"))
     patient_id = str(upload.datasets[next(iter(upload.originals))].PatientID)
     studies = house.search_for_studies(search_filters={"PatientID": patient_id})
     found = {s["0020000D"]["Value"][0]: s for s in studies}
@@ -295,7 +285,7 @@ def test_qido_matches_pages_and_hides_sensitive_studies(stack: Stack, idp: Local
     # The VIP study is withheld without MFA and listed with it.
     vip_filter = {"StudyInstanceUID": upload.vip_study}
     assert house.search_for_studies(search_filters=vip_filter) == []
-    with_mfa = _client(stack, idp.token("dr.house", amr=MFA)).search_for_studies(search_filters=vip_filter)
+    with_mfa = gateway_client(stack, idp.token("dr.house", amr=MFA)).search_for_studies(search_filters=vip_filter)
     assert [s["0020000D"]["Value"][0] for s in with_mfa] == [upload.vip_study]
 
     # A researcher may not match on a patient's identifiers: a 400 with a DICOM JSON error.
@@ -312,7 +302,7 @@ def test_qido_matches_pages_and_hides_sensitive_studies(stack: Stack, idp: Local
 
 
 def test_wado_returns_exact_instances_metadata_and_frames(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
-    client = _client(stack, idp.token("dr.house"))
+    client = gateway_client(stack, idp.token("dr.house"))
     for sop_uid, original in upload.originals.items():
         ds = upload.datasets[sop_uid]
         if str(ds.StudyInstanceUID) == upload.vip_study:
@@ -347,7 +337,7 @@ def test_wado_returns_exact_instances_metadata_and_frames(stack: Stack, idp: Loc
     assert metadata["00100010"]["Value"][0]["Alphabetic"] == str(ct.PatientName)
     assert metadata["7FE00010"]["BulkDataURI"].endswith("/bulkdata/7fe00010")
     # A technologist checks what was stored (instance.read_metadata) but does not view images.
-    tech = _client(stack, idp.token("tech.jane"))
+    tech = gateway_client(stack, idp.token("tech.jane"))
     ct_path = (str(ct.StudyInstanceUID), str(ct.SeriesInstanceUID), ct_uid)
     assert tech.retrieve_instance_metadata(*ct_path)["00080018"]["Value"] == [ct_uid]
     with pytest.raises(requests.HTTPError) as refused:
@@ -441,34 +431,35 @@ def test_wado_refusals(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
     path = (str(ct.StudyInstanceUID), str(ct.SeriesInstanceUID), ct_uid)
 
     with pytest.raises(requests.HTTPError) as anonymous:
-        _client(stack, None).retrieve_instance(*path)
+        gateway_client(stack, None).retrieve_instance(*path)
     assert _status(anonymous) == 401
     with pytest.raises(requests.HTTPError) as expired:
-        _client(stack, idp.token("dr.house", lifetime_s=-120)).retrieve_instance(*path)
+        gateway_client(stack, idp.token("dr.house", lifetime_s=-120)).retrieve_instance(*path)
     assert _status(expired) == 401
     with pytest.raises(requests.HTTPError) as not_allowed:
-        _client(stack, idp.token("tech.jane")).retrieve_instance(*path)
+        gateway_client(stack, idp.token("tech.jane")).retrieve_instance(*path)
     assert _status(not_allowed) == 403
 
     vip = next(d for d in upload.datasets.values() if str(d.StudyInstanceUID) == upload.vip_study)
     vip_path = (str(vip.StudyInstanceUID), str(vip.SeriesInstanceUID), str(vip.SOPInstanceUID))
     with pytest.raises(requests.HTTPError) as no_mfa:
-        _client(stack, idp.token("dr.house")).retrieve_instance(*vip_path)
+        gateway_client(stack, idp.token("dr.house")).retrieve_instance(*vip_path)
     assert _status(no_mfa) == 401
     assert "insufficient_user_authentication" in no_mfa.value.response.headers["WWW-Authenticate"]
-    assert _client(stack, idp.token("dr.house", amr=MFA)).retrieve_instance(*vip_path).SOPInstanceUID == vip_path[2]
+    with_mfa = gateway_client(stack, idp.token("dr.house", amr=MFA))
+    assert with_mfa.retrieve_instance(*vip_path).SOPInstanceUID == vip_path[2]
 
     # A researcher addressing the original UIDs finds nothing there (they would link the originals
     # to their pseudonyms); de-identified releases are addressed by the UIDs QIDO gave them.
     with pytest.raises(requests.HTTPError) as original_uids:
-        _client(stack, idp.token("res.rao")).retrieve_instance(*path)
+        gateway_client(stack, idp.token("res.rao")).retrieve_instance(*path)
     assert _status(original_uids) == 404
     # Nor does a sensitive study answer differently (403 or 401 would confirm the UID and why),
     # with or without MFA, nor a UID that names nothing.
     for token in (idp.token("res.rao"), idp.token("res.rao", amr=MFA)):
         for target in (vip_path, (generate_uid(), generate_uid(), generate_uid())):
             with pytest.raises(requests.HTTPError) as hidden:
-                _client(stack, token).retrieve_instance(*target)
+                gateway_client(stack, token).retrieve_instance(*target)
             assert _status(hidden) == 404
 
 
@@ -483,7 +474,7 @@ def _values(attrs: object) -> list[str]:
 
 def test_researcher_qido_is_deidentified_and_retrievable(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
     """What a researcher finds holds no original UID nor identifying value, and retrieves what it names."""
-    research = _client(stack, idp.token("res.rao"))
+    research = gateway_client(stack, idp.token("res.rao"))
     ours = [d for d in upload.datasets.values() if str(d.StudyInstanceUID) != upload.vip_study]
     studies = research.search_for_studies()
     series = [se for st in studies for se in research.search_for_series(st["0020000D"]["Value"][0])]
@@ -532,13 +523,13 @@ def test_researcher_qido_is_deidentified_and_retrievable(stack: Stack, idp: Loca
     assert _status(frames) == 403
     # A clinician holding a pseudonymous UID gets no identified data through it.
     with pytest.raises(requests.HTTPError) as clinician:
-        _client(stack, idp.token("dr.house")).retrieve_instance(study, serie, sop)
+        gateway_client(stack, idp.token("dr.house")).retrieve_instance(study, serie, sop)
     assert _status(clinician) == 403
 
 
 def test_department_scope_follows_the_study(stack: Stack, idp: LocalIssuer, upload: Upload) -> None:
     """dr.cameron's role binding is scoped to cardiology: the echo study is visible, the CT is not."""
-    cameron = _client(stack, idp.token("dr.cameron"))
+    cameron = gateway_client(stack, idp.token("dr.cameron"))
     patient_id = str(upload.datasets[next(iter(upload.originals))].PatientID)
     visible = {s["0020000D"]["Value"][0] for s in cameron.search_for_studies(search_filters={"PatientID": patient_id})}
     assert visible == {upload.us_study}
@@ -574,13 +565,13 @@ def test_time_limited_grant_expires(stack: Stack, idp: LocalIssuer, upload: Uplo
     ct_uid = next(u for u, d in upload.datasets.items() if str(d.StudyInstanceUID) == upload.ct_study)
     ct = upload.datasets[ct_uid]
     path = (str(ct.StudyInstanceUID), str(ct.SeriesInstanceUID), ct_uid)
-    assert _client(stack, idp.token(locum)).retrieve_instance(*path).SOPInstanceUID == ct_uid
+    assert gateway_client(stack, idp.token(locum)).retrieve_instance(*path).SOPInstanceUID == ct_uid
     with pytest.raises(requests.HTTPError) as other_study:
-        _client(stack, idp.token(locum)).retrieve_study(upload.us_study)
+        gateway_client(stack, idp.token(locum)).retrieve_study(upload.us_study)
     assert _status(other_study) == 403
     time.sleep(7)
     with pytest.raises(requests.HTTPError) as after:
-        _client(stack, idp.token(locum)).retrieve_instance(*path)
+        gateway_client(stack, idp.token(locum)).retrieve_instance(*path)
     assert _status(after) == 403
 
 
@@ -661,7 +652,7 @@ def test_break_glass_through_the_gateway(stack: Stack, idp: LocalIssuer, upload:
     path = (str(us.StudyInstanceUID), str(us.SeriesInstanceUID), str(us.SOPInstanceUID))
     er = idp.token("dr.er", amr=MFA)
     with pytest.raises(requests.HTTPError) as before:
-        _client(stack, er).retrieve_instance(*path)
+        gateway_client(stack, er).retrieve_instance(*path)
     assert _status(before) == 403
 
     reason = {"reason": "unconscious patient, trauma bay 2"}
@@ -683,13 +674,13 @@ def test_break_glass_through_the_gateway(stack: Stack, idp: LocalIssuer, upload:
     again = _break_glass(stack, upload.us_study, er, reason)
     assert again.status_code == 403 and "not renewable" in again.json()["detail"]
 
-    retrieved = _client(stack, er).retrieve_instance(*path)
+    retrieved = gateway_client(stack, er).retrieve_instance(*path)
     assert retrieved == pydicom.dcmread(io.BytesIO(upload.originals[path[2]]))
     # The gRPC retrieve path honours the override as well (the stored object, byte for byte).
     assert asyncio.run(_grpc_retrieve(stack, er, path[2])) == upload.originals[path[2]]
     # The override covers that one study only.
     with pytest.raises(requests.HTTPError) as other:
-        _client(stack, er).retrieve_study(upload.ct_study)
+        gateway_client(stack, er).retrieve_study(upload.ct_study)
     assert _status(other) == 403
 
     records = asyncio.run(_trail(stack, idp, upload.us_study, "dr.er"))
@@ -720,7 +711,7 @@ def test_break_glass_for_a_patients_prior_imaging(stack: Stack, idp: LocalIssuer
     grant = granted.json()
     assert grant["scope"] == "patient" and re.fullmatch("[0-9a-f]{32,64}", grant["patient_ref"])
     assert not grant["study_instance_uid"]
-    client = _client(stack, er)
+    client = gateway_client(stack, er)
     for ds in (ct, vip):
         assert client.retrieve_instance(*_path(ds)) == ds
     with pytest.raises(requests.HTTPError) as other:
@@ -774,7 +765,7 @@ def _fresh_studies(stack: Stack, idp: LocalIssuer) -> tuple[FileDataset, FileDat
     ct = dicom_samples.ct_image(study_uid=generate_uid(), seed=11, patient=patient, rows=32, columns=32)
     vip = dicom_samples.mr_image(study_uid=generate_uid(), seed=12, patient=patient, rows=32, columns=32)
     vip.ConfidentialityConstraintOnPatientDataDescription = "VIP - board member"
-    response = _client(stack, idp.token("tech.jane", amr=MFA)).store_instances([ct, vip])
+    response = gateway_client(stack, idp.token("tech.jane", amr=MFA)).store_instances([ct, vip])
     assert "FailedSOPSequence" not in response
     return ct, vip
 
@@ -818,7 +809,7 @@ def test_refusals_through_the_dicomweb_client_are_audited(stack: Stack, idp: Loc
     ct_path, vip_path = _path(ct), _path(vip)
     locum = f"dr.lapsed-{uuid.uuid4().hex[:6]}"
     expires = _grant(stack, idp, locum, ct_path[0], seconds=5)
-    lapsed = _client(stack, idp.token(locum))
+    lapsed = gateway_client(stack, idp.token(locum))
     assert lapsed.retrieve_instance_metadata(*ct_path)["00080018"]["Value"] == [ct_path[2]]  # in, before expiry
     assert len(lapsed.search_for_instances(ct_path[0])) == 1
     time.sleep(max(0.0, (expires - dt.datetime.now(dt.UTC)).total_seconds()) + 1)
@@ -828,7 +819,7 @@ def test_refusals_through_the_dicomweb_client_are_audited(stack: Stack, idp: Loc
         "metadata": lambda c, p: c.retrieve_instance_metadata(*p),
         "frames": lambda c, p: c.retrieve_instance_frames(*p, frame_numbers=[1]),
     }
-    anonymous, house = _client(stack, None), _client(stack, idp.token("dr.house"))
+    anonymous, house = gateway_client(stack, None), gateway_client(stack, idp.token("dr.house"))
     for call in calls.values():
         response = _refused(lambda call=call: call(anonymous, ct_path))
         assert response.status_code == 401 and "Bearer" in response.headers["WWW-Authenticate"]
@@ -841,7 +832,7 @@ def test_refusals_through_the_dicomweb_client_are_audited(stack: Stack, idp: Loc
     # QIDO-RS withholds the studies a caller may not see rather than refusing the whole query.
     assert lapsed.search_for_instances(ct_path[0]) == []
     assert house.search_for_instances(vip_path[0]) == []
-    assert len(_client(stack, idp.token("dr.house", amr=MFA)).search_for_instances(vip_path[0])) == 1
+    assert len(gateway_client(stack, idp.token("dr.house", amr=MFA)).search_for_instances(vip_path[0])) == 1
 
     events = [e for e in asyncio.run(_gateway_events(stack)) if e.study_instance_uid in (ct_path[0], vip_path[0])]
     A, Out = audit_pb2.AuditAction, audit_pb2.AuditOutcome
@@ -884,7 +875,7 @@ def test_unanswered_wado_requests_are_audited(stack: Stack, idp: LocalIssuer) ->
     leaves a record with the outcome and why."""
     ct, _ = _fresh_studies(stack, idp)
     ct_path = _path(ct)
-    house = _client(stack, idp.token("dr.house"))
+    house = gateway_client(stack, idp.token("dr.house"))
     assert _refused(lambda: house.retrieve_instance_frames(*ct_path, frame_numbers=[99])).status_code == 404
     jpeg = (("application/dicom", "1.2.840.10008.1.2.4.50"),)
     assert _refused(lambda: house.retrieve_instance(*ct_path, media_types=jpeg)).status_code == 406
@@ -905,7 +896,7 @@ def test_unanswered_wado_requests_are_audited(stack: Stack, idp: LocalIssuer) ->
         return tuple(str(d["pseudo_uid"]) for d in docs if d)  # type: ignore[return-value]
 
     pseudo = asyncio.run(pseudonyms())
-    research = _client(stack, idp.token("res.rao"))
+    research = gateway_client(stack, idp.token("res.rao"))
     assert research.retrieve_instance(*pseudo).SOPInstanceUID == pseudo[2]  # allowed, de-identified
     assert _refused(lambda: research.retrieve_instance_frames(*pseudo, frame_numbers=[1])).status_code == 403
     bulk = (
@@ -1042,7 +1033,7 @@ def test_tampered_object_streamed_fails_visibly(stack: Stack, idp: LocalIssuer) 
     patient = dicom_samples.synthetic_patient(uuid.uuid4().hex)
     # 512 x 512 x 16 bits: over the stack's 512 KiB threshold, three sealed chunks of 256 KiB.
     big = dicom_samples.ct_image(study_uid=generate_uid(), seed=21, patient=patient, rows=512, columns=512)
-    response = _client(stack, idp.token("tech.jane", amr=MFA)).store_instances([big])
+    response = gateway_client(stack, idp.token("tech.jane", amr=MFA)).store_instances([big])
     assert "FailedSOPSequence" not in response
     path = _path(big)
     _tamper(stack, path[2], chunk=1)  # chunk 0 is released before the failure is found
@@ -1063,7 +1054,7 @@ def test_tampered_object_streamed_fails_visibly(stack: Stack, idp: LocalIssuer) 
             )  # reads the whole body (stream=False), so the broken response raises here
     # A real DICOMweb client sees the failure too, instead of a short instance.
     with pytest.raises(requests.exceptions.ChunkedEncodingError):
-        _client(stack, token).retrieve_instance(*path)
+        gateway_client(stack, token).retrieve_instance(*path)
 
     events = [
         e

@@ -14,7 +14,6 @@ import time
 import uuid
 from typing import Any
 
-import requests
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from dicomweb_client.api import DICOMwebClient
@@ -24,6 +23,7 @@ from pymongo import AsyncMongoClient
 
 from dicomsafe.common.kafka import Topics
 from dicomsafe.v1 import events_pb2
+from tests.dicomweb_session import gateway_client
 from tests.topic_reader import read_to_end
 from tools import dicom_samples, vault_setup
 from tools.erase_patient import ErasureRequest, erase_patient
@@ -31,14 +31,6 @@ from tools.oidc_issuer import LocalIssuer
 from tools.stack import Stack
 
 ISSUER = "HOSP-E2E"
-
-
-def _client(stack: Stack, token: str) -> DICOMwebClient:
-    session = requests.Session()
-    session.trust_env = False  # REQUESTS_CA_BUNDLE would override the pinned CA (requests #3829)
-    session.verify = str(stack.settings.ca_file)
-    session.headers["Authorization"] = f"Bearer {token}"
-    return DICOMwebClient(stack.settings.dicomweb_url, session=session)
 
 
 def _patient_studies(tag: str) -> tuple[str, str, list[FileDataset]]:
@@ -107,10 +99,10 @@ def test_erased_patient_leaves_the_study_index(stack: Stack, idp: LocalIssuer) -
     erased_studies = {str(ds.StudyInstanceUID) for ds in datasets}
     other = dicom_samples.ct_image(study_uid=generate_uid(), seed=9, rows=32, columns=32)
     other.PatientID, other.IssuerOfPatientID = f"KEEP-{tag}", ISSUER
-    stored = _client(stack, idp.token("tech.jane")).store_instances([*datasets, other])
+    stored = gateway_client(stack, idp.token("tech.jane")).store_instances([*datasets, other])
     assert "FailedSOPSequence" not in stored
 
-    house = _client(stack, idp.token("dr.house"))
+    house = gateway_client(stack, idp.token("dr.house"))
     assert _studies(house, PatientID=patient_id) == erased_studies
     assert _studies(house, PatientName="erased^*") >= erased_studies
     documents = [d for d in asyncio.run(_index_documents(stack)) if patient_id in str(d)]

@@ -16,11 +16,10 @@ from typing import Any
 
 import pydicom
 import pytest
-import requests
-from dicomweb_client.api import DICOMwebClient
 from pymongo import AsyncMongoClient
 
 from dicomsafe.storage.object_store import StoreSettings, open_store
+from tests.dicomweb_session import gateway_client
 from tests.own_site import instances, publish, site_settings, wado_uri
 from tests.servers import Servers
 from tests.service_runner import TEST_BUCKET, s3_settings
@@ -56,16 +55,8 @@ def two_of_each(servers: Servers, idp: LocalIssuer, tmp_path: Path) -> Iterator[
     assert all(code == 0 for code in codes.values()), f"unclean service exit: {codes}"
 
 
-def _session(stack: Stack, token: str) -> requests.Session:
-    session = requests.Session()
-    session.trust_env = False  # REQUESTS_CA_BUNDLE would override the pinned CA
-    session.verify = str(stack.settings.ca_file)
-    session.headers["Authorization"] = f"Bearer {token}"
-    return session
-
-
 def _stow(stack: Stack, replica: int, token: str, files: list[bytes]) -> None:
-    client = DICOMwebClient(stack.settings.dicomweb_url_of(replica), session=_session(stack, token))
+    client = gateway_client(stack, token, replica)
     response = client.store_instances([pydicom.dcmread(io.BytesIO(f)) for f in files])
     assert "FailedSOPSequence" not in response
     assert len(response.ReferencedSOPSequence) == len(files)

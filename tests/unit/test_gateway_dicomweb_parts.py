@@ -68,6 +68,14 @@ async def test_oversized_part_and_truncated_body_are_refused() -> None:
         await _parse(whole[: whole.index(b"--b0--")], boundary, [])
     with pytest.raises(MultipartError):
         await _parse(whole, "", [])
+    with pytest.raises(MultipartError):
+        await _parse(whole, "b" * 201, [])
+
+
+async def test_boundaries_longer_than_rfc_2046_allows_are_taken() -> None:
+    # Orthanc's DICOMweb client joins two UUIDs: 73 characters, over RFC 2046's 70.
+    boundary = "42ab87be-be56-42ab-b322-2ec718a448d3-42ab87be-be56-42ab-b322-2ec718a448d3"
+    assert await _parse(_body(boundary, [b"one", b"two"]), boundary, [7] * 20) == [b"one", b"two"]
 
 
 def test_native_multiframe_frames_are_exact_byte_ranges() -> None:
