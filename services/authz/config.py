@@ -9,7 +9,7 @@ from dicomsafe.common.tls import TlsConfig, tls_from_env
 
 # Decisions for the gateway (user requests), audit and ops tooling (erasure); grant management
 # through the gateway or ops tooling; break-glass only on behalf of a signed-in user.
-DEFAULT_GRPC_ALLOW = "Check=gateway,audit,ops; CreateGrant,RevokeGrant=gateway,ops; BreakGlass=gateway"
+DEFAULT_GRPC_ALLOW = "Check,CheckMany=gateway,audit,ops; CreateGrant,RevokeGrant=gateway,ops; BreakGlass=gateway"
 DEFAULT_ALLOWLIST = PeerAllowlist.parse(DEFAULT_GRPC_ALLOW)
 
 

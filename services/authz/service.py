@@ -41,6 +41,9 @@ log = logging.getLogger("dicomsafe.authz")
 SERVICE_NAME = "dicomsafe.v1.AuthzService"
 # Temporary staff and consultants: longer access needs a role in the policy file.
 MAX_GRANT = dt.timedelta(days=90)
+# Checks of one CheckMany call: a QIDO page (limit ≤ 1000 is split) or a C-FIND's matches; the
+# bound keeps one call's audit burst and reply size modest.
+MAX_CHECKS_PER_CALL = 256
 # Time left for the gRPC reply after the audit event is acknowledged.
 _REPLY_MARGIN_S = 0.2
 # A patient scope names crypto's keyed pseudonym (erasure key reference), never a Patient ID:
@@ -48,6 +51,17 @@ _REPLY_MARGIN_S = 0.2
 _PATIENT_REF = re.compile(r"[0-9a-f]{32}")
 # A DICOM peer's configured name (dicomsafe.dimse.peers): the subject is "dimse:<name>".
 _PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _invalid(request: authz_pb2.CheckRequest) -> str | None:
+    """Why a check cannot be decided at all, or None."""
+    s = request.subject
+    if not (s.id or s.access_token or s.dimse_peer) or not request.action:
+        return "a subject (id, access token or DICOM peer) and an action are required"
+    if request.resource.patient_ref and not _PATIENT_REF.fullmatch(request.resource.patient_ref):
+        # Refused before any decision, so a Patient ID sent by mistake never reaches the trail.
+        return "resource.patient_ref must be a patient pseudonym"
+    return None
 
 
 def _authenticated_by(subject: authz_pb2.Subject, tokens: bool) -> str:
@@ -213,17 +227,45 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
     async def Check(
         self, request: authz_pb2.CheckRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> authz_pb2.CheckResponse:
-        s = request.subject
-        if not (s.id or s.access_token or s.dimse_peer) or not request.action:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "a subject (id, access token or DICOM peer) and an action are required",
-            )
-        if request.resource.patient_ref and not _PATIENT_REF.fullmatch(request.resource.patient_ref):
-            # Refused before any decision, so a Patient ID sent by mistake never reaches the trail.
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "resource.patient_ref must be a patient pseudonym")
+        if (invalid := _invalid(request)) is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, invalid)
+        try:
+            return await self._check(request, peer_identity(context.auth_context()), context.time_remaining())
+        except AuditUnavailable:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "audit trail unavailable")
+            raise  # abort raises; this line is never reached
+
+    async def CheckMany(
+        self, request: authz_pb2.CheckManyRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> authz_pb2.CheckManyResponse:
+        if len(request.checks) > MAX_CHECKS_PER_CALL:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_CHECKS_PER_CALL} checks per call")
+        for n, check in enumerate(request.checks):
+            if (invalid := _invalid(check)) is not None:
+                # Nothing is decided (nor audited) when any check of the call is malformed.
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"checks[{n}]: {invalid}")
+        workload, remaining = peer_identity(context.auth_context()), context.time_remaining()
+        # Decided concurrently: their audit events go out together, so the producer sends them
+        # in one batch and the broker acknowledges them together (a group commit), while each
+        # decision still waits for its own event's acknowledgement.
+        outcomes = await asyncio.gather(
+            *(self._check(check, workload, remaining) for check in request.checks), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, AuditUnavailable):
+                # Fail closed for the whole call: no decision is handed out, allows included.
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "audit trail unavailable")
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return authz_pb2.CheckManyResponse(results=[o for o in outcomes if isinstance(o, authz_pb2.CheckResponse)])
+
+    async def _check(
+        self, request: authz_pb2.CheckRequest, workload: str | None, remaining: float | None
+    ) -> authz_pb2.CheckResponse:
+        """One decision, recorded in the audit trail before it is returned (``AuditUnavailable``
+        if the trail did not acknowledge it: the caller then answers nothing)."""
         started = time.perf_counter()
-        caller, decision = await self._decide(request, peer_identity(context.auth_context()))
+        caller, decision = await self._decide(request, workload)
         subject, mfa = caller.subject, caller.mfa
         decision_id = str(uuid.uuid4())
         outcome = (
@@ -231,7 +273,6 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
             if decision.allow
             else audit_pb2.AuditOutcome.AUDIT_OUTCOME_DENIED
         )
-        remaining = context.time_remaining()  # the caller's deadline, if any
         try:
             await self._trail.audit(
                 audit_pb2.AuditAction.AUDIT_ACTION_ACCESS_DECISION,
@@ -263,7 +304,7 @@ class AuthzServicer(authz_pb2_grpc.AuthzServiceServicer):
             # Fail closed: no answer (so no allow) for a decision the trail does not hold.
             log.error("decision not audited; refusing to answer", extra={"decision_id": decision_id, "error": str(exc)})
             DECISIONS.labels("false", "audit_unavailable").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "audit trail unavailable")
+            raise
         DECISIONS.labels(str(decision.allow).lower(), decision.code).inc()
         # The audit trail is the record of decisions and the metrics count them; a log line per
         # check would only add cost on the hottest path.

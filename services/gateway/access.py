@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import asyncio
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -17,6 +18,8 @@ HONOURED = frozenset({DEIDENTIFY, BREAK_GLASS})
 # What the routes that release identified data only (gRPC retrieval, DIMSE) honour: they have no
 # de-identified release, so a de-identification obligation means nothing is released there.
 HONOURED_IDENTIFIED = frozenset({BREAK_GLASS})
+# authz's bound on checks per CheckMany call (services/authz/service.py MAX_CHECKS_PER_CALL).
+CHECKS_PER_CALL = 256
 # The audit trail's purpose of use for a break-glass release (exported as HL7 ActReason ETREAT).
 EMERGENCY_PURPOSE = "emergency"
 
@@ -119,16 +122,31 @@ class AccessChecker:
             answer = await self._stub.Check(request, timeout=self._deadline)
         except grpc.aio.AioRpcError as exc:
             raise AuthzUnavailable(exc.code().name) from None
-        return Verdict(
-            allow=answer.allow,
-            reason=answer.reason,
-            reason_code=answer.reason_code,
-            subject=answer.subject or subject_id,
-            roles=tuple(answer.roles),
-            obligations=frozenset(answer.obligations),
-            decision_id=answer.decision_id,
-            policy_version=answer.policy_version,
-        )
+        return _verdict(answer, subject_id)
+
+    async def check_many(
+        self, action: str, targets: Sequence[authz_pb2.Resource], *, access_token: str = "", dimse_peer: str = ""
+    ) -> list[Verdict]:
+        """The same question about each target, in as few calls as authz takes (CheckMany):
+        a QIDO page of 100 studies is one round trip, not 100. Verdicts in the targets' order."""
+        subject = authz_pb2.Subject(access_token=access_token, dimse_peer=dimse_peer)
+        calls = [
+            authz_pb2.CheckManyRequest(
+                checks=[
+                    authz_pb2.CheckRequest(subject=subject, action=action, resource=target)
+                    for target in targets[start : start + CHECKS_PER_CALL]
+                ]
+            )
+            for start in range(0, len(targets), CHECKS_PER_CALL)
+        ]
+        try:
+            answers = await asyncio.gather(*(self._stub.CheckMany(call, timeout=self._deadline) for call in calls))
+        except grpc.aio.AioRpcError as exc:
+            raise AuthzUnavailable(exc.code().name) from None
+        verdicts = [_verdict(result, "") for answer in answers for result in answer.results]
+        if len(verdicts) != len(targets):
+            raise AuthzUnavailable("CheckMany answered a different number of checks")
+        return verdicts
 
     async def break_glass(
         self, access_token: str, study_uid: str, reason: str, patient_ref: str = ""
@@ -149,6 +167,19 @@ class AccessChecker:
                 # never the patient: safe to hand back to the user.
                 raise BreakGlassRefused(exc.details() or "not permitted") from None
             raise AuthzUnavailable(exc.code().name) from None
+
+
+def _verdict(answer: authz_pb2.CheckResponse, subject_id: str) -> Verdict:
+    return Verdict(
+        allow=answer.allow,
+        reason=answer.reason,
+        reason_code=answer.reason_code,
+        subject=answer.subject or subject_id,
+        roles=tuple(answer.roles),
+        obligations=frozenset(answer.obligations),
+        decision_id=answer.decision_id,
+        policy_version=answer.policy_version,
+    )
 
 
 class BreakGlassRefused(Exception):

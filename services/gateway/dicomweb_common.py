@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse, Response
 
 from dicomsafe.common.audit_emitter import AuditEmitter
 from dicomsafe.storage.instance_storer import InstanceStorer
-from dicomsafe.v1 import audit_pb2, crypto_pb2, crypto_pb2_grpc
+from dicomsafe.v1 import audit_pb2, authz_pb2, crypto_pb2, crypto_pb2_grpc
 from services.gateway.access import AccessChecker, AuthzUnavailable, Verdict, Where, resource
 from services.gateway.deidentify import Deidentifier
 from services.gateway.study_index import StudyIndex
@@ -106,6 +106,16 @@ async def authorise(
         return await backends.access.check(action, target, access_token=token)
     except AuthzUnavailable:
         # No decision is a deny; the caller may retry.
+        raise HttpError(503, "authorisation unavailable", {"Retry-After": "5"}) from None
+
+
+async def authorise_many(
+    backends: Backends, token: str, action: str, targets: Sequence[authz_pb2.Resource]
+) -> list[Verdict]:
+    """One decision per target (access.AccessChecker.check_many), in their order."""
+    try:
+        return await backends.access.check_many(action, targets, access_token=token)
+    except AuthzUnavailable:
         raise HttpError(503, "authorisation unavailable", {"Retry-After": "5"}) from None
 
 

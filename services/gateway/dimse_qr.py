@@ -18,7 +18,6 @@ destination's own entry gives, over mutual TLS with its certificate identity pin
 
 from __future__ import annotations
 
-import asyncio
 import io
 import logging
 from collections.abc import Iterator, Mapping, Sequence
@@ -78,8 +77,6 @@ UNABLE_TO_PROCESS = CANNOT_UNDERSTAND
 # C-MOVE: the destination is not one this peer may move to (PS3.4 C.4.2.1.5).
 MOVE_DESTINATION_UNKNOWN = 0xA801
 LEVELS: Mapping[str, Level] = {"STUDY": "study", "SERIES": "series", "IMAGE": "instance"}
-# Per-study authz checks of one request in flight at once (as QIDO-RS).
-CHECKS_IN_FLIGHT = 16
 _PAGE = 200
 # A C-MOVE proposes at most this many presentation contexts (PS3.8: 128 in all).
 _MAX_CONTEXTS = 128
@@ -493,15 +490,17 @@ class QueryRetrieveListener:
             raise TransientError("authorisation unavailable") from None
 
     async def _decide(self, peer: Peer, action: str, studies: Mapping[str, Found | Located]) -> dict[str, Verdict]:
-        limit = asyncio.Semaphore(CHECKS_IN_FLIGHT)
-
-        async def decide(hit: Found | Located) -> Verdict:
-            async with limit:
-                where = Where(hit.site, hit.department, hit.patient_ref)
-                target = resource("study", hit.study_uid, labels=hit.labels, where=where)
-                return await self._check(peer, action, target)
-
-        decided = await asyncio.gather(*(decide(hit) for hit in studies.values()))
+        """Each study decided on its own, all in as few authz calls as it takes (as QIDO-RS)."""
+        targets = [
+            resource("study", hit.study_uid, labels=hit.labels, where=Where(hit.site, hit.department, hit.patient_ref))
+            for hit in studies.values()
+        ]
+        if not targets:
+            return {}
+        try:
+            decided = await self._backends.access.check_many(action, targets, dimse_peer=peer.name)
+        except AuthzUnavailable:
+            raise TransientError("authorisation unavailable") from None
         return dict(zip(studies, decided, strict=True))
 
     def _refused_audit(self, event: Event, action: audit_pb2.AuditAction.ValueType, reason: str, route: str) -> None:

@@ -99,6 +99,65 @@ async def test_decisions_are_answered_and_audited(pki: Pki, servers: Servers, un
     assert by_decision[deidentified.decision_id].outcome == audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS
 
 
+async def test_many_checks_in_one_call_are_each_decided_and_audited(pki: Pki, servers: Servers, unique: str) -> None:
+    topics = Topics(f"t{unique}.")
+    await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
+    cfg = with_tls(
+        AuthzConfig(f"127.0.0.1:{free_port()}", POLICY_FILE, servers.kafka_bootstrap, topics.prefix), pki, "authz"
+    )
+    checks = [
+        _check("dr.house"),
+        _check("res.rao"),
+        _check("res.rao", "instance.read_deidentified"),
+        _check("mallory"),
+        _check("dr.house", "audit.read"),
+    ]
+    async with (
+        running(lambda stop: run(cfg, stop), cfg.grpc_bind, pki.tls(TEST_CLIENT)),
+        new_channel(cfg.grpc_bind, pki.tls(TEST_CLIENT)) as ch,
+    ):
+        stub = authz_pb2_grpc.AuthzServiceStub(ch)
+        one_by_one = [await stub.Check(check) for check in checks]
+        together = (await stub.CheckMany(authz_pb2.CheckManyRequest(checks=checks))).results
+        assert (await stub.CheckMany(authz_pb2.CheckManyRequest())).results == []
+        # All or nothing: a malformed check refuses the call before anything is decided.
+        with pytest.raises(grpc.aio.AioRpcError) as malformed:
+            await stub.CheckMany(authz_pb2.CheckManyRequest(checks=[_check("dr.house"), authz_pb2.CheckRequest()]))
+        with pytest.raises(grpc.aio.AioRpcError) as too_many:
+            await stub.CheckMany(authz_pb2.CheckManyRequest(checks=[_check("dr.house")] * 257))
+    assert malformed.value.code() == too_many.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (malformed.value.details() or "").startswith("checks[1]: ")
+
+    def answer(r: authz_pb2.CheckResponse) -> tuple[object, ...]:
+        return (r.allow, r.reason_code, r.reason, tuple(r.obligations), tuple(r.roles), r.subject, r.policy_version)
+
+    # In order, and the same answers as one call per check.
+    assert [answer(r) for r in together] == [answer(r) for r in one_by_one]
+    assert [r.allow for r in together] == [True, False, True, False, False]
+    assert len({r.decision_id for r in [*together, *one_by_one]}) == 2 * len(checks)
+
+    consumer = AIOKafkaConsumer(topics.audit, bootstrap_servers=servers.kafka_bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    events: list[audit_pb2.AuditEvent] = []
+    deadline = time.monotonic() + 30
+    try:
+        while len(events) < 2 * len(checks) and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                events.extend(audit_pb2.AuditEvent.FromString(r.value) for r in records)
+        # Nothing more arrives: the refused calls decided (and audited) nothing.
+        for records in (await consumer.getmany(timeout_ms=2000)).values():
+            events.extend(audit_pb2.AuditEvent.FromString(r.value) for r in records)
+    finally:
+        await consumer.stop()
+    assert len(events) == 2 * len(checks)
+    by_decision = {e.details["decision_id"]: e for e in events}
+    for check, result in zip(checks, together, strict=True):
+        event = by_decision[result.decision_id]
+        assert (event.actor, event.details["action"]) == (check.subject.id, check.action)
+        ok = audit_pb2.AuditOutcome.AUDIT_OUTCOME_SUCCESS
+        assert (event.outcome == ok) == result.allow
+
+
 async def test_no_audit_trail_means_no_answer(pki: Pki, servers: Servers, unique: str) -> None:
     topics = Topics(f"t{unique}.")
     await ensure_topics(servers.kafka_bootstrap, topic_specs(topics, partitions=1))
@@ -162,6 +221,12 @@ async def test_without_kafka_no_check_is_answered(pki: Pki, unique: str) -> None
                     await stub.Check(_check(subject), timeout=30)
                 assert err.value.code() == grpc.StatusCode.UNAVAILABLE
                 assert err.value.details() == "audit trail unavailable"
+            # Several checks at once: no decision of the call is handed out, the allow included.
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                batch = authz_pb2.CheckManyRequest(checks=[_check("dr.house"), _check("res.rao")])
+                await stub.CheckMany(batch, timeout=30)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert err.value.details() == "audit trail unavailable"
             # Readiness tells load balancers to route elsewhere while the audit trail is out of reach.
             health = health_pb2_grpc.HealthStub(ch)
             status = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
