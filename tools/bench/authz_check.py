@@ -46,6 +46,9 @@ TARGET_P99_MS = 2.0
 TARGET_CHECKS_PER_S = 5000.0
 # Requests in flight at once: a gateway fleet calls authz concurrently.
 CONCURRENCY = 64
+# Checks per CheckMany call, and calls in flight (as a few gateways' QIDO pages would be).
+BATCH = 32
+BATCH_CONCURRENCY = 4
 MODES = ("ids", "tokens", "grants")
 # (subject, action, labels, mfa): allows and denies of every kind, in a fixed rotation.
 WORKLOAD: tuple[tuple[str, str, tuple[str, ...], bool], ...] = (
@@ -154,6 +157,34 @@ async def _drive(
     return Measured(n / elapsed, statistics.median(latencies) * 1000, _percentile(latencies, 0.99) * 1000, cpu)
 
 
+async def _drive_many(
+    target: str, tls: TlsConfig, requests: list[authz_pb2.CheckRequest], n: int, concurrency: int, pid: int
+) -> Measured:
+    """``n`` decisions in CheckMany calls of BATCH (a QIDO page's studies): decisions per second
+    and per core-second, and the latency of one whole call."""
+    batch = authz_pb2.CheckManyRequest(checks=[requests[i % len(requests)] for i in range(BATCH)])
+    async with new_channel(target, tls) as channel:
+        stub = authz_pb2_grpc.AuthzServiceStub(channel)
+        await stub.CheckMany(batch, timeout=10)  # warm up
+        latencies: list[float] = []
+        counter = iter(range(max(1, n // BATCH)))
+
+        async def worker() -> None:
+            for _ in counter:
+                started = time.perf_counter()
+                answer = await stub.CheckMany(batch, timeout=30)
+                latencies.append(time.perf_counter() - started)
+                assert len(answer.results) == BATCH
+
+        cpu0 = cpu_seconds(pid)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+        cpu = cpu_seconds(pid) - cpu0
+    decisions = len(latencies) * BATCH
+    return Measured(decisions / elapsed, statistics.median(latencies) * 1000, _percentile(latencies, 0.99) * 1000, cpu)
+
+
 async def _health_floor(target: str, tls: TlsConfig, n: int, concurrency: int, pid: int) -> float:
     """gRPC health checks per core-second of the same process: the transport's own cost."""
     async with new_channel(target, tls) as channel:
@@ -191,6 +222,7 @@ class ModeFigures:
     loaded: Measured
     single: Measured
     health_per_core: float
+    batched: Measured
 
 
 def _measure(kafka: str, mongo: str, mode: str, n: int) -> ModeFigures:
@@ -226,7 +258,8 @@ def _measure(kafka: str, mongo: str, mode: str, n: int) -> ModeFigures:
             loaded = asyncio.run(_drive(target, client, requests, n, CONCURRENCY, proc.pid))
             single = asyncio.run(_drive(target, client, requests, max(100, n // 10), 1, proc.pid))
             floor = asyncio.run(_health_floor(target, client, n, CONCURRENCY, proc.pid))
-            return ModeFigures(loaded, single, floor)
+            batched = asyncio.run(_drive_many(target, client, requests, n, BATCH_CONCURRENCY, proc.pid))
+            return ModeFigures(loaded, single, floor, batched)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -275,5 +308,17 @@ def run(kafka: str, mongo: str, n: int, modes: Sequence[str] = MODES) -> list[Re
             _result(f"authz_check_{mode}_p99", m.single.p99_ms, "ms", local.p99_ms, TARGET_P99_MS, False),
             # Under the concurrent load (queueing included).
             _result(f"authz_check_{mode}_p99_loaded", m.loaded.p99_ms, "ms", local.p99_ms, None, False),
+            # BATCH checks per CheckMany call: decisions per core-second vs health RPCs per core-second.
+            _result(
+                f"authz_check_{mode}_batched_per_core",
+                max(1, count // BATCH) * BATCH / m.batched.cpu_s if m.batched.cpu_s else 0.0,
+                "checks/s",
+                m.health_per_core,
+                TARGET_CHECKS_PER_S,
+                True,
+            ),
+            _result(f"authz_check_{mode}_batched_rate", m.batched.rate, "checks/s", local.rate, None, True),
+            # One whole call of BATCH decisions, every one acknowledged by Kafka.
+            _result(f"authz_check_{mode}_batched_call_p99", m.batched.p99_ms, "ms", local.p99_ms, None, False),
         ]
     return results
