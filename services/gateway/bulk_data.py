@@ -29,8 +29,9 @@ BINARY_VRS = frozenset((BYTES_VR | AMBIGUOUS_VR) - {VR.US_SS})
 def uri_handler(ds: Dataset, instance_uri: str) -> Callable[[DataElement], str]:
     """For pydicom's ``to_json_dict``: each large binary element's BulkDataURI under ``instance_uri``.
 
-    pydicom hands the handler the element only, not where it sits, so the paths are found first
-    by walking the same element objects that ``to_json_dict`` then visits.
+    pydicom hands the handler the element only, not where it sits, so the paths are found by
+    walking the same element objects that ``to_json_dict`` visits: once, at the first large
+    value (most headers have none, and pay no walk).
     """
     paths: dict[int, str] = {}
 
@@ -43,9 +44,9 @@ def uri_handler(ds: Dataset, instance_uri: str) -> Callable[[DataElement], str]:
             elif elem.VR in BINARY_VRS:
                 paths[id(elem)] = here
 
-    walk(ds, "")
-
     def handler(elem: DataElement) -> str:
+        if not paths:
+            walk(ds, "")
         return f"{instance_uri}/bulkdata/{paths[id(elem)]}"
 
     return handler

@@ -25,10 +25,11 @@ from pydicom.uid import RLELossless, generate_uid
 from dicomsafe.common.kafka import Topics
 from dicomsafe.v1 import audit_pb2
 from tests.dicomweb_session import gateway_client
+from tests.orthanc_peer import orthanc_or_skip, orthanc_post
 from tests.topic_reader import read_to_end
 from tools import dicom_samples
 from tools.oidc_issuer import LocalIssuer
-from tools.orthanc import OrthancMissing, RunningOrthanc, running_orthanc
+from tools.orthanc import RunningOrthanc
 from tools.stack import Stack
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -222,17 +223,13 @@ def orthanc(stack: Stack, idp: LocalIssuer, tmp_path_factory: pytest.TempPathFac
             },
         },
     }
-    try:
-        with running_orthanc(tmp_path_factory.mktemp("orthanc-dicomweb"), config) as running:
-            yield running
-    except OrthancMissing as exc:
-        pytest.skip(f"Orthanc: {exc}")
+    with orthanc_or_skip(tmp_path_factory.mktemp("orthanc-dicomweb"), config) as running:
+        yield running
 
 
 def _post(orthanc: RunningOrthanc, path: str, body: Any) -> Any:
-    reply = requests.post(f"{orthanc.http}{path}", json=body, timeout=300)
-    assert reply.ok, f"{path}: {reply.status_code} {reply.text[:2000]} (log: {orthanc.log_file})"
-    return reply.json() if reply.content else None
+    # A synchronous push or pull of a whole study: longer than Orthanc's other calls.
+    return orthanc_post(orthanc, path, body, timeout_s=300)
 
 
 def test_orthanc_pushes_a_study_to_the_gateway(stack: Stack, idp: LocalIssuer, orthanc: RunningOrthanc) -> None:

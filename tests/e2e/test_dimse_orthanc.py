@@ -15,8 +15,9 @@ import pytest
 import requests
 
 from tests.dimse_peer import audit_records, peer_tls
+from tests.orthanc_peer import orthanc_or_skip, orthanc_post
 from tools import dicom_samples
-from tools.orthanc import OrthancMissing, RunningOrthanc, running_orthanc
+from tools.orthanc import RunningOrthanc
 from tools.ports import free_port
 from tools.stack import DIMSE_AE_TITLE, QR_AE_TITLE, Stack
 
@@ -54,17 +55,8 @@ def orthanc(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             "qr": {**modality, "AET": QR_AE_TITLE, "Port": stack.settings.qr_port},
         },
     }
-    try:
-        with running_orthanc(tmp_path_factory.mktemp("orthanc"), config, ORTHANC_DICOM_PORT) as running:
-            yield running
-    except OrthancMissing as exc:
-        pytest.skip(f"Orthanc: {exc}")
-
-
-def _post(orthanc: RunningOrthanc, path: str, body: Any) -> Any:
-    reply = requests.post(f"{orthanc.http}{path}", json=body, timeout=120)
-    assert reply.ok, f"{path}: {reply.status_code} {reply.text[:2000]} (log: {orthanc.log_file})"
-    return reply.json()
+    with orthanc_or_skip(tmp_path_factory.mktemp("orthanc"), config, ORTHANC_DICOM_PORT) as running:
+        yield running
 
 
 def test_orthanc_stores_finds_and_moves_back_over_tls(stack: Stack, orthanc: RunningOrthanc, tmp_path: Path) -> None:
@@ -78,17 +70,17 @@ def test_orthanc_stores_finds_and_moves_back_over_tls(stack: Stack, orthanc: Run
         requests.post(f"{orthanc.http}/instances", data=dicom_samples.to_bytes(ds), timeout=60).json()["ID"]
         for ds in sent
     ]
-    assert _post(orthanc, "/modalities/store/echo", {}) == {}
-    _post(orthanc, "/modalities/store/store", {"Resources": ids, "Synchronous": True})
+    assert orthanc_post(orthanc, "/modalities/store/echo", {}) == {}
+    orthanc_post(orthanc, "/modalities/store/store", {"Resources": ids, "Synchronous": True})
     asyncio.run(stack.wait_indexed({study_uid}))
 
     # Orthanc forgets the study, asks us where it is and has it moved back to itself.
     orthanc_study = requests.get(f"{orthanc.http}/instances/{ids[0]}/study", timeout=30).json()["ID"]
     requests.delete(f"{orthanc.http}/studies/{orthanc_study}", timeout=30).raise_for_status()
-    query = _post(orthanc, "/modalities/qr/query", {"Level": "Study", "Query": {"PatientID": PATIENT_ID}})
+    query = orthanc_post(orthanc, "/modalities/qr/query", {"Level": "Study", "Query": {"PatientID": PATIENT_ID}})
     answers = requests.get(f"{orthanc.http}/queries/{query['ID']}/answers?expand&simplify", timeout=30).json()
     assert [a["StudyInstanceUID"] for a in answers] == [study_uid]
-    _post(orthanc, f"/queries/{query['ID']}/retrieve", {"TargetAet": "ORTHANC", "Synchronous": True})
+    orthanc_post(orthanc, f"/queries/{query['ID']}/retrieve", {"TargetAet": "ORTHANC", "Synchronous": True})
     back = requests.get(f"{orthanc.http}/studies/{orthanc_study}/instances", timeout=30).json()
     assert {i["MainDicomTags"]["SOPInstanceUID"] for i in back} == {str(ds.SOPInstanceUID) for ds in sent}
     for instance in back:
